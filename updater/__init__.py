@@ -1,0 +1,1 @@
+"""The update trust anchor: bundles, signatures, encryption, the dual-slot store. Never imports edgeserve."""
