@@ -1,0 +1,86 @@
+"""Build the ASGI application and its lifespan: executor, registry, model loading.
+
+Models load in the background after start-up, so `/v2/health/live` answers at once
+and `/v2/health/ready` turns 200 when every model is warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+from starlette.applications import Starlette
+
+from edgeserve.auth.guard import build_authenticator
+from edgeserve.config import Settings
+from edgeserve.protocol.limits import DecodeLimits
+from edgeserve.protocol.rest import ROUTES as V2_ROUTES
+from edgeserve.registry import Registry
+from edgeserve.repository import scan_repository
+from edgeserve.runtime import ThreadPlan
+from edgeserve.web.errors import EXCEPTION_HANDLERS
+
+log = logging.getLogger(__name__)
+
+
+def plan_threads(settings: Settings) -> tuple[int, ThreadPlan]:
+    """Executor size and per-call runtime threads, so that together they fill the cores
+    without oversubscribing them."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    executor = settings.server.executor_threads or cores
+    intra = settings.models.intra_op_threads or max(1, cores // executor)
+    return executor, ThreadPlan(intra_op=intra, inter_op=settings.models.inter_op_threads)
+
+
+def build_app(settings: Settings) -> Starlette:
+    """The whole edgeserve application for `settings`; nothing runs until its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        workers, threads = plan_threads(settings)
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        registry = Registry(
+            executor, threads, settings.models.backend, warmup=settings.models.warmup
+        )
+        app.state.registry = registry
+        for source in sources:
+            registry.declare(source.name, source.config, source.versions)
+        log.info(
+            "starting models=%d executor_threads=%d intra_op_threads=%d",
+            len(sources),
+            workers,
+            threads.intra_op,
+        )
+        loading = asyncio.create_task(_load_all(registry, sources))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await registry.close()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    sources = scan_repository(settings.models.repository, settings.models.load or None)
+    app = Starlette(
+        routes=list(V2_ROUTES), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan
+    )
+    app.state.settings = settings
+    app.state.decode_limits = DecodeLimits.from_settings(settings.limits)
+    app.state.authenticator = build_authenticator(
+        settings.auth, settings.server.state_dir, settings.server.host
+    )
+    return app
+
+
+async def _load_all(registry: Registry, sources: list) -> None:
+    for source in sources:
+        for version in source.versions:
+            loop = asyncio.get_running_loop()
+            files = await loop.run_in_executor(None, source.read_files, version)
+            await registry.load(source.name, version, source.config, files)

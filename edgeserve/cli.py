@@ -1,0 +1,89 @@
+"""The `edgeserve` command: one click group, one subcommand per job.
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeserve.config import ConfigError, Settings, load_settings
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="EDGESERVE_CONFIG",
+    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
+)
+
+
+def load_or_exit(path: Path | None, overrides: dict | None = None) -> Settings:
+    """Settings, or one line naming the bad key and exit code 2."""
+    try:
+        return load_settings(path, overrides)
+    except ConfigError as exc:
+        click.echo(f"edgeserve: config error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeserve")
+def main() -> None:
+    """edgeserve: serve ONNX Runtime and OpenVINO models over the Open Inference Protocol.
+
+    Example: edgeserve serve --config /etc/edgeserve/edgeserve.toml
+    """
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--host", default=None, help="Address to bind (overrides [server] host).")
+@click.option("--port", type=int, default=None, help="Port to bind (overrides [server] port).")
+def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Serve the model repository over HTTP.
+
+    Example: edgeserve serve --port 8080
+    """
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = load_or_exit(config_path, {"server": overrides} if overrides else None)
+    configure_logging(settings.server.log_level)
+    from edgeserve.server import run_server
+
+    try:
+        asyncio.run(run_server(settings))
+    except ConfigError as exc:
+        click.echo(f"edgeserve: config error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        click.echo(f"edgeserve: cannot serve: {exc.strerror or exc}", err=True)
+        raise SystemExit(1) from None
+
+
+def configure_logging(level: str) -> None:
+    """key=value lines on stderr, one per event."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point that returns the exit code instead of exiting (for tests)."""
+    try:
+        main.main(args=argv, prog_name="edgeserve", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

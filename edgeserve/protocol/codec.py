@@ -1,0 +1,262 @@
+"""V2 request decoding and response encoding: JSON tensors and the binary tensor extension.
+
+JSON tensor data goes straight into numpy; the binary extension
+(`Inference-Header-Content-Length`) is read with `np.frombuffer`, no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgeserve.errors import InvalidInput
+from edgeserve.protocol.limits import DecodeLimits, checked_shape
+from edgeserve.protocol.types import (
+    InferInput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+)
+from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
+
+HEADER_LENGTH = "inference-header-content-length"
+_NUMBER_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float"}
+
+
+def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits) -> InferRequest:
+    """Parse a V2 infer request body (JSON, optionally followed by binary tensor data)."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput("Inference-Header-Content-Length is larger than the body")
+        head, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {_short(exc)}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("'inputs' must be a non-empty list")
+    if len(raw_inputs) > limits.max_inputs:
+        raise InvalidInput(f"{len(raw_inputs)} inputs exceed the limit of {limits.max_inputs}")
+    offset = 0
+    inputs = []
+    for raw in raw_inputs:
+        tensor, used = _decode_input(raw, binary[offset:], limits)
+        offset += used
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise InvalidInput("binary data is longer than the inputs' binary_data_size")
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise InvalidInput("input names must be unique")
+    parameters = _parameters(doc.get("parameters"), "request")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return InferRequest(
+        id=request_id,
+        inputs=inputs,
+        outputs=_decode_outputs(doc.get("outputs")),
+        parameters=parameters,
+        binary_output=parameters.get("binary_data_output") is True,
+    )
+
+
+def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[InferInput, int]:
+    if not isinstance(raw, dict):
+        raise InvalidInput("each input must be a JSON object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise InvalidInput("each input needs a 'name' string")
+    datatype = raw.get("datatype")
+    dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidInput(f"input '{name}': unknown datatype {str(datatype)[:32]!r}")
+    shape, count = checked_shape(raw.get("shape"), name, limits)
+    params = _parameters(raw.get("parameters"), f"input '{name}'")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0 or size > len(binary):
+            raise InvalidInput(f"input '{name}': binary_data_size is outside the body")
+        if "data" in raw:
+            raise InvalidInput(f"input '{name}': has both 'data' and binary_data_size")
+        chunk = binary[:size]
+        if datatype == "BYTES":
+            array = _bytes_from_binary(chunk, count, name, limits)
+        else:
+            if size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input '{name}': {size} bytes do not hold shape {list(shape)} of {datatype}"
+                )
+            array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
+        return InferInput(name, datatype, shape, array.reshape(shape)), size
+    data = raw.get("data")
+    if not isinstance(data, list):
+        raise InvalidInput(f"input '{name}': 'data' must be a list")
+    array = _array_from_json(data, datatype, dtype, name, limits)
+    if array.size != count:
+        raise InvalidInput(
+            f"input '{name}': {array.size} elements do not match shape "
+            f"{list(shape)} ({count} elements)"
+        )
+    return InferInput(name, datatype, shape, array.reshape(shape)), 0
+
+
+def _array_from_json(
+    data: list, datatype: str, dtype: np.dtype, name: str, limits: DecodeLimits
+) -> np.ndarray:
+    if datatype == "BYTES":
+        flat = _flatten(data, name, limits)
+        out = np.empty(len(flat), dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise InvalidInput(f"input '{name}': BYTES data must be strings")
+            encoded = item.encode("utf-8")
+            if len(encoded) > limits.max_bytes_element:
+                raise InvalidInput(
+                    f"input '{name}': an element exceeds {limits.max_bytes_element} bytes"
+                )
+            out[i] = encoded
+        return out
+    if data and isinstance(data[0], list):
+        data = _flatten(data, name, limits)
+    if len(data) > limits.max_tensor_elements:
+        raise InvalidInput(f"input '{name}': more elements than the limit")
+    try:
+        parsed = np.asarray(data)
+    except (ValueError, OverflowError):
+        raise InvalidInput(
+            f"input '{name}': data must be a flat or nested list of numbers"
+        ) from None
+    kind = _NUMBER_KINDS.get(parsed.dtype.kind)
+    if kind is None and parsed.size:
+        raise InvalidInput(f"input '{name}': data for {datatype} must be numbers")
+    if datatype == "BOOL":
+        if parsed.size and kind != "bool":
+            raise InvalidInput(f"input '{name}': BOOL data must be true or false")
+        return parsed.astype(np.bool_, copy=False)
+    if dtype.kind in "iu":
+        if kind == "float":
+            raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+        if parsed.size:
+            info = np.iinfo(dtype)
+            if parsed.min() < info.min or parsed.max() > info.max:
+                raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")
+    return parsed.astype(dtype, copy=False)
+
+
+def _flatten(data: list, name: str, limits: DecodeLimits) -> list:
+    """Flatten nested row-major lists without recursion, refusing nesting past the rank limit."""
+    flat: list = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= limits.max_tensor_rank:
+                    raise InvalidInput(f"input '{name}': data is nested deeper than the rank limit")
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+        if len(flat) > limits.max_tensor_elements:
+            raise InvalidInput(f"input '{name}': more elements than the limit")
+    return flat
+
+
+def _bytes_from_binary(
+    chunk: memoryview, count: int, name: str, limits: DecodeLimits
+) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(chunk):
+            raise InvalidInput(f"input '{name}': BYTES binary data is truncated")
+        length = int.from_bytes(chunk[pos : pos + 4], "little")
+        pos += 4
+        if length > limits.max_bytes_element or pos + length > len(chunk):
+            raise InvalidInput(f"input '{name}': a BYTES element is too long or truncated")
+        out[i] = bytes(chunk[pos : pos + length])
+        pos += length
+    if pos != len(chunk):
+        raise InvalidInput(f"input '{name}': BYTES binary data has trailing bytes")
+    return out
+
+
+def _decode_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise InvalidInput("'outputs' must be a list")
+    outputs = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput("each requested output needs a 'name' string")
+        params = _parameters(item.get("parameters"), f"output '{item['name']}'")
+        outputs.append(RequestedOutput(item["name"], params.get("binary_data") is True))
+    return outputs
+
+
+def _parameters(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    return raw
+
+
+def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    outputs = []
+    blobs: list[bytes] = []
+    for out in response.outputs:
+        array = out.data
+        datatype = v2_datatype_of(array)
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(array.shape)}
+        if out.binary:
+            blob = _binary_of(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [_text(v) for v in array.reshape(-1)]
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        outputs.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": outputs,
+    }
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def _binary_of(array: np.ndarray, datatype: str) -> bytes:
+    if datatype != "BYTES":
+        return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    parts = []
+    for value in array.reshape(-1):
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:120]

@@ -1,0 +1,243 @@
+"""Open Inference Protocol (KServe V2) REST endpoints, plus Triton's statistics and
+repository extensions so that `tritonclient.http` works unchanged."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edgeserve import __version__
+from edgeserve.auth.guard import requires
+from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
+from edgeserve.protocol.types import InferOutput, InferResponse
+from edgeserve.registry import ModelVersion, Registry, VersionState
+from edgeserve.web.body import read_body
+
+JSON = "application/json"
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "classification"]
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type=JSON, headers=headers)
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+async def server_live(request: Request) -> Response:
+    return json_response({"live": True})
+
+
+async def server_ready(request: Request) -> Response:
+    ready = _registry(request).ready
+    return json_response({"ready": ready}, 200 if ready else 503)
+
+
+@requires("read")
+async def server_metadata(request: Request) -> Response:
+    return json_response({"name": "edgeserve", "version": __version__, "extensions": EXTENSIONS})
+
+
+def _version_param(request: Request) -> str | None:
+    return request.path_params.get("version")
+
+
+@requires("read")
+async def model_metadata(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params["model"]
+    model = registry.get(name, _version_param(request))
+    versions = sorted(registry.loaded(name))
+    return json_response(
+        {
+            "name": name,
+            "versions": [str(v) for v in versions],
+            "platform": model.platform,
+            "inputs": [_tensor_doc(s) for s in model.inputs],
+            "outputs": [_tensor_doc(s) for s in model.outputs],
+        }
+    )
+
+
+@requires("read")
+async def model_ready(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params["model"]
+    try:
+        registry.get(name, _version_param(request))
+    except ModelNotReady:
+        return json_response({"name": name, "ready": False}, 503)
+    return json_response({"name": name, "ready": True})
+
+
+@requires("read")
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration, for clients that ask for it."""
+    model = _registry(request).get(request.path_params["model"], _version_param(request))
+
+    def dims(shape: tuple[int, ...]) -> list[int]:
+        return list(shape[1:] if model.config.max_batch_size else shape)
+
+    return json_response(
+        {
+            "name": model.name,
+            "platform": model.platform,
+            "backend": model.runtime.backend,
+            "max_batch_size": model.config.max_batch_size,
+            "input": [
+                {
+                    "name": s.name,
+                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
+                    "dims": dims(s.shape),
+                }
+                for s in model.inputs
+            ],
+            "output": [
+                {
+                    "name": s.name,
+                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
+                    "dims": dims(s.shape),
+                }
+                for s in model.outputs
+            ],
+        }
+    )
+
+
+@requires("infer")
+async def infer(request: Request) -> Response:
+    settings = request.app.state.settings
+    registry = _registry(request)
+    name = request.path_params["model"]
+    version = _version_param(request)
+    registry.get(name, version)  # unknown or loading models are refused before the body is read
+    body = await read_body(
+        request, settings.limits.max_body_bytes, settings.limits.accept_compressed
+    )
+    header = request.headers.get(HEADER_LENGTH)
+    if header is not None and not header.isdigit():
+        raise InvalidInput("Inference-Header-Content-Length is not a number")
+    decoded = decode_request(
+        body, int(header) if header is not None else None, request.app.state.decode_limits
+    )
+    model = registry.get(name, version)  # again: a hot swap may have happened meanwhile
+    feed = model.check_inputs({t.name: (t.datatype, t.data) for t in decoded.inputs})
+    requested = [o.name for o in decoded.outputs] if decoded.outputs else None
+    model.check_outputs(requested)
+    result = await model.infer(feed, requested, deadline=None)
+    binary = {o.name: o.binary for o in decoded.outputs or ()}
+    outputs = [
+        InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in result.outputs.items()
+    ]
+    response_id = decoded.id
+    body_out, header_length = encode_response(
+        InferResponse(model.name, str(model.version), response_id, outputs)
+    )
+    headers = {"x-request-id": response_id or uuid.uuid4().hex}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        return Response(body_out, media_type="application/octet-stream", headers=headers)
+    return Response(body_out, media_type=JSON, headers=headers)
+
+
+@requires("read")
+async def model_statistics(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params.get("model")
+    version = _version_param(request)
+    names = [name] if name else registry.names()
+    stats = []
+    for n in names:
+        if n not in registry.names():
+            raise ModelNotFound(f"unknown model '{n}'")
+        loaded = registry.loaded(n)
+        if version is not None:
+            chosen = registry.get(n, version)
+            loaded = {chosen.version: chosen}
+        stats.extend(_stats_doc(m) for _, m in sorted(loaded.items()))
+    return json_response({"model_stats": stats})
+
+
+@requires("read")
+async def repository_index(request: Request) -> Response:
+    registry = _registry(request)
+    body = await read_body(request, 64 * 1024)
+    ready_only = False
+    if body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("request body is not valid JSON") from None
+        ready_only = isinstance(doc, dict) and doc.get("ready") is True
+    index = []
+    for name in registry.names():
+        for number, status in sorted(registry.statuses(name).items()):
+            if ready_only and status.state is not VersionState.READY:
+                continue
+            entry = {"name": name, "version": str(number), "state": status.state.value}
+            if status.reason:
+                entry["reason"] = status.reason
+            index.append(entry)
+    return json_response(index)
+
+
+def _tensor_doc(spec: Any) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _triton_type(datatype: str) -> str:
+    return {"BYTES": "STRING"}.get(datatype, datatype)
+
+
+def _stats_doc(m: ModelVersion) -> dict[str, Any]:
+    s = m.stats
+
+    def counter(c: Any) -> dict[str, int]:
+        return {"count": c.count, "ns": c.ns}
+
+    zero = {"count": 0, "ns": 0}
+    return {
+        "name": m.name,
+        "version": str(m.version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": counter(s.success),
+            "fail": counter(s.fail),
+            "queue": counter(s.queue),
+            "compute_input": zero,
+            "compute_infer": counter(s.compute_infer),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [],
+    }
+
+
+_MODEL = "/v2/models/{model:str}"
+_VERSION = "/v2/models/{model:str}/versions/{version:str}"
+
+ROUTES = [
+    Route("/v2/health/live", server_live, methods=["GET"]),
+    Route("/v2/health/ready", server_ready, methods=["GET"]),
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/models/stats", model_statistics, methods=["GET"]),
+    Route("/v2/repository/index", repository_index, methods=["POST"]),
+]
+for _prefix in (_MODEL, _VERSION):
+    ROUTES += [
+        Route(_prefix, model_metadata, methods=["GET"]),
+        Route(_prefix + "/ready", model_ready, methods=["GET"]),
+        Route(_prefix + "/config", model_config, methods=["GET"]),
+        Route(_prefix + "/stats", model_statistics, methods=["GET"]),
+        Route(_prefix + "/infer", infer, methods=["POST"]),
+    ]

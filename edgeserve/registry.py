@@ -1,0 +1,333 @@
+"""Which model versions are loaded, their readiness, and hot swap.
+
+A version is registered only after it loaded and warmed up; a failed load is kept
+as UNAVAILABLE with its reason, never served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from edgeserve.batching import DirectScheduler, RunResult, Scheduler
+from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from edgeserve.repository import ModelConfig
+from edgeserve.runtime import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan, create_runtime
+from edgeserve.runtime.datatypes import V2_TO_NUMPY
+
+log = logging.getLogger(__name__)
+
+
+class VersionState(str, Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class Counter:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        self.count += n
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class VersionStats:
+    """Per-version statistics in the shape Triton's statistics extension reports."""
+
+    success: Counter = field(default_factory=Counter)
+    fail: Counter = field(default_factory=Counter)
+    queue: Counter = field(default_factory=Counter)
+    compute_infer: Counter = field(default_factory=Counter)
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # runtime calls
+    last_inference_ms: int = 0
+
+
+SchedulerFactory = Callable[[Runtime, ModelConfig, Executor], Scheduler]
+
+
+def direct_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor) -> Scheduler:
+    return DirectScheduler(runtime.run, executor, config.batching.max_queue_size)
+
+
+@dataclass
+class ModelVersion:
+    """One loaded, warmed-up version of a model, ready to take requests."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    runtime: Runtime
+    scheduler: Scheduler
+    platform: str
+    stats: VersionStats = field(default_factory=VersionStats)
+
+    def __post_init__(self) -> None:
+        self._inputs = {s.name: s for s in self.runtime.inputs}
+        self._outputs = {s.name for s in self.runtime.outputs}
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.runtime.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.runtime.outputs
+
+    def check_inputs(self, named: Mapping[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Match request tensors (name -> (datatype, array)) to the model's signature."""
+        for name in named:
+            if name not in self._inputs:
+                raise InvalidInput(
+                    f"unknown input '{name}' for model '{self.name}' (expects "
+                    f"{', '.join(self._inputs)})"
+                )
+        feed = {}
+        for spec in self.runtime.inputs:
+            if spec.name not in named:
+                raise InvalidInput(f"missing input '{spec.name}' for model '{self.name}'")
+            datatype, array = named[spec.name]
+            if datatype != spec.datatype:
+                raise InvalidInput(f"input '{spec.name}' must be {spec.datatype}, got {datatype}")
+            if not _shape_fits(array.shape, spec.shape):
+                raise InvalidInput(
+                    f"input '{spec.name}' has shape {list(array.shape)}, model "
+                    f"expects {list(spec.shape)} (-1 = any)"
+                )
+            batch = self.config.max_batch_size
+            if batch and array.shape and array.shape[0] > batch:
+                raise InvalidInput(
+                    f"input '{spec.name}': batch of {array.shape[0]} exceeds max_batch_size {batch}"
+                )
+            feed[spec.name] = array
+        return feed
+
+    def check_outputs(self, names: Sequence[str] | None) -> None:
+        for name in names or ():
+            if name not in self._outputs:
+                raise InvalidInput(f"unknown output '{name}' for model '{self.name}'")
+
+    async def infer(
+        self,
+        feed: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None = None,
+    ) -> RunResult:
+        started = time.perf_counter()
+        try:
+            result = await self.scheduler.submit(feed, outputs, deadline)
+        except Exception:
+            self.stats.fail.add(time.perf_counter() - started)
+            raise
+        stats = self.stats
+        stats.success.add(time.perf_counter() - started)
+        stats.queue.add(result.queue_s)
+        stats.compute_infer.add(result.compute_s)
+        stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        return result
+
+
+@dataclass
+class VersionStatus:
+    state: VersionState
+    reason: str = ""
+
+
+class Registry:
+    """The loaded versions of every model; request handlers look versions up here."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        threads: ThreadPlan,
+        default_backend: str = "auto",
+        scheduler_factory: SchedulerFactory = direct_scheduler,
+        warmup: bool = True,
+    ) -> None:
+        self._executor = executor
+        self._threads = threads
+        self._default_backend = default_backend
+        self._scheduler_factory = scheduler_factory
+        self._warmup = warmup
+        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._status: dict[str, dict[int, VersionStatus]] = {}
+        self._configs: dict[str, ModelConfig] = {}
+
+    # -- lookup -----------------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """The version to serve; the default version when `version` is None."""
+        statuses = self._status.get(name)
+        if statuses is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        if version is None:
+            number = self.default_version(name)
+        else:
+            if not version.isdigit():
+                raise ModelNotFound(f"unknown version '{version[:32]}' of model '{name}'")
+            number = int(version)
+        loaded = self._versions.get(name, {}).get(number)
+        if loaded is not None:
+            return loaded
+        status = statuses.get(number)
+        if status is None:
+            raise ModelNotFound(f"unknown version '{number}' of model '{name}'")
+        if status.state is VersionState.LOADING:
+            raise ModelNotReady(
+                f"model '{name}' version {number} is loading", headers={"Retry-After": "1"}
+            )
+        raise ModelNotReady(f"model '{name}' version {number} is unavailable: {status.reason}")
+
+    def default_version(self, name: str) -> int:
+        config = self._configs[name]
+        if config.default_version is not None:
+            return config.default_version
+        ready = self._versions.get(name, {})
+        if ready:
+            return max(ready)
+        return max(self._status[name])
+
+    def names(self) -> list[str]:
+        return sorted(self._status)
+
+    def statuses(self, name: str) -> dict[int, VersionStatus]:
+        return dict(self._status.get(name, {}))
+
+    def loaded(self, name: str) -> dict[int, ModelVersion]:
+        return dict(self._versions.get(name, {}))
+
+    @property
+    def ready(self) -> bool:
+        """Every declared model has its default version ready."""
+        if not self._status:
+            return False
+        for name in self._status:
+            try:
+                self.get(name)
+            except (ModelNotReady, ModelNotFound):
+                return False
+        return True
+
+    def queue_depth(self) -> int:
+        return sum(v.scheduler.depth for vs in self._versions.values() for v in vs.values())
+
+    # -- loading ----------------------------------------------------------------
+    def declare(self, name: str, config: ModelConfig, versions: Sequence[int]) -> None:
+        """Announce versions before they load, so they report LOADING (503) meanwhile."""
+        self._configs[name] = config
+        statuses = self._status.setdefault(name, {})
+        for v in versions:
+            statuses.setdefault(v, VersionStatus(VersionState.LOADING))
+
+    async def load(
+        self, name: str, version: int, config: ModelConfig, files: Mapping[str, bytes]
+    ) -> ModelVersion | None:
+        """Load, check and warm one version off the event loop, then serve it.
+
+        A version that is already serving keeps serving until the new one is ready;
+        the old one is then closed once its in-flight requests have finished.
+        """
+        self.declare(name, config, [version])
+        loop = asyncio.get_running_loop()
+        try:
+            runtime = await loop.run_in_executor(self._executor, self._prepare, name, config, files)
+        except (RuntimeLoadError, InvalidInput) as exc:
+            log.error("model load failed model=%s version=%s reason=%r", name, version, str(exc))
+            if version not in self._versions.get(name, {}):
+                self._status[name][version] = VersionStatus(VersionState.UNAVAILABLE, str(exc))
+            return None
+        loaded = ModelVersion(
+            name,
+            version,
+            config,
+            runtime,
+            self._scheduler_factory(runtime, config, self._executor),
+            platform=_platform(runtime),
+        )
+        old = self._versions.setdefault(name, {}).get(version)
+        self._versions[name][version] = loaded
+        self._status[name][version] = VersionStatus(VersionState.READY)
+        log.info("model ready model=%s version=%s backend=%s", name, version, runtime.backend)
+        if old is not None:
+            await self._retire(old)
+        return loaded
+
+    async def unload(self, name: str, version: int) -> None:
+        old = self._versions.get(name, {}).pop(version, None)
+        self._status.get(name, {}).pop(version, None)
+        if old is not None:
+            await self._retire(old)
+
+    async def close(self) -> None:
+        for versions in self._versions.values():
+            for v in versions.values():
+                await v.scheduler.close()
+                v.runtime.close()
+        self._versions.clear()
+
+    async def _retire(self, old: ModelVersion) -> None:
+        await old.scheduler.close()  # waits for in-flight work of the old version
+        old.runtime.close()
+
+    def _prepare(self, name: str, config: ModelConfig, files: Mapping[str, bytes]) -> Runtime:
+        backend = config.backend if config.backend != "auto" else self._default_backend
+        runtime = create_runtime(backend, files, self._threads, model=name)
+        _check_declared(name, config, runtime)
+        if self._warmup:
+            for rows in config.warmup.batch_sizes:
+                runtime.run(_warmup_inputs(runtime, rows, config.max_batch_size > 0), None)
+        return runtime
+
+
+def _shape_fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    if len(shape) != len(spec):
+        return False
+    return all(want == -1 or got == want for got, want in zip(shape, spec, strict=True))
+
+
+def _check_declared(name: str, config: ModelConfig, runtime: Runtime) -> None:
+    """model.toml's declared signature must match what the model file really takes."""
+    actual = {s.name: s for s in runtime.inputs + runtime.outputs}
+    for declared in [*config.inputs, *config.outputs]:
+        spec = actual.get(declared.name)
+        if spec is None:
+            raise RuntimeLoadError(
+                f"{name}: model.toml declares '{declared.name}', which the model file does not have"
+            )
+        if spec.datatype != declared.datatype:
+            raise RuntimeLoadError(
+                f"{name}: '{declared.name}' is {spec.datatype} in the model "
+                f"file but {declared.datatype} in model.toml"
+            )
+
+
+def _warmup_inputs(runtime: Runtime, rows: int, batched: bool) -> dict[str, np.ndarray]:
+    feed = {}
+    for spec in runtime.inputs:
+        shape = [1 if d == -1 else d for d in spec.shape]
+        if batched and shape:
+            shape[0] = rows
+        dtype = V2_TO_NUMPY[spec.datatype]
+        if spec.datatype == "BYTES":
+            feed[spec.name] = np.full(shape, b"warm up", dtype=object)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
+def _platform(runtime: Runtime) -> str:
+    return {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}.get(
+        runtime.backend, runtime.backend
+    )

@@ -1,0 +1,140 @@
+"""The model repository on disk: `<root>/<name>/model.toml` and `<root>/<name>/<version>/`.
+
+The layout is the one Triton and OVMS users know. Reading a model gives its typed
+config and, per version, the files as bytes (so a runtime never needs a plaintext path).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.settings_schema import ConfigError, parse_section, setting
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODEL_FILES = ("model.onnx", "model.xml", "model.bin")
+MAX_MODEL_FILE_BYTES = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    name: str
+    datatype: str = setting(choices=tuple(V2_TO_NUMPY))
+    shape: list[int] = setting([])
+
+    def __post_init__(self) -> None:
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise ConfigError("shape", f"dimensions must be -1 or >= 1, got {self.shape}")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How concurrent requests for one model version are merged into batches."""
+
+    max_queue_delay_ms: float = setting(1.0, min=0.0, max=1000.0)
+    max_queue_size: int = setting(256, min=1, max=1_000_000)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    batch_sizes: list[int] = setting([1])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What `model.toml` says about one model."""
+
+    description: str = ""
+    backend: str = setting("auto", choices=("auto", "onnxruntime", "openvino"))
+    max_batch_size: int = setting(0, min=0, max=4096)
+    default_version: int | None = setting(None, min=1)
+    labels: list[str] = setting([])
+    inputs: list[TensorConfig] = setting([])
+    outputs: list[TensorConfig] = setting([])
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model in the repository: its config and the versions found on disk."""
+
+    name: str
+    config: ModelConfig
+    versions: tuple[int, ...]
+    root: Path
+
+    def read_files(self, version: int) -> dict[str, bytes]:
+        """The version's model files as bytes."""
+        folder = self.root / str(version)
+        files: dict[str, bytes] = {}
+        for name in MODEL_FILES:
+            path = folder / name
+            if path.is_file():
+                if path.stat().st_size > MAX_MODEL_FILE_BYTES:
+                    raise ConfigError(f"{self.name}/{version}/{name}", "file is too large")
+                files[name] = path.read_bytes()
+        return files
+
+
+def parse_model_config(text: str, where: str) -> ModelConfig:
+    """Parse model.toml text; errors name `where` and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(where, f"is not valid TOML: {exc}") from None
+    config = parse_section(ModelConfig, data, where)
+    names = [t.name for t in config.inputs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.inputs", "input names must be unique")
+    return config
+
+
+def scan_repository(root: Path, only: list[str] | None = None) -> list[ModelSource]:
+    """Every model under `root` (or only those named), sorted by name."""
+    if not root.is_dir():
+        raise ConfigError("models.repository", f"{root} is not a folder")
+    sources = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not (folder / "model.toml").is_file():
+            continue
+        if only and folder.name not in only:
+            continue
+        sources.append(read_model(folder))
+    missing = set(only or []) - {s.name for s in sources}
+    if missing:
+        raise ConfigError("models.load", f"no such model in {root}: {', '.join(sorted(missing))}")
+    return sources
+
+
+def read_model(folder: Path) -> ModelSource:
+    """Read one model folder."""
+    name = folder.name
+    if not MODEL_NAME.match(name):
+        raise ConfigError(str(folder), "model folder names use letters, digits, '_', '.', '-'")
+    config = parse_model_config((folder / "model.toml").read_text("utf-8"), f"{name}/model.toml")
+    versions = tuple(
+        sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if p.is_dir()
+            and p.name.isdigit()
+            and int(p.name) > 0
+            and any((p / f).is_file() for f in ("model.onnx", "model.xml"))
+        )
+    )
+    if not versions:
+        raise ConfigError(f"{name}", f"{folder} has no version folder with a model file")
+    if config.default_version is not None and config.default_version not in versions:
+        raise ConfigError(
+            f"{name}/model.toml.default_version", f"version {config.default_version} is not on disk"
+        )
+    return ModelSource(name=name, config=config, versions=versions, root=folder)

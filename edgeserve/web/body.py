@@ -1,0 +1,30 @@
+"""Read a request body within a byte limit, checked on the header and on the stream."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from edgeserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+
+async def read_body(request: Request, max_bytes: int, accept_compressed: bool = False) -> bytes:
+    """The whole body, refusing it as soon as it is known to exceed `max_bytes`."""
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding not in ("identity", "") and not accept_compressed:
+        raise UnsupportedMediaType(f"compressed request bodies ({encoding[:20]}) are not accepted")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput("Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {max_bytes}"
+            )
+    chunks = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
