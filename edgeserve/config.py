@@ -24,8 +24,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "LimitSettings", "ModelSettings", "ServerSettings", "Settings",
-           "load_settings"]
+__all__ = [
+    "ConfigError",
+    "LimitSettings",
+    "ModelSettings",
+    "ServerSettings",
+    "Settings",
+    "load_settings",
+]
 
 CONFIG_ENV = "EDGESERVE_CONFIG"
 
@@ -92,8 +98,9 @@ class Settings:
     source: Path | None = None  # the file these came from, if any
 
 
-def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None
-                  ) -> Settings:
+def load_settings(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
     """Read settings from `path` (or $EDGESERVE_CONFIG, or embedded defaults).
 
     Relative paths in the file are resolved against the file's folder, so a config
