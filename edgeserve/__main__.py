@@ -1,0 +1,5 @@
+"""`python -m edgeserve` runs the CLI."""
+
+from edgeserve.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Start real edgeserve server processes on loopback for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    port: int
+    process: subprocess.Popen
+    config_path: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_config(path: Path, text: str, port: int, state_dir: Path,
+                 repository: Path = MODELS) -> Path:
+    """A config with server/models sections filled in; `text` adds more sections/keys.
+
+    `text` may contain a `[server]` or `[models]` table of its own only if it does not
+    repeat the keys written here.
+    """
+    base = (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{state_dir}"\n'
+        f'[models]\nrepository = "{repository}"\n'
+    )
+    path.write_text(base + "\n" + text)
+    return path
+
+
+@contextmanager
+def run_server(tmp_path: Path, extra_config: str = "", *, repository: Path = MODELS,
+               env: dict[str, str] | None = None, ready_timeout_s: float = 60.0,
+               wait_ready: bool = True, config_text: str | None = None
+               ) -> Iterator[RunningServer]:
+    """Run `edgeserve serve` in a subprocess until the block ends (SIGTERM, then SIGKILL)."""
+    port = free_port()
+    state_dir = tmp_path / "state"
+    config = tmp_path / f"edgeserve-{port}.toml"
+    if config_text is not None:
+        config.write_text(config_text.replace("{port}", str(port)))
+    else:
+        write_config(config, extra_config, port, state_dir, repository)
+    log_path = tmp_path / f"server-{port}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeserve", "serve", "--config", str(config)],
+        stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+    )
+    server = RunningServer(f"http://127.0.0.1:{port}", port, process, config, log_path)
+    try:
+        if wait_ready:
+            wait_until_ready(server, ready_timeout_s)
+        yield server
+    finally:
+        stop(process)
+        log_file.close()
+
+
+def wait_until_ready(server: RunningServer, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/v2/health/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server not ready after {timeout_s}s:\n{server.log()}")
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 15.0) -> int | None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
