@@ -39,6 +39,7 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         raise InvalidInput(f"request body is not valid JSON: {_short(exc)}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
+    _check_depth(doc, limits.max_json_depth)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list")
@@ -66,6 +67,20 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         parameters=parameters,
         binary_output=parameters.get("binary_data_output") is True,
     )
+
+
+def _check_depth(doc: Any, limit: int) -> None:
+    """Refuse JSON nested deeper than `limit`; flat lists of scalars (tensor data) are
+    skipped after their first element, so this stays cheap on large tensors."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise InvalidInput(f"request JSON is nested deeper than {limit} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif node and isinstance(node[0], (dict, list)):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
 
 
 def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[InferInput, int]:

@@ -1,0 +1,140 @@
+"""Configuration: defaults, the documented file, and clear errors for broken configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeserve.cli import run
+from edgeserve.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTED = ROOT / "edgeserve.toml"
+
+
+def test_embedded_defaults_bind_loopback_on_8080(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGESERVE_CONFIG", raising=False)
+    monkeypatch.chdir(ROOT)
+    settings = load_settings()
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.server.state_dir == ROOT / ".edgeserve"
+    assert settings.models.repository == ROOT / "models"
+
+
+def test_documented_config_equals_embedded_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    from_file = load_settings(DOCUMENTED)
+    embedded = load_settings(None)
+    assert dataclasses.replace(from_file, source=None) == embedded
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The text of each [table] in a TOML file, comments included."""
+    parts: dict[str, str] = {}
+    current = ""
+    for line in text.splitlines():
+        header = re.match(r"^\s*#?\s*\[\[?([A-Za-z0-9_.]+)\]\]?\s*$", line)
+        if header:
+            current = header.group(1)
+            parts.setdefault(current, "")
+            continue
+        parts[current] = parts.get(current, "") + line + "\n"
+    return parts
+
+
+def _documented_keys(cls: type, prefix: str) -> list[tuple[str, str]]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(value):
+            keys += _documented_keys(type(value), f"{prefix}.{f.name}" if prefix else f.name)
+        else:
+            keys.append((prefix, f.name))
+    return keys
+
+
+def test_every_config_key_is_documented_in_edgeserve_toml() -> None:
+    sections = _sections(DOCUMENTED.read_text())
+    missing = [
+        f"{section}.{key}"
+        for section, key in _documented_keys(Settings, "")
+        if not re.search(rf"^\s*#?\s*{re.escape(key)}\s*=", sections.get(section, ""), re.M)
+    ]
+    assert not missing, f"keys not documented in edgeserve.toml: {missing}"
+
+
+BROKEN = [
+    ("[server]\nprot = 8080\n", "server.prot: unknown key"),
+    ('[server]\nport = "8080"\n', "server.port: must be an integer"),
+    ("[server]\nport = 70000\n", "server.port: must be <= 65535"),
+    ("[server]\nport = -1\n", "server.port: must be >= 0"),
+    ('[server]\nengine = "gunicorn"\n', "server.engine: must be one of"),
+    ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
+    ('[models]\nbackend = "tensorflow"\n', "models.backend: must be one of"),
+    ('[models]\nload = "digits"\n', "models.load: must be a list"),
+    ("[models]\nrepository = 3\n", "models.repository: must be a non-empty path"),
+    ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes: must be >= 1024"),
+    ("[limits]\nmax_tensor_rank = 1000\n", "limits.max_tensor_rank: must be <= 32"),
+    ("server = 1\n", "server: must be a table"),
+    ("[nonsense]\n", "nonsense: unknown key"),
+    ("[server\nport = 1\n", "is not valid TOML"),
+    ('[server]\ntls_cert = "c.pem"\n', "tls_cert and tls_key must be set together"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BROKEN, ids=[m for _, m in BROKEN])
+def test_broken_config_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert message in str(caught.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_serve_with_bad_config_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text('[server]\nport = "x"\n')
+    assert run(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edgeserve: config error: server.port: must be an integer, got a string"]
+
+
+def test_serve_process_with_unknown_model_repository_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text(f'[models]\nrepository = "{tmp_path / "nowhere"}"\n[server]\nport = 0\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeserve", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "models.repository" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text("[server]\nport = 9999\n")
+    monkeypatch.setenv("EDGESERVE_CONFIG", str(path))
+    assert load_settings().server.port == 9999
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text('[server]\nstate_dir = "state"\n')
+    assert load_settings(path).server.state_dir == tmp_path / "state"
