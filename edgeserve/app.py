@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.auth.guard import build_authenticator
 from edgeserve.config import Settings
@@ -24,6 +26,7 @@ from edgeserve.registry import Registry
 from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
 from edgeserve.web.errors import EXCEPTION_HANDLERS
+from edgeserve.web.headers import HeaderGuard
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,27 @@ def build_app(settings: Settings) -> Starlette:
             executor.shutdown(wait=True, cancel_futures=True)
 
     sources = scan_repository(settings.models.repository, settings.models.load or None)
+    middleware = [
+        Middleware(
+            HeaderGuard,
+            max_headers=settings.limits.max_headers,
+            max_header_bytes=settings.limits.max_header_bytes,
+        ),
+    ]
+    if settings.server.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.server.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type", "inference-header-content-length"],
+            )
+        )
     app = Starlette(
-        routes=list(V2_ROUTES), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan
+        routes=list(V2_ROUTES),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+        middleware=middleware,
     )
     app.state.settings = settings
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)

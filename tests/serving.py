@@ -37,8 +37,9 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def write_config(path: Path, text: str, port: int, state_dir: Path,
-                 repository: Path = MODELS) -> Path:
+def write_config(
+    path: Path, text: str, port: int, state_dir: Path, repository: Path = MODELS
+) -> Path:
     """A config with server/models sections filled in; `text` adds more sections/keys.
 
     `text` may contain a `[server]` or `[models]` table of its own only if it does not
@@ -53,10 +54,16 @@ def write_config(path: Path, text: str, port: int, state_dir: Path,
 
 
 @contextmanager
-def run_server(tmp_path: Path, extra_config: str = "", *, repository: Path = MODELS,
-               env: dict[str, str] | None = None, ready_timeout_s: float = 60.0,
-               wait_ready: bool = True, config_text: str | None = None
-               ) -> Iterator[RunningServer]:
+def run_server(
+    tmp_path: Path,
+    extra_config: str = "",
+    *,
+    repository: Path = MODELS,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 60.0,
+    wait_ready: bool = True,
+    config_text: str | None = None,
+) -> Iterator[RunningServer]:
     """Run `edgeserve serve` in a subprocess until the block ends (SIGTERM, then SIGKILL)."""
     port = free_port()
     state_dir = tmp_path / "state"
@@ -69,7 +76,9 @@ def run_server(tmp_path: Path, extra_config: str = "", *, repository: Path = MOD
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeserve", "serve", "--config", str(config)],
-        stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
         env={**os.environ, **(env or {})},
     )
     server = RunningServer(f"http://127.0.0.1:{port}", port, process, config, log_path)
