@@ -1,1 +1,4 @@
-"""The update trust anchor: bundles, signatures, encryption, the dual-slot store. Never imports edgeserve."""
+"""The update trust anchor: bundles, signatures, encryption, the dual-slot store.
+
+Never imports edgeserve: the server depends on this package, not the other way.
+"""
