@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from edgeserve import __version__
 from edgeserve.auth.guard import requires
-from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady, UnsupportedMediaType
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
@@ -118,6 +118,7 @@ async def infer(request: Request) -> Response:
     name = request.path_params["model"]
     version = _version_param(request)
     registry.get(name, version)  # unknown or loading models are refused before the body is read
+    _check_content_type(request)
     body = await read_body(
         request, settings.limits.max_body_bytes, settings.limits.accept_compressed
     )
@@ -186,6 +187,18 @@ async def repository_index(request: Request) -> Response:
                 entry["reason"] = status.reason
             index.append(entry)
     return json_response(index)
+
+
+_BODY_TYPES = ("", "application/json", "application/octet-stream")
+
+
+def _check_content_type(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in _BODY_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {media[:40]!r} is not accepted; send application/json "
+            "(or application/octet-stream with Inference-Header-Content-Length)"
+        )
 
 
 def _tensor_doc(spec: Any) -> dict[str, Any]:
