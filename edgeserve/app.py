@@ -19,7 +19,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.auth.guard import build_authenticator
-from edgeserve.config import Settings
+from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.model_sync import sync_repository
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.rest import ROUTES as V2_ROUTES
 from edgeserve.registry import Registry
@@ -59,7 +60,8 @@ def build_app(settings: Settings) -> Starlette:
             workers,
             threads.intra_op,
         )
-        loading = asyncio.create_task(_load_all(registry, sources))
+        loading = asyncio.create_task(sync_repository(registry, sources))
+        app.state.reload = lambda: _reload(app, registry)
         try:
             yield
         finally:
@@ -100,9 +102,22 @@ def build_app(settings: Settings) -> Starlette:
     return app
 
 
-async def _load_all(registry: Registry, sources: list) -> None:
-    for source in sources:
-        for version in source.versions:
-            loop = asyncio.get_running_loop()
-            files = await loop.run_in_executor(None, source.read_files, version)
-            await registry.load(source.name, version, source.config, files)
+async def _reload(app: Starlette, registry: Registry) -> None:
+    """Re-read the config's [models] section and the repository; keep serving meanwhile.
+
+    Only the model repository is reloaded; other changed sections are logged as needing
+    a restart. A broken config or model leaves what is serving untouched.
+    """
+    settings: Settings = app.state.settings
+    try:
+        fresh = load_settings(settings.source) if settings.source else settings
+        sources = scan_repository(fresh.models.repository, fresh.models.load or None)
+    except ConfigError as exc:
+        log.error("reload refused error=%r", str(exc))
+        return
+    for section in ("server", "limits", "auth", "telemetry", "updater", "experiments", "jobs"):
+        if getattr(fresh, section) != getattr(settings, section):
+            log.warning("reload section=%s changed; restart to apply it", section)
+    log.info("reloading models=%d", len(sources))
+    await sync_repository(registry, sources)
+    log.info("reload done")

@@ -7,6 +7,7 @@ as UNAVAILABLE with its reason, never served.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,7 @@ class ModelVersion:
     runtime: Runtime
     scheduler: Scheduler
     platform: str
+    digest: str = ""  # of the model files and config, to skip reloading what has not changed
     stats: VersionStats = field(default_factory=VersionStats)
 
     def __post_init__(self) -> None:
@@ -239,6 +241,10 @@ class Registry:
         A version that is already serving keeps serving until the new one is ready;
         the old one is then closed once its in-flight requests have finished.
         """
+        digest = files_digest(files, config)
+        current = self._versions.get(name, {}).get(version)
+        if current is not None and current.digest == digest:
+            return current
         self.declare(name, config, [version])
         loop = asyncio.get_running_loop()
         try:
@@ -255,6 +261,7 @@ class Registry:
             runtime,
             self._scheduler_factory(runtime, config, self._executor),
             platform=_platform(runtime),
+            digest=digest,
         )
         old = self._versions.setdefault(name, {}).get(version)
         self._versions[name][version] = loaded
@@ -289,6 +296,14 @@ class Registry:
             for rows in config.warmup.batch_sizes:
                 runtime.run(_warmup_inputs(runtime, rows, config.max_batch_size > 0), None)
         return runtime
+
+
+def files_digest(files: Mapping[str, bytes], config: ModelConfig) -> str:
+    """A digest of what defines a loaded version: its files and its config."""
+    h = hashlib.sha256(repr(config).encode())
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return h.hexdigest()
 
 
 def _shape_fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:

@@ -1,7 +1,8 @@
 """Run the application under Hypercorn, owning signals so shutdown drains cleanly.
 
 SIGTERM/SIGINT stop accepting, let in-flight requests finish (graceful_timeout_s),
-then run the lifespan shutdown.
+then run the lifespan shutdown. SIGHUP reloads the model repository without dropping
+requests.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ async def run_server(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloading: set[asyncio.Task] = set()
+
+    def on_hangup() -> None:
+        reload = getattr(app.state, "reload", None)
+        if reload is None or reloading:
+            log.info("reload skipped reason=%s", "starting" if reload is None else "in progress")
+            return
+        task = asyncio.ensure_future(reload())
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     scheme = "https" if settings.server.tls_cert else "http"
     log.info("listening url=%s://%s:%s", scheme, settings.server.host, settings.server.port)
     await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
