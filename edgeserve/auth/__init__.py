@@ -1,0 +1,40 @@
+"""Authentication and authorisation: JWT bearer tokens, trusted keys, scopes per route."""
+
+from edgeserve.auth.authenticator import (
+    Authenticator,
+    JWTAuthenticator,
+    OpenAuthenticator,
+    build_authenticator,
+    check_auth_allowed,
+)
+from edgeserve.auth.guard import requires
+from edgeserve.auth.keyset import KeySet, VerificationKey
+from edgeserve.auth.principal import (
+    ALL_SCOPES,
+    SCOPE_ADMIN,
+    SCOPE_INFER,
+    SCOPE_METRICS,
+    SCOPE_READ,
+    Principal,
+)
+from edgeserve.auth.ratelimit import FailedAuthLimiter
+from edgeserve.auth.settings import AuthSettings
+
+__all__ = [
+    "ALL_SCOPES",
+    "SCOPE_ADMIN",
+    "SCOPE_INFER",
+    "SCOPE_METRICS",
+    "SCOPE_READ",
+    "AuthSettings",
+    "Authenticator",
+    "FailedAuthLimiter",
+    "JWTAuthenticator",
+    "KeySet",
+    "OpenAuthenticator",
+    "Principal",
+    "VerificationKey",
+    "build_authenticator",
+    "check_auth_allowed",
+    "requires",
+]

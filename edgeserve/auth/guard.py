@@ -1,34 +1,53 @@
-# TEMPORARY stub by the lead so the server runs before the auth work lands.
-# The auth engineer replaces this whole file (keep the names requires/build_authenticator).
+"""Authorisation declared per route: `@requires("infer")` on each endpoint.
+
+Scopes are checked where the endpoint is defined, never by matching path strings in a
+middleware, so `//api`, `%2e%2e/` or a forged Host header cannot route around them.
+"""
+
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE, build_authenticator
+from edgeserve.auth.principal import ALL_SCOPES, Principal
+from edgeserve.errors import Unauthorized
+
+__all__ = ["Endpoint", "authenticate", "build_authenticator", "requires"]
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-@dataclass(frozen=True)
-class _Anyone:
-    subject: str = "anonymous"
-    scopes: frozenset = frozenset({"infer", "read", "admin", "metrics"})
-    claims: dict = field(default_factory=dict)
+async def authenticate(request: Request) -> Principal:
+    """The caller of `request`, via `request.app.state.authenticator` (401/429 otherwise)."""
+    authenticator = request.app.state.authenticator
+    authenticate_async = getattr(authenticator, "authenticate_async", None)
+    if authenticate_async is not None:
+        return await authenticate_async(request)
+    return authenticator.authenticate(request)
 
 
-class _Open:
-    def authenticate(self, request: Any) -> _Anyone:
-        return _Anyone()
+def requires(scope: str) -> Callable[[Endpoint], Endpoint]:
+    """Decorator for a Starlette endpoint `async def f(request)`: authenticate the caller,
+    check `scope`, store `request.state.principal`, then call `f`."""
+    if scope not in ALL_SCOPES:
+        raise ValueError(f"unknown scope {scope!r} (known: {', '.join(sorted(ALL_SCOPES))})")
 
-
-def build_authenticator(settings: Any, state_dir: Any, host: str) -> _Open:
-    return _Open()
-
-
-def requires(scope: str):
-    def wrap(endpoint):
+    def decorate(endpoint: Endpoint) -> Endpoint:
         @functools.wraps(endpoint)
-        async def guarded(request):
-            request.state.principal = request.app.state.authenticator.authenticate(request)
+        async def guarded(request: Request) -> Response:
+            principal = await authenticate(request)
+            if principal.anonymous and scope not in principal.scopes:
+                # Only some endpoints are open without a token; this one needs one.
+                raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
+            principal.require(scope)
+            request.state.principal = principal
             return await endpoint(request)
-        guarded.required_scope = scope
+
+        guarded.required_scope = scope  # type: ignore[attr-defined]
         return guarded
-    return wrap
+
+    return decorate

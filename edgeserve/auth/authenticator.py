@@ -1,0 +1,183 @@
+"""Turn a request into a Principal: bearer JWTs when auth is on, everyone when it is off.
+
+The web layer calls `authenticate(request)` through `edgeserve.auth.guard.requires`;
+`authenticate_async`, when an implementation has it, does the same but fetches a remote
+JWKS in a worker thread so that a slow identity provider never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from types import MappingProxyType
+from typing import NoReturn, Protocol, runtime_checkable
+
+import anyio.to_thread
+from starlette.requests import Request
+
+from edgeserve.auth.keyset import FileSource, KeySet, URLSource
+from edgeserve.auth.principal import ALL_SCOPES, ANONYMOUS, SCOPE_METRICS, Principal
+from edgeserve.auth.ratelimit import FailedAuthLimiter
+from edgeserve.auth.settings import AuthSettings
+from edgeserve.auth.verify import InvalidToken, TokenHeader, TokenVerifier
+from edgeserve.errors import Unauthorized
+from edgeserve.settings_schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+# RFC 6750 §3: a bad token gets error="invalid_token"; a request with no credentials at
+# all gets the bare challenge, without an error code.
+INVALID_TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+NO_TOKEN_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+OPEN_PRINCIPAL = Principal(subject=ANONYMOUS, scopes=ALL_SCOPES, claims=MappingProxyType({}))
+LOOPBACK_METRICS_PRINCIPAL = Principal(
+    subject=ANONYMOUS, scopes=frozenset({SCOPE_METRICS}), claims=MappingProxyType({})
+)
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Who is calling; raises Unauthorized (401) or Overloaded (429), never anything else."""
+
+    def authenticate(self, request: Request) -> Principal: ...
+
+
+class OpenAuthenticator:
+    """Auth disabled: every caller holds every scope. Allowed only on a loopback address."""
+
+    def authenticate(self, request: Request) -> Principal:
+        return OPEN_PRINCIPAL
+
+
+class JWTAuthenticator:
+    """Bearer JWT access tokens (RFC 6750, RFC 9068) verified against a KeySet."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        keyset: KeySet,
+        *,
+        limiter: FailedAuthLimiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keyset = keyset
+        self.verifier = TokenVerifier(settings, keyset)
+        self.limiter = limiter or FailedAuthLimiter(
+            settings.failed_auth_rate_per_s, settings.failed_auth_burst
+        )
+
+    def authenticate(self, request: Request) -> Principal:
+        client = client_address(request)
+        found = self._token(request, client)
+        if isinstance(found, Principal):
+            return found
+        token, header = found
+        return self._verify(client, token, header)
+
+    async def authenticate_async(self, request: Request) -> Principal:
+        client = client_address(request)
+        found = self._token(request, client)
+        if isinstance(found, Principal):
+            return found
+        token, header = found
+        if self.keyset.refresh_due(header.kid) and self.keyset.source.remote:
+            await anyio.to_thread.run_sync(self.keyset.refresh, header.kid)
+        return self._verify(client, token, header)
+
+    def _token(self, request: Request, client: str) -> Principal | tuple[str, TokenHeader]:
+        """The bearer token and its vetted header, or a Principal for an opened endpoint."""
+        self.limiter.check(client)
+        values = request.headers.getlist("authorization")
+        if not values:
+            if self.settings.metrics_open_on_loopback and is_loopback(client):
+                return LOOPBACK_METRICS_PRINCIPAL
+            self._refuse(client, "missing token", NO_TOKEN_CHALLENGE)
+        if len(values) > 1:
+            self._refuse(client, "more than one Authorization header")
+        value = values[0]
+        # Size first: nothing longer than a token can be is split, decoded or parsed.
+        if len(value) > self.settings.max_token_bytes + len("Bearer "):
+            self._refuse(client, "token too long")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token or " " in token:
+            self._refuse(client, "malformed Authorization header (want: Bearer <token>)")
+        try:
+            return token, self.verifier.read_header(token)
+        except InvalidToken as exc:
+            self._refuse(client, exc.reason)
+
+    def _verify(self, client: str, token: str, header: TokenHeader) -> Principal:
+        try:
+            return self.verifier.verify(token, header)
+        except InvalidToken as exc:
+            self._refuse(client, exc.reason)
+
+    def _refuse(
+        self, client: str, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
+    ) -> NoReturn:
+        self.limiter.record_failure(client)
+        log.info("auth refused client=%s reason=%r", client, reason)
+        raise Unauthorized(f"invalid token: {reason}", headers=dict(headers))
+
+
+def client_address(request: Request) -> str:
+    """The peer's address as the server saw it (no forwarding headers are trusted)."""
+    return request.client.host if request.client else "unknown"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the name localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_allowed(enabled: bool, host: str) -> None:
+    """Refuse to serve without auth beyond loopback; warn when it is off on loopback."""
+    if enabled:
+        return
+    if not is_loopback(host):
+        raise ConfigError(
+            "auth.enabled",
+            f"auth may be disabled only when [server] host is a loopback address, not {host!r}",
+        )
+    log.warning("auth disabled host=%s: every local caller holds every scope", host)
+
+
+def jwks_path(settings: AuthSettings, state_dir: Path) -> Path:
+    """Where the trusted JWKS file is: the config's jwks_file, else the local issuer's."""
+    if not settings.jwks_file:
+        return state_dir / "keys" / "jwks.json"
+    path = Path(settings.jwks_file)
+    return path if path.is_absolute() else state_dir / path
+
+
+def build_authenticator(settings: AuthSettings, state_dir: Path, host: str) -> Authenticator:
+    """The authenticator the config asks for; ConfigError if it is not allowed."""
+    check_auth_allowed(settings.enabled, host)
+    if not settings.enabled:
+        return OpenAuthenticator()
+    if settings.jwks_url:
+        source: FileSource | URLSource = URLSource(
+            settings.jwks_url, settings.jwks_timeout_s, settings.jwks_max_bytes
+        )
+    else:
+        source = FileSource(jwks_path(settings, Path(state_dir)), settings.jwks_max_bytes)
+    keyset = KeySet(
+        source,
+        algorithms=settings.algorithms,
+        max_keys=settings.max_keys,
+        cooldown_s=settings.jwks_cooldown_s,
+        max_age_s=settings.jwks_max_age_s,
+    )
+    if not source.remote:
+        keyset.refresh()  # a missing or broken file is logged now, at start-up
+    log.info(
+        "auth enabled source=%r issuer=%s audience=%s", source, settings.issuer, settings.audience
+    )
+    return JWTAuthenticator(settings, keyset)

@@ -1,0 +1,52 @@
+"""Who is calling and what they may do: the result of authentication, checked per route."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeserve.errors import Forbidden
+
+SCOPE_INFER = "infer"  # inference and feedback
+SCOPE_READ = "read"  # metadata, statistics, reports, dashboard
+SCOPE_ADMIN = "admin"  # updates, experiments, flags, keys
+SCOPE_METRICS = "metrics"  # Prometheus scrape
+ALL_SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_READ, SCOPE_ADMIN, SCOPE_METRICS})
+
+# Subject of a principal that presented no token (auth off, or metrics opened on loopback).
+ANONYMOUS = ""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the token's `sub`, its scopes and its verified claims."""
+
+    subject: str
+    scopes: frozenset[str]
+    claims: Mapping[str, Any] = field(compare=False, hash=False)
+
+    @property
+    def anonymous(self) -> bool:
+        """True when no token was presented (auth disabled, or an opened endpoint)."""
+        return self.subject == ANONYMOUS
+
+    def require(self, scope: str) -> None:
+        """Raise 403 insufficient_scope (RFC 6750 §3.1) unless this caller holds `scope`."""
+        if scope not in self.scopes:
+            raise Forbidden(
+                f"insufficient_scope: this endpoint needs scope {scope!r}",
+                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            )
+
+
+def parse_scopes(value: Any) -> frozenset[str]:
+    """Scopes from a `scope` claim (space-separated string, RFC 9068) or a `scp` list.
+
+    Unknown scope names are kept (another service may use them) but grant nothing here.
+    """
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(s for v in value for s in v.split())
+    raise ValueError("scope claim must be a string or a list of strings")
