@@ -54,6 +54,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = load_or_exit(config_path, {"server": overrides} if overrides else None)
     configure_logging(settings.server.log_level)
+    ensure_local_issuer(settings)
     from edgeserve.server import run_server
 
     try:
@@ -64,6 +65,23 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     except OSError as exc:
         click.echo(f"edgeserve: cannot serve: {exc.strerror or exc}", err=True)
         raise SystemExit(1) from None
+
+
+def ensure_local_issuer(settings: Settings) -> None:
+    """A box with no identity provider gets its own token signing key on first start, so
+    `edgeserve token create` works right after the first `edgeserve serve`."""
+    auth = settings.auth
+    if not auth.enabled or auth.jwks_url or auth.jwks_file:
+        return
+    from edgeserve.auth.issuer import SIGNING_KEY_NAME, init_keys, keys_dir
+
+    folder = keys_dir(settings.server.state_dir)
+    if not (folder / SIGNING_KEY_NAME).exists():
+        init_keys(settings.server.state_dir)
+        logging.getLogger(__name__).info(
+            "created local token signing key folder=%s; mint tokens with: edgeserve token create",
+            folder,
+        )
 
 
 def configure_logging(level: str) -> None:
@@ -87,3 +105,9 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+from edgeserve.batch.cli import batch_group, features_group  # noqa: E402 - registered below
+
+main.add_command(batch_group)
+main.add_command(features_group)

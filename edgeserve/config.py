@@ -14,7 +14,7 @@ from typing import Any
 
 from edgeserve.auth.settings import AuthSettings
 from edgeserve.experiments.settings import ExperimentSettings
-from edgeserve.jobs_settings import JobSettings
+from edgeserve.jobs_settings import FeatureSettings, JobSettings
 from edgeserve.settings_schema import ConfigError, parse_section, setting
 from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.updater_settings import UpdaterSettings
@@ -95,6 +95,7 @@ class Settings:
     updater: UpdaterSettings = field(default_factory=UpdaterSettings)
     experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
     source: Path | None = None  # the file these came from, if any
 
 

@@ -49,6 +49,16 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True)
+class FeatureConfig:
+    """Inputs read from the online feature store by entity id (see edgeserve.features)."""
+
+    table: str = ""  # empty = every input comes from the request
+    entity: str = "entity_id"  # request parameter / input / batch column with the id
+    inputs: list[str] = setting([])  # model inputs filled from `table`
+    map: dict[str, str] = setting({})  # input -> column or PREFIX*, as `batch score --map`
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What `model.toml` says about one model."""
 
@@ -61,6 +71,7 @@ class ModelConfig:
     outputs: list[TensorConfig] = setting([])
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
 
 
 @dataclass(frozen=True)
