@@ -151,7 +151,7 @@ class CountingServer:
     """A real HTTP server on a free loopback port that serves set bodies and counts hits."""
 
     def __init__(self) -> None:
-        self.bodies: dict[str, tuple[int, bytes]] = {}
+        self.bodies: dict[str, tuple[int, bytes, dict[str, str]]] = {}
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
         outer = self
@@ -160,9 +160,11 @@ class CountingServer:
             def do_GET(self) -> None:
                 with outer._lock:
                     outer.hits[self.path] += 1
-                    status, body = outer.bodies.get(self.path, (404, b"{}"))
+                    status, body, headers = outer.bodies.get(self.path, (404, b"{}", {}))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -176,9 +178,11 @@ class CountingServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def serve(self, path: str, body: bytes, status: int = 200) -> str:
+    def serve(
+        self, path: str, body: bytes, status: int = 200, headers: dict[str, str] | None = None
+    ) -> str:
         with self._lock:
-            self.bodies[path] = (status, body)
+            self.bodies[path] = (status, body, headers or {})
         return self.url(path)
 
     @property
@@ -190,7 +194,7 @@ class CountingServer:
 @contextmanager
 def counting_server() -> Iterator[CountingServer]:
     server = CountingServer()
-    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
