@@ -1,7 +1,7 @@
 """Builders shared by the updater tests (real keys, real ONNX models, real bundles),
 plus tests of the key handling they rely on.
 
-Other updater test modules import `Kit` and the `kit` fixture from here.
+Other updater test modules import `Kit` and friends from here.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class Kit:
     fleet: FleetKey = field(default_factory=FleetKey.generate)
     device: DeviceKey = field(default_factory=DeviceKey.generate)
     master: MasterKey = field(default_factory=MasterKey.generate)
+    built: int = 0
 
     @property
     def state_dir(self) -> Path:
@@ -129,16 +130,17 @@ class Kit:
         signing: Ed25519PrivateKey | None = None,
         recipient: FleetKey | None = None,
         expires: datetime | None = None,
-        tag: str = "",
     ) -> Path:
         """A real signed bundle of model `name` version `version` (y = x * scale)."""
         scale = float(version) if scale is None else scale
-        model_dir = self.root / "src" / f"{name}{tag}-{version}" / name
+        self.built += 1
+        tag = f"{name}-{version}-{self.built}"
+        model_dir = self.root / "src" / tag / name
         (model_dir / str(version)).mkdir(parents=True)
         (model_dir / "model.toml").write_text(MODEL_TOML)
         data = model_bytes if model_bytes is not None else scale_model(scale)
         (model_dir / str(version) / "model.onnx").write_bytes(data)
-        out = self.root / f"{name}{tag}-{version}.bundle"
+        out = self.root / f"{tag}.bundle"
         create_bundle(
             model_dir,
             version,
@@ -149,11 +151,6 @@ class Kit:
             expires=expires or datetime.now(timezone.utc) + timedelta(days=30),
         )
         return out
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Kit:
-    return Kit(tmp_path)
 
 
 def tree_digest(root: Path) -> str:
