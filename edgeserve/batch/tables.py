@@ -65,8 +65,7 @@ def columns_of(path: Path, fmt: str) -> list[str]:
 def read_chunks(path: Path, fmt: str, chunk_rows: int, skip_rows: int = 0) -> Iterator[pa.Table]:
     """Tables of `chunk_rows` rows from row `skip_rows` on; memory stays at a few chunks."""
     if fmt == "parquet":
-        batches = _parquet_batches(path, chunk_rows, skip_rows)
-        skip_rows = 0  # whole row groups were skipped; the rest below
+        batches, skip_rows = _parquet_batches(path, chunk_rows, skip_rows)
     elif fmt == "csv":
         batches = _csv_batches(path)
     else:
@@ -95,22 +94,20 @@ def _rechunk(batches: Iterator[pa.Table], chunk_rows: int, skip_rows: int) -> It
         yield pa.concat_tables(pending, promote_options="permissive")
 
 
-def _parquet_batches(path: Path, chunk_rows: int, skip_rows: int) -> Iterator[pa.Table]:
+def _parquet_batches(
+    path: Path, chunk_rows: int, skip_rows: int
+) -> tuple[Iterator[pa.Table], int]:
+    """Batches from the first row group not wholly skipped, and the rows left to skip."""
     pf = pq.ParquetFile(path)
     groups = []
     for i in range(pf.metadata.num_row_groups):
         rows = pf.metadata.row_group(i).num_rows
-        if skip_rows >= rows:
+        if not groups and skip_rows >= rows:
             skip_rows -= rows
             continue
         groups.append(i)
-    first = True
-    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=groups):
-        table = pa.Table.from_batches([batch])
-        if first and skip_rows:
-            table = table.slice(skip_rows)
-        first = False
-        yield table
+    batches = pf.iter_batches(batch_size=chunk_rows, row_groups=groups)
+    return (pa.Table.from_batches([b]) for b in batches), skip_rows
 
 
 def _csv_header(path: Path) -> list[str]:
