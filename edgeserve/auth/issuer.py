@@ -11,10 +11,8 @@ JWKS when it changes and must never see half of it.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -24,6 +22,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeserve.auth.keyfiles import write_atomic, write_private
 from edgeserve.auth.principal import ALL_SCOPES
 from edgeserve.errors import Conflict, NotFound
 
@@ -164,35 +163,6 @@ def _write_key(folder: Path, key: Ed25519PrivateKey) -> Path:
 def _write_jwks(folder: Path, public_keys: list[Ed25519PublicKey]) -> Path:
     doc = {"keys": [public_jwk(k) for k in public_keys]}
     return write_atomic(folder / JWKS_NAME, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
-
-
-def write_private(path: Path, data: bytes) -> Path:
-    """Write a secret: 0600 from the first byte (never chmod after), in a 0700 folder."""
-    return write_atomic(path, data, 0o600)
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> Path:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have removed bits we want (never adds any)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def _raw(public_key: Ed25519PublicKey) -> bytes:
