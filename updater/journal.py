@@ -121,6 +121,48 @@ class Journal:
         )
 
 
+def commit_install(journal: Journal, pending: Pending, record: SlotRecord, now: str) -> Journal:
+    """The journal once an install's flip happened: new active on probation, floor raised."""
+    old = journal.active if journal.active != pending.slot else None
+    journal = replace(
+        journal.with_slot(pending.slot, record),
+        active=pending.slot,
+        previous=old,
+        pending=None,
+        versions_seen=max(journal.versions_seen, pending.version),
+        probation=Probation(pending.slot, pending.version, now),
+        verdict="probation",
+    )
+    event = "downgrade" if pending.downgrade else "install"
+    return journal.logged(now, event, pending.version, pending.slot, pending.reason)
+
+
+def commit_rollback(journal: Journal, pending: Pending, now: str) -> Journal:
+    """The journal once a rollback's flip happened; the bad slot is no rollback target."""
+    bad = journal.active
+    journal = replace(
+        journal,
+        active=pending.slot,
+        previous=None,
+        pending=None,
+        probation=None,
+        verdict="rolled_back",
+    )
+    return journal.logged(now, "rollback", journal.version_of(bad), bad, pending.reason)
+
+
+def abort_pending(journal: Journal, now: str) -> Journal:
+    """The journal once an unfinished operation (no flip happened) has been undone."""
+    pending = journal.pending
+    if pending is None:
+        return journal
+    if pending.op == "install":
+        journal = journal.with_slot(pending.slot, None)
+    return replace(journal, pending=None).logged(
+        now, "aborted", pending.version, pending.slot, f"{pending.op} interrupted"
+    )
+
+
 def read_journal(path: Path, model: str) -> Journal:
     """The journal at `path`, or a fresh one if the model was never installed."""
     try:
