@@ -349,3 +349,30 @@ def load_settings_text(text: str) -> AuthSettings:
     from edgeserve.settings_schema import parse_section
 
     return parse_section(AuthSettings, tomllib.loads(text)["auth"], "auth")
+
+
+# --- the audit seam --------------------------------------------------------------------------
+
+
+def test_each_refusal_is_reported_to_the_hook_without_the_token(
+    key: TestKey, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, str]] = []
+    authenticator = build_authenticator(AuthSettings(), tmp_path, "::1")
+    assert isinstance(authenticator, JWTAuthenticator)
+    authenticator.on_refused = lambda client, reason: seen.append((client, reason))
+    client = TestClient(guarded_app(authenticator), client=LAN_CLIENT)
+    secret = make_token(key, claims(iss="someone-else"))
+    assert client.get("/infer", headers=bearer(secret)).status_code == 401
+    assert client.get("/infer", headers=bearer(make_token(key))).status_code == 200
+    assert seen == [("198.51.100.7", "wrong issuer")]
+
+
+def test_a_failing_hook_does_not_turn_401_into_500(tmp_path: Path) -> None:
+    def broken(client: str, reason: str) -> None:
+        raise RuntimeError("audit database is down")
+
+    authenticator = build_authenticator(AuthSettings(), tmp_path, "::1")
+    authenticator.on_refused = broken  # type: ignore[union-attr]
+    client = TestClient(guarded_app(authenticator), raise_server_exceptions=False)
+    assert client.get("/infer", headers=bearer("x.y.z")).status_code == 401

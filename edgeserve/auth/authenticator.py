@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import NoReturn, Protocol, runtime_checkable
@@ -60,6 +61,7 @@ class JWTAuthenticator:
         keyset: KeySet,
         *,
         limiter: FailedAuthLimiter | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.keyset = keyset
@@ -67,6 +69,8 @@ class JWTAuthenticator:
         self.limiter = limiter or FailedAuthLimiter(
             settings.failed_auth_rate_per_s, settings.failed_auth_burst
         )
+        # Called as on_refused(client_address, reason) for each 401: the audit log's seam.
+        self.on_refused = on_refused
 
     def authenticate(self, request: Request) -> Principal:
         client = client_address(request)
@@ -82,7 +86,7 @@ class JWTAuthenticator:
         if isinstance(found, Principal):
             return found
         token, header = found
-        if self.keyset.refresh_due(header.kid) and self.keyset.source.remote:
+        if self.keyset.source.remote and self.keyset.refresh_due(header.kid):
             await anyio.to_thread.run_sync(self.keyset.refresh, header.kid)
         return self._verify(client, token, header)
 
@@ -119,6 +123,11 @@ class JWTAuthenticator:
     ) -> NoReturn:
         self.limiter.record_failure(client)
         log.info("auth refused client=%s reason=%r", client, reason)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(client, reason)
+            except Exception:  # an audit hook must never turn a 401 into a 500
+                log.exception("auth refusal hook failed client=%s", client)
         raise Unauthorized(f"invalid token: {reason}", headers=dict(headers))
 
 
