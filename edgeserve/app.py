@@ -20,12 +20,15 @@ from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.auth.guard import build_authenticator
 from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.jobs import start_jobs
+from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
 from edgeserve.model_sync import sync_repository
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.rest import ROUTES as V2_ROUTES
 from edgeserve.registry import Registry
 from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
+from edgeserve.streaming import ROUTES as STREAM_ROUTES
 from edgeserve.web.errors import EXCEPTION_HANDLERS
 from edgeserve.web.headers import HeaderGuard
 
@@ -62,9 +65,12 @@ def build_app(settings: Settings) -> Starlette:
         )
         loading = asyncio.create_task(sync_repository(registry, sources))
         app.state.reload = lambda: _reload(app, registry)
+        app.state.jobs = start_jobs(settings, registry)
         try:
             yield
         finally:
+            if app.state.jobs is not None:
+                await asyncio.to_thread(app.state.jobs.stop)
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
@@ -89,7 +95,7 @@ def build_app(settings: Settings) -> Starlette:
             )
         )
     app = Starlette(
-        routes=list(V2_ROUTES),
+        routes=[*V2_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         middleware=middleware,

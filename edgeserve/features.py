@@ -342,3 +342,31 @@ def _rows(chunk: Any, key: str, kinds: Mapping[str, str], pa: Any) -> list[tuple
         else:
             columns.append(col.to_pylist())
     return list(zip(*columns, strict=True))
+
+
+def app_store(state: Any) -> FeatureStore:
+    """The server's feature store (`app.state`), opened on first use."""
+    store = getattr(state, "feature_store", None)
+    if store is None:
+        settings = state.settings
+        store = FeatureStore(settings.features.resolve(settings.server.state_dir))
+        state.feature_store = store
+    return store
+
+
+async def with_features(
+    state: Any,
+    config: FeatureConfig,
+    specs: Sequence[TensorSpec],
+    named: Mapping[str, tuple[str, np.ndarray]],
+    parameters: Mapping[str, Any],
+) -> Mapping[str, tuple[str, np.ndarray]]:
+    """`named` with the store-fed inputs filled in when the model declares [features];
+    the SQLite read runs off the event loop."""
+    if not config.table:
+        return named
+    import asyncio
+
+    return await asyncio.to_thread(
+        lookup_request, app_store(state), config, specs, named, parameters
+    )

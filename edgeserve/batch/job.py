@@ -15,7 +15,7 @@ from edgeserve.batch.scoring import ChunkScorer
 from edgeserve.batch.tables import (
     TextWriter,
     columns_of,
-    count_rows,
+    estimate_rows,
     format_of,
     open_writer,
     read_chunks,
@@ -94,7 +94,9 @@ class BatchJob:
         state = saved or RunState()
         writer = open_writer(self.output, self.output_format, state.output_pos)
         errors = TextWriter(self.errors_path, "jsonl", state.errors_pos)
-        bar = _progress_bar(self._total_rows(), state.rows_done, progress)
+        bar = _progress_bar(
+            estimate_rows(self.input_path, self.input_format), state.rows_done, progress
+        )
         try:
             state, _ = run_chunks(
                 read_chunks(self.input_path, self.input_format, self.chunk_rows, state.rows_done),
@@ -113,18 +115,6 @@ class BatchJob:
         if state.failed == 0:
             self.errors_path.unlink(missing_ok=True)
         return state
-
-    def _total_rows(self) -> int | None:
-        """Exact for Parquet; for text files the line count (cheap next to scoring) gives
-        the progress bar an ETA."""
-        exact = count_rows(self.input_path, self.input_format)
-        if exact is not None:
-            return exact
-        lines = 0
-        with self.input_path.open("rb") as f:
-            while block := f.read(1 << 20):
-                lines += block.count(b"\n")
-        return max(0, lines - (1 if self.input_format == "csv" else 0))
 
 
 def _progress_bar(total: int | None, done: int, enabled: bool):

@@ -12,14 +12,17 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
-import pyarrow as pa
 
-from edgeserve.batch.scoring import ChunkScorer
-from edgeserve.batch.tables import ChunkWriter, TextWriter
 from edgeserve.errors import Conflict
+
+if TYPE_CHECKING:  # pyarrow stays optional for modules that only need RunState
+    import pyarrow as pa
+
+    from edgeserve.batch.scoring import ChunkScorer
+    from edgeserve.batch.tables import ChunkWriter, TextWriter
 
 
 @dataclass(frozen=True)

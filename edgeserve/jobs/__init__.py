@@ -1,0 +1,49 @@
+"""Async batch jobs on the server: SQLite-persisted, resumed after restart, run at low
+priority beside live traffic. `store` (jobs.db), `runner` (the job thread), `routes`
+(the /api/jobs endpoints)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeserve.config import Settings
+    from edgeserve.jobs.runner import JobRunner
+    from edgeserve.registry import Registry
+
+
+def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
+    """The started job runner, or None when jobs are off or pyarrow is not installed."""
+    if not settings.jobs.enabled:
+        return None
+    try:
+        import pyarrow  # noqa: F401 - the file formats need it
+    except ImportError:
+        import logging
+
+        logging.getLogger(__name__).warning("jobs disabled: pip install 'edgeserve[batch]'")
+        return None
+    from edgeserve.jobs.runner import JobRunner
+    from edgeserve.jobs.store import JobStore
+
+    state_dir = settings.server.state_dir
+    runner = JobRunner(
+        JobStore(state_dir / "jobs.db"),
+        state_dir / "jobs",
+        settings.models.repository,
+        settings.models.backend,
+        settings.jobs.chunk_rows,
+        settings.jobs.idle_poll_ms / 1000.0,
+        settings.jobs.nice,
+        is_idle=lambda: _idle(registry),
+        feature_db=settings.features.resolve(state_dir),
+    )
+    runner.start()
+    return runner
+
+
+def _idle(registry: Registry) -> bool:
+    try:
+        return registry.queue_depth() == 0
+    except RuntimeError:  # the registry changed while we counted: treat as busy
+        return False

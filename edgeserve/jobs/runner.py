@@ -1,0 +1,219 @@
+"""The background job runner: one low-priority thread that scores jobs chunk by chunk.
+
+Live requests keep their latency because the runner
+- is a single thread, reniced (`[jobs] nice`) so the OS prefers the inference threads;
+- runs its own single-threaded copy of the model, so it never queues behind, or in
+  front of, live requests in the shared executor;
+- before every (small) chunk waits until no live request is queued or running,
+  stepping in anyway after `MAX_WAIT_S` so a busy box still makes progress.
+Each chunk is a checkpoint (see `edgeserve.batch.run`): a restart resumes the job
+with no row lost or written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgeserve.batch.run import RunState, run_chunks
+from edgeserve.batch.scoring import ChunkScorer
+from edgeserve.batch.tables import (
+    TextWriter,
+    columns_of,
+    estimate_rows,
+    open_writer,
+    read_chunks,
+)
+from edgeserve.errors import EdgeserveError
+from edgeserve.jobs.store import (
+    ACTIVE,
+    DONE,
+    FAILED,
+    RUNNING,
+    Job,
+    JobStore,
+    input_fingerprint,
+)
+from edgeserve.repository import ModelConfig, read_model
+from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runtime
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 0.5
+OUTPUT_NAMES = {"csv": "output.csv", "jsonl": "output.jsonl", "parquet": "output.parquet"}
+
+
+class JobRunner:
+    """Owns the job thread; routes add jobs to the store and `wake` it."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        jobs_dir: Path,
+        repository: Path,
+        backend: str,
+        chunk_rows: int,
+        idle_poll_s: float,
+        nice: int,
+        is_idle: Callable[[], bool],
+        feature_db: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.jobs_dir = jobs_dir
+        self._repository = repository
+        self._backend = backend
+        self._chunk_rows = chunk_rows
+        self._idle_poll_s = idle_poll_s
+        self._nice = nice
+        self._is_idle = is_idle
+        self._feature_db = feature_db
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cancelled: set[str] = set()
+        self._models: dict[tuple[str, int], tuple[Runtime, ModelConfig]] = {}
+        self._thread = threading.Thread(target=self._main, name="edgeserve-jobs", daemon=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def output_path(self, job: Job) -> Path:
+        return self.job_dir(job.id) / OUTPUT_NAMES[job.output_format]
+
+    def errors_path(self, job: Job) -> Path:
+        return self.job_dir(job.id) / "errors.jsonl"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop after the current chunk (which is committed); the job resumes on restart."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        self._cancelled.add(job_id)
+
+    # -- the thread ------------------------------------------------------------------
+    def _main(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread nice
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+        while not self._stop.is_set():
+            job = self.store.next_runnable()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception:  # a bug must not kill the runner; the job records it
+                log.exception("job crashed job=%s", job.id)
+                self._finish(job.id, FAILED, "internal error while scoring (see the server log)")
+        for runtime, _ in self._models.values():
+            runtime.close()
+
+    def _run(self, job: Job) -> None:
+        started = job.started_at or time.time()
+        if not self.store.set_status(job.id, RUNNING, only_from=ACTIVE, started_at=started):
+            return
+        log.info(
+            "job start job=%s model=%s version=%s from_row=%d",
+            job.id,
+            job.model,
+            job.version,
+            job.rows_done,
+        )
+        try:
+            source = Path(job.input_path)
+            if input_fingerprint(source) != job.input_fingerprint:
+                raise EdgeserveError("the input file changed after the job was created")
+            runtime, config = self._model(job.model, job.version)
+            opts = job.options
+            scorer = ChunkScorer(
+                runtime,
+                config,
+                columns_of(source, job.input_format),
+                opts.get("map"),
+                opts.get("keep", ()),
+                opts.get("outputs"),
+                self._feature_db,
+            )
+            if job.rows_total is None:
+                total = estimate_rows(source, job.input_format)
+                self.store.set_status(job.id, RUNNING, rows_total=total)
+            writer = open_writer(self.output_path(job), job.output_format, job.output_pos)
+            errors = TextWriter(self.errors_path(job), "jsonl", job.errors_pos)
+        except (EdgeserveError, RuntimeLoadError, OSError) as exc:
+            self._finish(job.id, FAILED, getattr(exc, "message", None) or str(exc))
+            return
+        chunks = read_chunks(source, job.input_format, self._chunk_rows, job.rows_done)
+        try:
+            state, finished = run_chunks(
+                chunks,
+                scorer,
+                writer,
+                errors,
+                _StoreCheckpoint(self.store, job.id),
+                job.state,
+                before_chunk=lambda: self._yield_to_live(job.id),
+            )
+        except EdgeserveError as exc:
+            writer.close()
+            errors.close()
+            self._finish(job.id, FAILED, exc.message)
+            return
+        if not finished:
+            writer.close()
+            errors.close()
+            if job.id in self._cancelled:
+                self._cancelled.discard(job.id)
+                shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+                log.info("job cancelled job=%s rows_done=%d", job.id, state.rows_done)
+            return
+        writer.finish()
+        errors.finish()
+        self._finish(job.id, DONE, None)
+        log.info("job done job=%s rows=%d failed=%d", job.id, state.rows_done, state.failed)
+
+    def _finish(self, job_id: str, status: str, error: str | None) -> None:
+        self.store.set_status(
+            job_id, status, only_from=(RUNNING,), error=error, finished_at=time.time()
+        )
+
+    def _yield_to_live(self, job_id: str) -> bool:
+        """Wait for an idle model queue (at most MAX_WAIT_S); False = stop now."""
+        waited_until = time.monotonic() + MAX_WAIT_S
+        while True:
+            if self._stop.is_set() or job_id in self._cancelled:
+                return False
+            if self._is_idle() or time.monotonic() > waited_until:
+                return True
+            time.sleep(self._idle_poll_s)
+
+    def _model(self, name: str, version: int) -> tuple[Runtime, ModelConfig]:
+        key = (name, version)
+        if key not in self._models:
+            source = read_model(self._repository / name)
+            backend = source.config.backend if source.config.backend != "auto" else self._backend
+            files = source.read_files(version)
+            runtime = create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1), name)
+            self._models[key] = (runtime, source.config)
+        return self._models[key]
+
+
+class _StoreCheckpoint:
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+
+    def save(self, state: RunState) -> None:
+        self._store.save_progress(self._job_id, state)

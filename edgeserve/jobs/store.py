@@ -1,0 +1,183 @@
+"""Jobs persisted in `<state_dir>/jobs.db` (SQLite, WAL): spec, status and checkpoint.
+
+The checkpoint columns (rows_done, output_pos, errors_pos) are updated in one
+transaction after the chunk's output was fsynced, which is what makes a restart
+resume exactly where the last durable chunk ended.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeserve.batch.run import RunState
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    input_path TEXT NOT NULL,
+    input_format TEXT NOT NULL,
+    input_fingerprint TEXT NOT NULL,
+    output_format TEXT NOT NULL,
+    options TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    rows_total INTEGER,
+    rows_done INTEGER NOT NULL DEFAULT 0,
+    output_pos INTEGER NOT NULL DEFAULT 0,
+    errors_pos INTEGER NOT NULL DEFAULT 0,
+    scored INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str
+    model: str
+    version: int
+    input_path: str
+    input_format: str
+    input_fingerprint: str
+    output_format: str
+    options: dict = field(default_factory=dict)  # map, keep, outputs
+    status: str = QUEUED
+    error: str | None = None
+    rows_total: int | None = None
+    rows_done: int = 0
+    output_pos: int = 0
+    errors_pos: int = 0
+    scored: int = 0
+    failed: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def state(self) -> RunState:
+        return RunState(self.rows_done, self.output_pos, self.errors_pos, self.scored, self.failed)
+
+
+_COLUMNS = [f.name for f in fields(Job)]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def input_fingerprint(path: Path) -> str:
+    """Size and mtime: a path input changed under a job is refused, not half-rescored."""
+    st = path.stat()
+    return orjson.dumps([st.st_size, st.st_mtime_ns]).decode()
+
+
+class JobStore:
+    """All job rows; one connection behind a lock (the runner thread and the event loop
+    both use it, each statement is short)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def add(self, job: Job) -> Job:
+        job = _replace(job, created_at=time.time())
+        row = asdict(job)
+        row["options"] = orjson.dumps(job.options).decode()
+        marks = ", ".join("?" * len(_COLUMNS))
+        with self._lock:
+            self._conn.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({marks})",
+                [row[c] for c in _COLUMNS],
+            )
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return _job(row) if row else None
+
+    def list(self, owner: str | None = None, limit: int = 100) -> list[Job]:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        args: list[Any] = []
+        if owner is not None:
+            sql += " WHERE owner = ?"
+            args.append(owner)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            return [_job(r) for r in self._conn.execute(sql, args)]
+
+    def next_runnable(self) -> Job | None:
+        """The oldest running (interrupted) or queued job."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status IN (?, ?) "
+                "ORDER BY status = 'queued', created_at LIMIT 1",
+                ACTIVE,
+            ).fetchone()
+        return _job(row) if row else None
+
+    def save_progress(self, job_id: str, state: RunState) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE jobs SET rows_done = ?, output_pos = ?, errors_pos = ?, scored = ?, "
+                "failed = ? WHERE id = ? AND status = ?",
+                (*asdict(state).values(), job_id, RUNNING),
+            )
+
+    def set_status(
+        self, job_id: str, status: str, *, only_from: tuple[str, ...] = (), **extra: Any
+    ) -> bool:
+        """Move a job to `status` (only from the given states, if any); False if it was not."""
+        sets = ["status = ?", *(f"{k} = ?" for k in extra)]
+        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?"
+        args: list[Any] = [status, *extra.values(), job_id]
+        if only_from:
+            sql += f" AND status IN ({','.join('?' * len(only_from))})"
+            args.extend(only_from)
+        with self._lock:
+            return self._conn.execute(sql, args).rowcount == 1
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+
+def _job(row: tuple) -> Job:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["options"] = orjson.loads(values["options"])
+    return Job(**values)
+
+
+def _replace(job: Job, **changes: Any) -> Job:
+    from dataclasses import replace
+
+    return replace(job, **changes)

@@ -1,0 +1,140 @@
+"""Streaming inference over a WebSocket: `/api/stream/{model}` (`?version=N` optional).
+
+The client sends one V2 infer request (the JSON body of `POST .../infer`) per message
+and receives one V2 response per message, in the order sent; a message that fails
+gets `{"error": "...", "id": ...}` in its place and the stream goes on.
+
+Backpressure: at most `[jobs] stream_window` messages are in flight (received, being
+computed, or computed and waiting to be sent). When the client stops reading, sends
+block on the socket, the window fills, the server stops reading the socket, and the
+client's own sends block: memory per connection stays bounded by the window, never by
+how far ahead the client runs. Authenticated with `@requires("infer")` at the
+handshake (a refused handshake is an HTTP 403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from edgeserve.auth.guard import requires
+from edgeserve.errors import EdgeserveError, InvalidInput, PayloadTooLarge
+from edgeserve.features import with_features
+from edgeserve.protocol.codec import decode_request, encode_response
+from edgeserve.protocol.types import InferOutput, InferResponse
+
+log = logging.getLogger(__name__)
+
+CLOSE_POLICY = 1008  # refused: auth, unknown model
+CLOSE_TOO_BIG = 1009
+
+
+async def stream(websocket: WebSocket) -> None:
+    """The route endpoint: a refused handshake closes before accept (HTTP 403)."""
+    try:
+        await _authorized(websocket)
+    except EdgeserveError as exc:
+        if websocket.client_state.name == "CONNECTING":
+            await websocket.close(code=CLOSE_POLICY, reason=exc.message[:120])
+        else:
+            with contextlib.suppress(Exception):
+                await websocket.close(code=CLOSE_POLICY, reason=exc.message[:120])
+
+
+@requires("infer")
+async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
+    state = websocket.app.state
+    name = websocket.path_params["model"]
+    version = websocket.query_params.get("version")
+    state.registry.get(name, version)  # unknown or loading: refused before accept
+    await websocket.accept()
+    settings = state.settings.jobs
+    pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(settings.stream_window)
+    reader = asyncio.create_task(_read(websocket, pending, name, version, settings))
+    try:
+        await _write(websocket, pending)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        while not pending.empty():
+            task = pending.get_nowait()
+            if task is not None:
+                task.cancel()
+
+
+stream.required_scope = "infer"  # type: ignore[attr-defined]
+
+
+async def _read(
+    websocket: WebSocket, pending: asyncio.Queue, name: str, version: str | None, settings: Any
+) -> None:
+    """Receive messages and start their inference; `put` blocks when the window is full,
+    which is what stops the server reading a client that does not read."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes")
+            if data is None:
+                data = (message.get("text") or "").encode()
+            if len(data) > settings.stream_max_message_bytes:
+                await websocket.close(code=CLOSE_TOO_BIG, reason="message too large")
+                break
+            task = asyncio.create_task(_infer_one(websocket, name, version, data))
+            await pending.put(task)
+    finally:
+        await pending.put(None)
+
+
+async def _write(websocket: WebSocket, pending: asyncio.Queue) -> None:
+    """Send results in the order their requests arrived."""
+    while True:
+        task = await pending.get()
+        if task is None:
+            return
+        reply = await task
+        try:
+            await websocket.send_text(reply.decode())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return
+
+
+async def _infer_one(websocket: WebSocket, name: str, version: str | None, data: bytes) -> bytes:
+    request_id = None
+    try:
+        state = websocket.app.state
+        decoded = decode_request(data, None, state.decode_limits)
+        request_id = decoded.id
+        model = state.registry.get(name, version)
+        named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
+        named = await with_features(
+            state, model.config.features, model.inputs, named, decoded.parameters
+        )
+        feed = model.check_inputs(named)
+        requested = [o.name for o in decoded.outputs] if decoded.outputs else None
+        model.check_outputs(requested)
+        result = await model.infer(feed, requested, deadline=None)
+        outputs = [InferOutput(n, a, False) for n, a in result.outputs.items()]
+        body, _ = encode_response(
+            InferResponse(model.name, str(model.version), request_id, outputs)
+        )
+        return body
+    except (EdgeserveError, InvalidInput, PayloadTooLarge) as exc:
+        doc: dict[str, Any] = {"error": exc.message}
+    except Exception:
+        log.exception("stream message failed model=%s", name)
+        doc = {"error": "internal error"}
+    if request_id is not None:
+        doc["id"] = request_id
+    return orjson.dumps(doc)
+
+
+ROUTES = [WebSocketRoute("/api/stream/{model:str}", stream)]
