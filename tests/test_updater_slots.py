@@ -174,3 +174,19 @@ def test_master_key_rotation_reencrypts_both_slots(kit: Kit) -> None:
     assert served_version(fresh) == 2
     fresh.rollback(NAME, "check the previous slot too")
     assert served_version(fresh) == 1
+
+
+def test_health_watch_verdict_drives_an_automatic_rollback(kit: Kit) -> None:
+    from updater import HealthPolicy, HealthWatch
+
+    store = kit.store()
+    install(store, kit, 1)
+    install(store, kit, 2)
+    watch = HealthWatch(HealthPolicy(min_requests=10, max_error_rate=0.1), started_s=0.0)
+    for i in range(10):
+        watch.observe(ok=i % 2 == 0, latency_ms=3.0)  # the new model fails half its requests
+    verdict = watch.verdict(now_s=5.0)
+    assert verdict.action == "rollback"
+    state = store.rollback(NAME, verdict.reason)
+    assert state.active_version == 1
+    assert state.history[-1].reason == "error rate 50.0% over 10.0% (5 of 10 requests)"

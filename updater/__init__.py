@@ -40,6 +40,7 @@ from updater.errors import (
     StoreError,
     UpdaterError,
 )
+from updater.health import HealthPolicy, HealthWatch, Verdict
 from updater.journal import HistoryEntry, Journal, Pending, Probation, SlotRecord
 from updater.manifest import (
     FileEntry,
@@ -56,6 +57,7 @@ from updater.masterkey import (
     load_master_key,
     read_master_key_file,
 )
+from updater.samples import SampleMismatch, check_outputs, run_samples, sample_inputs
 from updater.signing import (
     TrustedKeys,
     generate_signing_key,
@@ -82,6 +84,8 @@ __all__ = [
     "FileContext",
     "FileEntry",
     "FleetKey",
+    "HealthPolicy",
+    "HealthWatch",
     "HistoryEntry",
     "InstallResult",
     "Journal",
@@ -91,6 +95,7 @@ __all__ = [
     "Pending",
     "Probation",
     "RawBundle",
+    "SampleMismatch",
     "SampleTensor",
     "SlotRecord",
     "SlotStore",
@@ -100,7 +105,9 @@ __all__ = [
     "UpdaterError",
     "ValidationSample",
     "Validator",
+    "Verdict",
     "VerifiedBundle",
+    "check_outputs",
     "create_bundle",
     "decrypt_bytes",
     "decrypt_to_bytes",
@@ -119,6 +126,8 @@ __all__ = [
     "read_master_key_file",
     "read_unwrap_key",
     "rotate_file",
+    "run_samples",
+    "sample_inputs",
     "signing_key_id",
     "unwrap_key_text",
     "verify_bundle",
