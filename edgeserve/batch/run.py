@@ -56,6 +56,8 @@ def run_chunks(
     `before_chunk` runs before each chunk (jobs wait there for an idle model) and may
     return False to stop early (cancel, shutdown) with everything so far committed.
     """
+    import pyarrow as pa
+
     for table in chunks:
         if before_chunk is not None and not before_chunk():
             return state, False
