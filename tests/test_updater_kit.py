@@ -33,9 +33,11 @@ from updater import (
     ValidationSample,
     create_bundle,
     generate_signing_key,
+    generate_unwrap_key_file,
     load_signing_key,
     parse_public_key,
     public_key_text,
+    read_unwrap_key,
     run_samples,
     signing_key_id,
 )
@@ -198,3 +200,16 @@ def test_the_kit_model_runs_and_validates() -> None:
     bad = type("M", (), {"samples": [sample_for(2.0)]})()
     with pytest.raises(SampleMismatch, match="sample 0: output y differs by 3, more than"):
         validate_with_onnxruntime(files, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["fleet", "x25519"])
+def test_bundle_key_files_are_private_and_round_trip(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.key"
+    key = generate_unwrap_key_file(path, kind)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_unwrap_key(path).key_id == key.key_id
+    with pytest.raises(FileExistsError):
+        generate_unwrap_key_file(path, kind)
+    path.chmod(0o640)
+    with pytest.raises(MasterKeyError, match="chmod 600"):
+        read_unwrap_key(path)

@@ -71,6 +71,7 @@ from updater.wrapping import (
     DeviceKey,
     DevicePublicKey,
     FleetKey,
+    generate_unwrap_key_file,
     read_unwrap_key,
     unwrap_key_text,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "file_key_id",
     "generate_master_key_file",
     "generate_signing_key",
+    "generate_unwrap_key_file",
     "inspect_bundle",
     "load_master_key",
     "load_signing_key",

@@ -217,7 +217,9 @@ def read_bundle(path: Path, max_bundle_bytes: int, max_file_bytes: int) -> RawBu
                         f"archive entry {member.name!r} is a link, device or folder; "
                         "only regular files are allowed",
                     )
-                limit = MAX_MANIFEST_BYTES if key == MANIFEST_NAME else max_file_bytes * 2
+                # Encryption adds a header and 16 bytes per 64 KiB chunk: allow 1/1024 + slack.
+                limit = MAX_MANIFEST_BYTES if key == MANIFEST_NAME else max_file_bytes
+                limit += limit // 1024 + 4096
                 if member.size > limit:
                     raise BundleRejected(
                         "too_large", f"archive entry {member.name!r} is over the size limit"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from updater.errors import MasterKeyError
-from updater.fsync import fsync_dir
+from updater.fsync import write_secret
 
 KEY_BYTES = 32
 DEFAULT_CREDENTIAL = "edgeserve-master-key"
@@ -127,17 +127,9 @@ def load_master_key(
 
 def generate_master_key_file(path: Path) -> MasterKey:
     """Create a new key file with mode 0600; never overwrites an existing key."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = MasterKey.generate()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise MasterKeyError(f"{path} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # the umask may not narrow it, but be explicit
-        f.write(base64.b64encode(key.key) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(path.parent)
+        write_secret(path, base64.b64encode(key.key) + b"\n")
+    except FileExistsError as exc:
+        raise MasterKeyError(str(exc)) from None
     return MasterKey(key.key, source=f"file:{path}")

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from updater.errors import BundleRejected
+from updater.fsync import write_secret
 from updater.masterkey import check_private_file, key_id_of, parse_key_material
 
 FLEET = "fleet-aes256gcm"
@@ -117,6 +118,19 @@ def read_unwrap_key(path: Path) -> UnwrapKey:
 def unwrap_key_text(key: UnwrapKey) -> str:
     """The file form read by `read_unwrap_key`."""
     return f"fleet:{key.text()}" if isinstance(key, FleetKey) else f"x25519:{key.text()}"
+
+
+def generate_unwrap_key_file(path: Path, kind: str) -> UnwrapKey:
+    """Create a fleet key or this device's X25519 key in a new 0600 file."""
+    key: UnwrapKey
+    if kind == "fleet":
+        key = FleetKey.generate()
+    elif kind == "x25519":
+        key = DeviceKey.generate()
+    else:
+        raise ValueError("kind must be 'fleet' or 'x25519'")
+    write_secret(path, (unwrap_key_text(key) + "\n").encode())
+    return key
 
 
 @dataclass(frozen=True)
