@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.test_updater_kit import Kit, validate_with_onnxruntime
-from updater import SlotStore, StoreError, public_key_text, verify_bundle
+from updater import (
+    MasterKey,
+    SlotStore,
+    StoreError,
+    file_key_id,
+    public_key_text,
+    verify_bundle,
+)
 
 NAME = "digits"
 
@@ -29,13 +36,16 @@ WORKER = textwrap.dedent(
     store = SlotStore(Path(state), MasterKey(base64.b64decode(master)), policy)
     if op == "install":
         store.install(Path(arg), validate=lambda files, manifest: None)
+    elif op == "rotate":
+        store.rotate_master_key(MasterKey(base64.b64decode(arg)))
     else:
         store.rollback("digits", arg)
     """
 )
 
 
-def run_worker(kit: Kit, op: str, arg: str, crash_at: str | None) -> int:
+def worker(kit: Kit, op: str, arg: str, crash_at: str | None = None) -> subprocess.Popen[bytes]:
+    """Start an updater operation in its own process (optionally crashing at a step)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPDATER_CRASH")}
     if crash_at:
         env["UPDATER_CRASH_AT"] = crash_at
@@ -47,8 +57,11 @@ def run_worker(kit: Kit, op: str, arg: str, crash_at: str | None) -> int:
         op,
         arg,
     ]
-    proc = subprocess.run([sys.executable, "-c", WORKER, *args], env=env, timeout=120)
-    return proc.returncode
+    return subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env)
+
+
+def run_worker(kit: Kit, op: str, arg: str, crash_at: str | None) -> int:
+    return worker(kit, op, arg, crash_at).wait(timeout=120)
 
 
 def assert_consistent(kit: Kit, store: SlotStore) -> int:
@@ -147,3 +160,36 @@ def test_rollback_killed_midway_is_finished_or_undone(
     state = kit.store().state(NAME)
     assert (state.active_version, state.verdict) == (1, "rolled_back")
     assert state.history[-1].event == "rollback" and "error rate 40%" in state.history[-1].reason
+
+
+@pytest.mark.parametrize("step", ["rotate_before_rename", "rotate_after_rename"])
+def test_key_rotation_killed_midway_leaves_both_slots_readable(tmp_path: Path, step: str) -> None:
+    kit = Kit(tmp_path)
+    store = kit.store()
+    store.install(kit.bundle(1), validate=validate_with_onnxruntime)
+    store.install(kit.bundle(2), validate=validate_with_onnxruntime)
+    new = MasterKey.generate()
+
+    assert run_worker(kit, "rotate", base64.b64encode(new.key).decode(), step) == -signal.SIGKILL
+
+    both = SlotStore(kit.state_dir, [new, kit.master], kit.policy())
+    payloads = sorted((kit.state_dir / "models").rglob("*.enc"))
+    assert len(payloads) == 2
+    assert assert_consistent(kit, both) == 2
+    assert run_worker(kit, "rotate", base64.b64encode(new.key).decode(), None) == 0
+    assert {file_key_id(p) for p in payloads} == {new.key_id}
+    only_new = SlotStore(kit.state_dir, new, kit.policy())
+    assert assert_consistent(kit, only_new) == 2
+    only_new.rollback(NAME, "read the other slot with the new key")
+    assert assert_consistent(kit, only_new) == 1
+
+
+def test_concurrent_installs_are_serialised(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    kit.store().install(kit.bundle(1), validate=validate_with_onnxruntime)
+    procs = [worker(kit, "install", str(kit.bundle(v))) for v in (2, 3)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes[1] == 0  # v3 always lands; v2 lands first or is refused as not newer
+    state = kit.store().state(NAME)
+    assert (state.versions_seen, state.active_version) == (3, 3)
+    assert assert_consistent(kit, kit.store()) == 3
