@@ -99,21 +99,36 @@ def _nonce(prefix: bytes, index: int) -> bytes:
     return prefix + struct.pack(">I", index)
 
 
-def _rechunk(blocks: Iterable[bytes], size: int) -> Iterator[tuple[bytes, bool]]:
-    """Cut a stream of blocks into `size` pieces, flagging the last (always >= 1 piece)."""
+def _pieces(blocks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Full `size` pieces, then one final remainder (possibly empty); no quadratic copying."""
     buf = bytearray()
-    ready: bytes | None = None
     for block in blocks:
-        buf += block
-        # Hold back at least one byte so the piece that ends the stream is known to be last.
-        while len(buf) > size:
-            if ready is not None:
-                yield ready, False
-            ready = bytes(buf[:size])
-            del buf[:size]
-    if ready is not None:
-        yield ready, False
-    yield bytes(buf), True
+        view = memoryview(block)
+        if buf:
+            take = size - len(buf)
+            buf += view[:take]
+            view = view[take:]
+            if len(buf) < size:
+                continue
+            yield bytes(buf)
+            buf.clear()
+        while len(view) >= size:
+            yield bytes(view[:size])
+            view = view[size:]
+        buf += view
+    yield bytes(buf)
+
+
+def _rechunk(blocks: Iterable[bytes], size: int) -> Iterator[tuple[bytes, bool]]:
+    """The pieces of the stream, each flagged whether it is the last (always >= 1 piece)."""
+    pieces = _pieces(blocks, size)
+    held = next(pieces)
+    for piece in pieces:
+        if not piece:  # only the final remainder can be empty: `held` ends the stream
+            break
+        yield held, False
+        held = piece
+    yield held, True
 
 
 def encrypt_stream(
@@ -192,13 +207,14 @@ def decrypt_stream(src: BinaryIO, keys: Keys, context: FileContext) -> Iterator[
         last = not following
         aad = _aad(header.raw, context, index, last)
         try:
-            yield aead.decrypt(_nonce(header.nonce_prefix, index), current, aad)
-        except (InvalidTag, ValueError):
+            plain = aead.decrypt(_nonce(header.nonce_prefix, index), current, aad)
+        except InvalidTag:
             raise DecryptionFailed(
                 "tampered",
                 f"{what}: chunk {index} failed authentication; the file was altered, "
                 "truncated, reordered or extended",
             ) from None
+        yield plain
         if last:
             return
         current = following

@@ -211,11 +211,11 @@ def read_bundle(path: Path, max_bundle_bytes: int, max_file_bytes: int) -> RawBu
                     raise BundleRejected(
                         "duplicate_member", f"archive entry {member.name!r} appears twice"
                     )
-                if not member.isreg():
+                if not member.isreg() or member.issparse():
                     raise BundleRejected(
                         "unsafe_member",
-                        f"archive entry {member.name!r} is a link, device or folder; "
-                        "only regular files are allowed",
+                        f"archive entry {member.name!r} is a link, device, folder or sparse "
+                        "file; only regular files are allowed",
                     )
                 # Encryption adds a header and 16 bytes per 64 KiB chunk: allow 1/1024 + slack.
                 limit = MAX_MANIFEST_BYTES if key == MANIFEST_NAME else max_file_bytes
