@@ -34,6 +34,7 @@ from updater.bundle import (
     write_bundle,
 )
 from updater.errors import (
+    REJECT_REASONS,
     BundleRejected,
     DecryptionFailed,
     MasterKeyError,
@@ -77,6 +78,7 @@ from updater.wrapping import (
 )
 
 __all__ = [
+    "REJECT_REASONS",
     "BundlePolicy",
     "BundleRejected",
     "DecryptionFailed",
