@@ -30,7 +30,6 @@ from updater.manifest import (
     FILE_NAME,
     MAX_FILES,
     MAX_MANIFEST_BYTES,
-    MODEL_NAME,
     FileEntry,
     Manifest,
     TensorSignature,
@@ -290,8 +289,6 @@ def verify_bundle(
         raise BundleRejected(
             "wrong_model", f"bundle is for model {manifest.model!r}, not {expected_model!r}"
         )
-    if not MODEL_NAME.match(manifest.model):  # pragma: no cover - parse_manifest checks
-        raise BundleRejected("bad_manifest", "model name is not allowed")
     now = now or datetime.now(timezone.utc)
     if manifest.expires is not None and now >= manifest.expires:
         raise BundleRejected("expired", f"bundle expired at {manifest.expires.isoformat()}")
