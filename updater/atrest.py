@@ -180,7 +180,7 @@ def _pick_key(keys: Keys, header: _Header, what: str) -> MasterKey:
     raise DecryptionFailed(
         "wrong_key",
         f"{what} is encrypted under master key {header.key_id}, which is not loaded "
-        f"(loaded: {loaded}); was the master key replaced without `edgeserve keys rotate`?",
+        f"(loaded: {loaded}); was the master key replaced without rotating the stored files?",
     )
 
 

@@ -67,7 +67,7 @@ def parse_key_material(raw: bytes, where: str) -> bytes:
         return raw
     raise MasterKeyError(
         f"{where} must hold a {KEY_BYTES}-byte key as base64 (44 characters); "
-        "create one with `edgeserve keys init`"
+        "generate a new key file rather than editing one by hand"
     )
 
 
@@ -121,7 +121,7 @@ def load_master_key(
     raise MasterKeyError(
         "no at-rest master key found (tried: "
         + ", ".join(t for t in tried if t)
-        + "); create one with `edgeserve keys init`"
+        + "); create a key file (mode 0600) at [updater] master_key_file"
     )
 
 
