@@ -6,12 +6,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from edgeserve.auth import AuthSettings, build_authenticator
 from edgeserve.auth.keyset import (
     FileSource,
     JWKSError,
@@ -21,6 +23,8 @@ from edgeserve.auth.keyset import (
     valid_kid,
 )
 from edgeserve.auth.settings import SUPPORTED_ALGORITHMS
+from edgeserve.auth.tls import create_self_signed
+from edgeserve.config import ConfigError
 from tests.test_auth_support import (
     CountingServer,
     TestKey,
@@ -359,3 +363,31 @@ def test_refresh_due_is_cheap_and_honest(idp: CountingServer) -> None:
     clock.advance(31)
     assert keys.refresh_due("zzz")
     assert not keys.refresh_due("a")
+
+
+# --- HTTPS ---------------------------------------------------------------------------------
+
+
+def test_https_jwks_is_verified_against_the_configured_ca(tmp_path: Path) -> None:
+    files = create_self_signed(tmp_path)
+    with counting_server((files.cert, files.key)) as idp:
+        url = idp.serve("/jwks", jwks_bytes(TestKey.ed25519("a")))
+        assert url.startswith("https://127.0.0.1:")
+        pinned = URLSource(url, timeout_s=5, max_bytes=65536, ca_file=files.cert)
+        assert parse_jwks(pinned.read(), ALL, 4).keys() == {"a"}
+        untrusted = URLSource(url, timeout_s=5, max_bytes=65536)  # system CAs only
+        with pytest.raises(JWKSError, match="fetch failed"):
+            untrusted.read()
+
+
+def test_authenticator_uses_jwks_ca_file_relative_to_state_dir(tmp_path: Path) -> None:
+    files = create_self_signed(tmp_path)
+    key = TestKey.ed25519("a")
+    with counting_server((files.cert, files.key)) as idp:
+        settings = AuthSettings(
+            jwks_url=idp.serve("/jwks", jwks_bytes(key)), jwks_ca_file="keys/tls/cert.pem"
+        )
+        authenticator = build_authenticator(settings, tmp_path, "::1")
+        assert authenticator.keyset.get("a") is not None  # type: ignore[attr-defined]
+        with pytest.raises(ConfigError, match=r"auth\.jwks_ca_file"):
+            build_authenticator(replace(settings, jwks_ca_file="missing.pem"), tmp_path, "::1")

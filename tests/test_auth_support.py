@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections import Counter
@@ -150,7 +151,7 @@ def guarded_app(authenticator: Any) -> Starlette:
 class CountingServer:
     """A real HTTP server on a free loopback port that serves set bodies and counts hits."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_files: tuple[Path, Path] | None = None) -> None:
         self.bodies: dict[str, tuple[int, bytes, dict[str, str]]] = {}
         self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -174,9 +175,15 @@ class CountingServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
+        self.scheme = "http"
+        if tls_files is not None:  # HTTPS with the given certificate and key
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls_files)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def serve(
         self, path: str, body: bytes, status: int = 200, headers: dict[str, str] | None = None
@@ -192,8 +199,8 @@ class CountingServer:
 
 
 @contextmanager
-def counting_server() -> Iterator[CountingServer]:
-    server = CountingServer()
+def counting_server(tls_files: tuple[Path, Path] | None = None) -> Iterator[CountingServer]:
+    server = CountingServer(tls_files)
     thread = threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

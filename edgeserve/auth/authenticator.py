@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -161,9 +162,14 @@ def check_auth_allowed(enabled: bool, host: str) -> None:
 def jwks_path(settings: AuthSettings, state_dir: Path) -> Path:
     """Where the trusted JWKS file is: the config's jwks_file, else the local issuer's."""
     if not settings.jwks_file:
-        return state_dir / "keys" / "jwks.json"
-    path = Path(settings.jwks_file)
-    return path if path.is_absolute() else state_dir / path
+        return Path(state_dir) / "keys" / "jwks.json"
+    return _under(state_dir, settings.jwks_file)
+
+
+def _under(state_dir: Path, name: str) -> Path:
+    """An absolute path as is; a relative one under state_dir."""
+    path = Path(name)
+    return path if path.is_absolute() else Path(state_dir) / path
 
 
 def build_authenticator(settings: AuthSettings, state_dir: Path, host: str) -> Authenticator:
@@ -172,9 +178,13 @@ def build_authenticator(settings: AuthSettings, state_dir: Path, host: str) -> A
     if not settings.enabled:
         return OpenAuthenticator()
     if settings.jwks_url:
-        source: FileSource | URLSource = URLSource(
-            settings.jwks_url, settings.jwks_timeout_s, settings.jwks_max_bytes
-        )
+        ca_file = _under(state_dir, settings.jwks_ca_file) if settings.jwks_ca_file else None
+        try:
+            source: FileSource | URLSource = URLSource(
+                settings.jwks_url, settings.jwks_timeout_s, settings.jwks_max_bytes, ca_file
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("auth.jwks_ca_file", f"cannot load CA file: {exc}") from None
     else:
         source = FileSource(jwks_path(settings, Path(state_dir)), settings.jwks_max_bytes)
     keyset = KeySet(

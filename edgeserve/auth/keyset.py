@@ -169,12 +169,17 @@ class URLSource:
 
     remote = True
 
-    def __init__(self, url: str, timeout_s: float, max_bytes: int) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, max_bytes: int, ca_file: Path | None = None
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
+        # Certificates and host names are always verified; ca_file pins a private CA.
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._opener = urllib.request.build_opener(
-            _NoRedirect, urllib.request.HTTPSHandler(context=ssl.create_default_context())
+            _NoRedirect, urllib.request.HTTPSHandler(context=context)
         )
 
     def version(self) -> object:

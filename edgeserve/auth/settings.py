@@ -22,6 +22,7 @@ class AuthSettings:
     audience: str = "edgeserve"
     jwks_file: str = ""  # empty = <state_dir>/keys/jwks.json; relative = under state_dir
     jwks_url: str = ""  # an identity provider's JWKS over HTTPS; replaces jwks_file
+    jwks_ca_file: str = ""  # PEM CA bundle to trust for jwks_url; empty = the system's
     jwks_cooldown_s: float = setting(30.0, min=1.0, max=86400.0)
     jwks_max_age_s: float = setting(3600.0, min=10.0, max=7 * 86400.0)
     jwks_timeout_s: float = setting(5.0, min=0.1, max=60.0)
