@@ -18,10 +18,10 @@ from edgeserve.auth import (
     ALL_SCOPES,
     Authenticator,
     AuthSettings,
-    FailedAuthLimiter,
     JWTAuthenticator,
     OpenAuthenticator,
     Principal,
+    TokenBucketLimiter,
     build_authenticator,
     check_auth_allowed,
     requires,
@@ -165,10 +165,10 @@ class FakeClock:
 
 def test_limiter_allows_a_burst_then_refuses_with_retry_after() -> None:
     clock = FakeClock()
-    limiter = FailedAuthLimiter(rate_per_s=0.5, burst=3, clock=clock)
+    limiter = TokenBucketLimiter(rate_per_s=0.5, burst=3, clock=clock)
     for _ in range(3):
         limiter.check("a")
-        limiter.record_failure("a")
+        limiter.spend("a")
     with pytest.raises(Overloaded) as raised:
         limiter.check("a")
     assert raised.value.status == 429
@@ -180,19 +180,19 @@ def test_limiter_allows_a_burst_then_refuses_with_retry_after() -> None:
 
 def test_limiter_refills_to_the_burst_and_no_further() -> None:
     clock = FakeClock()
-    limiter = FailedAuthLimiter(rate_per_s=1.0, burst=2, clock=clock)
-    limiter.record_failure("a")
+    limiter = TokenBucketLimiter(rate_per_s=1.0, burst=2, clock=clock)
+    limiter.spend("a")
     clock.now += 1000
-    limiter.record_failure("a")
-    limiter.record_failure("a")
+    limiter.spend("a")
+    limiter.spend("a")
     with pytest.raises(Overloaded):
         limiter.check("a")
 
 
 def test_limiter_forgets_the_oldest_address_past_its_capacity() -> None:
-    limiter = FailedAuthLimiter(rate_per_s=0.001, burst=1, max_clients=100, clock=FakeClock())
+    limiter = TokenBucketLimiter(rate_per_s=0.001, burst=1, max_keys=100, clock=FakeClock())
     for i in range(1000):
-        limiter.record_failure(f"10.0.{i // 256}.{i % 256}")
+        limiter.spend(f"10.0.{i // 256}.{i % 256}")
     assert len(limiter._buckets) == 100
     limiter.check("10.0.0.0")  # evicted, so allowed again
     with pytest.raises(Overloaded):
@@ -200,10 +200,63 @@ def test_limiter_forgets_the_oldest_address_past_its_capacity() -> None:
 
 
 def test_burst_zero_turns_the_limiter_off() -> None:
-    limiter = FailedAuthLimiter(rate_per_s=1.0, burst=0)
+    limiter = TokenBucketLimiter(rate_per_s=1.0, burst=0)
     for _ in range(100):
-        limiter.record_failure("a")
+        limiter.spend("a")
+        limiter.take("a")
     limiter.check("a")
+
+
+def test_take_refuses_when_empty_and_remembers_it() -> None:
+    clock = FakeClock()
+    limiter = TokenBucketLimiter(rate_per_s=1.0, burst=2, what="widgets", clock=clock)
+    limiter.take("s")
+    limiter.take("s")
+    for _ in range(3):  # refusals do not reset the bucket
+        with pytest.raises(Overloaded, match="too many widgets") as raised:
+            limiter.take("s")
+    assert raised.value.headers == {"Retry-After": "1"}
+    clock.now += 1.0
+    limiter.take("s")
+    with pytest.raises(Overloaded):
+        limiter.take("s")
+
+
+def test_limiter_is_exact_under_concurrency() -> None:
+    limiter = TokenBucketLimiter(rate_per_s=0.001, burst=500, clock=FakeClock())
+    granted: list[int] = []
+
+    def worker() -> None:
+        for _ in range(100):
+            try:
+                limiter.take("s")
+                granted.append(1)
+            except Overloaded:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 500
+
+
+def test_requests_per_subject_are_limited(key: TestKey, tmp_path: Path) -> None:
+    client = client_for(AuthSettings(subject_burst=3, subject_rate_per_s=0.01), tmp_path)
+    alice = bearer(make_token(key, claims(sub="alice")))
+    bob = bearer(make_token(key, claims(sub="bob")))
+    statuses = [client.get("/infer", headers=alice).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    limited = client.get("/infer", headers=alice)
+    assert "retry-after" in limited.headers and "token" not in limited.headers["retry-after"]
+    assert client.get("/infer", headers=bob).status_code == 200  # others are not affected
+
+
+def test_subjects_are_not_limited_by_default(key: TestKey, tmp_path: Path) -> None:
+    client = client_for(AuthSettings(), tmp_path)
+    alice = bearer(make_token(key))
+    assert {client.get("/infer", headers=alice).status_code for _ in range(300)} == {200}
 
 
 def test_failed_authentications_from_one_address_get_429(key: TestKey, tmp_path: Path) -> None:

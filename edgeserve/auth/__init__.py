@@ -17,7 +17,7 @@ from edgeserve.auth.principal import (
     SCOPE_READ,
     Principal,
 )
-from edgeserve.auth.ratelimit import FailedAuthLimiter
+from edgeserve.auth.ratelimit import TokenBucketLimiter
 from edgeserve.auth.settings import AuthSettings
 
 __all__ = [
@@ -28,11 +28,11 @@ __all__ = [
     "SCOPE_READ",
     "AuthSettings",
     "Authenticator",
-    "FailedAuthLimiter",
     "JWTAuthenticator",
     "KeySet",
     "OpenAuthenticator",
     "Principal",
+    "TokenBucketLimiter",
     "VerificationKey",
     "build_authenticator",
     "check_auth_allowed",

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from edgeserve.auth.keyset import FileSource, KeySet, URLSource
 from edgeserve.auth.principal import ALL_SCOPES, ANONYMOUS, SCOPE_METRICS, Principal
-from edgeserve.auth.ratelimit import FailedAuthLimiter
+from edgeserve.auth.ratelimit import TokenBucketLimiter
 from edgeserve.auth.settings import AuthSettings
 from edgeserve.auth.verify import InvalidToken, TokenHeader, TokenVerifier
 from edgeserve.errors import Unauthorized
@@ -61,14 +61,18 @@ class JWTAuthenticator:
         settings: AuthSettings,
         keyset: KeySet,
         *,
-        limiter: FailedAuthLimiter | None = None,
         on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.keyset = keyset
         self.verifier = TokenVerifier(settings, keyset)
-        self.limiter = limiter or FailedAuthLimiter(
-            settings.failed_auth_rate_per_s, settings.failed_auth_burst
+        self.failures = TokenBucketLimiter(
+            settings.failed_auth_rate_per_s,
+            settings.failed_auth_burst,
+            what="failed authentications from this address",
+        )
+        self.subjects = TokenBucketLimiter(
+            settings.subject_rate_per_s, settings.subject_burst, what="requests for this token"
         )
         # Called as on_refused(client_address, reason) for each 401: the audit log's seam.
         self.on_refused = on_refused
@@ -93,7 +97,7 @@ class JWTAuthenticator:
 
     def _token(self, request: Request, client: str) -> Principal | tuple[str, TokenHeader]:
         """The bearer token and its vetted header, or a Principal for an opened endpoint."""
-        self.limiter.check(client)
+        self.failures.check(client)
         values = request.headers.getlist("authorization")
         if not values:
             if self.settings.metrics_open_on_loopback and is_loopback(client):
@@ -115,14 +119,16 @@ class JWTAuthenticator:
 
     def _verify(self, client: str, token: str, header: TokenHeader) -> Principal:
         try:
-            return self.verifier.verify(token, header)
+            principal = self.verifier.verify(token, header)
         except InvalidToken as exc:
             self._refuse(client, exc.reason)
+        self.subjects.take(principal.subject)
+        return principal
 
     def _refuse(
         self, client: str, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
     ) -> NoReturn:
-        self.limiter.record_failure(client)
+        self.failures.spend(client)
         log.info("auth refused client=%s reason=%r", client, reason)
         if self.on_refused is not None:
             try:

@@ -1,9 +1,10 @@
-"""Slow down token guessing: a token bucket of failed authentications per client address.
+"""Token buckets per key (a client address, a token subject), answering 429 with Retry-After.
 
-Each failure takes one token from the client's bucket, which refills at `rate_per_s` up
-to `burst`. An empty bucket answers 429 with Retry-After before the token is even parsed,
-so a flood of bad tokens costs the box almost nothing. Memory is bounded: past
-`max_clients` the least recently failing address is forgotten.
+Used twice by the authenticator: failed authentications per client address, checked
+before the token is even parsed so a flood of bad tokens costs almost nothing; and
+requests per token subject, so one caller cannot take the whole box. Each bucket
+refills at `rate_per_s` up to `burst`. Memory is bounded: past `max_keys` the least
+recently used key is forgotten.
 """
 
 from __future__ import annotations
@@ -13,26 +14,29 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NoReturn
 
 from edgeserve.errors import Overloaded
 
 
-class FailedAuthLimiter:
-    """Per-address budget of failed authentications; `burst == 0` turns it off."""
+class TokenBucketLimiter:
+    """Per-key token buckets; `burst == 0` turns the limiter off."""
 
     def __init__(
         self,
         rate_per_s: float,
         burst: int,
         *,
-        max_clients: int = 10_000,
+        what: str = "requests",
+        max_keys: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate_per_s must be > 0")
         self.rate_per_s = rate_per_s
         self.burst = burst
-        self.max_clients = max_clients
+        self.what = what
+        self.max_keys = max_keys
         self.clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
         self._lock = threading.Lock()
@@ -41,33 +45,48 @@ class FailedAuthLimiter:
     def enabled(self) -> bool:
         return self.burst > 0
 
-    def check(self, client: str) -> None:
-        """Raise Overloaded (429, Retry-After) if `client` has used up its failures."""
+    def check(self, key: str) -> None:
+        """Raise Overloaded (429, Retry-After) if `key` has no token left; spend nothing."""
         if not self.enabled:
             return
         with self._lock:
-            entry = self._buckets.get(client)
-            if entry is None:
-                return
-            tokens = self._refilled(entry)
-        if tokens < 1.0:
-            retry_after_s = max(1, math.ceil((1.0 - tokens) / self.rate_per_s))
-            raise Overloaded(
-                "too many failed authentications from this address; retry later",
-                headers={"Retry-After": str(retry_after_s)},
-            )
-
-    def record_failure(self, client: str) -> None:
-        """Take one token from `client`'s bucket."""
-        if not self.enabled:
-            return
-        with self._lock:
-            entry = self._buckets.pop(client, None)
+            entry = self._buckets.get(key)
             tokens = float(self.burst) if entry is None else self._refilled(entry)
-            self._buckets[client] = (max(0.0, tokens - 1.0), self.clock())
-            while len(self._buckets) > self.max_clients:
-                self._buckets.popitem(last=False)
+        if tokens < 1.0:
+            self._refuse(tokens)
+
+    def spend(self, key: str) -> None:
+        """Take one token from `key`'s bucket (never below zero), without refusing."""
+        if self.enabled:
+            with self._lock:
+                self._put(key, max(0.0, self._tokens(key) - 1.0))
+
+    def take(self, key: str) -> None:
+        """Take one token, or raise Overloaded if there is none."""
+        if not self.enabled:
+            return
+        with self._lock:
+            tokens = self._tokens(key)
+            self._put(key, tokens - 1.0 if tokens >= 1.0 else tokens)
+        if tokens < 1.0:
+            self._refuse(tokens)
+
+    def _tokens(self, key: str) -> float:
+        entry = self._buckets.pop(key, None)
+        return float(self.burst) if entry is None else self._refilled(entry)
+
+    def _put(self, key: str, tokens: float) -> None:
+        self._buckets[key] = (tokens, self.clock())
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
 
     def _refilled(self, entry: tuple[float, float]) -> float:
         tokens, at = entry
         return min(float(self.burst), tokens + (self.clock() - at) * self.rate_per_s)
+
+    def _refuse(self, tokens: float) -> NoReturn:
+        retry_after_s = max(1, math.ceil((1.0 - tokens) / self.rate_per_s))
+        raise Overloaded(
+            f"too many {self.what}; retry later", headers={"Retry-After": str(retry_after_s)}
+        )

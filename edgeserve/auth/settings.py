@@ -35,6 +35,8 @@ class AuthSettings:
     max_token_bytes: int = setting(8192, min=512, max=65536)
     failed_auth_rate_per_s: float = setting(1.0, min=0.001, max=10000.0)
     failed_auth_burst: int = setting(20, min=0, max=100000)  # 0 = no limit
+    subject_rate_per_s: float = setting(100.0, min=0.001, max=1e6)
+    subject_burst: int = setting(0, min=0, max=1_000_000)  # 0 = no limit per subject
 
     def __post_init__(self) -> None:
         if not self.issuer:
