@@ -429,3 +429,16 @@ def test_a_failing_hook_does_not_turn_401_into_500(tmp_path: Path) -> None:
     authenticator.on_refused = broken  # type: ignore[union-attr]
     client = TestClient(guarded_app(authenticator), raise_server_exceptions=False)
     assert client.get("/infer", headers=bearer("x.y.z")).status_code == 401
+
+
+def test_public_api_is_exactly_what_all_lists() -> None:
+    import types
+
+    import edgeserve.auth as auth
+
+    public = {
+        name
+        for name, value in vars(auth).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public - {"annotations"} == set(auth.__all__)
