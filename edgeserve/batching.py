@@ -1,24 +1,38 @@
-"""Scheduling of runtime calls for one model version, with admission control.
+"""Scheduling of runtime calls for one model version: dynamic batching and admission control.
 
-`DirectScheduler` runs each request as its own runtime call on the shared executor;
-the queue is bounded: past `max_queue_size` waiting or running requests, a new one is
-refused at once with `Overloaded` (429 + Retry-After) instead of timing out later.
+`DynamicBatcher` merges concurrent requests into one runtime call: when a worker slot is
+free it takes every queued request that can share a batch with the oldest one (same
+non-batch dimensions, dtypes and requested outputs), up to `max_batch_size` rows. When
+the box is idle a lone request runs at once; when other batches are already running it
+may wait up to `max_queue_delay_ms` for company. The queue is bounded: a request that
+finds it full is refused at once with `Overloaded` (429 + Retry-After), so overload
+costs no memory. A request whose deadline passes before it runs is answered with
+`DeadlineExceeded` (504) and never computed.
+
+`DirectScheduler` runs each request as its own call (models without a batch dimension).
+Everything here runs on the event loop except `_execute`, which runs on the executor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from edgeserve.errors import DeadlineExceeded, Overloaded
+from edgeserve.errors import DeadlineExceeded, EdgeserveError, InferenceFailed, Overloaded
+
+log = logging.getLogger(__name__)
 
 RunFn = Callable[[Mapping[str, np.ndarray], Sequence[str] | None], dict[str, np.ndarray]]
+
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 @dataclass(slots=True)
@@ -27,6 +41,7 @@ class RunResult:
     queue_s: float
     compute_s: float
     batch_size: int  # rows in the runtime call that computed this request
+    executions: int = 1  # runtime calls charged to this request (0 for merged/cached ones)
 
 
 class Scheduler(Protocol):
@@ -42,6 +57,253 @@ class Scheduler(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model version's requests are merged; pure data, from model.toml."""
+
+    max_batch_size: int  # rows per runtime call
+    max_queue_delay_s: float  # longest a request waits for company
+    max_queue_size: int  # requests waiting (not yet running) before new ones are refused
+    max_concurrent: int  # batches running at once (executor slots this model may use)
+    wait_when_idle: bool = False  # also wait for company when nothing else is running
+
+
+def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> Hashable:
+    """Requests with equal keys can be concatenated along axis 0 into one call."""
+    return (
+        tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
+        tuple(outputs) if outputs else None,
+    )
+
+
+def rows_of(inputs: Mapping[str, np.ndarray]) -> int:
+    """Rows in a request: the first dimension shared by its inputs (1 for scalars)."""
+    for array in inputs.values():
+        return array.shape[0] if array.ndim else 1
+    return 1
+
+
+class _Pending:
+    """One admitted request, from `submit` until its future is resolved."""
+
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "key", "outputs", "rows", "timer")
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        future: asyncio.Future[RunResult],
+    ) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.deadline = deadline
+        self.future = future
+        self.rows = rows_of(inputs)
+        self.key = batch_key(inputs, outputs)
+        self.enqueued = time.perf_counter()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def take_batch(queue: deque[_Pending], max_rows: int) -> list[_Pending]:
+    """Remove and return the oldest request plus every later one that fits its batch.
+
+    Requests that cannot join (other shapes or outputs, or too many rows) stay queued in
+    their order, so nothing starves: the next batch starts with the oldest of them.
+    """
+    head = queue.popleft()
+    batch = [head]
+    rows = head.rows
+    if rows >= max_rows or not queue:
+        return batch
+    kept: list[_Pending] = []
+    while queue and rows < max_rows:
+        item = queue.popleft()
+        if item.key == head.key and rows + item.rows <= max_rows:
+            batch.append(item)
+            rows += item.rows
+        else:
+            kept.append(item)
+    queue.extendleft(reversed(kept))
+    return batch
+
+
+class DynamicBatcher:
+    """Merges concurrent requests for one model version into batched runtime calls."""
+
+    def __init__(self, run: RunFn, executor: Executor, policy: BatchPolicy) -> None:
+        self._run = run
+        self._executor = executor
+        self._policy = policy
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._running = 0  # batches on the executor
+        self._running_requests = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + self._running_requests
+
+    @property
+    def full(self) -> bool:
+        """True when a new request would be refused: lets callers refuse before decoding."""
+        return len(self._queue) >= self._policy.max_queue_size
+
+    async def submit(
+        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
+    ) -> RunResult:
+        if self._closed:
+            raise Overloaded("the model version is being replaced; retry", headers=RETRY_AFTER)
+        if len(self._queue) >= self._policy.max_queue_size:
+            raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
+        loop = asyncio.get_running_loop()
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("the request's deadline passed before it could run")
+        pending = _Pending(inputs, outputs, deadline, loop.create_future())
+        if deadline is not None:
+            pending.timer = loop.call_later(remaining, _expire, pending)
+        self._queue.append(pending)
+        self._queued_rows += pending.rows
+        self._pump()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.future.cancel()  # the caller went away: it is skipped if not yet running
+            raise
+
+    def _pump(self) -> None:
+        """Start as many batches as free slots and the batching policy allow."""
+        policy = self._policy
+        while self._queue and self._running < policy.max_concurrent:
+            head = self._queue[0]
+            if head.future.done():  # expired or cancelled while waiting
+                self._queue.popleft()
+                self._queued_rows -= head.rows
+                continue
+            if (
+                self._queued_rows < policy.max_batch_size
+                and policy.max_queue_delay_s > 0
+                and (self._running > 0 or policy.wait_when_idle)
+                and not self._closed
+            ):
+                wait_until = head.enqueued + policy.max_queue_delay_s
+                delay = wait_until - time.perf_counter()
+                if delay > 0:
+                    if self._timer is None:
+                        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+                    return
+            batch = take_batch(self._queue, policy.max_batch_size)
+            self._queued_rows -= sum(p.rows for p in batch)
+            live = [p for p in batch if not p.future.done()]
+            if live:
+                self._start(live)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _start(self, batch: list[_Pending]) -> None:
+        self._running += 1
+        self._running_requests += len(batch)
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._executor, self._execute, batch)
+        work.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _execute(self, batch: list[_Pending]) -> list[RunResult | BaseException]:
+        """On a worker thread: one runtime call for the whole batch, split per request."""
+        started = time.perf_counter()
+        live = [p for p in batch if not p.future.done()]  # a deadline may have passed meanwhile
+        if not live:
+            return [DeadlineExceeded("the request's deadline passed before it could run")] * len(
+                batch
+            )
+        if len(live) == 1:
+            return _fill(batch, live, [self._run_one(live[0], started)])
+        try:
+            merged = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
+            outputs = self._run(merged, live[0].outputs)
+        except EdgeserveError:
+            # One bad request must not fail its neighbours: run each alone to find it.
+            return _fill(batch, live, [self._run_one(p, started) for p in live])
+        done = time.perf_counter()
+        total = sum(p.rows for p in live)
+        if any(a.ndim == 0 or a.shape[0] != total for a in outputs.values()):
+            # An output without a batch dimension cannot be split back per request.
+            return _fill(batch, live, [self._run_one(p, started) for p in live])
+        results: list[RunResult | BaseException] = []
+        offset = 0
+        for i, p in enumerate(live):
+            part = {n: a[offset : offset + p.rows] for n, a in outputs.items()}
+            offset += p.rows
+            results.append(
+                RunResult(part, started - p.enqueued, done - started, total, 1 if i == 0 else 0)
+            )
+        return _fill(batch, live, results)
+
+    def _run_one(self, p: _Pending, started: float) -> RunResult | BaseException:
+        began = time.perf_counter()
+        try:
+            outputs = self._run(p.inputs, p.outputs)
+        except EdgeserveError as exc:
+            return exc
+        return RunResult(outputs, started - p.enqueued, time.perf_counter() - began, p.rows)
+
+    def _finish(self, batch: list[_Pending], done: asyncio.Future) -> None:
+        self._running -= 1
+        self._running_requests -= len(batch)
+        try:
+            results = done.result()
+        except BaseException as exc:  # the executor refused or a bug: fail the batch, not the loop
+            log.error("batch failed requests=%d error=%r", len(batch), exc)
+            results = [InferenceFailed("the model failed to compute this input")] * len(batch)
+        for p, result in zip(batch, results, strict=True):
+            if p.timer is not None:
+                p.timer.cancel()
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
+        self._pump()
+        if self._idle is not None and not self._queue and self._running == 0:
+            self._idle.set()
+
+    async def close(self) -> None:
+        """Refuse new requests, then return once queued and running work has finished."""
+        self._closed = True
+        if self._queue or self._running:
+            self._idle = asyncio.Event()
+            self._pump()  # closing: queued requests start now instead of waiting for company
+            await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _expire(pending: _Pending) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(
+            DeadlineExceeded("the request's deadline passed before a result was ready")
+        )
+
+
+def _fill(
+    batch: list[_Pending], live: list[_Pending], results: list[RunResult | BaseException]
+) -> list[RunResult | BaseException]:
+    """Results in `batch` order; requests that expired before the call get 504."""
+    if len(live) == len(batch):
+        return results
+    by_id = {id(p): r for p, r in zip(live, results, strict=True)}
+    expired = DeadlineExceeded("the request's deadline passed before it could run")
+    return [by_id.get(id(p), expired) for p in batch]
+
+
 class DirectScheduler:
     """One runtime call per request on the executor; bounded in-flight count."""
 
@@ -50,26 +312,45 @@ class DirectScheduler:
         self._executor = executor
         self._max = max_queue_size
         self._depth = 0
+        self._drained: asyncio.Event | None = None
 
     @property
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def full(self) -> bool:
+        return self._depth >= self._max
+
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
     ) -> RunResult:
         if self._depth >= self._max:
-            raise Overloaded("the model's queue is full; retry later", headers={"Retry-After": "1"})
+            raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
         self._depth += 1
         enqueued = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self._executor, self._timed, inputs, outputs, enqueued, deadline
+        )
+        work.add_done_callback(self._done)  # counts down when the call ends, even after a 504
+        if deadline is None:
+            return await work
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self._executor, self._timed, inputs, outputs, enqueued, deadline
+            return await asyncio.wait_for(
+                asyncio.shield(work), max(0.0, deadline - time.monotonic())
             )
-        finally:
-            self._depth -= 1
-        return result
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the request's deadline passed before a result was ready"
+            ) from None
+
+    def _done(self, work: asyncio.Future) -> None:
+        self._depth -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved, so an abandoned call's error is not logged as lost
+        if self._drained is not None and self._depth == 0:
+            self._drained.set()
 
     def _timed(
         self,
@@ -83,8 +364,19 @@ class DirectScheduler:
             raise DeadlineExceeded("the request's deadline passed before it could run")
         result = self._run(inputs, outputs)
         done = time.perf_counter()
-        rows = next(iter(inputs.values())).shape[0] if inputs else 1
-        return RunResult(result, started - enqueued, done - started, rows)
+        return RunResult(result, started - enqueued, done - started, rows_of(inputs))
 
     async def close(self) -> None:
-        """Nothing is queued outside the executor; in-flight calls finish on their own."""
+        """Return once in-flight calls have finished."""
+        if self._depth:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+
+
+def build_scheduler(
+    run: RunFn, executor: Executor, policy: BatchPolicy
+) -> DynamicBatcher | DirectScheduler:
+    """A batcher for models with a batch dimension, else one call per request."""
+    if policy.max_batch_size > 1:
+        return DynamicBatcher(run, executor, policy)
+    return DirectScheduler(run, executor, policy.max_queue_size + policy.max_concurrent)

@@ -17,7 +17,8 @@ from enum import Enum
 
 import numpy as np
 
-from edgeserve.batching import DirectScheduler, RunResult, Scheduler
+from edgeserve.batching import BatchPolicy, DirectScheduler, RunResult, Scheduler, build_scheduler
+from edgeserve.cache import CachedScheduler, ResponseCache
 from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from edgeserve.repository import ModelConfig
 from edgeserve.runtime import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan, create_runtime
@@ -60,6 +61,23 @@ SchedulerFactory = Callable[[Runtime, ModelConfig, Executor], Scheduler]
 
 def direct_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor) -> Scheduler:
     return DirectScheduler(runtime.run, executor, config.batching.max_queue_size)
+
+
+def batching_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor) -> Scheduler:
+    """A dynamic batcher when the model has a batch dimension, behind the cache if enabled."""
+    b = config.batching
+    slots = getattr(executor, "_max_workers", 1)  # ThreadPoolExecutor keeps its size here
+    policy = BatchPolicy(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_s=b.max_queue_delay_ms / 1000,
+        max_queue_size=b.max_queue_size,
+        max_concurrent=min(b.max_concurrent_batches or slots, slots),
+        wait_when_idle=b.wait_when_idle,
+    )
+    scheduler: Scheduler = build_scheduler(runtime.run, executor, policy)
+    if config.cache.enabled:
+        scheduler = CachedScheduler(scheduler, ResponseCache(config.cache.max_bytes))
+    return scheduler
 
 
 @dataclass
@@ -137,7 +155,7 @@ class ModelVersion:
         stats.queue.add(result.queue_s)
         stats.compute_infer.add(result.compute_s)
         stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
-        stats.execution_count += 1
+        stats.execution_count += result.executions  # 0 when merged into another's call
         stats.last_inference_ms = int(time.time() * 1000)
         return result
 
@@ -156,7 +174,7 @@ class Registry:
         executor: Executor,
         threads: ThreadPlan,
         default_backend: str = "auto",
-        scheduler_factory: SchedulerFactory = direct_scheduler,
+        scheduler_factory: SchedulerFactory = batching_scheduler,
         warmup: bool = True,
     ) -> None:
         self._executor = executor

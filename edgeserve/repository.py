@@ -41,6 +41,18 @@ class BatchingConfig:
 
     max_queue_delay_ms: float = setting(1.0, min=0.0, max=1000.0)
     max_queue_size: int = setting(256, min=1, max=1_000_000)
+    # Batches of this model running at once; 0 = one per executor thread.
+    max_concurrent_batches: int = setting(0, min=0, max=256)
+    # Wait max_queue_delay_ms for company even when the box is idle (adds latency at 1 client).
+    wait_when_idle: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Response cache: identical requests answered from memory (off by default)."""
+
+    enabled: bool = False
+    max_bytes: int = setting(64 * 1024 * 1024, min=1024)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class ModelConfig:
     inputs: list[TensorConfig] = setting([])
     outputs: list[TensorConfig] = setting([])
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
 

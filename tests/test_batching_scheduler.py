@@ -1,0 +1,231 @@
+"""The dynamic batcher on its own: merging, splitting, shapes that cannot join, deadlines,
+a full queue, and closing only when idle. A fake runtime records every call."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from edgeserve.batching import BatchPolicy, DynamicBatcher, build_scheduler
+from edgeserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+
+
+class FakeRuntime:
+    """Doubles its input; can be held on a gate to keep a call running."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []  # rows per call
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        self.entered.set()
+        assert self.gate.wait(10)
+        x = inputs["x"]
+        if np.isnan(x).any():
+            raise InferenceFailed("the model failed to compute this input")
+        self.calls.append(x.shape[0])
+        result = {"double": x * 2, "sum": x.sum(axis=tuple(range(1, x.ndim)))}
+        return {n: result[n] for n in outputs} if outputs else result
+
+
+def policy(**overrides: object) -> BatchPolicy:
+    values: dict = {
+        "max_batch_size": 8,
+        "max_queue_delay_s": 0.0,
+        "max_queue_size": 64,
+        "max_concurrent": 1,
+        "wait_when_idle": False,
+    }
+    values.update(overrides)
+    return BatchPolicy(**values)
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+def row(value: float, width: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, width), value, dtype=np.float32)}
+
+
+async def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_requests_share_a_call_and_each_gets_its_own_rows(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> None:
+        runtime.gate.clear()  # the first request runs alone and holds the only slot
+        first = asyncio.ensure_future(batcher.submit(row(100), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        rest = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(6)]
+        await wait_for(lambda: batcher.depth == 7)
+        runtime.gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert results[0].outputs["double"].tolist() == [[200.0] * 3]
+        for i, result in enumerate(results[1:]):
+            assert result.outputs["double"].tolist() == [[2.0 * i] * 3]
+            assert result.batch_size == 6
+        assert sum(r.executions for r in results) == 2
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 6]
+
+
+def test_lone_request_runs_at_once_when_idle(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_delay_s=30.0))
+    result = asyncio.run(asyncio.wait_for(batcher.submit(row(1), None, None), 5))
+    assert result.outputs["sum"].tolist() == [3.0]
+
+
+def test_wait_when_idle_gathers_until_the_batch_is_full(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(
+        runtime.run, executor, policy(max_batch_size=4, max_queue_delay_s=30.0, wait_when_idle=True)
+    )
+
+    async def scenario() -> None:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(row(i), None, None) for i in range(4))), 10
+        )
+        assert [r.outputs["sum"].tolist() for r in results] == [[0.0], [3.0], [6.0], [9.0]]
+
+    asyncio.run(scenario())
+    assert runtime.calls == [4]
+
+
+def test_requests_that_cannot_join_run_in_their_own_batches(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        waiting = [
+            batcher.submit(row(1), None, None),
+            batcher.submit(row(2, width=5), None, None),  # other non-batch dims
+            batcher.submit(row(3), ["sum"], None),  # other requested outputs
+            batcher.submit(row(4), None, None),
+            batcher.submit({"x": np.ones((8, 3), np.float32)}, None, None),  # too many rows
+        ]
+        tasks = [asyncio.ensure_future(w) for w in waiting]
+        await wait_for(lambda: batcher.depth == 6)
+        runtime.gate.set()
+        results = await asyncio.gather(blocker, *tasks)
+        assert results[2].outputs["double"].shape == (1, 5)
+        assert set(results[3].outputs) == {"sum"}
+        assert results[4].outputs["sum"].tolist() == [12.0]
+        assert results[5].outputs["double"].shape == (8, 3)
+
+    asyncio.run(scenario())
+    assert sorted(runtime.calls) == sorted([1, 2, 1, 1, 8])  # rows 1 and 4 merged
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        good = asyncio.ensure_future(batcher.submit(row(1), None, None))
+        bad = asyncio.ensure_future(batcher.submit(row(float("nan")), None, None))
+        await wait_for(lambda: batcher.depth == 3)
+        runtime.gate.set()
+        await blocker
+        assert (await good).outputs["sum"].tolist() == [3.0]
+        with pytest.raises(InferenceFailed):
+            await bad
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_refuses_at_once_with_retry_after(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_size=2))
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        queued = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in (1, 2)]
+        await wait_for(lambda: batcher.depth == 3)
+        assert batcher.full
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(row(3), None, None)
+        assert refused.value.status == 429
+        assert refused.value.headers == {"Retry-After": "1"}
+        runtime.gate.set()
+        await asyncio.gather(running, *queued)
+        assert not batcher.full
+
+    asyncio.run(scenario())
+
+
+def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        doomed = batcher.submit(row(7), None, time.monotonic() + 0.05)
+        with pytest.raises(DeadlineExceeded) as late:
+            await asyncio.wait_for(doomed, 5)  # answered while the slot is still busy
+        assert late.value.status == 504
+        runtime.gate.set()
+        await running
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(row(8), None, time.monotonic() - 1)
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1]  # only the first request was computed
+
+
+def test_close_waits_for_queued_and_running_work(executor) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_delay_s=30.0))
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        work = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(3)]
+        await wait_for(lambda: batcher.depth == 3)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        with pytest.raises(Overloaded):
+            await batcher.submit(row(9), None, None)
+        runtime.gate.set()
+        await asyncio.wait_for(closing, 5)
+        assert all(w.done() and not w.exception() for w in work)
+
+    asyncio.run(scenario())
+
+
+def test_models_without_a_batch_dimension_get_one_call_per_request(executor) -> None:
+    runtime = FakeRuntime()
+    scheduler = build_scheduler(runtime.run, executor, policy(max_batch_size=0))
+    assert not isinstance(scheduler, DynamicBatcher)
+    result = asyncio.run(scheduler.submit(row(2), None, None))
+    assert result.outputs["sum"].tolist() == [6.0]
