@@ -107,7 +107,10 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+from edgeserve.auth.cli import keys, token  # noqa: E402 - registered below
 from edgeserve.batch.cli import batch_group, features_group  # noqa: E402 - registered below
 
+main.add_command(keys)
+main.add_command(token)
 main.add_command(batch_group)
 main.add_command(features_group)
