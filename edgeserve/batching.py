@@ -26,7 +26,13 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeserve.errors import DeadlineExceeded, EdgeserveError, InferenceFailed, Overloaded
+from edgeserve.errors import (
+    DeadlineExceeded,
+    EdgeserveError,
+    InferenceFailed,
+    InvalidInput,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,29 @@ def rows_of(inputs: Mapping[str, np.ndarray]) -> int:
     for array in inputs.values():
         return array.shape[0] if array.ndim else 1
     return 1
+
+
+def request_deadline(timeout_ms: object = None, timeout_us: object = None) -> float | None:
+    """The `time.monotonic()` deadline for a request's timeout, or None for no deadline.
+
+    `timeout_ms` comes from the X-Request-Timeout-Ms header (or a gRPC deadline),
+    `timeout_us` from Triton's `timeout` request parameter (microseconds); the shorter wins.
+    """
+    budgets = []
+    for raw, scale, where in (
+        (timeout_ms, 1e-3, "X-Request-Timeout-Ms"),
+        (timeout_us, 1e-6, "parameter 'timeout'"),
+    ):
+        if raw is None:
+            continue
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{where} must be a number") from None
+        if not 0 < value < 1e12 or isinstance(raw, bool):
+            raise InvalidInput(f"{where} must be a positive number")
+        budgets.append(value * scale)
+    return time.monotonic() + min(budgets) if budgets else None
 
 
 class _Pending:

@@ -13,7 +13,14 @@ from starlette.routing import Route
 
 from edgeserve import __version__
 from edgeserve.auth.guard import requires
-from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady, UnsupportedMediaType
+from edgeserve.batching import RETRY_AFTER, request_deadline
+from edgeserve.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    UnsupportedMediaType,
+)
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
@@ -122,6 +129,9 @@ async def infer(request: Request) -> Response:
     body = await read_body(
         request, settings.limits.max_body_bytes, settings.limits.accept_compressed
     )
+    if getattr(registry.get(name, version).scheduler, "full", False):
+        # Refused before decoding: under overload the JSON parse is the cost worth saving.
+        raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
     header = request.headers.get(HEADER_LENGTH)
     if header is not None and not header.isdigit():
         raise InvalidInput("Inference-Header-Content-Length is not a number")
@@ -132,7 +142,10 @@ async def infer(request: Request) -> Response:
     feed = model.check_inputs({t.name: (t.datatype, t.data) for t in decoded.inputs})
     requested = [o.name for o in decoded.outputs] if decoded.outputs else None
     model.check_outputs(requested)
-    result = await model.infer(feed, requested, deadline=None)
+    deadline = request_deadline(
+        request.headers.get("x-request-timeout-ms"), decoded.parameters.get("timeout")
+    )
+    result = await model.infer(feed, requested, deadline=deadline)
     binary = {o.name: o.binary for o in decoded.outputs or ()}
     outputs = [
         InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in result.outputs.items()
@@ -216,6 +229,7 @@ def _stats_doc(m: ModelVersion) -> dict[str, Any]:
         return {"count": c.count, "ns": c.ns}
 
     zero = {"count": 0, "ns": 0}
+    cache = getattr(m.scheduler, "cache_stats", None)
     return {
         "name": m.name,
         "version": str(m.version),
@@ -229,8 +243,8 @@ def _stats_doc(m: ModelVersion) -> dict[str, Any]:
             "compute_input": zero,
             "compute_infer": counter(s.compute_infer),
             "compute_output": zero,
-            "cache_hit": zero,
-            "cache_miss": zero,
+            "cache_hit": counter(cache.hit) if cache else zero,
+            "cache_miss": counter(cache.miss) if cache else zero,
         },
         "batch_stats": [],
     }
