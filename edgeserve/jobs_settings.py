@@ -26,6 +26,8 @@ class JobSettings:
     # Streaming: results computed but not yet sent, per connection (backpressure window).
     stream_window: int = setting(16, min=1, max=1024)
     stream_max_message_bytes: int = setting(1024 * 1024, min=1024)
+    # A stream whose client reads nothing for this long is closed (dead or stuck client).
+    stream_send_timeout_s: float = setting(30.0, min=0.1, max=3600.0)
 
     def __post_init__(self) -> None:
         for i, path in enumerate(self.input_dirs):

@@ -58,7 +58,7 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
     pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(settings.stream_window)
     reader = asyncio.create_task(_read(websocket, pending, name, version, settings))
     try:
-        await _write(websocket, pending)
+        await _write(websocket, pending, settings.stream_send_timeout_s)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -67,6 +67,21 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
             task = pending.get_nowait()
             if task is not None:
                 task.cancel()
+    await _drain(websocket, settings.stream_send_timeout_s)
+
+
+async def _drain(websocket: WebSocket, idle_s: float) -> None:
+    """Close, then discard what the client still sends until it disconnects or stays
+    silent for `idle_s`. Hypercorn keeps feeding a connection's messages to the app
+    even after it returned, and stops reading the socket while they are not taken, so
+    a stalled stream must be emptied for its socket to be freed."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(websocket.close(), 1.0)
+    with contextlib.suppress(Exception):
+        while True:
+            message = await asyncio.wait_for(websocket.receive(), idle_s)
+            if message["type"] == "websocket.disconnect":
+                return
 
 
 stream.required_scope = "infer"  # type: ignore[attr-defined]
@@ -94,15 +109,24 @@ async def _read(
         await pending.put(None)
 
 
-async def _write(websocket: WebSocket, pending: asyncio.Queue) -> None:
-    """Send results in the order their requests arrived."""
+async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float) -> None:
+    """Send results in the order their requests arrived.
+
+    A send that cannot complete within `timeout_s` ends the stream: the client is gone
+    or has stopped reading for that long. (Hypercorn delivers a disconnect only to a
+    reader, and ours waits on the full window, so without the timeout a client that
+    vanished mid-stall would hold the connection forever.)
+    """
     while True:
         task = await pending.get()
         if task is None:
             return
         reply = await task
         try:
-            await websocket.send_text(reply.decode())
+            await asyncio.wait_for(websocket.send_text(reply.decode()), timeout_s)
+        except asyncio.TimeoutError:
+            log.info("stream closed: client read nothing for %.1fs", timeout_s)
+            return
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
 

@@ -1,0 +1,136 @@
+"""WebSocket streaming: in-order results over one connection, bounded memory for slow readers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from tests.serving import RunningServer, run_server
+from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return model_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Iterator[RunningServer]:
+    # A stalled stream can hold shutdown up to graceful_timeout_s (see streaming._drain).
+    config = server_config(repo, "[jobs]\nstream_send_timeout_s = 2.0\n").replace(
+        "[models]", "graceful_timeout_s = 1.0\n[models]"
+    )
+    with run_server(tmp_path_factory.mktemp("srv"), config_text=config) as s:
+        yield s
+
+
+def ws_url(server: RunningServer, model: str = "digits") -> str:
+    return server.url.replace("http://", "ws://") + f"/api/stream/{model}"
+
+
+def message(x: np.ndarray, i: int) -> str:
+    row = x[i % len(x)][None, :]
+    return json.dumps({**v2_request(row, ["label"]), "id": str(i)})
+
+
+def test_ten_thousand_inputs_come_back_in_order_over_one_connection(
+    server: RunningServer, repo: Path
+) -> None:
+    from edgeserve.batch.model import load_model
+
+    x, _ = digits_rows()
+    count = 10_000
+    expected = load_model(repo, "digits").runtime.run({"input": x}, ["label"])["label"]
+    with connect(ws_url(server), max_size=2**20) as ws:
+        sender = threading.Thread(target=lambda: [ws.send(message(x, i)) for i in range(count)])
+        sender.start()
+        replies = [json.loads(ws.recv(timeout=30)) for _ in range(count)]
+        sender.join()
+    assert [r["id"] for r in replies] == [str(i) for i in range(count)]
+    labels = np.array([r["outputs"][0]["data"][0] for r in replies])
+    assert np.array_equal(labels, expected[np.arange(count) % len(x)])
+
+
+def test_a_bad_message_gets_an_error_in_its_place_and_the_stream_goes_on(
+    server: RunningServer,
+) -> None:
+    x, _ = digits_rows()
+    with connect(ws_url(server)) as ws:
+        ws.send(message(x, 0))
+        ws.send("{not json")
+        ws.send(
+            json.dumps(
+                {
+                    "id": "7",
+                    "inputs": [
+                        {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
+                    ],
+                }
+            )
+        )
+        ws.send(message(x, 1))
+        replies = [json.loads(ws.recv(timeout=10)) for _ in range(4)]
+    assert replies[0]["id"] == "0" and "outputs" in replies[0]
+    assert "not valid JSON" in replies[1]["error"]
+    assert replies[2]["id"] == "7" and "shape" in replies[2]["error"]
+    assert replies[3]["id"] == "1"
+
+
+def test_an_unknown_model_is_refused_at_the_handshake(server: RunningServer) -> None:
+    with pytest.raises(InvalidStatus) as refused, connect(ws_url(server, "nope")):
+        pass
+    assert refused.value.response.status_code == 403
+
+
+def _open_raw(server: RunningServer) -> tuple[socket.socket, WSConnection]:
+    """A WebSocket client that never reads unless told to: a real slow reader."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    ws = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Request(host="127.0.0.1", target="/api/stream/digits")))
+    while True:
+        ws.receive_data(sock.recv(65536))
+        if any(isinstance(e, AcceptConnection) for e in ws.events()):
+            return sock, ws
+
+
+@pytest.mark.slow
+def test_a_slow_reader_stalls_its_own_stream_instead_of_growing_server_memory(
+    server: RunningServer,
+) -> None:
+    x, _ = digits_rows()
+    process = psutil.Process(server.process.pid)
+    sock, ws = _open_raw(server)
+    frame = ws.send(TextMessage(data=message(x, 0)))
+    total = 200_000  # ~140 MB of requests if nothing pushed back
+    sock.settimeout(2.0)
+    baseline = process.memory_info().rss
+    sent = 0
+    try:
+        for sent in range(total):  # noqa: B007 - count is the result
+            sock.sendall(frame)
+    except TimeoutError:
+        pass  # the server stopped reading us: that is the backpressure
+    peak = process.memory_info().rss
+    for _ in range(10):  # a little longer: memory must not keep climbing
+        time.sleep(0.1)
+        peak = max(peak, process.memory_info().rss)
+    sock.close()
+    grown_mib = (peak - baseline) / 2**20
+    print(
+        f"slow reader: sent {sent} of {total} frames before blocking; "
+        f"server RSS grew {grown_mib:.1f} MiB"
+    )
+    assert sent < total / 2, "the server kept reading a client that does not read"
+    assert grown_mib < 64
