@@ -66,9 +66,16 @@ def build_app(settings: Settings) -> Starlette:
         loading = asyncio.create_task(sync_repository(registry, sources))
         app.state.reload = lambda: _reload(app, registry)
         app.state.jobs = start_jobs(settings, registry)
+        grpc_server = None
+        if settings.server.grpc_port:
+            from edgeserve.protocol.grpc_service import start_grpc_server  # the grpc extra
+
+            grpc_server = await start_grpc_server(app, settings)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.server.graceful_timeout_s)
             if app.state.jobs is not None:
                 await asyncio.to_thread(app.state.jobs.stop)
             loading.cancel()
