@@ -21,6 +21,7 @@ from edgeserve.errors import (
     Overloaded,
     UnsupportedMediaType,
 )
+from edgeserve.features import with_features
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
@@ -139,7 +140,11 @@ async def infer(request: Request) -> Response:
         body, int(header) if header is not None else None, request.app.state.decode_limits
     )
     model = registry.get(name, version)  # again: a hot swap may have happened meanwhile
-    feed = model.check_inputs({t.name: (t.datatype, t.data) for t in decoded.inputs})
+    named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
+    named = await with_features(  # inputs a model.toml [features] table takes from the store
+        request.app.state, model.config.features, model.inputs, named, decoded.parameters
+    )
+    feed = model.check_inputs(named)
     requested = [o.name for o in decoded.outputs] if decoded.outputs else None
     model.check_outputs(requested)
     deadline = request_deadline(
