@@ -1,0 +1,69 @@
+"""`[server] engine = "uvicorn"`: the same app and batcher behind Uvicorn + httptools, with
+Hypercorn's defences kept (header cap -> 431, slow clients cut off) and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.serving import RunningServer, run_server
+from tests.test_batching_server import WEIGHTS, WIDTH, body, write_repository
+
+
+def uvicorn_config(folder: Path, repo: Path) -> str:
+    return (
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\nengine = "uvicorn"\n'
+        f'read_timeout_s = 1.0\nstate_dir = "{folder / "state"}"\n'
+        f'[models]\nrepository = "{repo}"\n[auth]\nenabled = false\n'
+        "[limits]\nmax_header_bytes = 4096\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("uvicorn")
+    repo = write_repository(
+        folder / "repo", {"linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n'}
+    )
+    with run_server(folder, config_text=uvicorn_config(folder, repo)) as running:
+        yield running
+
+
+def test_infer_works_and_batches(server: RunningServer) -> None:
+    rows = np.random.default_rng(5).normal(size=(2, WIDTH)).astype(np.float32)
+    reply = httpx.post(f"{server.url}/v2/models/linear/infer", json=body(rows), timeout=10)
+    assert reply.status_code == 200, reply.text
+    scores = next(o for o in reply.json()["outputs"] if o["name"] == "scores")["data"]
+    np.testing.assert_allclose(np.reshape(scores, (2, -1)), rows @ WEIGHTS, rtol=1e-4, atol=1e-4)
+    assert "server" not in reply.headers
+
+
+def test_oversized_headers_get_431(server: RunningServer) -> None:
+    reply = httpx.get(f"{server.url}/v2/health/live", headers={"x-pad": "a" * 8000}, timeout=10)
+    assert reply.status_code == 431
+
+
+def test_slow_client_is_disconnected(server: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 8
+
+
+def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    repo = write_repository(
+        tmp_path / "repo", {"linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n'}
+    )
+    with run_server(tmp_path, config_text=uvicorn_config(tmp_path, repo)) as running:
+        running.process.send_signal(signal.SIGHUP)  # reload keeps serving
+        assert httpx.get(f"{running.url}/v2/health/ready", timeout=10).status_code == 200
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(30) == 0
