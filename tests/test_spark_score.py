@@ -1,0 +1,83 @@
+"""edgeserve.spark on local-mode PySpark: scores a DataFrame and matches the server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.serving import run_server
+from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
+
+pytest.importorskip("pyspark", reason="pip install 'edgeserve[spark]' for the Spark scorer")
+if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    pytest.skip("Spark needs a Java runtime (17+); none is installed", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator:
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("edgeserve-test")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "500")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()
+
+
+def test_a_dataframe_scored_on_spark_matches_the_server(spark, tmp_path: Path) -> None:
+    from pyspark.sql import types as T
+
+    from edgeserve.spark import score_dataframe
+
+    repo = model_repository(tmp_path)
+    x, _ = digits_rows()
+    rows = [(i, [float(v) for v in x[i]]) for i in range(len(x))]
+    rows.append((len(x), [1.0, 2.0]))  # a bad row: 2 values instead of 64
+    schema = T.StructType(
+        [
+            T.StructField("id", T.LongType()),
+            T.StructField("pixels", T.ArrayType(T.FloatType())),
+        ]
+    )
+    df = spark.createDataFrame(rows, schema).repartition(3)
+    scored = score_dataframe(df, str(repo / "digits"), input_map={"input": "pixels"})
+    assert set(scored.columns) == {"id", "label", "probabilities", "error"}
+    result = {r["id"]: r for r in scored.collect()}
+    assert len(result) == len(x) + 1
+    assert result[len(x)]["label"] is None and "64 values" in result[len(x)]["error"]
+    with run_server(tmp_path, config_text=server_config(repo)) as server:
+        reply = httpx.post(
+            f"{server.url}/v2/models/digits/infer", json=v2_request(x), timeout=30
+        ).json()
+    served = {o["name"]: np.asarray(o["data"]) for o in reply["outputs"]}
+    labels = np.array([result[i]["label"] for i in range(len(x))])
+    probs = np.array([result[i]["probabilities"] for i in range(len(x))], dtype=np.float32)
+    assert np.array_equal(labels, served["label"])
+    np.testing.assert_allclose(probs, served["probabilities"].reshape(-1, 10), rtol=1e-5, atol=1e-6)
+    assert all(result[i]["error"] is None for i in range(len(x)))
+
+
+def test_the_model_loads_once_per_process(tmp_path: Path) -> None:
+    from edgeserve.spark import cached_model
+
+    repo = model_repository(tmp_path)
+    first = cached_model(str(repo / "digits"))
+    assert cached_model(str(repo / "digits")) is first
