@@ -1,0 +1,225 @@
+"""Rebuild the bundled demo models from data that ships inside Python packages.
+
+    python models/build.py            # rewrite the committed models
+    python models/build.py --check    # rebuild into a temp folder, compare byte for byte
+    python models/build.py --minilm   # also export all-MiniLM-L6-v2 (not committed, not in CI)
+
+Only standard `ai.onnx` operators are used, so OpenVINO compiles the models too (it
+rejects scikit-learn's `ai.onnx.ml` operators). Weights are rounded before export so that
+last-bit differences between BLAS builds do not change the committed bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import io
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SEED = 0
+OPSET = 17
+IR_VERSION = 8
+WEIGHT_DECIMALS = 5
+DIGITS_FILES = ("model.toml", "1/model.onnx", "2/model.onnx", "heldout.npz")
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits, 75/25 stratified split, raw pixel values 0..16."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    X = data.data.astype(np.float32)
+    y = data.target.astype(np.int64)
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=0.25, stratify=y, random_state=SEED
+    )
+    return X_train, X_test, y_train, y_test
+
+
+def train_digits(X: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """A 64-64-10 MLP on pixels scaled to 0..1; returns rounded float32 weights."""
+    from sklearn.neural_network import MLPClassifier
+
+    mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=SEED, alpha=1e-3)
+    mlp.fit(X / 16.0, y)
+    weights = [mlp.coefs_[0], mlp.intercepts_[0], mlp.coefs_[1], mlp.intercepts_[1]]
+    return [np.round(w, WEIGHT_DECIMALS).astype(np.float32) for w in weights]
+
+
+def digits_onnx(weights: list[np.ndarray]) -> bytes:
+    """input FP32 [N,64] (0..16) -> probabilities FP32 [N,10], label INT64 [N]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, b1, w2, b2 = weights
+    initializers = [
+        numpy_helper.from_array(np.array(1.0 / 16.0, dtype=np.float32), "scale"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(b2, "b2"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["input", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "w1"], ["h1"]),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"]),
+        helper.make_node("Relu", ["h1b"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "w2"], ["h2"]),
+        helper.make_node("Add", ["h2", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=-1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeserve-build"
+    )
+    model.ir_version = IR_VERSION
+    return model.SerializeToString()
+
+
+def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
+    """Static INT8 in QDQ form (runs on both backends); MinMax calibration is deterministic."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._rows = iter([{"input": calibration[i : i + 16]}
+                               for i in range(0, len(calibration), 16)])
+
+        def get_next(self) -> dict | None:
+            return next(self._rows, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        quantize_static(
+            str(src), str(dst), Rows(), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul"],
+        )
+        return dst.read_bytes()
+
+
+DIGITS_TOML = """\
+description = "Handwritten digit classifier (8x8 pixels, values 0..16) trained on scikit-learn's digits"
+backend = "auto"
+max_batch_size = 64
+default_version = 2
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+
+[[inputs]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 64]
+
+[[outputs]]
+name = "probabilities"
+datatype = "FP32"
+shape = [-1, 10]
+
+[[outputs]]
+name = "label"
+datatype = "INT64"
+shape = [-1]
+
+[batching]
+max_queue_delay_ms = 1.0
+max_queue_size = 256
+
+[warmup]
+batch_sizes = [1, 8]
+"""
+
+
+def deterministic_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez stamps the current time into the zip; this writes a fixed one."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue())
+    return out.getvalue()
+
+
+def build_digits(root: Path) -> dict[str, float]:
+    """Write models/digits and return held-out accuracy per (version, backend)."""
+    X_train, X_test, y_train, y_test = digits_split()
+    fp32 = digits_onnx(train_digits(X_train, y_train))
+    int8 = quantize_int8(fp32, X_train[:512])
+    folder = root / "digits"
+    for version, blob in ((1, fp32), (2, int8)):
+        (folder / str(version)).mkdir(parents=True, exist_ok=True)
+        (folder / str(version) / "model.onnx").write_bytes(blob)
+    (folder / "model.toml").write_text(DIGITS_TOML)
+    (folder / "heldout.npz").write_bytes(deterministic_npz({"X": X_test, "y": y_test}))
+    return {f"{v}/{b}": heldout_accuracy(blob, b, X_test, y_test)
+            for v, blob in ((1, fp32), (2, int8)) for b in ("onnxruntime", "openvino")}
+
+
+def heldout_accuracy(model: bytes, backend: str, X: np.ndarray, y: np.ndarray) -> float:
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        labels = session.run(["label"], {"input": X})[0]
+    else:
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(model, ov.Tensor(np.empty(0, np.uint8))))
+        labels = compiled({"input": X})[compiled.output("label")]
+    return float(np.mean(labels == y))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare a rebuild with the files")
+    parser.add_argument("--minilm", action="store_true", help="also export all-MiniLM-L6-v2")
+    args = parser.parse_args(argv)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_digits(Path(tmp))
+            different = [f for f in DIGITS_FILES
+                         if not filecmp.cmp(Path(tmp) / "digits" / f, HERE / "digits" / f,
+                                            shallow=False)]
+        if different:
+            print(f"differs from a rebuild: {', '.join(different)}", file=sys.stderr)
+            return 1
+        print("digits: committed files equal a fresh rebuild")
+        return 0
+    for key, accuracy in build_digits(HERE).items():
+        version, backend = key.split("/")
+        print(f"| digits | {version} | {'FP32' if version == '1' else 'INT8'} | {backend} "
+              f"| {accuracy:.4f} |")
+    if args.minilm:
+        from minilm import build_minilm  # noqa: PLC0415 - heavy, optional
+
+        build_minilm(HERE / "minilm")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
