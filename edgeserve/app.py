@@ -41,7 +41,11 @@ def plan_threads(settings: Settings) -> tuple[int, ThreadPlan]:
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     executor = settings.server.executor_threads or cores
     intra = settings.models.intra_op_threads or max(1, cores // executor)
-    return executor, ThreadPlan(intra_op=intra, inter_op=settings.models.inter_op_threads)
+    return executor, ThreadPlan(
+        intra_op=intra,
+        inter_op=settings.models.inter_op_threads,
+        precision=settings.models.openvino_precision,
+    )
 
 
 def build_app(settings: Settings) -> Starlette:

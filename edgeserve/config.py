@@ -64,6 +64,7 @@ class ModelSettings:
     backend: str = setting("auto", choices=("auto", "onnxruntime", "openvino"))
     intra_op_threads: int = setting(0, min=0, max=256)  # 0 = from the cores
     inter_op_threads: int = setting(1, min=1, max=64)
+    openvino_precision: str = setting("f32", choices=("f32", "bf16", "f16"))
     load: list[str] = setting([])  # names to load; empty = every model in the repository
     warmup: bool = True
 

@@ -34,10 +34,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """Threads the backend may use for one call; sized so executor x intra-op <= cores."""
+    """How a backend may compute one call: threads (sized so executor x intra-op <= cores)
+    and the precision OpenVINO may compute in (f32 keeps the model's own numbers; bf16
+    is faster on CPUs with AVX512-BF16/AMX but changes the answers)."""
 
     intra_op: int = 1
     inter_op: int = 1
+    precision: str = "f32"
 
 
 class Runtime(ABC):

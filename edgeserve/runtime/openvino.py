@@ -37,6 +37,8 @@ class OpenVinoRuntime(Runtime):
             "INFERENCE_NUM_THREADS": self.threads.intra_op,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
+            # OpenVINO silently computes in bf16 where the CPU has it; serve what was shipped.
+            "INFERENCE_PRECISION_HINT": self.threads.precision,
         }
         self._compiled = core.compile_model(model, "CPU", config)
         self.inputs = [_spec(p) for p in self._compiled.inputs]
