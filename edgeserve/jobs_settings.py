@@ -23,6 +23,8 @@ class JobSettings:
     idle_poll_ms: float = setting(2.0, min=0.1, max=1000.0)
     # Nice value of the job thread (0..19; higher = lower CPU priority).
     nice: int = setting(10, min=0, max=19)
+    # While live requests are being served, the job may use this share of the time.
+    busy_share: float = setting(0.25, min=0.01, max=1.0)
     # Streaming: results computed but not yet sent, per connection (backpressure window).
     stream_window: int = setting(16, min=1, max=1024)
     stream_max_message_bytes: int = setting(1024 * 1024, min=1024)

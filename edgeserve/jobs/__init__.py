@@ -23,6 +23,7 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
 
         logging.getLogger(__name__).warning("jobs disabled: pip install 'edgeserve[batch]'")
         return None
+    from edgeserve.jobs.pacing import LivePacer, LiveSignals
     from edgeserve.jobs.runner import JobRunner
     from edgeserve.jobs.store import JobStore
 
@@ -33,17 +34,22 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
         settings.models.repository,
         settings.models.backend,
         settings.jobs.chunk_rows,
-        settings.jobs.idle_poll_ms / 1000.0,
         settings.jobs.nice,
-        is_idle=lambda: _idle(registry),
+        LivePacer(
+            LiveSignals(registry.queue_depth, lambda: _served(registry)),
+            settings.jobs.busy_share,
+            settings.jobs.idle_poll_ms / 1000.0,
+        ),
         feature_db=settings.features.resolve(state_dir),
     )
     runner.start()
     return runner
 
 
-def _idle(registry: Registry) -> bool:
-    try:
-        return registry.queue_depth() == 0
-    except RuntimeError:  # the registry changed while we counted: treat as busy
-        return False
+def _served(registry: Registry) -> int:
+    """Live requests answered so far, summed over loaded versions."""
+    return sum(
+        v.stats.success.count + v.stats.fail.count
+        for name in registry.names()
+        for v in registry.loaded(name).values()
+    )

@@ -4,8 +4,8 @@ Live requests keep their latency because the runner
 - is a single thread, reniced (`[jobs] nice`) so the OS prefers the inference threads;
 - runs its own single-threaded copy of the model, so it never queues behind, or in
   front of, live requests in the shared executor;
-- before every (small) chunk waits until no live request is queued or running,
-  stepping in anyway after `MAX_WAIT_S` so a busy box still makes progress.
+- is paced before every (small) chunk by `pacing.LivePacer`: a bounded share of the
+  time while live requests are being served, and only when their queue is empty.
 Each chunk is a checkpoint (see `edgeserve.batch.run`): a restart resumes the job
 with no row lost or written twice.
 """
@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from edgeserve.batch.run import RunState, run_chunks
@@ -31,6 +30,7 @@ from edgeserve.batch.tables import (
     read_chunks,
 )
 from edgeserve.errors import EdgeserveError
+from edgeserve.jobs.pacing import LivePacer
 from edgeserve.jobs.store import (
     ACTIVE,
     DONE,
@@ -45,7 +45,6 @@ from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runt
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT_S = 0.5
 OUTPUT_NAMES = {"csv": "output.csv", "jsonl": "output.jsonl", "parquet": "output.parquet"}
 
 
@@ -59,9 +58,8 @@ class JobRunner:
         repository: Path,
         backend: str,
         chunk_rows: int,
-        idle_poll_s: float,
         nice: int,
-        is_idle: Callable[[], bool],
+        pacer: LivePacer,
         feature_db: Path | None = None,
     ) -> None:
         self.store = store
@@ -69,9 +67,8 @@ class JobRunner:
         self._repository = repository
         self._backend = backend
         self._chunk_rows = chunk_rows
-        self._idle_poll_s = idle_poll_s
         self._nice = nice
-        self._is_idle = is_idle
+        self._pacer = pacer
         self._feature_db = feature_db
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -190,14 +187,8 @@ class JobRunner:
         )
 
     def _yield_to_live(self, job_id: str) -> bool:
-        """Wait for an idle model queue (at most MAX_WAIT_S); False = stop now."""
-        waited_until = time.monotonic() + MAX_WAIT_S
-        while True:
-            if self._stop.is_set() or job_id in self._cancelled:
-                return False
-            if self._is_idle() or time.monotonic() > waited_until:
-                return True
-            time.sleep(self._idle_poll_s)
+        """Pace the next chunk behind live traffic; False = stop now (cancel, shutdown)."""
+        return self._pacer.before_chunk(lambda: self._stop.is_set() or job_id in self._cancelled)
 
     def _model(self, name: str, version: int) -> tuple[Runtime, ModelConfig]:
         key = (name, version)
