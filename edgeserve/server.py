@@ -118,8 +118,9 @@ class _HeadersTooLarge(Exception):
 
 
 def _guarded_httptools(settings: Settings) -> type:
-    """Uvicorn's httptools protocol plus a cap on request-head bytes (431) and a deadline
-    for each request to arrive in full (`read_timeout_s`), as Hypercorn enforces."""
+    """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
+    bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
+    first one) closes the connection."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     max_head_bytes = settings.limits.max_header_bytes
@@ -137,6 +138,11 @@ def _guarded_httptools(settings: Settings) -> type:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._read_timer is not None:  # a request is arriving: the clock restarts
+                self._arm()
+            super().data_received(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,33 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
         assert httpx.get(f"{running.url}/v2/health/ready", timeout=10).status_code == 200
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("engine", ["hypercorn", "uvicorn"])
+def test_tls_serves_inference_on_either_engine(tmp_path: Path, engine: str) -> None:
+    from edgeserve.auth.tls import create_self_signed
+
+    files = create_self_signed(tmp_path / "state")
+    repo = write_repository(
+        tmp_path / "repo", {"linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n'}
+    )
+    config = uvicorn_config(tmp_path, repo).replace(
+        'engine = "uvicorn"\n',
+        f'engine = "{engine}"\ntls_cert = "{files.cert}"\ntls_key = "{files.key}"\n',
+    )
+    trust = ssl.create_default_context(cafile=str(files.cert))
+    with run_server(tmp_path, config_text=config, wait_ready=False) as running:
+        url = running.url.replace("http://", "https://")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", verify=trust).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, running.log()
+                time.sleep(0.05)
+        rows = np.ones((1, WIDTH), np.float32)
+        reply = httpx.post(f"{url}/v2/models/linear/infer", json=body(rows), verify=trust)
+        assert reply.status_code == 200, reply.text
+        with pytest.raises(httpx.TransportError):  # plaintext is not served on a TLS port
+            httpx.get(f"{running.url}/v2/health/live", timeout=5)
