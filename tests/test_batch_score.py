@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,7 +19,7 @@ import pytest
 
 from edgeserve.cli import run
 from tests.serving import run_server
-from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
+from tests.test_batch_support import digits_rows, model_repository, served_outputs, server_config
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +212,8 @@ def test_a_million_rows_match_the_servers_answers(repo: Path, tmp_path: Path) ->
     x, _ = digits_rows()
     inputs = x[sample % len(x)]
     with run_server(tmp_path, config_text=server_config(repo)) as server:
-        reply = httpx.post(
-            f"{server.url}/v2/models/digits/infer", json=v2_request(inputs), timeout=30
-        ).json()
-    by_name = {o["name"]: o for o in reply["outputs"]}
-    served_labels = np.array(by_name["label"]["data"])
-    served_probs = np.array(by_name["probabilities"]["data"]).reshape(-1, 10)
+        served = served_outputs(server.url, inputs)
+    served_labels, served_probs = served["label"], served["probabilities"]
     picked = table.take(pa.array(sample))
     assert np.array_equal(picked.column("label").to_numpy(), served_labels)
     probs = np.stack(picked.column("probabilities").to_numpy(zero_copy_only=False))

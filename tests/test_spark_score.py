@@ -8,12 +8,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from tests.serving import run_server
-from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
+from tests.test_batch_support import digits_rows, model_repository, served_outputs, server_config
 
 pytest.importorskip("pyspark", reason="pip install 'edgeserve[spark]' for the Spark scorer")
 if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
@@ -64,14 +63,11 @@ def test_a_dataframe_scored_on_spark_matches_the_server(spark, tmp_path: Path) -
     assert len(result) == len(x) + 1
     assert result[len(x)]["label"] is None and "64 values" in result[len(x)]["error"]
     with run_server(tmp_path, config_text=server_config(repo)) as server:
-        reply = httpx.post(
-            f"{server.url}/v2/models/digits/infer", json=v2_request(x), timeout=30
-        ).json()
-    served = {o["name"]: np.asarray(o["data"]) for o in reply["outputs"]}
+        served = served_outputs(server.url, x)
     labels = np.array([result[i]["label"] for i in range(len(x))])
     probs = np.array([result[i]["probabilities"] for i in range(len(x))], dtype=np.float32)
     assert np.array_equal(labels, served["label"])
-    np.testing.assert_allclose(probs, served["probabilities"].reshape(-1, 10), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs, served["probabilities"], rtol=1e-5, atol=1e-6)
     assert all(result[i]["error"] is None for i in range(len(x)))
 
 

@@ -66,8 +66,10 @@ class ChunkScorer:
             if name not in known:
                 raise InvalidInput(f"--outputs: the model has no output '{name}'")
         self.outputs = list(outputs) if outputs else [s.name for s in runtime.outputs]
-        batch = config.max_batch_size or MAX_ROWS_PER_CALL
-        self.rows_per_call = min(batch, MAX_ROWS_PER_CALL)
+        # max_batch_size bounds one request on the server (latency, fairness); offline
+        # there is no one to be fair to, so calls are as large as the model allows.
+        fixed = {s.shape[0] for s in runtime.inputs if s.shape and s.shape[0] > 0}
+        self.rows_per_call = min(fixed) if fixed else MAX_ROWS_PER_CALL
 
     def score(self, table: pa.Table, first_row: int) -> ScoredChunk:
         n = table.num_rows
