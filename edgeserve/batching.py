@@ -72,6 +72,7 @@ class BatchPolicy:
     max_queue_size: int  # requests waiting (not yet running) before new ones are refused
     max_concurrent: int  # batches running at once (executor slots this model may use)
     wait_when_idle: bool = False  # also wait for company when nothing else is running
+    max_queue_wait_s: float = 0.0  # refuse when the estimated wait exceeds this; 0 = off
 
 
 def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> Hashable:
@@ -166,6 +167,7 @@ class DynamicBatcher:
         self._policy = policy
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._slot_rows_per_s = 0.0  # moving average of one slot's speed, for wait estimates
         self._running = 0  # batches on the executor
         self._running_requests = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -179,7 +181,20 @@ class DynamicBatcher:
     @property
     def full(self) -> bool:
         """True when a new request would be refused: lets callers refuse before decoding."""
-        return len(self._queue) >= self._policy.max_queue_size
+        queue = self._queue
+        return len(queue) >= self._policy.max_queue_size or (bool(queue) and self._too_slow(1))
+
+    def _too_slow(self, rows: int) -> bool:
+        """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
+
+        The wait is the queued rows over the measured speed of all slots; until a batch
+        has been timed there is no estimate and only max_queue_size applies.
+        """
+        wait_s = self._policy.max_queue_wait_s
+        if not wait_s or not self._slot_rows_per_s:
+            return False
+        rate = self._slot_rows_per_s * self._policy.max_concurrent
+        return (self._queued_rows + rows) / rate > wait_s
 
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
@@ -188,6 +203,11 @@ class DynamicBatcher:
             raise Overloaded("the model version is being replaced; retry", headers=RETRY_AFTER)
         if len(self._queue) >= self._policy.max_queue_size:
             raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
+        rows = rows_of(inputs)
+        if self._queue and self._too_slow(rows):
+            raise Overloaded(
+                "the model's queue is longer than its wait limit; retry later", headers=RETRY_AFTER
+            )
         loop = asyncio.get_running_loop()
         if deadline is not None:
             remaining = deadline - time.monotonic()
@@ -290,6 +310,7 @@ class DynamicBatcher:
         except BaseException as exc:  # the executor refused or a bug: fail the batch, not the loop
             log.error("batch failed requests=%d error=%r", len(batch), exc)
             results = [InferenceFailed("the model failed to compute this input")] * len(batch)
+        self._learn_speed(results)
         for p, result in zip(batch, results, strict=True):
             if p.timer is not None:
                 p.timer.cancel()
@@ -302,6 +323,13 @@ class DynamicBatcher:
         self._pump()
         if self._idle is not None and not self._queue and self._running == 0:
             self._idle.set()
+
+    def _learn_speed(self, results: list[RunResult | BaseException]) -> None:
+        for r in results:
+            if isinstance(r, RunResult) and r.executions and r.compute_s > 0:
+                speed = r.batch_size / r.compute_s
+                old = self._slot_rows_per_s
+                self._slot_rows_per_s = speed if not old else 0.8 * old + 0.2 * speed
 
     async def close(self) -> None:
         """Refuse new requests, then return once queued and running work has finished."""

@@ -73,6 +73,7 @@ def batching_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor
         max_queue_size=b.max_queue_size,
         max_concurrent=min(b.max_concurrent_batches or slots, slots),
         wait_when_idle=b.wait_when_idle,
+        max_queue_wait_s=b.max_queue_wait_ms / 1000,
     )
     scheduler: Scheduler = build_scheduler(runtime.run, executor, policy)
     if config.cache.enabled:

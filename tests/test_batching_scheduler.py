@@ -182,6 +182,40 @@ def test_full_queue_refuses_at_once_with_retry_after(executor) -> None:
     asyncio.run(scenario())
 
 
+def test_queue_longer_than_its_wait_limit_refuses_once_speed_is_known(executor) -> None:
+    runtime = FakeRuntime()
+    slow_run = runtime.run
+
+    def run(inputs, outputs):  # about 20 rows/s, so 0.1 s of wait is about 2 queued rows
+        time.sleep(0.05)
+        return slow_run(inputs, outputs)
+
+    batcher = DynamicBatcher(run, executor, policy(max_queue_wait_s=0.1, max_batch_size=1))
+
+    async def scenario() -> None:
+        await batcher.submit(row(0), None, None)  # timed: the batcher now knows its speed
+        runtime.gate.clear()
+        runtime.entered.clear()
+        running = asyncio.ensure_future(batcher.submit(row(1), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        admitted, refused = [], 0
+        for i in range(20):
+            try:
+                admitted.append(asyncio.ensure_future(batcher.submit(row(i), None, None)))
+                await asyncio.sleep(0)  # let the submit run up to its await
+                if admitted[-1].done():
+                    admitted.pop().result()
+            except Overloaded:
+                refused += 1
+        assert 1 <= len(admitted) <= 4  # far below max_queue_size (64)
+        assert refused == 20 - len(admitted)
+        assert batcher.full
+        runtime.gate.set()
+        await asyncio.gather(running, *admitted)
+
+    asyncio.run(scenario())
+
+
 def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:
     runtime = FakeRuntime()
     batcher = DynamicBatcher(runtime.run, executor, policy())
