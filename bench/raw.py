@@ -1,0 +1,144 @@
+"""The limit the server chases: the runtime called in-process on the same inputs.
+
+Run as its own process (`python -m bench.raw <spec.json>`), alone on the box, and prints
+one JSON line. Measures, for each thread plan (executor threads x intra-op threads):
+batch 1 calls/s with one caller, and rows/s for each batch size with every executor
+thread calling at once; for OpenVINO also the THROUGHPUT hint with AsyncInferQueue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeserve.repository import read_model
+from edgeserve.runtime import ThreadPlan, create_runtime
+
+
+def feeds_for(inputs: dict[str, np.ndarray], batch: int, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` batches of `batch` rows, cycling over the sample rows."""
+    n = len(next(iter(inputs.values())))
+    out = []
+    for k in range(count):
+        idx = [(k * batch + i) % n for i in range(batch)]
+        out.append({name: a[idx] for name, a in inputs.items()})
+    return out
+
+
+def timed_calls(
+    run: Any, feeds: list[dict], workers: int, duration_s: float
+) -> tuple[float, float]:
+    """(calls per second, p50 call latency in ms) with `workers` threads calling at once."""
+    stop = time.perf_counter() + duration_s
+    counts = [0] * workers
+    latencies: list[float] = []
+
+    def loop(w: int) -> None:
+        i = w
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            run(feeds[i % len(feeds)], None)
+            if w == 0:
+                latencies.append(time.perf_counter() - t)
+            counts[w] += 1
+            i += workers
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000 if latencies else float("nan")
+    return sum(counts) / elapsed, p50
+
+
+def measure(spec: dict) -> dict:
+    folder = Path(spec["model_dir"])
+    source = read_model(folder)
+    files = source.read_files(spec["version"])
+    data = np.load(spec["inputs"], allow_pickle=True)
+    inputs = {k: data[k] for k in data.files}
+    max_batch = max(1, source.config.max_batch_size)
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch]
+    cores = spec["cores"]
+    result: dict[str, Any] = {"plans": []}
+    for workers, intra in {(cores, 1), (1, cores)}:
+        runtime = create_runtime(spec["backend"], files, ThreadPlan(intra, 1))
+        warm = feeds_for(inputs, 1, 4)
+        for f in warm:
+            runtime.run(f, None)
+        single, p50 = timed_calls(runtime.run, feeds_for(inputs, 1, 64), 1, spec["duration_s"])
+        rows: dict[int, float] = {}
+        for b in batches:
+            feeds = feeds_for(inputs, b, 16)
+            runtime.run(feeds[0], None)
+            calls, _ = timed_calls(runtime.run, feeds, workers, spec["duration_s"])
+            rows[b] = calls * b
+        result["plans"].append(
+            {
+                "executor": workers,
+                "intra": intra,
+                "batch1_calls_per_s": single,
+                "batch1_p50_ms": p50,
+                "rows_per_s": rows,
+            }
+        )
+        runtime.close()
+    best = max(
+        ((p, b, r) for p in result["plans"] for b, r in p["rows_per_s"].items()),
+        key=lambda t: t[2],
+    )
+    b1 = max(result["plans"], key=lambda p: p["rows_per_s"][1])
+    result["batch1_rows_per_s"] = b1["rows_per_s"][1]
+    result["batch1_plan"] = f"{b1['executor']}x{b1['intra']}"
+    result["batch1_p50_ms"] = min(p["batch1_p50_ms"] for p in result["plans"])
+    result["best_rows_per_s"] = best[2]
+    result["best_batch"] = best[1]
+    result["best_plan"] = f"{best[0]['executor']}x{best[0]['intra']}"
+    if spec["backend"] == "openvino":
+        result["openvino_async"] = _openvino_async(files, inputs, spec["duration_s"])
+    return result
+
+
+def _openvino_async(
+    files: dict[str, bytes], inputs: dict[str, np.ndarray], duration_s: float
+) -> dict:
+    """THROUGHPUT hint + AsyncInferQueue at batch 1: is it faster than sync calls?"""
+    import openvino as ov
+
+    core = ov.Core()
+    if "model.xml" in files:
+        weights = ov.Tensor(np.frombuffer(files.get("model.bin", b""), dtype=np.uint8))
+        model = core.read_model(files["model.xml"], weights)
+    else:
+        model = core.read_model(files["model.onnx"], ov.Tensor(np.empty(0, np.uint8)))
+    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
+    queue = ov.AsyncInferQueue(compiled)
+    feeds = feeds_for(inputs, 1, 64)
+    done = [0]
+
+    def on_done(request: Any, userdata: Any) -> None:
+        done[0] += 1
+
+    queue.set_callback(on_done)
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < duration_s:
+        queue.start_async(feeds[i % len(feeds)])
+        i += 1
+    queue.wait_all()
+    elapsed = time.perf_counter() - start
+    return {"jobs": len(queue), "batch1_rows_per_s": done[0] / elapsed}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(Path(sys.argv[1]).read_text()))))

@@ -1,0 +1,85 @@
+"""The requests every contender gets: sample rows for a model and their V2 JSON bodies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from edgeserve.repository import read_model
+from edgeserve.runtime import TensorSpec, ThreadPlan, create_runtime
+from edgeserve.runtime.datatypes import V2_TO_NUMPY
+
+SENTENCES = [
+    "The delivery arrived two days late and the box was damaged.",
+    "Great service, the staff were friendly and quick.",
+    "How do I reset the password on my account?",
+    "The printer on the second floor is out of toner again.",
+    "Please schedule a follow-up appointment for next Tuesday.",
+    "The invoice total does not match the purchase order.",
+    "Our store opens at nine on weekdays and ten on Saturdays.",
+    "The patient reports mild headaches after the new medication.",
+]
+SEQUENCE = 32
+
+
+def signature(model_dir: Path, version: int, backend: str) -> list[TensorSpec]:
+    files = read_model(model_dir).read_files(version)
+    runtime = create_runtime(backend, files, ThreadPlan(1, 1))
+    specs = list(runtime.inputs)
+    runtime.close()
+    return specs
+
+
+def sample_rows(model_dir: Path, specs: list[TensorSpec], n: int = 64) -> dict[str, np.ndarray]:
+    """`n` rows per input (first dimension = rows): held-out data when the model ships it."""
+    heldout = model_dir / "heldout.npz"
+    rng = np.random.default_rng(0)
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        shape = [n] + [SEQUENCE if d == -1 else d for d in spec.shape[1:]]
+        name = spec.name.lower()
+        if heldout.exists() and len(specs) == 1 and spec.datatype.startswith("FP"):
+            x = np.load(heldout)["X"].astype(V2_TO_NUMPY[spec.datatype])
+            out[spec.name] = np.resize(x, [n, *x.shape[1:]])
+        elif spec.datatype == "BYTES":
+            words = [SENTENCES[i % len(SENTENCES)].encode() for i in range(n)]
+            out[spec.name] = np.array(words, dtype=object).reshape([n] + [1] * (len(shape) - 1))
+        elif "mask" in name:
+            out[spec.name] = np.ones(shape, V2_TO_NUMPY[spec.datatype])
+        elif "type" in name:
+            out[spec.name] = np.zeros(shape, V2_TO_NUMPY[spec.datatype])
+        elif spec.datatype.startswith(("INT", "UINT")):
+            ids = rng.integers(1000, 20000, size=shape)
+            ids[:, 0] = 101  # [CLS]
+            ids[:, -1] = 102  # [SEP]
+            out[spec.name] = ids.astype(V2_TO_NUMPY[spec.datatype])
+        else:
+            out[spec.name] = rng.normal(size=shape).astype(V2_TO_NUMPY[spec.datatype])
+    return out
+
+
+def bodies(specs: list[TensorSpec], rows: dict[str, np.ndarray]) -> list[bytes]:
+    """One JSON request body per row (batch of 1), as a client would send it."""
+    n = len(next(iter(rows.values())))
+    docs = []
+    for i in range(n):
+        inputs = []
+        for spec in specs:
+            row = rows[spec.name][i : i + 1]
+            data = (
+                [v.decode() for v in row.reshape(-1)]
+                if spec.datatype == "BYTES"
+                else row.reshape(-1).tolist()
+            )
+            inputs.append(
+                {
+                    "name": spec.name,
+                    "datatype": spec.datatype,
+                    "shape": list(row.shape),
+                    "data": data,
+                }
+            )
+        docs.append(orjson.dumps({"inputs": inputs}))
+    return docs
