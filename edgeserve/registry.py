@@ -309,7 +309,10 @@ class Registry:
 
     def _prepare(self, name: str, config: ModelConfig, files: Mapping[str, bytes]) -> Runtime:
         backend = config.backend if config.backend != "auto" else self._default_backend
-        runtime = create_runtime(backend, files, self._threads, model=name)
+        threads = self._threads
+        if config.threads.intra_op_threads:
+            threads = ThreadPlan(config.threads.intra_op_threads, threads.inter_op)
+        runtime = create_runtime(backend, files, threads, model=name)
         _check_declared(name, config, runtime)
         if self._warmup:
             for rows in config.warmup.batch_sizes:

@@ -50,6 +50,13 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class ThreadConfig:
+    """Per-model override of [models] intra_op_threads, e.g. all cores for one big batch."""
+
+    intra_op_threads: int = setting(0, min=0, max=256)  # 0 = the server's plan
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """Response cache: identical requests answered from memory (off by default)."""
 
@@ -85,6 +92,7 @@ class ModelConfig:
     outputs: list[TensorConfig] = setting([])
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    threads: ThreadConfig = field(default_factory=ThreadConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
 

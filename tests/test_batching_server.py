@@ -50,6 +50,9 @@ MODEL_TOMLS = {
     "held": 'backend = "onnxruntime"\nmax_batch_size = 4\n'
     "[batching]\nmax_queue_delay_ms = 1000\nmax_queue_size = 2\nwait_when_idle = true\n",
     "cached": 'backend = "onnxruntime"\nmax_batch_size = 8\n[cache]\nenabled = true\n',
+    # One batch at a time using both cores inside the runtime call.
+    "threaded": 'backend = "onnxruntime"\nmax_batch_size = 8\n[threads]\nintra_op_threads = 2\n'
+    "[batching]\nmax_concurrent_batches = 1\nmax_queue_wait_ms = 0\n",
 }
 
 
@@ -179,3 +182,30 @@ def test_cache_hit_is_counted_and_returns_the_same_answer(server: RunningServer)
     inference = stats(server, "cached")["inference_stats"]
     assert inference["cache_hit"]["count"] == 1
     assert inference["cache_miss"]["count"] == 1
+
+
+def test_per_model_threads_and_one_batch_at_a_time(server: RunningServer) -> None:
+    inputs = [np.full((1, WIDTH), i, np.float32) for i in range(6)]
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        replies = list(pool.map(lambda rows: infer(server, "threaded", rows), inputs))
+    for rows, reply in zip(inputs, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        label = next(o for o in reply.json()["outputs"] if o["name"] == "label")["data"]
+        assert label == (rows @ WEIGHTS).argmax(axis=1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[batching]\nmax_queue_wait_ms = -1\n", "batching.max_queue_wait_ms"),
+        ("[batching]\nwait_when_idel = true\n", "unknown key"),
+        ("[cache]\nmax_bytes = 10\n", "cache.max_bytes"),
+        ("[threads]\nintra_op = 2\n", "unknown key"),
+    ],
+)
+def test_model_toml_refuses_bad_batching_cache_and_thread_keys(text: str, problem: str) -> None:
+    from edgeserve.repository import parse_model_config
+    from edgeserve.settings_schema import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        parse_model_config("max_batch_size = 8\n" + text, "m/model.toml")
