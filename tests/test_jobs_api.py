@@ -195,3 +195,20 @@ def test_a_job_survives_sigkill_and_finishes_after_restart_exactly_once(
         result = httpx.get(second.url + doc["result"], timeout=60)
     numbers = pacsv.read_csv(io.BytesIO(result.content)).column("row").to_numpy()
     assert np.array_equal(numbers, np.arange(rows)), "a row was lost or written twice"
+
+
+def test_a_malformed_file_fails_the_job_with_a_reason_not_a_trace(server: RunningServer) -> None:
+    x, _ = digits_rows()
+    header = ",".join(f"input_{i}" for i in range(64))
+    lines = [header] + [",".join(str(v) for v in r) for r in x[:1000]]
+    lines[700] = "1,2,3"
+    reply = httpx.post(
+        f"{server.url}/api/jobs?model=digits",
+        content="\n".join(lines),
+        headers={"content-type": "text/csv"},
+    )
+    assert reply.status_code == 202
+    doc = wait_for(server.url, reply.json()["id"])
+    assert doc["status"] == "failed"
+    assert doc["error"].startswith("the input is not valid csv")
+    assert "Traceback" not in doc["error"] and "/" not in doc["error"].split(":")[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -11,8 +12,15 @@ import orjson
 
 from edgeserve.errors import EdgeserveError
 from edgeserve.runtime import RuntimeLoadError, ThreadPlan
+from edgeserve.settings_schema import ConfigError
 
 PATH = click.Path(path_type=Path)
+
+
+def _message(exc: BaseException) -> str:
+    """One line for the terminal: the domain message, else the exception's first line."""
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0][:300]
 
 
 @click.group("batch")
@@ -83,6 +91,8 @@ def score_command(
     Example: edgeserve batch score --model digits data.parquet --output scores.csv
     --map 'input=pixel_*'
     """
+    import pyarrow as pa
+
     from edgeserve.batch.job import BatchJob
 
     started = time.perf_counter()
@@ -104,8 +114,8 @@ def score_command(
             threads=ThreadPlan(intra_op=threads) if threads else None,
         )
         state = job.run(resume=resume, progress=progress)
-    except (EdgeserveError, RuntimeLoadError) as exc:
-        click.echo(f"edgeserve: {getattr(exc, 'message', exc)}", err=True)
+    except (EdgeserveError, RuntimeLoadError, ConfigError, OSError, pa.ArrowException) as exc:
+        click.echo(f"edgeserve: {_message(exc)}", err=True)
         raise SystemExit(1) from None
     elapsed = time.perf_counter() - started
     summary = {
@@ -169,9 +179,11 @@ def load_command(
 
         settings = load_or_exit(config_path)
         database = settings.features.resolve(settings.server.state_dir)
+    import pyarrow as pa
+
     try:
         rows = load_features(database, source, table, key, fmt=fmt, upsert=upsert)
-    except EdgeserveError as exc:
-        click.echo(f"edgeserve: {exc.message}", err=True)
+    except (EdgeserveError, OSError, sqlite3.Error, pa.ArrowException) as exc:
+        click.echo(f"edgeserve: {_message(exc)}", err=True)
         raise SystemExit(1) from None
     click.echo(f"table={table} rows={rows} database={database}", file=sys.stdout)

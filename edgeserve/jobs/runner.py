@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from edgeserve.batch.run import RunState, run_chunks
 from edgeserve.batch.scoring import ChunkScorer
 from edgeserve.batch.tables import (
@@ -149,8 +151,8 @@ class JobRunner:
                 self.store.set_status(job.id, RUNNING, rows_total=total)
             writer = open_writer(self.output_path(job), job.output_format, job.output_pos)
             errors = TextWriter(self.errors_path(job), "jsonl", job.errors_pos)
-        except (EdgeserveError, RuntimeLoadError, OSError) as exc:
-            self._finish(job.id, FAILED, getattr(exc, "message", None) or str(exc))
+        except (EdgeserveError, RuntimeLoadError, OSError, pa.ArrowException) as exc:
+            self._finish(job.id, FAILED, _reason(job, exc))
             return
         chunks = read_chunks(source, job.input_format, self._chunk_rows, job.rows_done)
         try:
@@ -163,10 +165,10 @@ class JobRunner:
                 job.state,
                 before_chunk=lambda: self._yield_to_live(job.id),
             )
-        except EdgeserveError as exc:
+        except (EdgeserveError, OSError, pa.ArrowException) as exc:
             writer.close()
             errors.close()
-            self._finish(job.id, FAILED, exc.message)
+            self._finish(job.id, FAILED, _reason(job, exc))
             return
         if not finished:
             writer.close()
@@ -199,6 +201,19 @@ class JobRunner:
             runtime = create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1), name)
             self._models[key] = (runtime, source.config)
         return self._models[key]
+
+
+def _reason(job: Job, exc: BaseException) -> str:
+    """What the job's owner is told; paths and backend internals go to the log only."""
+    log.warning("job failed job=%s error=%r", job.id, str(exc)[:500])
+    if isinstance(exc, EdgeserveError):
+        return exc.message
+    if isinstance(exc, RuntimeLoadError):
+        return "the model could not be loaded (see the server log)"
+    if isinstance(exc, pa.ArrowException):
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        return f"the input is not valid {job.input_format}: {first[:200]}"
+    return "the job's files could not be read or written (see the server log)"
 
 
 class _StoreCheckpoint:
