@@ -29,6 +29,8 @@ from edgeserve.registry import Registry
 from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
 from edgeserve.streaming import ROUTES as STREAM_ROUTES
+from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
+from edgeserve.telemetry.service import Telemetry
 from edgeserve.web.errors import EXCEPTION_HANDLERS
 from edgeserve.web.headers import HeaderGuard
 
@@ -59,6 +61,9 @@ def build_app(settings: Settings) -> Starlette:
             executor, threads, settings.models.backend, warmup=settings.models.warmup
         )
         app.state.registry = registry
+        telemetry = _start_telemetry(app, settings, registry)
+        if telemetry is not None:
+            await telemetry.start()
         for source in sources:
             registry.declare(source.name, source.config, source.versions)
         log.info(
@@ -87,6 +92,8 @@ def build_app(settings: Settings) -> Starlette:
                 await loading
             await registry.close()
             executor.shutdown(wait=True, cancel_futures=True)
+            if telemetry is not None:
+                await telemetry.stop()
 
     sources = scan_repository(settings.models.repository, settings.models.load or None)
     middleware = [
@@ -106,17 +113,47 @@ def build_app(settings: Settings) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*V2_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
+        routes=[*V2_ROUTES, *TELEMETRY_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         middleware=middleware,
     )
     app.state.settings = settings
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)
+    app.state.subject_header = settings.telemetry.subject_header
+    app.state.recorder = None
+    app.state.telemetry = None
     app.state.authenticator = build_authenticator(
         settings.auth, settings.server.state_dir, settings.server.host
     )
     return app
+
+
+def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> Telemetry | None:
+    """The telemetry subsystem, wired to the registry's gauges; None when switched off."""
+    if not settings.telemetry.enabled:
+        return None
+
+    def queue_fill() -> float:
+        capacity = sum(
+            v.config.batching.max_queue_size
+            for name in registry.names()
+            for v in registry.loaded(name).values()
+        )
+        return registry.queue_depth() / capacity if capacity else 0.0
+
+    telemetry = Telemetry(settings.telemetry, settings.server.state_dir, queue_fill)
+    telemetry.metrics.gauge(
+        "edgeserve_queue_depth", "Requests queued or running", registry.queue_depth
+    )
+    telemetry.metrics.gauge(
+        "edgeserve_models_loaded",
+        "Model versions loaded and ready",
+        lambda: sum(len(registry.loaded(n)) for n in registry.names()),
+    )
+    app.state.telemetry = telemetry
+    app.state.recorder = telemetry
+    return telemetry
 
 
 async def _reload(app: Starlette, registry: Registry) -> None:

@@ -3,9 +3,12 @@ repository extensions so that `tritonclient.http` works unchanged."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,8 +16,9 @@ from starlette.routing import Route
 
 from edgeserve import __version__
 from edgeserve.auth.guard import requires
-from edgeserve.batching import RETRY_AFTER, request_deadline
+from edgeserve.batching import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.errors import (
+    EdgeserveError,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -25,6 +29,7 @@ from edgeserve.features import with_features
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
+from edgeserve.telemetry.records import InferenceRecord
 from edgeserve.web.body import read_body
 
 JSON = "application/json"
@@ -121,6 +126,70 @@ async def model_config(request: Request) -> Response:
 
 @requires("infer")
 async def infer(request: Request) -> Response:
+    """Run one inference and leave a telemetry record of it, whatever the outcome."""
+    started = time.perf_counter()
+    trace = InferTrace(
+        request.headers.get("x-request-id") or uuid.uuid4().hex,
+        request.path_params["model"],
+        _version_param(request) or "",
+    )
+    try:
+        response = await _infer(request, trace)
+    except EdgeserveError as exc:
+        _record(request, trace, exc.status, started)
+        raise
+    except Exception:
+        _record(request, trace, 500, started)
+        raise
+    seq = _record(request, trace, 200, started)
+    if seq:
+        response.headers["x-telemetry-seq"] = str(seq)
+    return response
+
+
+@dataclass(slots=True)
+class InferTrace:
+    """What the telemetry record of a request needs, filled in as the request proceeds."""
+
+    request_id: str
+    model: str
+    version: str
+    result: RunResult | None = None
+    top_score: float | None = None
+
+
+def _record(request: Request, trace: InferTrace, status: int, started: float) -> int:
+    recorder = getattr(request.app.state, "recorder", None)
+    if recorder is None:
+        return 0
+    result = trace.result
+    subject = request.headers.get(request.app.state.subject_header)
+    return recorder.record_inference(
+        InferenceRecord(
+            request_id=trace.request_id,
+            model=trace.model,
+            version=trace.version,
+            status=status,
+            total_s=time.perf_counter() - started,
+            queue_s=result.queue_s if result else 0.0,
+            compute_s=result.compute_s if result else 0.0,
+            batch_size=result.batch_size if result else 0,
+            time_unix=time.time(),
+            top_score=trace.top_score,
+            subject_hash=recorder.subject_hash(subject) if subject else None,
+        )
+    )
+
+
+def _top_score(outputs: dict[str, np.ndarray]) -> float | None:
+    """Mean of each row's highest score, from the first [rows, classes] float output."""
+    for array in outputs.values():
+        if array.ndim == 2 and array.dtype.kind == "f" and array.size:
+            return float(array.max(axis=1).mean())
+    return None
+
+
+async def _infer(request: Request, trace: InferTrace) -> Response:
     settings = request.app.state.settings
     registry = _registry(request)
     name = request.path_params["model"]
@@ -150,7 +219,12 @@ async def infer(request: Request) -> Response:
     deadline = request_deadline(
         request.headers.get("x-request-timeout-ms"), decoded.parameters.get("timeout")
     )
+    trace.version = str(model.version)
+    if decoded.id:
+        trace.request_id = decoded.id[:128]
     result = await model.infer(feed, requested, deadline=deadline)
+    trace.result = result
+    trace.top_score = _top_score(result.outputs)
     binary = {o.name: o.binary for o in decoded.outputs or ()}
     outputs = [
         InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in result.outputs.items()
@@ -159,7 +233,7 @@ async def infer(request: Request) -> Response:
     body_out, header_length = encode_response(
         InferResponse(model.name, str(model.version), response_id, outputs)
     )
-    headers = {"x-request-id": response_id or uuid.uuid4().hex}
+    headers = {"x-request-id": trace.request_id}
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
         return Response(body_out, media_type="application/octet-stream", headers=headers)

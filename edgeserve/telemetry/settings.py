@@ -1,12 +1,80 @@
-"""The [telemetry] section of edgeserve.toml."""
+"""The [telemetry] section of edgeserve.toml: local buffer, upstream sync, alerts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
+
+from edgeserve.settings_schema import ConfigError, setting
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """Where telemetry goes when the box is connected (OTLP/HTTP)."""
+
+    url: str = ""  # e.g. https://collector.example/v1/logs ; empty = keep everything local
+    allowed_hosts: list[str] = setting([])  # the upstream host must be listed (residency)
+    encoding: str = setting("json", choices=("json", "protobuf"))
+    bearer_token_file: str = ""
+    client_cert: str = ""  # mutual TLS: PEM certificate and key files
+    client_key: str = ""
+    ca_file: str = ""  # a private CA for the collector's certificate
+    batch_records: int = setting(500, min=1, max=10000)
+    timeout_s: float = setting(10.0, min=0.1, max=300.0)
+    backoff_initial_s: float = setting(1.0, min=0.01, max=600.0)
+    backoff_max_s: float = setting(300.0, min=0.1, max=86400.0)
+    breaker_failures: int = setting(5, min=1, max=1000)
+    breaker_open_s: float = setting(60.0, min=0.1, max=86400.0)
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            return
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigError("telemetry.upstream.url", "must be an http(s) URL")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError("telemetry.upstream.url", "plain http only to a loopback address")
+        if parts.hostname not in self.allowed_hosts:
+            raise ConfigError(
+                "telemetry.upstream.url",
+                f"host {parts.hostname!r} is not in telemetry.upstream.allowed_hosts",
+            )
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """In-process alert rules; a firing alert is stored, exported and synced."""
+
+    p99_latency_ms: float = setting(0.0, min=0.0)  # 0 = off
+    error_rate: float = setting(0.0, min=0.0, max=1.0)  # 0 = off
+    queue_saturation: float = setting(0.9, min=0.0, max=1.0)  # share of max_queue_size
+    backlog_age_s: float = setting(86400.0, min=0.0)  # oldest unsynced record; 0 = off
+    window_s: float = setting(60.0, min=1.0, max=86400.0)
+    webhook_url: str = ""  # POSTed on firing; its host must be in upstream.allowed_hosts
 
 
 @dataclass(frozen=True)
 class TelemetrySettings:
-    """Local buffer and upstream sync. Filled in by the telemetry work (issue 6)."""
+    """Every inference leaves a record in a local SQLite buffer until upstream has it."""
 
     enabled: bool = True
+    data_region: str = "ae"  # tagged on every record (UAE by default)
+    queue_records: int = setting(100_000, min=100, max=10_000_000)
+    write_batch_records: int = setting(2000, min=1, max=100_000)
+    write_interval_ms: float = setting(100.0, min=1.0, max=60_000.0)
+    max_db_bytes: int = setting(512 * 1024 * 1024, min=1024 * 1024)
+    retention_days: float = setting(30.0, min=0.01, max=3650.0)
+    maintenance_interval_s: float = setting(30.0, min=0.1, max=3600.0)
+    subject_header: str = "x-user-id"  # a caller's unit id, stored only as a keyed hash
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+
+    def __post_init__(self) -> None:
+        hook = self.alerts.webhook_url
+        if hook:
+            host = urllib.parse.urlsplit(hook).hostname
+            if host not in self.upstream.allowed_hosts:
+                raise ConfigError(
+                    "telemetry.alerts.webhook_url",
+                    f"host {host!r} is not in telemetry.upstream.allowed_hosts",
+                )

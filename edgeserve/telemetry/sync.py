@@ -1,0 +1,164 @@
+"""Upstream sync: unsent rows go to an OTLP/HTTP collector in batches, at least once.
+
+The cursor (`synced = 1`) advances only after a 2xx for exactly the rows sent.
+Failures back off exponentially with full jitter and honour Retry-After; after
+`breaker_failures` failures in a row the circuit opens and nothing is sent for
+`breaker_open_s`. Redirects are never followed: a collector that redirects is
+treated as failing, so data cannot be steered off the allow-listed hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import sqlite3
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgeserve.telemetry import otlp
+from edgeserve.telemetry.maintenance import mark_synced
+from edgeserve.telemetry.settings import UpstreamSettings
+from edgeserve.telemetry.store import TABLES, TelemetryStore, connect
+
+log = logging.getLogger(__name__)
+
+SEND_ORDER = tuple(reversed(TABLES))  # highest priority first
+
+
+class UpstreamSync:
+    """The background task that empties the buffer into the collector."""
+
+    def __init__(self, store: TelemetryStore, settings: UpstreamSettings, instance: str) -> None:
+        self.store = store
+        self.settings = settings
+        self.instance = instance
+        self.failures = 0
+        self.sent_records = 0
+        self.lag_s = 0.0
+        self._reader: sqlite3.Connection | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _client(self) -> httpx.AsyncClient:
+        s = self.settings
+        verify: Any = True
+        if s.ca_file:
+            verify = ssl.create_default_context(cafile=s.ca_file)
+        if isinstance(verify, ssl.SSLContext):
+            verify.minimum_version = ssl.TLSVersion.TLSv1_2
+            if s.client_cert:
+                verify.load_cert_chain(s.client_cert, s.client_key or None)
+        elif s.client_cert:
+            context = ssl.create_default_context()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(s.client_cert, s.client_key or None)
+            verify = context
+        return httpx.AsyncClient(
+            timeout=s.timeout_s, follow_redirects=False, verify=verify, trust_env=False
+        )
+
+    def _headers(self, content_type: str) -> dict[str, str]:
+        headers = {"Content-Type": content_type}
+        if self.settings.bearer_token_file:
+            token = Path(self.settings.bearer_token_file).read_text().strip()
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def run(self, idle_s: float = 1.0) -> None:
+        async with self._client() as client:
+            while True:
+                rows = await asyncio.to_thread(self._unsynced, self.settings.batch_records)
+                if not rows:
+                    self.lag_s = 0.0
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), idle_s)
+                    continue
+                self.lag_s = max(0.0, time.time() - min(r["time"] for _, r in rows))
+                delay = await self._send(client, rows)
+                if delay:
+                    await asyncio.sleep(delay)
+
+    async def _send(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
+        """Send one batch; the seconds to wait before the next attempt (0 after success)."""
+        body, content_type = otlp.encode(
+            otlp.export_request(rows, self.store.data_region, self.instance), self.settings.encoding
+        )
+        retry_after = None
+        try:
+            reply = await client.post(
+                self.settings.url, content=body, headers=self._headers(content_type)
+            )
+            ok = 200 <= reply.status_code < 300
+            if not ok:
+                retry_after = _retry_after(reply.headers.get("retry-after"))
+                reason = (
+                    "redirect refused"
+                    if 300 <= reply.status_code < 400
+                    else f"status {reply.status_code}"
+                )
+        except (httpx.HTTPError, OSError) as exc:
+            ok, reason = False, type(exc).__name__
+        if ok:
+            for table in TABLES:
+                seqs = [r["seq"] for t, r in rows if t == table]
+                if seqs:
+                    await asyncio.wrap_future(
+                        self.store.submit(lambda c, t=table, s=seqs: mark_synced(c, t, s))
+                    )
+            self.failures = 0
+            self.sent_records += len(rows)
+            return 0.0
+        self.failures += 1
+        s = self.settings
+        if self.failures >= s.breaker_failures:
+            log.warning(
+                "upstream circuit open failures=%d reason=%s pause_s=%s",
+                self.failures,
+                reason,
+                s.breaker_open_s,
+            )
+            return max(s.breaker_open_s, retry_after or 0.0)
+        backoff = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (self.failures - 1))
+        delay = random.uniform(0, backoff)
+        log.info("upstream send failed reason=%s retry_in_s=%.2f", reason, delay)
+        return max(delay, min(retry_after or 0.0, s.backoff_max_s))
+
+    def _unsynced(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        if self._reader is None:
+            self._reader = connect(self.store.path)
+            self._reader.row_factory = sqlite3.Row
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for table in SEND_ORDER:
+            if len(rows) >= limit:
+                break
+            found = self._reader.execute(
+                f"SELECT * FROM {table} WHERE synced = 0 ORDER BY seq LIMIT ?", (limit - len(rows),)
+            ).fetchall()
+            rows += [(table, dict(r)) for r in found]
+        return rows
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
