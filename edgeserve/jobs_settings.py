@@ -17,8 +17,11 @@ class JobSettings:
     # Server folders a job may read its input from by path; empty = uploads only.
     input_dirs: list[Path] = setting([])
     max_upload_bytes: int = setting(1024**3, min=1024)
-    # Rows per chunk: each chunk is one checkpoint and one pause point for live traffic.
+    # Rows per chunk: the job steps aside for live traffic between chunks.
     chunk_rows: int = setting(512, min=1, max=1_000_000)
+    # Finished chunks are made durable (fsync + jobs.db) together at most this often;
+    # after a crash the job resumes from the last such checkpoint.
+    checkpoint_interval_s: float = setting(1.0, min=0.0, max=3600.0)
     # How often the job thread looks again whether the model's queue is idle.
     idle_poll_ms: float = setting(2.0, min=0.1, max=1000.0)
     # Nice value of the job thread (0..19; higher = lower CPU priority).

@@ -169,7 +169,7 @@ def test_a_job_survives_sigkill_and_finishes_after_restart_exactly_once(
     tmp_path: Path, repo: Path
 ) -> None:
     rows = 200_000
-    config = server_config(repo, "[jobs]\nchunk_rows = 256\n")
+    config = server_config(repo, "[jobs]\nchunk_rows = 256\ncheckpoint_interval_s = 0.1\n")
     with run_server(tmp_path, config_text=config) as first:
         reply = httpx.post(
             f"{first.url}/api/jobs?model=digits&output_format=csv",

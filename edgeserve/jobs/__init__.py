@@ -34,6 +34,7 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
         settings.models.repository,
         settings.models.backend,
         settings.jobs.chunk_rows,
+        settings.jobs.checkpoint_interval_s,
         settings.jobs.nice,
         LivePacer(
             LiveSignals(registry.queue_depth, lambda: _served(registry)),

@@ -60,6 +60,7 @@ class JobRunner:
         repository: Path,
         backend: str,
         chunk_rows: int,
+        checkpoint_interval_s: float,
         nice: int,
         pacer: LivePacer,
         feature_db: Path | None = None,
@@ -69,6 +70,7 @@ class JobRunner:
         self._repository = repository
         self._backend = backend
         self._chunk_rows = chunk_rows
+        self._checkpoint_interval_s = checkpoint_interval_s
         self._nice = nice
         self._pacer = pacer
         self._feature_db = feature_db
@@ -164,6 +166,7 @@ class JobRunner:
                 _StoreCheckpoint(self.store, job.id),
                 job.state,
                 before_chunk=lambda: self._yield_to_live(job.id),
+                checkpoint_every_s=self._checkpoint_interval_s,
             )
         except (EdgeserveError, OSError, pa.ArrowException) as exc:
             writer.close()
