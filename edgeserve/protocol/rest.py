@@ -208,6 +208,8 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
     decoded = decode_request(
         body, int(header) if header is not None else None, request.app.state.decode_limits
     )
+    if decoded.id:
+        trace.request_id = decoded.id[:128]
     model = registry.get(name, version)  # again: a hot swap may have happened meanwhile
     named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
     named = await with_features(  # inputs a model.toml [features] table takes from the store
@@ -220,8 +222,6 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
         request.headers.get("x-request-timeout-ms"), decoded.parameters.get("timeout")
     )
     trace.version = str(model.version)
-    if decoded.id:
-        trace.request_id = decoded.id[:128]
     result = await model.infer(feed, requested, deadline=deadline)
     trace.result = result
     trace.top_score = _top_score(result.outputs)

@@ -30,7 +30,9 @@ def database_bytes(path: Path) -> int:
 def reclaim(conn: sqlite3.Connection) -> None:
     """Hand freed pages back to the file system and empty the WAL (purged data must not
     linger there)."""
-    conn.execute("PRAGMA incremental_vacuum")
+    # sqlite3.execute() steps a statement once, and one step of this pragma frees one page;
+    # executescript runs it to completion.
+    conn.executescript("PRAGMA incremental_vacuum;")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
