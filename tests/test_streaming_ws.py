@@ -134,3 +134,29 @@ def test_a_slow_reader_stalls_its_own_stream_instead_of_growing_server_memory(
     )
     assert sent < total / 2, "the server kept reading a client that does not read"
     assert grown_mib < 64
+
+
+def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
+    server: RunningServer,
+) -> None:
+    x, _ = digits_rows()
+    sock, ws = _open_raw(server)
+    count = 3000
+    frames = [ws.send(TextMessage(data=message(x, i))) for i in range(count)]
+    sender = threading.Thread(target=lambda: [sock.sendall(f) for f in frames])
+    sender.start()
+    time.sleep(1.0)  # not reading: the window fills and the sender stalls
+    ids: list[str] = []
+    buffer = ""
+    sock.settimeout(10)
+    while len(ids) < count:
+        ws.receive_data(sock.recv(1 << 16))
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                buffer += event.data
+                if event.message_finished:
+                    ids.append(json.loads(buffer)["id"])
+                    buffer = ""
+    sender.join(10)
+    sock.close()
+    assert ids == [str(i) for i in range(count)]
