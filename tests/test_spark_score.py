@@ -77,3 +77,36 @@ def test_the_model_loads_once_per_process(tmp_path: Path) -> None:
     repo = model_repository(tmp_path)
     first = cached_model(str(repo / "digits"))
     assert cached_model(str(repo / "digits")) is first
+
+
+def test_an_encrypted_model_is_opened_on_the_executors_with_the_jobs_key(
+    spark, tmp_path: Path
+) -> None:
+    """The seam for bundles: the job passes a key and an opener; plaintext stays in memory."""
+    from pyspark.sql import types as T
+
+    from edgeserve.spark import score_dataframe
+
+    repo = model_repository(tmp_path)
+    folder = repo / "digits"
+    version = max(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    plain = (folder / str(version) / "model.onnx").read_bytes()
+    key = bytes(range(1, 33))
+    sealed = tmp_path / "digits.bundle"
+    sealed.write_bytes(bytes(b ^ key[i % 32] for i, b in enumerate(plain)))
+    toml_text = (folder / "model.toml").read_text()
+
+    def opener(path: str, job_key: bytes | None) -> tuple[str, dict[str, bytes]]:
+        blob = Path(path).read_bytes()
+        assert job_key is not None
+        return toml_text, {"model.onnx": bytes(b ^ job_key[i % 32] for i, b in enumerate(blob))}
+
+    x, _ = digits_rows()
+    schema = T.StructType([T.StructField("input", T.ArrayType(T.FloatType()))])
+    df = spark.createDataFrame([([float(v) for v in r],) for r in x[:200]], schema)
+    scored = score_dataframe(df, str(sealed), key=key, bundle_opener=opener)
+    labels = [r["label"] for r in scored.collect()]
+    from edgeserve.batch.model import load_model
+
+    expected = load_model(repo, f"digits:{version}").runtime.run({"input": x[:200]}, ["label"])
+    assert labels == expected["label"].tolist()
