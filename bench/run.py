@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import loadgen, servers, workload
+from bench import loadgen, servers, synthetic, workload
 from bench.report import render
 from edgeserve.repository import read_model
 
@@ -35,6 +35,7 @@ MIB = 1024 * 1024
 
 @dataclass
 class Target:
+    folder: Path
     model: str
     version: int
     backend: str
@@ -60,6 +61,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
                 for backend in backends:
                     targets.append(
                         Target(
+                            folder,
                             folder.name,
                             version,
                             backend,
@@ -73,6 +75,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
             version = source.config.default_version or max(source.versions)
             targets.append(
                 Target(
+                    folder,
                     folder.name,
                     version,
                     "onnxruntime",
@@ -86,7 +89,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
 
 
 def measure_target(target: Target, work: Path, duration_s: float) -> None:
-    folder = MODELS / target.model
+    folder = target.folder
     specs = workload.signature(folder, target.version, target.backend)
     rows = workload.sample_rows(folder, specs)
     bodies = workload.bodies(specs, rows)
@@ -152,7 +155,7 @@ def _drive(
 
 def overload(target: Target, work: Path, engine: str, seconds: float) -> dict[str, Any]:
     """4x capacity for `seconds`: accepted latency vs unloaded, refusals, memory."""
-    folder = MODELS / target.model
+    folder = target.folder
     specs = workload.signature(folder, target.version, target.backend)
     bodies = workload.bodies(specs, workload.sample_rows(folder, specs))
     path = f"/v2/models/{target.model}/infer"
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="hypercorn,uvicorn")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--json", type=Path, help="also write raw results here")
+    parser.add_argument(
+        "--no-synthetic", action="store_true", help="skip the synthetic MLP when MiniLM is absent"
+    )
     args = parser.parse_args(argv)
     if not loadgen.have_wrk():
         print("bench: wrk is needed (apt-get install -y wrk)", file=sys.stderr)
@@ -264,14 +270,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
         work = Path(tmp)
         results["startup"] = startup(work, engines[-1], sorted({t.model for t in targets}))
+        if not any(t.model.startswith("minilm") for t in targets) and not args.no_synthetic:
+            folder = synthetic.build_mlp(work / "synthetic")
+            targets.append(
+                Target(
+                    folder,
+                    folder.name,
+                    1,
+                    "onnxruntime",
+                    f"{folder.name} v1 onnxruntime",
+                    [1, 16, 32],
+                    engines[-1:],
+                    peer=True,
+                )
+            )
         for target in targets:
             measure_target(target, work, args.duration)
             results["targets"].append(
                 {"label": target.label, "rows_per_request": 1, **target.results}
             )
-        chosen = [t for t in targets if "int8" in t.label.lower() and t.backend == "onnxruntime"]
-        chosen = chosen[:1] or [t for t in targets if t.model.startswith("minilm")][:1]
-        for target in [*targets[:1], *chosen]:
+        heavy = [t for t in targets if t.model.startswith(("minilm", "mlp-synthetic"))]
+        int8 = [t for t in heavy if "int8" in t.label.lower() and t.backend == "onnxruntime"]
+        chosen = int8[:1] or heavy[:1]
+        stressed = [*targets[:1], *(t for t in chosen if t is not targets[0])]
+        for target in stressed:
             if target.results.get("servers"):
                 results["overload"].append(overload(target, work, engines[-1], args.overload_s))
     text = render(results)

@@ -167,7 +167,9 @@ class DynamicBatcher:
         self._policy = policy
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._slot_rows_per_s = 0.0  # moving average of one slot's speed, for wait estimates
+        # One slot's speed (rows/s) per batch-size class (1, 2-3, 4-7, ...), moving averages:
+        # a queue drains in big batches, so its wait is estimated at the best speed seen.
+        self._slot_rows_per_s: dict[int, float] = {}
         self._running = 0  # batches on the executor
         self._running_requests = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -193,7 +195,7 @@ class DynamicBatcher:
         wait_s = self._policy.max_queue_wait_s
         if not wait_s or not self._slot_rows_per_s:
             return False
-        rate = self._slot_rows_per_s * self._policy.max_concurrent
+        rate = max(self._slot_rows_per_s.values()) * self._policy.max_concurrent
         return (self._queued_rows + rows) / rate > wait_s
 
     async def submit(
@@ -328,8 +330,9 @@ class DynamicBatcher:
         for r in results:
             if isinstance(r, RunResult) and r.executions and r.compute_s > 0:
                 speed = r.batch_size / r.compute_s
-                old = self._slot_rows_per_s
-                self._slot_rows_per_s = speed if not old else 0.8 * old + 0.2 * speed
+                size_class = r.batch_size.bit_length()
+                old = self._slot_rows_per_s.get(size_class)
+                self._slot_rows_per_s[size_class] = speed if not old else 0.8 * old + 0.2 * speed
 
     async def close(self) -> None:
         """Refuse new requests, then return once queued and running work has finished."""
