@@ -43,7 +43,13 @@ class Target:
     concurrencies: list[int]
     engines: list[str]
     peer: bool
+    heavy: bool = False  # compute-bound: also try one batch at a time on every core
     results: dict[str, Any] = field(default_factory=dict)
+
+
+ONE_BATCH_ALL_CORES = (
+    "[threads]\nintra_op_threads = {cores}\n[batching]\nmax_concurrent_batches = 1\n"
+)
 
 
 def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
@@ -69,6 +75,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
                             [1, 16, 32],
                             engines[-1:],
                             peer=False,
+                            heavy=True,
                         )
                     )
         elif (folder / str(source.config.default_version or max(source.versions))).is_dir():
@@ -118,13 +125,19 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
     if out.returncode:
         print(out.stderr[-2000:], flush=True)
     target.results["servers"] = {}
-    for engine in target.engines:
+    variants = [(engine, "", "") for engine in target.engines]
+    if target.heavy:
+        plan = ONE_BATCH_ALL_CORES.format(cores=spec["cores"])
+        variants.append((target.engines[-1], f", 1 batch x {spec['cores']} threads", plan))
+    for engine, suffix, extra in variants:
         repo = servers.write_repository(
-            Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend
+            Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend, extra
         )
+        name = f"edgeserve ({engine}{suffix})"
         with servers.edgeserve(work / f"es-{engine}", repo, engine) as srv:
-            runs = _drive(f"edgeserve ({engine})", target, srv.url, path, bodies, duration_s)
-            target.results["servers"][f"edgeserve ({engine})"] = runs
+            target.results["servers"][name] = _drive(
+                name, target, srv.url, path, bodies, duration_s
+            )
     if target.peer and servers.mlserver_available():
         try:
             with servers.mlserver(
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     [1, 16, 32],
                     engines[-1:],
                     peer=True,
+                    heavy=True,
                 )
             )
         for target in targets:
