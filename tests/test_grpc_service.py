@@ -138,3 +138,22 @@ def test_statistics_and_repository_index(client: triton.InferenceServerClient) -
         ("linear", "1", "READY"),
         ("held", "1", "READY"),
     }
+
+
+def test_full_queue_is_resource_exhausted(grpc_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> str:
+        rows = np.ones((1, WIDTH), np.float32)
+        data = triton.InferInput("input", [1, WIDTH], "FP32")
+        data.set_data_from_numpy(rows)
+        with triton.InferenceServerClient(grpc_url) as c:
+            try:
+                c.infer("held", [data], client_timeout=30)
+            except InferenceServerException as exc:
+                return exc.status()
+        return "OK"
+
+    with ThreadPoolExecutor(5) as pool:
+        outcomes = sorted(pool.map(one, range(5)))
+    assert outcomes == ["OK", "OK"] + ["StatusCode.RESOURCE_EXHAUSTED"] * 3
