@@ -1,0 +1,192 @@
+"""Fixed-horizon tests and checks for experiment reports.
+
+Each result is a small frozen dataclass whose fields say what they are, and
+`as_dict()` labels them for JSON. Differences are always candidate minus control.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from edgeserve.experiments.distributions import (
+    chi_square_p,
+    normal_quantile,
+    normal_two_sided_p,
+    student_t_quantile,
+    student_t_two_sided_p,
+)
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """A fixed-horizon comparison of one metric between candidate and control."""
+
+    test: str  # "two-proportion z-test" | "Welch t-test"
+    control_estimate: float
+    candidate_estimate: float
+    absolute_difference: float
+    absolute_ci: Interval
+    relative_difference: float | None  # (candidate - control) / control
+    relative_ci: Interval | None  # delta method
+    statistic: float
+    degrees_of_freedom: float | None
+    p_value: float
+    confidence_level: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _relative(
+    mean_c: float, var_c: float, mean_t: float, var_t: float, crit: float
+) -> tuple[float | None, Interval | None]:
+    """Relative lift and its delta-method CI: Var(t/c) ~ var_t/c^2 + t^2 var_c / c^4."""
+    if mean_c == 0:
+        return None, None
+    ratio = mean_t / mean_c
+    se = math.sqrt(var_t / mean_c**2 + mean_t**2 * var_c / mean_c**4)
+    return ratio - 1.0, Interval(ratio - 1.0 - crit * se, ratio - 1.0 + crit * se)
+
+
+def two_proportion_ztest(
+    successes_c: int, trials_c: int, successes_t: int, trials_t: int, alpha: float = 0.05
+) -> ComparisonResult:
+    """z-test with the pooled standard error; CI with the unpooled one (Wald)."""
+    if min(trials_c, trials_t) <= 0:
+        raise ValueError("both variants need at least one trial")
+    p_c, p_t = successes_c / trials_c, successes_t / trials_t
+    pooled = (successes_c + successes_t) / (trials_c + trials_t)
+    se_pooled = math.sqrt(pooled * (1 - pooled) * (1 / trials_c + 1 / trials_t))
+    z = (p_t - p_c) / se_pooled if se_pooled > 0 else 0.0
+    var_c, var_t = p_c * (1 - p_c) / trials_c, p_t * (1 - p_t) / trials_t
+    se = math.sqrt(var_c + var_t)
+    crit = normal_quantile(1 - alpha / 2)
+    diff = p_t - p_c
+    rel, rel_ci = _relative(p_c, var_c, p_t, var_t, crit)
+    return ComparisonResult(
+        "two-proportion z-test",
+        p_c,
+        p_t,
+        diff,
+        Interval(diff - crit * se, diff + crit * se),
+        rel,
+        rel_ci,
+        z,
+        None,
+        normal_two_sided_p(z),
+        1 - alpha,
+    )
+
+
+def welch_ttest(
+    mean_c: float,
+    var_c: float,
+    n_c: int,
+    mean_t: float,
+    var_t: float,
+    n_t: int,
+    alpha: float = 0.05,
+) -> ComparisonResult:
+    """Welch's t-test from summary statistics (sample variances, ddof=1)."""
+    if min(n_c, n_t) < 2:
+        raise ValueError("both variants need at least two observations")
+    se_c, se_t = var_c / n_c, var_t / n_t
+    se = math.sqrt(se_c + se_t)
+    diff = mean_t - mean_c
+    t = diff / se if se > 0 else 0.0
+    df = (
+        (se_c + se_t) ** 2 / (se_c**2 / (n_c - 1) + se_t**2 / (n_t - 1))
+        if se > 0
+        else float(n_c + n_t - 2)
+    )
+    crit = student_t_quantile(1 - alpha / 2, df)
+    rel, rel_ci = _relative(mean_c, se_c, mean_t, se_t, crit)
+    return ComparisonResult(
+        "Welch t-test",
+        mean_c,
+        mean_t,
+        diff,
+        Interval(diff - crit * se, diff + crit * se),
+        rel,
+        rel_ci,
+        t,
+        df,
+        student_t_two_sided_p(t, df),
+        1 - alpha,
+    )
+
+
+@dataclass(frozen=True)
+class SampleRatioCheck:
+    """Chi-square goodness of fit of observed counts against the configured weights."""
+
+    observed: list[int]
+    expected: list[float]
+    statistic: float
+    p_value: float
+    mismatch: bool  # p < threshold: assignment or logging is broken; do not trust results
+    threshold: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_ratio_mismatch(
+    observed: Sequence[int], weights: Sequence[float], threshold: float = 0.001
+) -> SampleRatioCheck:
+    total = sum(observed)
+    wsum = sum(weights)
+    expected = [total * w / wsum for w in weights]
+    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True) if e > 0)
+    p = chi_square_p(statistic, len(observed) - 1) if total else 1.0
+    return SampleRatioCheck(list(observed), expected, statistic, p, p < threshold, threshold)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    m = len(p_values)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def sample_size_proportions(
+    p_control: float,
+    p_candidate: float,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    share_candidate: float = 0.5,
+) -> int:
+    """Total units needed to detect p_control -> p_candidate with a two-sided z-test."""
+    delta = abs(p_candidate - p_control)
+    if delta == 0:
+        raise ValueError("the two proportions must differ")
+    za, zb = normal_quantile(1 - alpha / 2), normal_quantile(power)
+    k = share_candidate
+    variance = p_control * (1 - p_control) / (1 - k) + p_candidate * (1 - p_candidate) / k
+    return math.ceil((za + zb) ** 2 * variance / delta**2)
+
+
+def sample_size_means(
+    sd: float,
+    min_difference: float,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    share_candidate: float = 0.5,
+) -> int:
+    """Total units needed to detect a difference in means of `min_difference`."""
+    za, zb = normal_quantile(1 - alpha / 2), normal_quantile(power)
+    k = share_candidate
+    return math.ceil((za + zb) ** 2 * sd**2 * (1 / k + 1 / (1 - k)) / min_difference**2)

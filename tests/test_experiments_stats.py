@@ -1,0 +1,184 @@
+"""Experiment statistics against independent references, and simulations that show why
+the sequential test is the default for decisions made while watching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportions_ztest
+
+from edgeserve.experiments import sequential
+from edgeserve.experiments.assignment import bucket_ranges, choose_variant, unit_position
+from edgeserve.experiments.stats import (
+    holm,
+    sample_ratio_mismatch,
+    sample_size_proportions,
+    two_proportion_ztest,
+    welch_ttest,
+)
+
+
+@pytest.mark.parametrize(
+    ("x_c", "n_c", "x_t", "n_t"),
+    [(450, 1000, 480, 1000), (90, 1000, 95, 1000), (30, 50, 45, 60), (5, 400, 19, 380)],
+)
+def test_two_proportion_ztest_matches_statsmodels(x_c: int, n_c: int, x_t: int, n_t: int) -> None:
+    ours = two_proportion_ztest(x_c, n_c, x_t, n_t)
+    z, p = proportions_ztest([x_t, x_c], [n_t, n_c])
+    assert ours.statistic == pytest.approx(z, rel=1e-9)
+    assert ours.p_value == pytest.approx(p, rel=1e-9)
+    diff = x_t / n_t - x_c / n_c
+    se = math.sqrt((x_t / n_t) * (1 - x_t / n_t) / n_t + (x_c / n_c) * (1 - x_c / n_c) / n_c)
+    assert ours.absolute_ci.low == pytest.approx(diff - stats.norm.ppf(0.975) * se)
+
+
+def test_welch_ttest_matches_scipy() -> None:
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(10, 2, 80), rng.normal(10.8, 3, 120)
+    ours = welch_ttest(a.mean(), a.var(ddof=1), len(a), b.mean(), b.var(ddof=1), len(b))
+    ref = stats.ttest_ind(b, a, equal_var=False)
+    assert ours.statistic == pytest.approx(ref.statistic, rel=1e-9)
+    assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-7)
+    ci = ref.confidence_interval(0.95)
+    assert (ours.absolute_ci.low, ours.absolute_ci.high) == pytest.approx(
+        (ci.low, ci.high), rel=1e-6
+    )
+
+
+def test_sample_ratio_mismatch_matches_scipy_chisquare() -> None:
+    check = sample_ratio_mismatch([5200, 4800], [0.5, 0.5])
+    ref = stats.chisquare([5200, 4800], [5000, 5000])
+    assert check.statistic == pytest.approx(ref.statistic)
+    assert check.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    assert check.mismatch  # 52/48 at n=10,000 is flagged
+    assert not sample_ratio_mismatch([52, 48], [0.5, 0.5]).mismatch  # not at n=100
+    three = sample_ratio_mismatch([310, 330, 360], [1, 1, 1])
+    assert three.p_value == pytest.approx(stats.chisquare([310, 330, 360]).pvalue, rel=1e-9)
+
+
+def test_holm_matches_statsmodels() -> None:
+    p = [0.01, 0.04, 0.03, 0.005, 0.2]
+    assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
+
+
+def test_sample_size_for_five_points_at_ninety_percent() -> None:
+    n = sample_size_proportions(0.90, 0.95, share_candidate=0.1)
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    assert n == math.ceil(z**2 * (0.9 * 0.1 / 0.9 + 0.95 * 0.05 / 0.1) / 0.05**2)  # 1,806
+
+
+def test_mixture_likelihood_ratio_equals_the_integral_it_stands_for() -> None:
+    """Worked example: the closed form against numerical integration of the mixture
+    N(d; theta, v) / N(d; 0, v) averaged over theta ~ N(0, tau^2)."""
+    for d, v, tau in [
+        (0.03, 0.0004, 0.05),
+        (-0.1, 0.002, 0.02),
+        (0.0, 0.01, 0.1),
+        (0.05, 0.0001, 0.03),
+    ]:
+
+        def integrand(theta: float, d: float = d, v: float = v, tau: float = tau) -> float:
+            return (
+                stats.norm.pdf(d, theta, math.sqrt(v))
+                / stats.norm.pdf(d, 0, math.sqrt(v))
+                * stats.norm.pdf(theta, 0, tau)
+            )
+
+        expected, _ = integrate.quad(integrand, -20 * tau, 20 * tau, limit=200)
+        assert sequential.mixture_likelihood_ratio(d, v, tau) == pytest.approx(expected, rel=1e-6)
+
+
+def test_confidence_sequence_is_where_the_ratio_stays_below_one_over_alpha() -> None:
+    result = sequential.msprt(0.02, 0.0001, 0.03, alpha=0.05)
+    for edge in (result.confidence_sequence.low, result.confidence_sequence.high):
+        # the boundary: a difference of (d - edge) gives Lambda = 1/alpha
+        assert sequential.mixture_likelihood_ratio(0.02 - edge, 0.0001, 0.03) == pytest.approx(
+            20.0, rel=1e-6
+        )
+
+
+def _peeked_false_positive_rates(sims: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    looks = np.arange(100, 5001, 100)
+    seq_hits = fixed_hits = 0
+    for _ in range(sims):
+        c = np.cumsum(rng.random(5000) < 0.9)
+        t = np.cumsum(rng.random(5000) < 0.9)
+        p_running = 1.0
+        seq_rejected = fixed_rejected = False
+        for n in looks:
+            result = sequential.msprt_proportions(
+                int(c[n - 1]), n, int(t[n - 1]), n, previous_p=p_running
+            )
+            p_running = result.always_valid_p_value
+            seq_rejected |= result.significant
+            fixed_rejected |= (
+                two_proportion_ztest(int(c[n - 1]), n, int(t[n - 1]), n).p_value < 0.05
+            )
+        seq_hits += seq_rejected
+        fixed_hits += fixed_rejected
+    return seq_hits / sims, fixed_hits / sims
+
+
+@pytest.mark.slow
+def test_aa_simulation_sequential_holds_alpha_where_peeked_fixed_horizon_does_not() -> None:
+    sequential_fpr, fixed_fpr = _peeked_false_positive_rates(sims=400, seed=11)
+    print(
+        f"\nA/A, 400 experiments, 50 looks each: sequential FPR={sequential_fpr:.3f}, "
+        f"peeked fixed-horizon FPR={fixed_fpr:.3f} (alpha=0.05)"
+    )
+    assert sequential_fpr <= 0.05
+    assert fixed_fpr > 0.10
+
+
+@pytest.mark.slow
+def test_power_simulation_detects_five_points_at_ten_percent_traffic() -> None:
+    rng = np.random.default_rng(3)
+    needed = []
+    for _ in range(100):
+        units = 30_000
+        to_candidate = rng.random(units) < 0.10
+        correct = np.where(to_candidate, rng.random(units) < 0.95, rng.random(units) < 0.90)
+        n_t = np.cumsum(to_candidate)
+        n_c = np.arange(1, units + 1) - n_t
+        x_t = np.cumsum(correct & to_candidate)
+        x_c = np.cumsum(correct & ~to_candidate)
+        p_running = 1.0
+        for n in range(500, units + 1, 250):
+            i = n - 1
+            result = sequential.msprt_proportions(
+                int(x_c[i]), int(n_c[i]), int(x_t[i]), int(n_t[i]), previous_p=p_running
+            )
+            p_running = result.always_valid_p_value
+            if result.significant and result.difference > 0:
+                needed.append(n)
+                break
+    detected = len(needed) / 100
+    print(
+        f"\npower: 0.90 -> 0.95 at 10% traffic detected in {detected:.0%} of 100 runs; "
+        f"median {int(np.median(needed))} units (p90 {int(np.percentile(needed, 90))})"
+    )
+    assert detected >= 0.9
+
+
+def test_assignment_is_sticky_and_moves_only_what_must_move() -> None:
+    units = [f"user-{i}" for i in range(20_000)]
+    before = [choose_variant("exp-1", u, [90, 10]) for u in units]
+    assert before == [choose_variant("exp-1", u, [90, 10]) for u in units]  # sticky
+    after = [choose_variant("exp-1", u, [80, 20]) for u in units]
+    moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    assert all(m == (0, 1) for m in moved)  # only control -> candidate
+    assert abs(len(moved) / len(units) - 0.10) < 0.01
+    assert abs(sum(after) / len(units) - 0.20) < 0.01
+
+
+def test_bucket_ranges_and_positions() -> None:
+    assert bucket_ranges([1, 1, 2]) == [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)]
+    assert 0 <= unit_position("s", "u") < 1
+    assert unit_position("s", "u") != unit_position("t", "u")
+    with pytest.raises(ValueError):
+        bucket_ranges([0, 0])
