@@ -17,6 +17,10 @@ class JobSettings:
     # Server folders a job may read its input from by path; empty = uploads only.
     input_dirs: list[Path] = setting([])
     max_upload_bytes: int = setting(1024**3, min=1024)
+    # Jobs queued or running at once; more are refused with 429 until some finish.
+    max_active_jobs: int = setting(16, min=1, max=10_000)
+    # Finished jobs (and their results) are deleted this long after they ended.
+    keep_finished_s: float = setting(7 * 86400.0, min=0.0)
     # Rows per chunk: the job steps aside for live traffic between chunks.
     chunk_rows: int = setting(512, min=1, max=1_000_000)
     # Finished chunks are made durable (fsync + jobs.db) together at most this often;

@@ -212,3 +212,30 @@ def test_a_malformed_file_fails_the_job_with_a_reason_not_a_trace(server: Runnin
     assert doc["status"] == "failed"
     assert doc["error"].startswith("the input is not valid csv")
     assert "Traceback" not in doc["error"] and "/" not in doc["error"].split(":")[0]
+
+
+def test_finished_jobs_are_forgotten_and_too_many_active_jobs_are_refused(
+    tmp_path: Path, repo: Path
+) -> None:
+    # tiny chunks keep the first job running while the second is submitted
+    extra = "[jobs]\nmax_active_jobs = 1\nkeep_finished_s = 0.5\nchunk_rows = 16\n"
+    config = server_config(repo, extra)
+    with run_server(tmp_path, config_text=config) as srv:
+        big = httpx.post(
+            f"{srv.url}/api/jobs?model=digits", content=parquet_body(300_000), headers=PARQUET
+        )
+        second = httpx.post(
+            f"{srv.url}/api/jobs?model=digits", content=parquet_body(10), headers=PARQUET
+        )
+        assert second.status_code == 429 and second.headers["retry-after"]
+        job_id = big.json()["id"]
+        assert wait_for(srv.url, job_id)["status"] == "done"
+        folder = tmp_path / "state" / "jobs" / job_id
+        deadline = time.monotonic() + 10
+        while (
+            time.monotonic() < deadline
+            and httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code == 200
+        ):
+            time.sleep(0.1)
+        assert httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code == 404
+        assert not folder.exists()

@@ -41,6 +41,7 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
             settings.jobs.busy_share,
             settings.jobs.idle_poll_ms / 1000.0,
         ),
+        keep_finished_s=settings.jobs.keep_finished_s,
         feature_db=settings.features.resolve(state_dir),
     )
     runner.start()

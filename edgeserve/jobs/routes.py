@@ -25,7 +25,14 @@ from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
 from edgeserve.batch.plan import parse_map_options, plan_inputs
-from edgeserve.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLarge
+from edgeserve.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
 from edgeserve.jobs.store import (
     ACTIVE,
     CANCELLED,
@@ -106,6 +113,11 @@ def job_doc(job: Job) -> dict[str, Any]:
 async def create_job(request: Request) -> Response:
     runner = _runner(request)
     settings = request.app.state.settings.jobs
+    if runner.store.count_active() >= settings.max_active_jobs:
+        raise Overloaded(
+            f"{settings.max_active_jobs} jobs are already queued or running; retry later",
+            headers={"Retry-After": "60"},
+        )
     job_id = new_job_id()
     folder = runner.job_dir(job_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -63,6 +63,7 @@ class JobRunner:
         checkpoint_interval_s: float,
         nice: int,
         pacer: LivePacer,
+        keep_finished_s: float = 7 * 86400.0,
         feature_db: Path | None = None,
     ) -> None:
         self.store = store
@@ -73,6 +74,7 @@ class JobRunner:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._nice = nice
         self._pacer = pacer
+        self._keep_finished_s = keep_finished_s
         self._feature_db = feature_db
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -111,6 +113,7 @@ class JobRunner:
         while not self._stop.is_set():
             job = self.store.next_runnable()
             if job is None:
+                self._forget_expired()
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
@@ -185,6 +188,16 @@ class JobRunner:
         errors.finish()
         self._finish(job.id, DONE, None)
         log.info("job done job=%s rows=%d failed=%d", job.id, state.rows_done, state.failed)
+
+    def _forget_expired(self) -> None:
+        """Finished jobs and their files are kept `keep_finished_s`, then removed, so
+        a box that scores a file every day does not fill its disk."""
+        for job_id in self.store.expired(time.time() - self._keep_finished_s):
+            if job_id in self._cancelled:
+                continue
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self.store.delete(job_id)
+            log.info("job forgotten job=%s", job_id)
 
     def _finish(self, job_id: str, status: str, error: str | None) -> None:
         self.store.set_status(

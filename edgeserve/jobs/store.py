@@ -166,6 +166,22 @@ class JobStore:
         with self._lock:
             return self._conn.execute(sql, args).rowcount == 1
 
+    def count_active(self) -> int:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", ACTIVE
+            ).fetchone()[0]
+
+    def expired(self, finished_before: float) -> list[str]:
+        """Jobs that ended (done, failed, cancelled) before the given time."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id FROM jobs WHERE status NOT IN (?, ?) "
+                "AND COALESCE(finished_at, created_at) < ?",
+                (*ACTIVE, finished_before),
+            )
+            return [r[0] for r in rows]
+
     def delete(self, job_id: str) -> None:
         with self._lock:
             self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
