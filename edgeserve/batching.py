@@ -31,6 +31,7 @@ from edgeserve.errors import (
     EdgeserveError,
     InferenceFailed,
     InvalidInput,
+    ModelNotReady,
     Overloaded,
 )
 
@@ -262,7 +263,11 @@ class DynamicBatcher:
         self._running += 1
         self._running_requests += len(batch)
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._executor, self._execute, batch)
+        try:
+            work = loop.run_in_executor(self._executor, self._execute, batch)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            work = loop.create_future()
+            work.set_exception(ModelNotReady("the server is shutting down"))
         work.add_done_callback(lambda done: self._finish(batch, done))
 
     def _execute(self, batch: list[_Pending]) -> list[RunResult | BaseException]:
@@ -309,7 +314,9 @@ class DynamicBatcher:
         self._running_requests -= len(batch)
         try:
             results = done.result()
-        except BaseException as exc:  # the executor refused or a bug: fail the batch, not the loop
+        except ModelNotReady as exc:
+            results = [exc] * len(batch)
+        except BaseException as exc:  # a bug: fail the batch, not the event loop
             log.error("batch failed requests=%d error=%r", len(batch), exc)
             results = [InferenceFailed("the model failed to compute this input")] * len(batch)
         self._learn_speed(results)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeserve.batching import BatchPolicy, DynamicBatcher, build_scheduler
-from edgeserve.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from edgeserve.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 
 
 class FakeRuntime:
@@ -263,3 +263,12 @@ def test_models_without_a_batch_dimension_get_one_call_per_request(executor) -> 
     assert not isinstance(scheduler, DynamicBatcher)
     result = asyncio.run(scheduler.submit(row(2), None, None))
     assert result.outputs["sum"].tolist() == [6.0]
+
+
+def test_requests_after_executor_shutdown_get_503() -> None:
+    runtime = FakeRuntime()
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    batcher = DynamicBatcher(runtime.run, pool, policy())
+    with pytest.raises(ModelNotReady):
+        asyncio.run(batcher.submit(row(1), None, None))
