@@ -109,7 +109,12 @@ def build_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.server.cors_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["authorization", "content-type", "inference-header-content-length"],
+                allow_headers=[
+                    "authorization",
+                    "content-type",
+                    "inference-header-content-length",
+                    "x-request-timeout-ms",
+                ],
             )
         )
     app = Starlette(
