@@ -222,7 +222,7 @@ def test_finished_jobs_are_forgotten_and_too_many_active_jobs_are_refused(
     config = server_config(repo, extra)
     with run_server(tmp_path, config_text=config) as srv:
         big = httpx.post(
-            f"{srv.url}/api/jobs?model=digits", content=parquet_body(300_000), headers=PARQUET
+            f"{srv.url}/api/jobs?model=digits", content=parquet_body(10_000), headers=PARQUET
         )
         second = httpx.post(
             f"{srv.url}/api/jobs?model=digits", content=parquet_body(10), headers=PARQUET
