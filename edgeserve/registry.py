@@ -54,6 +54,7 @@ class VersionStats:
     inference_count: int = 0  # rows
     execution_count: int = 0  # runtime calls
     last_inference_ms: int = 0
+    batches: dict[int, Counter] = field(default_factory=dict)  # runtime calls by batch size
 
 
 SchedulerFactory = Callable[[Runtime, ModelConfig, Executor], Scheduler]
@@ -158,6 +159,8 @@ class ModelVersion:
         stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
         stats.execution_count += result.executions  # 0 when merged into another's call
         stats.last_inference_ms = int(time.time() * 1000)
+        if result.executions:
+            stats.batches.setdefault(result.batch_size, Counter()).add(result.compute_s)
         return result
 
 

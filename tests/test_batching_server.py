@@ -128,6 +128,9 @@ def test_concurrent_requests_are_merged_and_each_caller_gets_its_own_rows(
     assert requests == len(inputs)
     assert after["inference_count"] - before["inference_count"] == sum(len(r) for r in inputs)
     assert calls < requests  # the runtime saw fewer calls than there were requests
+    by_size = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    assert max(by_size) > 2  # at least one call carried several requests' rows
+    assert sum(by_size.values()) == after["execution_count"]
 
 
 def test_full_queue_refuses_at_once_with_429_and_retry_after(server: RunningServer) -> None:

@@ -133,6 +133,7 @@ def test_statistics_and_repository_index(client: triton.InferenceServerClient) -
     stats = client.get_inference_statistics("linear").model_stats[0]
     assert stats.inference_stats.success.count >= 2
     assert stats.inference_stats.cache_hit.count >= 1
+    assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
     index = client.get_model_repository_index()
     assert {(m.name, m.version, m.state) for m in index.models} >= {
         ("linear", "1", "READY"),

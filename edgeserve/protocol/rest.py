@@ -325,7 +325,15 @@ def _stats_doc(m: ModelVersion) -> dict[str, Any]:
             "cache_hit": counter(cache.hit) if cache else zero,
             "cache_miss": counter(cache.miss) if cache else zero,
         },
-        "batch_stats": [],
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": zero,
+                "compute_infer": counter(c),
+                "compute_output": zero,
+            }
+            for size, c in sorted(s.batches.items())
+        ],
     }
 
 
