@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from typing import Any
 
 import orjson
@@ -24,10 +26,12 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from edgeserve.auth.guard import requires
-from edgeserve.errors import EdgeserveError, InvalidInput, PayloadTooLarge
+from edgeserve.batching import RunResult
+from edgeserve.errors import EdgeserveError
 from edgeserve.features import with_features
 from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
+from edgeserve.telemetry.records import InferenceRecord
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +136,18 @@ async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float)
 
 
 async def _infer_one(websocket: WebSocket, name: str, version: str | None, data: bytes) -> bytes:
-    request_id = None
+    """One message's reply (a V2 response, or an error document); always recorded."""
+    started = time.perf_counter()
+    state = websocket.app.state
+    request_id: str | None = None
+    result: RunResult | None = None
+    served_version = version or ""
+    status = 200
     try:
-        state = websocket.app.state
         decoded = decode_request(data, None, state.decode_limits)
         request_id = decoded.id
         model = state.registry.get(name, version)
+        served_version = str(model.version)
         named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
         named = await with_features(
             state, model.config.features, model.inputs, named, decoded.parameters
@@ -147,18 +157,51 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
         model.check_outputs(requested)
         result = await model.infer(feed, requested, deadline=None)
         outputs = [InferOutput(n, a, False) for n, a in result.outputs.items()]
-        body, _ = encode_response(
-            InferResponse(model.name, str(model.version), request_id, outputs)
-        )
+        body, _ = encode_response(InferResponse(model.name, served_version, request_id, outputs))
         return body
-    except (EdgeserveError, InvalidInput, PayloadTooLarge) as exc:
+    except EdgeserveError as exc:
+        status = exc.status
         doc: dict[str, Any] = {"error": exc.message}
     except Exception:
+        status = 500
         log.exception("stream message failed model=%s", name)
         doc = {"error": "internal error"}
+    finally:
+        _record(websocket, request_id, name, served_version, status, result, started)
     if request_id is not None:
         doc["id"] = request_id
     return orjson.dumps(doc)
+
+
+def _record(
+    websocket: WebSocket,
+    request_id: str | None,
+    model: str,
+    version: str,
+    status: int,
+    result: RunResult | None,
+    started: float,
+) -> None:
+    """Each streamed message is an inference like any other for telemetry."""
+    recorder = getattr(websocket.app.state, "recorder", None)
+    if recorder is None:
+        return
+    header = getattr(websocket.app.state, "subject_header", None)
+    subject = websocket.headers.get(header) if header else None
+    recorder.record_inference(
+        InferenceRecord(
+            request_id=request_id or uuid.uuid4().hex,
+            model=model,
+            version=version,
+            status=status,
+            total_s=time.perf_counter() - started,
+            queue_s=result.queue_s if result else 0.0,
+            compute_s=result.compute_s if result else 0.0,
+            batch_size=result.batch_size if result else 0,
+            time_unix=time.time(),
+            subject_hash=recorder.subject_hash(subject) if subject else None,
+        )
+    )
 
 
 ROUTES = [WebSocketRoute("/api/stream/{model:str}", stream)]
