@@ -92,6 +92,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return parse_section(tp, value, path)
     if tp is Any:
         return value
+    if tp is dict:  # a free-form table, validated by its owner
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a table, got {_kind(value)}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"must be true or false, got {_kind(value)}")

@@ -25,6 +25,7 @@ class InferenceRecord:
     subject_hash: str | None = None
     shadow: bool = False
     error: str | None = None
+    prediction: str | None = None  # the top class of a one-row classification, for accuracy
 
 
 @dataclass(frozen=True, slots=True)

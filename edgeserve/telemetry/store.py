@@ -21,7 +21,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import astuple
 from pathlib import Path
@@ -53,6 +53,7 @@ _COLUMNS: dict[str, dict[str, type]] = {
         "subject_hash": str,
         "shadow": int,
         "error": str,
+        "prediction": str,
     },
     "feedback": {"request_id": str, "label": str, "correct": int, "time": float},
     "events": {"name": str, "value": float, "subject_hash": str, "time": float},
@@ -85,6 +86,9 @@ def create_schema(path: Path) -> None:
                 defaults={"synced": 0},
             )
             db[table].create_index(["synced", "seq"], if_not_exists=True)  # type: ignore[union-attr]
+        if "prediction" not in db["inferences"].columns_dict:  # a buffer from before 0.1
+            db["inferences"].add_column("prediction", str)  # type: ignore[union-attr]
+        db["inferences"].create_index(["experiment", "variant"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["drops"].create(
@@ -200,10 +204,8 @@ class TelemetryStore:
         rows: dict[str, list[tuple]] = {}
         for seq, record in batch:
             table = _RECORD_TABLE[type(record)]
-            values = astuple(record)
-            rows.setdefault(table, []).append(
-                (f"{self._boot}-{seq}", *_columns_of(table, values), self.data_region)
-            )
+            values = astuple(record)  # fields are declared in column order
+            rows.setdefault(table, []).append((f"{self._boot}-{seq}", *values, self.data_region))
         try:
             conn.execute("BEGIN")
             for table, values in rows.items():
@@ -245,46 +247,3 @@ class TelemetryStore:
             (table, reason, count),
         )
         self._on_drop(table, reason, count)
-
-
-def _columns_of(table: str, values: tuple) -> Iterable[Any]:
-    """Record fields in the table's column order (records hold them in that order)."""
-    if table == "inferences":
-        (
-            request_id,
-            model,
-            version,
-            status,
-            total_s,
-            queue_s,
-            compute_s,
-            batch_size,
-            t,
-            experiment,
-            variant,
-            top_score,
-            subject_hash,
-            shadow,
-            error,
-        ) = values
-        return (
-            request_id,
-            model,
-            version,
-            status,
-            total_s,
-            queue_s,
-            compute_s,
-            batch_size,
-            t,
-            experiment,
-            variant,
-            top_score,
-            subject_hash,
-            int(shadow),
-            error,
-        )
-    if table == "feedback":
-        request_id, label, correct, t = values
-        return (request_id, label, None if correct is None else int(correct), t)
-    return values
