@@ -189,6 +189,7 @@ class Registry:
         self._versions: dict[str, dict[int, ModelVersion]] = {}
         self._status: dict[str, dict[int, VersionStatus]] = {}
         self._configs: dict[str, ModelConfig] = {}
+        self._default_override: dict[str, int] = {}
 
     # -- lookup -----------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -214,7 +215,18 @@ class Registry:
             )
         raise ModelNotReady(f"model '{name}' version {number} is unavailable: {status.reason}")
 
+    def set_default_version(self, name: str, version: int | None) -> None:
+        """Serve `version` to requests that name none (a promotion, an installed slot);
+        None goes back to model.toml's default_version or the highest ready version."""
+        if version is None:
+            self._default_override.pop(name, None)
+        else:
+            self._default_override[name] = version
+
     def default_version(self, name: str) -> int:
+        override = self._default_override.get(name)
+        if override is not None:
+            return override
         config = self._configs[name]
         if config.default_version is not None:
             return config.default_version
