@@ -38,9 +38,17 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
     echo "install.sh: .venv is up to date"
     exit 0
 fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-"$venv/bin/python" -m pip install -q -e "$here[dev]" 2>&1 | grep -v "is ignored" || true
+# pip's build warnings are noise when it works; on failure show its output (less the
+# harmless "Location ... is ignored" lines) and keep its exit code.
+quiet_pip() {
+    rc=0
+    out=$("$venv/bin/python" -m pip "$@" 2>&1) || rc=$?
+    [ "$rc" = 0 ] || printf '%s\n' "$out" | grep -v -e "is ignored" -e '^$' >&2 || true
+    return "$rc"
+}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
+quiet_pip install -q --upgrade pip || die "could not upgrade pip in $venv"
+quiet_pip install -q -e "$here[dev]" || die "pip install -e '.[dev]' failed (see above)"
 "$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
     || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
 echo "$want" > "$stamp"
