@@ -20,6 +20,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.auth.guard import build_authenticator
 from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.experiments.routes import ROUTES as EXPERIMENT_ROUTES
+from edgeserve.experiments.service import ExperimentService
 from edgeserve.jobs import start_jobs
 from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
 from edgeserve.model_sync import sync_repository
@@ -74,6 +76,7 @@ def build_app(settings: Settings) -> Starlette:
         )
         loading = asyncio.create_task(sync_repository(registry, sources))
         app.state.reload = lambda: _reload(app, registry)
+        experiments = _start_experiments(app, settings, registry)
         app.state.jobs = start_jobs(settings, registry)
         grpc_server = None
         if settings.server.grpc_port:
@@ -92,6 +95,8 @@ def build_app(settings: Settings) -> Starlette:
                 await loading
             await registry.close()
             executor.shutdown(wait=True, cancel_futures=True)
+            if experiments is not None:
+                await experiments.stop()
             if telemetry is not None:
                 await telemetry.stop()
 
@@ -118,7 +123,7 @@ def build_app(settings: Settings) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*V2_ROUTES, *TELEMETRY_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
+        routes=[*V2_ROUTES, *TELEMETRY_ROUTES, *EXPERIMENT_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         middleware=middleware,
@@ -128,10 +133,36 @@ def build_app(settings: Settings) -> Starlette:
     app.state.subject_header = settings.telemetry.subject_header
     app.state.recorder = None
     app.state.telemetry = None
+    app.state.experiments = None
     app.state.authenticator = build_authenticator(
         settings.auth, settings.server.state_dir, settings.server.host
     )
     return app
+
+
+def _start_experiments(
+    app: Starlette, settings: Settings, registry: Registry
+) -> ExperimentService | None:
+    """Experiments from saved state and the config, routing on the request path."""
+    if not settings.experiments.enabled:
+        return None
+
+    def audit(action: str, target: str, outcome: str, subject: str, detail: dict) -> None:
+        log_ = getattr(app.state, "audit", None)
+        if log_ is not None:
+            log_.record(action, target, outcome, subject=subject, detail=detail)
+
+    service = ExperimentService(
+        settings.experiments,
+        settings.server.state_dir,
+        known_models=lambda: {n: sorted(registry.statuses(n)) for n in registry.names()},
+        promote=registry.set_default_version,
+        audit=audit,
+    )
+    service.load()
+    service.start()
+    app.state.experiments = service
+    return service
 
 
 def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> Telemetry | None:

@@ -25,6 +25,8 @@ from edgeserve.errors import (
     Overloaded,
     UnsupportedMediaType,
 )
+from edgeserve.experiments.serving import launch_shadow
+from edgeserve.experiments.serving import route as experiment_route
 from edgeserve.features import with_features
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
@@ -156,6 +158,9 @@ class InferTrace:
     version: str
     result: RunResult | None = None
     top_score: float | None = None
+    prediction: str | None = None
+    experiment: str | None = None
+    variant: str | None = None
 
 
 def _record(request: Request, trace: InferTrace, status: int, started: float) -> int:
@@ -177,16 +182,29 @@ def _record(request: Request, trace: InferTrace, status: int, started: float) ->
             time_unix=time.time(),
             top_score=trace.top_score,
             subject_hash=recorder.subject_hash(subject) if subject else None,
+            experiment=trace.experiment,
+            variant=trace.variant,
+            prediction=trace.prediction,
         )
     )
 
 
-def _top_score(outputs: dict[str, np.ndarray]) -> float | None:
-    """Mean of each row's highest score, from the first [rows, classes] float output."""
+def _prediction(outputs: dict[str, np.ndarray]) -> tuple[str | None, float | None]:
+    """(predicted class of a one-row request, mean top score) from a classifier's outputs.
+
+    The class is an integer output with one element, else the argmax of the first
+    [rows, classes] float output; the score is that output's mean row maximum.
+    """
+    label: str | None = None
+    score: float | None = None
     for array in outputs.values():
-        if array.ndim == 2 and array.dtype.kind == "f" and array.size:
-            return float(array.max(axis=1).mean())
-    return None
+        if array.dtype.kind in "iu" and array.size == 1 and label is None:
+            label = str(array.reshape(-1)[0])
+        elif array.ndim == 2 and array.dtype.kind == "f" and array.size and score is None:
+            score = float(array.max(axis=1).mean())
+            if array.shape[0] == 1 and label is None:
+                label = str(int(array[0].argmax()))
+    return label, score
 
 
 async def _infer(request: Request, trace: InferTrace) -> Response:
@@ -210,6 +228,10 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
     )
     if decoded.id:
         trace.request_id = decoded.id[:128]
+    routing = experiment_route(request, name, trace.request_id) if version is None else None
+    if routing is not None and routing.version is not None:
+        version = str(routing.version)
+        trace.experiment, trace.variant = routing.experiment, routing.variant
     model = registry.get(name, version)  # again: a hot swap may have happened meanwhile
     named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
     named = await with_features(  # inputs a model.toml [features] table takes from the store
@@ -224,7 +246,7 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
     trace.version = str(model.version)
     result = await model.infer(feed, requested, deadline=deadline)
     trace.result = result
-    trace.top_score = _top_score(result.outputs)
+    trace.prediction, trace.top_score = _prediction(result.outputs)
     binary = {o.name: o.binary for o in decoded.outputs or ()}
     outputs = [
         InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in result.outputs.items()
@@ -234,6 +256,21 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
         InferResponse(model.name, str(model.version), response_id, outputs)
     )
     headers = {"x-request-id": trace.request_id}
+    if trace.experiment:
+        headers["x-edgeserve-variant"] = f"{trace.experiment}/{trace.variant}"
+    if routing is not None and routing.shadow is not None:
+        subject = request.headers.get(request.app.state.subject_header)
+        recorder = request.app.state.recorder
+        launch_shadow(
+            request,
+            name,
+            routing,
+            feed,
+            requested,
+            trace.request_id,
+            recorder.subject_hash(subject) if subject and recorder else None,
+            _prediction,
+        )
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
         return Response(body_out, media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,286 @@
+"""An experiment report: per-variant estimates, tests with labelled numbers, SRM, power,
+and the decision the engine would take now.
+
+Decisions use the sequential test (valid under continuous peeking); the fixed-horizon
+tests are shown next to it, Holm-adjusted across all comparisons of the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeserve.experiments import sequential
+from edgeserve.experiments.model import Experiment
+from edgeserve.experiments.observations import Observations
+from edgeserve.experiments.stats import (
+    holm,
+    sample_ratio_mismatch,
+    sample_size_proportions,
+    two_proportion_ztest,
+    welch_ttest,
+)
+
+MIN_FOR_ABSOLUTE_GUARDRAILS = 20
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "continue" | "advance" | "promote" | "rollback"
+    reason: str
+    variant: str | None = None
+
+
+def _proportion(
+    metric: str,
+    kind: str,
+    better: str,
+    c: tuple[int, int],
+    t: tuple[int, int],
+    alpha: float,
+    tau: float,
+    prev: float,
+) -> dict[str, Any] | None:
+    (xc, nc), (xt, nt) = c, t
+    if min(nc, nt) < 2:
+        return None
+    return {
+        "metric": metric,
+        "kind": kind,
+        "better_when": better,
+        "fixed_horizon": two_proportion_ztest(xc, nc, xt, nt, alpha).as_dict(),
+        "sequential": sequential.msprt_proportions(xc, nc, xt, nt, alpha, tau, prev).as_dict(),
+    }
+
+
+def _means(
+    metric: str,
+    kind: str,
+    better: str,
+    c: np.ndarray,
+    t: np.ndarray,
+    alpha: float,
+    tau: float,
+    prev: float,
+) -> dict[str, Any] | None:
+    if min(c.size, t.size) < 2:
+        return None
+    mc, vc, mt, vt = float(c.mean()), float(c.var(ddof=1)), float(t.mean()), float(t.var(ddof=1))
+    return {
+        "metric": metric,
+        "kind": kind,
+        "better_when": better,
+        "fixed_horizon": welch_ttest(mc, vc, c.size, mt, vt, t.size, alpha).as_dict(),
+        "sequential": sequential.msprt_means(
+            mc, vc, c.size, mt, vt, t.size, alpha, tau, prev
+        ).as_dict(),
+    }
+
+
+def _variant_doc(exp: Experiment, o: Observations) -> dict[str, Any]:
+    weight = next(v.weight for v in exp.variants if v.name == o.variant)
+    return {
+        "name": o.variant,
+        "version": o.version,
+        "weight": weight,
+        "requests": o.requests,
+        "errors": o.errors,
+        "error_rate": o.errors / o.requests if o.requests else None,
+        "latency_ms": {"p50": o.latency_ms(50), "p95": o.latency_ms(95), "p99": o.latency_ms(99)},
+        "mean_confidence": float(o.confidence.mean()) if o.confidence.size else None,
+        "labelled": o.labelled,
+        "accuracy": o.correct / o.labelled if o.labelled else None,
+        "units": o.units,
+        "kpi_mean": float(o.kpi_values.mean()) if o.kpi_values.size else None,
+    }
+
+
+def build_report(
+    exp: Experiment,
+    observations: list[Observations],
+    alpha: float,
+    tau_relative: float,
+    min_samples: int,
+) -> dict[str, Any]:
+    control = observations[0]
+    comparisons: list[dict[str, Any]] = []
+    for cand in observations[1:]:
+        prev = exp.running_p
+        for doc in (
+            _primary(exp, control, cand, alpha, tau_relative, prev),
+            _proportion(
+                "error_rate",
+                "guardrail",
+                "lower",
+                (control.errors, control.requests),
+                (cand.errors, cand.requests),
+                alpha,
+                tau_relative,
+                prev.get(f"{cand.variant}/error_rate", 1.0),
+            ),
+            _means(
+                "latency_s",
+                "guardrail",
+                "lower",
+                control.latencies_s,
+                cand.latencies_s,
+                alpha,
+                tau_relative,
+                prev.get(f"{cand.variant}/latency_s", 1.0),
+            ),
+        ):
+            if doc is not None:
+                doc["variant"] = cand.variant
+                comparisons.append(doc)
+    adjusted = holm([c["fixed_horizon"]["p_value"] for c in comparisons])
+    for c, p in zip(comparisons, adjusted, strict=True):
+        c["fixed_horizon"]["holm_adjusted_p_value"] = p
+    # Traffic to a shadow candidate is a copy, not a split: SRM compares split counts only.
+    srm = (
+        sample_ratio_mismatch([o.requests for o in observations], exp.weights).as_dict()
+        if exp.mode == "split" and sum(o.requests for o in observations)
+        else None
+    )
+    report = {
+        "experiment": exp.to_json(),
+        "variants": [_variant_doc(exp, o) for o in observations],
+        "sample_ratio_mismatch": srm,
+        "comparisons": comparisons,
+        "power": _power(exp, control),
+        "notes": {
+            "difference": "candidate minus control",
+            "sequential": "mixture SPRT (Johari et al.): p-values valid at any look",
+            "fixed_horizon": "valid only if looked at once, at the planned sample size",
+            "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",
+        },
+    }
+    report["decision"] = decide(exp, observations, comparisons, srm, min_samples).__dict__
+    return report
+
+
+def _primary(
+    exp: Experiment,
+    c: Observations,
+    t: Observations,
+    alpha: float,
+    tau: float,
+    prev: dict[str, float],
+) -> dict[str, Any] | None:
+    metric = exp.primary_metric
+    key = f"{t.variant}/{metric}"
+    if metric == "accuracy":
+        return _proportion(
+            metric,
+            "primary",
+            "higher",
+            (c.correct, c.labelled),
+            (t.correct, t.labelled),
+            alpha,
+            tau,
+            prev.get(key, 1.0),
+        )
+    if metric == "confidence":
+        return _means(
+            metric, "primary", "higher", c.confidence, t.confidence, alpha, tau, prev.get(key, 1.0)
+        )
+    if metric.startswith("conversion:"):
+        return _proportion(
+            metric,
+            "primary",
+            "higher",
+            (int(c.kpi_values.sum()), c.kpi_values.size),
+            (int(t.kpi_values.sum()), t.kpi_values.size),
+            alpha,
+            tau,
+            prev.get(key, 1.0),
+        )
+    return _means(
+        metric, "primary", "higher", c.kpi_values, t.kpi_values, alpha, tau, prev.get(key, 1.0)
+    )
+
+
+def _power(exp: Experiment, control: Observations) -> dict[str, Any] | None:
+    if exp.primary_metric != "accuracy" or not control.labelled:
+        return None
+    base = min(max(control.correct / control.labelled, 0.01), 0.94)
+    share = 1 - exp.variants[0].weight / sum(exp.weights) if sum(exp.weights) else 0.5
+    share = min(max(share, 0.01), 0.99)
+    return {
+        "assumed_control_accuracy": base,
+        "detectable_improvement": 0.05,
+        "alpha": 0.05,
+        "power": 0.8,
+        "candidate_share": share,
+        "labelled_units_needed": sample_size_proportions(base, base + 0.05, share_candidate=share),
+    }
+
+
+def decide(
+    exp: Experiment,
+    observations: list[Observations],
+    comparisons: list[dict],
+    srm: dict | None,
+    min_samples: int,
+) -> Decision:
+    """Rollback as soon as a guardrail is breached; promote when the primary wins."""
+    for cand in observations[1:]:
+        if cand.requests >= MIN_FOR_ABSOLUTE_GUARDRAILS:
+            rate = cand.errors / cand.requests
+            if rate > exp.max_error_rate:
+                return Decision(
+                    "rollback",
+                    f"{cand.variant}: error rate {rate:.3f} over the limit {exp.max_error_rate}",
+                    cand.variant,
+                )
+            p99 = cand.latency_ms(99)
+            if exp.max_p99_ms and p99 is not None and p99 > exp.max_p99_ms:
+                return Decision(
+                    "rollback",
+                    f"{cand.variant}: p99 {p99:.1f} ms over the limit {exp.max_p99_ms} ms",
+                    cand.variant,
+                )
+    for c in comparisons:
+        seq = c["sequential"]
+        worse = seq["difference"] > 0 if c["better_when"] == "lower" else seq["difference"] < 0
+        if c["kind"] == "guardrail" and seq["significant"] and worse:
+            return Decision(
+                "rollback",
+                f"{c['variant']}: {c['metric']} significantly worse "
+                f"(always-valid p={seq['always_valid_p_value']:.4g})",
+                c["variant"],
+            )
+    if srm is not None and srm["mismatch"]:
+        return Decision(
+            "continue",
+            f"sample ratio mismatch (p={srm['p_value']:.2g}): "
+            "assignment or logging is broken, no decision is taken",
+        )
+    for c in comparisons:
+        if c["kind"] != "primary":
+            continue
+        seq = c["sequential"]
+        n = min(
+            o.labelled if exp.primary_metric == "accuracy" else o.requests for o in observations
+        )
+        if n < min_samples:
+            return Decision("continue", f"waiting for {min_samples} samples per variant (have {n})")
+        if seq["significant"] and seq["difference"] > 0:
+            guard_worse = [
+                g
+                for g in comparisons
+                if g["kind"] == "guardrail"
+                and g["variant"] == c["variant"]
+                and g["sequential"]["significant"]
+                and g["sequential"]["difference"] > 0
+            ]
+            if not guard_worse:
+                action = "advance" if exp.stages and exp.stage < len(exp.stages) - 1 else "promote"
+                return Decision(
+                    action,
+                    f"{c['variant']}: {c['metric']} significantly better "
+                    f"(always-valid p={seq['always_valid_p_value']:.4g})",
+                    c["variant"],
+                )
+    return Decision("continue", "no significant difference yet")

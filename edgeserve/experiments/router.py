@@ -1,0 +1,58 @@
+"""Which version serves a request: the experiment assignment on the request path.
+
+Pure and cheap: a dictionary lookup for the model's active experiment, one SHA-256 of
+the unit id, a walk over a few ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeserve.experiments.assignment import choose_variant
+from edgeserve.experiments.flags import FlagStore
+from edgeserve.experiments.model import Experiment, Variant
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    version: int | None  # None: no experiment, serve the default version
+    experiment: str | None = None
+    variant: str | None = None
+    shadow: Variant | None = None  # a candidate that gets a copy of the request
+
+
+NO_EXPERIMENT = Routing(None)
+
+
+class ExperimentRouter:
+    """Holds the active experiment per model; `route` assigns a request to a variant."""
+
+    def __init__(self, flags: FlagStore) -> None:
+        self.flags = flags
+        self._active: dict[str, Experiment] = {}
+
+    def publish(self, experiments: list[Experiment]) -> None:
+        """Replace the routing table (called whenever an experiment changes)."""
+        self._active = {e.model: e for e in experiments if e.status == "active"}
+
+    def model_allowed(self, model: str, unit: str) -> bool:
+        return self.flags.allows(f"model.{model}", unit)
+
+    def route(self, model: str, unit_of: Callable[[str], str | None]) -> Routing:
+        exp = self._active.get(model)
+        if exp is None:
+            return NO_EXPERIMENT
+        unit = unit_of(exp.unit)
+        control = exp.variants[0]
+        if unit is None:  # no unit id: the control, outside the experiment
+            return Routing(control.version)
+        if exp.mode == "shadow":
+            candidate = exp.variants[1]
+            if exp.flag and not self.flags.allows(exp.flag, unit):
+                candidate = None
+            return Routing(control.version, exp.id, control.name, candidate)
+        if exp.flag and not self.flags.allows(exp.flag, unit):
+            return Routing(control.version, exp.id, control.name)
+        chosen = exp.variants[choose_variant(exp.salt, unit, exp.weights)]
+        return Routing(chosen.version, exp.id, chosen.name)

@@ -1,0 +1,247 @@
+"""Experiments as the server runs them: definitions, persistence, routing, decisions.
+
+State lives in `<state_dir>/experiments.json`, rewritten atomically on every change
+(write temp, fsync, rename, fsync the folder), so a restart resumes every experiment
+with the same salts, weights and stage. The decision loop runs the report for each
+`auto` experiment every `decision_interval_s` and acts on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeserve.errors import Conflict, InvalidInput, NotFound
+from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
+from edgeserve.experiments.model import Experiment, experiment_from_json
+from edgeserve.experiments.observations import observe
+from edgeserve.experiments.report import build_report
+from edgeserve.experiments.router import ExperimentRouter
+from edgeserve.experiments.settings import ExperimentSettings
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {"pause": "paused", "resume": "active", "stop": "stopped", "conclude": "concluded"}
+
+
+class ExperimentService:
+    def __init__(
+        self,
+        settings: ExperimentSettings,
+        state_dir: Path,
+        known_models: Callable[[], dict[str, list[int]]],
+        promote: Callable[[str, int], Any],
+        audit: Callable[[str, str, str, str, dict], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.path = state_dir / "experiments.json"
+        self.telemetry_db = state_dir / "telemetry.db"
+        self._known_models = known_models
+        self._promote = promote
+        self._audit = audit or (lambda action, target, outcome, subject, detail: None)
+        self.flags = FlagStore([flag_from_json(n, d) for n, d in settings.flags.items()])
+        self.router = ExperimentRouter(self.flags)
+        self.experiments: dict[str, Experiment] = {}
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self.shadow_in_flight = 0
+        self.shadow_skipped = 0
+        self.shadow_tasks: set[asyncio.Task] = set()
+
+    # -- state --------------------------------------------------------------------
+    def load(self) -> None:
+        """Saved state first; config definitions are added when not saved yet."""
+        saved: dict[str, Any] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+        known = self._known_models()
+        for doc in saved.get("experiments", []):
+            try:
+                exp = experiment_from_json(doc, known_models=known)
+            except InvalidInput as exc:
+                log.error("saved experiment skipped id=%s reason=%r", doc.get("id"), str(exc))
+                continue
+            self.experiments[exp.id] = exp
+        for name, doc in saved.get("flags", {}).items():
+            self.flags.put(flag_from_json(name, doc))
+        for doc in self.settings.define:
+            if doc.get("id") not in self.experiments:
+                exp = experiment_from_json(doc, known_models=known)
+                exp.note("created", "from the config")
+                self.experiments[exp.id] = exp
+        self._check_one_active_per_model()
+        self._publish()
+
+    def _check_one_active_per_model(self) -> None:
+        models = [e.model for e in self.experiments.values() if e.status == "active"]
+        dupes = {m for m in models if models.count(m) > 1}
+        if dupes:
+            raise InvalidInput(f"model {sorted(dupes)[0]!r} has more than one active experiment")
+
+    def _publish(self) -> None:
+        self.router.publish(list(self.experiments.values()))
+        self._save()
+
+    def _save(self) -> None:
+        doc = {
+            "experiments": [e.to_json() for e in self.experiments.values()],
+            "flags": {
+                f.name: {"enabled": f.enabled, "rollout_percent": f.rollout_percent}
+                for f in self.flags.all()
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".experiments-")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(doc, out, indent=1)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- API ----------------------------------------------------------------------
+    def get(self, exp_id: str) -> Experiment:
+        exp = self.experiments.get(exp_id)
+        if exp is None:
+            raise NotFound(f"unknown experiment '{exp_id[:64]}'")
+        return exp
+
+    def create(self, doc: Any, subject: str) -> Experiment:
+        exp = experiment_from_json(doc, known_models=self._known_models())
+        if exp.id in self.experiments:
+            raise Conflict(f"experiment '{exp.id}' exists")
+        if exp.status == "active" and any(
+            e.model == exp.model and e.status == "active" for e in self.experiments.values()
+        ):
+            raise Conflict(f"model '{exp.model}' already has an active experiment")
+        exp.note("created", f"by {subject or 'anonymous'}")
+        self.experiments[exp.id] = exp
+        self._publish()
+        self._audit("experiment.create", exp.id, "ok", subject, {"model": exp.model})
+        return exp
+
+    def act(self, exp_id: str, action: str, subject: str) -> Experiment:
+        exp = self.get(exp_id)
+        if action not in ACTIONS:
+            raise NotFound(f"unknown action '{action[:32]}'")
+        if exp.status == "concluded":
+            raise Conflict(f"experiment '{exp_id}' is concluded")
+        target = ACTIONS[action]
+        if target == "active" and any(
+            e.model == exp.model and e.status == "active" and e.id != exp.id
+            for e in self.experiments.values()
+        ):
+            raise Conflict(f"model '{exp.model}' already has an active experiment")
+        exp.status = target
+        exp.note(action, f"by {subject or 'anonymous'}")
+        self._publish()
+        self._audit(f"experiment.{action}", exp.id, "ok", subject, {})
+        return exp
+
+    def set_weights(self, exp_id: str, weights: Any, subject: str) -> Experiment:
+        exp = self.get(exp_id)
+        if (
+            not isinstance(weights, list)
+            or len(weights) != len(exp.variants)
+            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights)
+            or sum(weights) <= 0
+        ):
+            raise InvalidInput(f"'weights' must be {len(exp.variants)} numbers >= 0, not all 0")
+        for variant, weight in zip(exp.variants, weights, strict=True):
+            variant.weight = float(weight)
+        exp.note("weights", f"{weights} by {subject or 'anonymous'}")
+        self._publish()
+        self._audit("experiment.weights", exp.id, "ok", subject, {"weights": weights})
+        return exp
+
+    def put_flag(self, name: str, doc: Any, subject: str) -> Flag:
+        flag = flag_from_json(name, doc)
+        self.flags.put(flag)
+        self._save()
+        self._audit(
+            "flag.set",
+            name,
+            "ok",
+            subject,
+            {"enabled": flag.enabled, "rollout_percent": flag.rollout_percent},
+        )
+        return flag
+
+    async def report(self, exp_id: str) -> dict[str, Any]:
+        exp = self.get(exp_id)
+        observations = await asyncio.to_thread(observe, self.telemetry_db, exp)
+        s = self.settings
+        return build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+
+    # -- automatic decisions --------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._decide_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _decide_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.decision_interval_s)
+            for exp in list(self.experiments.values()):
+                if exp.auto and exp.status == "active":
+                    try:
+                        await self.decide(exp)
+                    except Exception as exc:  # one broken experiment must not stop the rest
+                        log.error("experiment decision failed id=%s error=%r", exp.id, str(exc))
+
+    async def decide(self, exp: Experiment) -> str:
+        """Run the report and act on its decision; the action taken."""
+        async with self._lock:
+            report = await self.report(exp.id)
+            for c in report["comparisons"]:
+                key = f"{c['variant']}/{c['metric']}"
+                exp.running_p[key] = c["sequential"]["always_valid_p_value"]
+            decision = report["decision"]
+            action, reason = decision["action"], decision["reason"]
+            if action == "rollback":
+                for v in exp.variants[1:]:
+                    v.weight = 0.0
+                exp.status, exp.decision, exp.reason = "concluded", "rolled_back", reason
+                exp.note("rolled_back", reason)
+            elif action == "advance":
+                exp.stage += 1
+                exp.set_candidate_share(exp.stages[exp.stage])
+                exp.running_p.clear()  # a new stage is a new test
+                exp.note("advanced", f"stage {exp.stage}: {exp.stages[exp.stage]}%; {reason}")
+            elif action == "promote":
+                winner = next(v for v in exp.variants if v.name == decision["variant"])
+                await _maybe_await(self._promote(exp.model, winner.version))
+                exp.status, exp.decision, exp.reason = "concluded", "promoted", reason
+                exp.note("promoted", f"version {winner.version}: {reason}")
+            if action != "continue":
+                log.warning("experiment decision id=%s action=%s reason=%r", exp.id, action, reason)
+                self._audit(
+                    f"experiment.{action}", exp.id, "ok", "decision-engine", {"reason": reason}
+                )
+            self._publish()
+            return action
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value):
+        await value
