@@ -246,10 +246,12 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        """Every declared model has its default version ready."""
+        """Every declared version has finished loading, and each model's default serves."""
         if not self._status:
             return False
-        for name in self._status:
+        for name, statuses in self._status.items():
+            if any(s.state is VersionState.LOADING for s in statuses.values()):
+                return False
             try:
                 self.get(name)
             except (ModelNotReady, ModelNotFound):
