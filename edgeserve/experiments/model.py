@@ -4,7 +4,6 @@ the metrics that decide it, and where it stands."""
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,7 +69,25 @@ class Experiment:
 
 
 def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Experiment:
-    """Validate a definition (API body, config table or saved state); errors name the field."""
+    """Validate a definition (API body, config table or saved state) against the loaded
+    models; errors name the field."""
+    exp = parse_definition(doc)
+    if exp.model not in known_models:
+        raise InvalidInput(f"'model': unknown model {exp.model[:64]!r}")
+    for i, variant in enumerate(exp.variants):
+        if variant.version not in known_models[exp.model]:
+            raise InvalidInput(
+                f"variants[{i}].version: model {exp.model} has no version {variant.version!r}"
+            )
+    return exp
+
+
+def parse_definition(doc: Any) -> Experiment:
+    """Check a definition's shape and values without knowing which models are loaded,
+    so the config can be refused at start-up, before any model is read.
+
+    The salt defaults to the id: assignment then survives the loss of saved state, and
+    a new experiment gets new buckets by taking a new id (or an explicit salt)."""
     if not isinstance(doc, dict):
         raise InvalidInput("an experiment must be a JSON object")
     allowed = {f for f in Experiment.__dataclass_fields__}
@@ -81,8 +98,8 @@ def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Exp
     if not isinstance(exp_id, str) or not EXPERIMENT_ID.match(exp_id):
         raise InvalidInput("'id' must be 1-64 letters, digits, '_', '.', '-'")
     model = doc.get("model")
-    if model not in known_models:
-        raise InvalidInput(f"'model': unknown model {str(model)[:64]!r}")
+    if not isinstance(model, str) or not EXPERIMENT_ID.match(model):
+        raise InvalidInput("'model' must be a model name")
     raw_variants = doc.get("variants")
     if not isinstance(raw_variants, list) or not 2 <= len(raw_variants) <= 8:
         raise InvalidInput("'variants' must list 2 to 8 variants (the first is the control)")
@@ -90,15 +107,14 @@ def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Exp
     for i, raw in enumerate(raw_variants):
         if not isinstance(raw, dict):
             raise InvalidInput(f"variants[{i}] must be an object")
+        extra = set(raw) - {"name", "version", "weight"}
+        if extra:
+            raise InvalidInput(f"variants[{i}]: unknown field '{sorted(extra)[0]}'")
         name, version, weight = raw.get("name"), raw.get("version"), raw.get("weight", 1)
         if not isinstance(name, str) or not EXPERIMENT_ID.match(name):
             raise InvalidInput(f"variants[{i}].name must be a short name")
-        if (
-            isinstance(version, bool)
-            or not isinstance(version, int)
-            or version not in known_models[model]
-        ):
-            raise InvalidInput(f"variants[{i}].version: model {model} has no version {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidInput(f"variants[{i}].version must be a version number >= 0")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise InvalidInput(f"variants[{i}].weight must be a number >= 0")
         variants.append(Variant(name, version, float(weight)))
@@ -150,7 +166,7 @@ def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Exp
     if exp.mode == "shadow" and len(variants) != 2:
         raise InvalidInput("shadow mode takes exactly two variants: control and candidate")
     if not exp.salt:
-        exp.salt = f"{exp.id}-{secrets.token_hex(4)}"
+        exp.salt = exp.id
     if not exp.created:
         exp.created = time.time()
     if exp.stages and "variants" in doc and exp.stage < len(exp.stages) and not doc.get("history"):

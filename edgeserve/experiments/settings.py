@@ -1,10 +1,18 @@
-"""The [experiments] section of edgeserve.toml."""
+"""The [experiments] section of edgeserve.toml.
+
+Experiment definitions and flags are checked here, when the config is read, so a typo
+stops start-up with the key at fault instead of surfacing once the models are loaded.
+Whether each variant's model version exists is checked later, against the registry.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeserve.settings_schema import setting
+from edgeserve.errors import InvalidInput
+from edgeserve.experiments.flags import flag_from_json
+from edgeserve.experiments.model import parse_definition
+from edgeserve.settings_schema import ConfigError, setting
 
 
 @dataclass(frozen=True)
@@ -17,8 +25,24 @@ class ExperimentSettings:
     min_samples: int = setting(200, min=10)  # per variant before any automatic decision
     tau_relative: float = setting(0.1, min=0.001, max=10.0)  # mixture scale, in metric SDs
     shadow_max_in_flight: int = setting(4, min=1, max=1024)
-    # Experiments defined in the config, as inline tables with the API's fields, e.g.
-    # define = [{id = "digits-v2", model = "digits", variants = [...], unit = "header:x-user-id"}]
+    # Experiments defined in the config: [[experiments.define]] tables (or inline tables)
+    # with the API's fields; see edgeserve.toml for every key.
     define: list[dict] = setting([])
     # Flags defined in the config: {name = {enabled = true, rollout_percent = 100}}
     flags: dict[str, dict] = setting({})
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, doc in enumerate(self.define):
+            try:
+                exp = parse_definition(doc)
+            except InvalidInput as exc:
+                raise ConfigError(f"experiments.define[{i}]", exc.message) from None
+            if exp.id in seen:
+                raise ConfigError(f"experiments.define[{i}].id", f"'{exp.id}' is defined twice")
+            seen.add(exp.id)
+        for name, doc in self.flags.items():
+            try:
+                flag_from_json(name, doc)
+            except InvalidInput as exc:
+                raise ConfigError(f"experiments.flags.{name}", exc.message) from None
