@@ -142,11 +142,17 @@ class SampleRatioCheck:
 def sample_ratio_mismatch(
     observed: Sequence[int], weights: Sequence[float], threshold: float = 0.001
 ) -> SampleRatioCheck:
+    """A variant with weight 0 takes no part in the test, unless it received traffic:
+    then assignment is certainly broken (statistic inf, p 0)."""
     total = sum(observed)
     wsum = sum(weights)
     expected = [total * w / wsum for w in weights]
-    statistic = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True) if e > 0)
-    p = chi_square_p(statistic, len(observed) - 1) if total else 1.0
+    pairs = list(zip(observed, expected, strict=True))
+    if any(o > 0 and e == 0 for o, e in pairs):
+        return SampleRatioCheck(list(observed), expected, math.inf, 0.0, True, threshold)
+    statistic = sum((o - e) ** 2 / e for o, e in pairs if e > 0)
+    categories = sum(1 for _, e in pairs if e > 0)
+    p = chi_square_p(statistic, categories - 1) if total and categories > 1 else 1.0
     return SampleRatioCheck(list(observed), expected, statistic, p, p < threshold, threshold)
 
 
