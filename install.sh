@@ -1,55 +1,405 @@
 #!/bin/sh
-# edgeserve installer. `./install.sh --dev` makes a development setup in ./.venv.
-# (The box install with systemd comes with the packaging work; see packaging/.)
+# edgeserve installer: a development setup (--dev) or a box install with systemd.
+# POSIX sh; every step checks before it acts, so running it twice changes nothing.
 set -eu
 
 usage() {
     cat <<'USAGE'
-Usage: ./install.sh --dev
-  --dev    create ./.venv with edgeserve and its test tools (idempotent)
-  --help   show this help
+Usage:
+  ./install.sh --dev                  development setup in ./.venv (the README's commands)
+  sudo ./install.sh [options]         install on this box as a systemd service
+  sudo ./install.sh --uninstall [--purge] [options]
+
+Box install: a virtual environment under PREFIX with edgeserve from this checkout (or
+--wheel), the models from ./models, the system user "edgeserve", CONFIG_DIR/edgeserve.toml
+from the default (an existing one is never overwritten), STATE_DIR (0700), the token
+signing key and the at-rest master key, and the systemd unit, enabled and started; it
+waits until /v2/health/ready answers 200.
+
+Options:
+  --dev               create ./.venv with edgeserve and its test tools, then stop
+  --prefix DIR        program location (default /opt/edgeserve)
+  --wheel FILE        install this wheel instead of the checkout
+  --config-dir DIR    config location (default /etc/edgeserve)
+  --state-dir DIR     state location (default /var/lib/edgeserve)
+  --python PY         interpreter for the venv (default: $PYTHON or python3; 3.10+)
+  --no-systemd        no unit, no system user; files belong to whoever runs this
+  --no-start          install and enable the unit but do not start it
+  --uninstall         remove the service and the program; keep config and state
+  --purge             with --uninstall: also remove config, state and the user
+  -h, --help          show this help
+
+Examples:
+  ./install.sh --dev && .venv/bin/edgeserve serve
+  sudo ./install.sh --prefix /opt/edgeserve
+  ./install.sh --prefix /tmp/es --config-dir /tmp/es-etc --state-dir /tmp/es-state --no-systemd
 USAGE
 }
 
-die() { echo "install.sh: $*" >&2; exit 1; }
-
-mode=""
-for arg in "$@"; do
-    case "$arg" in
-        --dev) mode=dev ;;
-        -h|--help) usage; exit 0 ;;
-        *) usage >&2; exit 2 ;;
-    esac
-done
-[ "$mode" = dev ] || { usage >&2; exit 2; }
+say() { echo "install.sh: $*"; }
+die() {
+    echo "install.sh: $*" >&2
+    exit 1
+}
 
 here=$(cd "$(dirname "$0")" && pwd)
+mode=box
+prefix=/opt/edgeserve
+wheel=""
+config_dir=/etc/edgeserve
+state_dir=/var/lib/edgeserve
 python=${PYTHON:-python3}
-command -v "$python" >/dev/null 2>&1 || die "python3 not found; install Python 3.10 or newer"
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "Python 3.10 or newer is needed, found $("$python" -V 2>&1)"
-"$python" -c 'import venv, ensurepip' 2>/dev/null \
-    || die "the Python venv module is missing (Debian: apt-get install python3-venv)"
+systemd=yes
+start=yes
+purge=no
+explicit=""
 
-venv="$here/.venv"
-stamp="$venv/.edgeserve-installed"
-want=$(cat "$here/pyproject.toml" | cksum)
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    echo "install.sh: .venv is up to date"
-    exit 0
-fi
+usage_error() {
+    echo "install.sh: $*; see ./install.sh --help" >&2
+    exit 2
+}
+need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || usage_error "$1 needs a value"; }
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$(pwd)/$1" ;; esac; }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --dev) mode=dev ;;
+        --uninstall) mode=uninstall ;;
+        --purge) purge=yes ;;
+        --no-systemd) systemd=no ;;
+        --no-start) start=no ;;
+        --prefix) need_value "$@"; prefix=$(absolute "$2"); shift ;;
+        --wheel) need_value "$@"; wheel=$(absolute "$2"); shift ;;
+        --config-dir) need_value "$@"; config_dir=$(absolute "$2"); explicit="$explicit config"; shift ;;
+        --state-dir) need_value "$@"; state_dir=$(absolute "$2"); explicit="$explicit state"; shift ;;
+        --python) need_value "$@"; python=$2; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage_error "unknown option: $1" ;;
+    esac
+    shift
+done
+[ "$purge" = no ] || [ "$mode" = uninstall ] || usage_error "--purge goes with --uninstall"
+
+# --- checks ------------------------------------------------------------------------------
+
+check_python() {
+    command -v "$python" >/dev/null 2>&1 \
+        || die "$python not found; install Python 3.10 or newer (Debian: apt-get install python3)"
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+        || die "Python 3.10 or newer is needed, found $("$python" -V 2>&1)"
+    "$python" -c 'import venv, ensurepip' 2>/dev/null \
+        || die "the Python venv module is missing (Debian: apt-get install python3-venv)"
+}
+
 # pip's build warnings are noise when it works; on failure show its output (less the
 # harmless "Location ... is ignored" lines) and keep its exit code.
 quiet_pip() {
+    venv_python=$1
+    shift
     rc=0
-    out=$("$venv/bin/python" -m pip "$@" 2>&1) || rc=$?
+    out=$("$venv_python" -m pip "$@" 2>&1) || rc=$?
     [ "$rc" = 0 ] || printf '%s\n' "$out" | grep -v -e "is ignored" -e '^$' >&2 || true
     return "$rc"
 }
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
-quiet_pip install -q --upgrade pip || die "could not upgrade pip in $venv"
-quiet_pip install -q -e "$here[dev]" || die "pip install -e '.[dev]' failed (see above)"
-"$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
-    || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
-echo "$want" > "$stamp"
-echo "install.sh: ready: $venv/bin/edgeserve"
+
+# --- development setup -------------------------------------------------------------------
+
+install_dev() {
+    check_python
+    venv="$here/.venv"
+    stamp="$venv/.edgeserve-installed"
+    want=$(cksum <"$here/pyproject.toml")
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        say ".venv is up to date"
+        return 0
+    fi
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
+    quiet_pip "$venv/bin/python" install -q --upgrade pip || die "could not upgrade pip in $venv"
+    quiet_pip "$venv/bin/python" install -q -e "$here[dev]" \
+        || die "pip install -e '.[dev]' failed (see above)"
+    "$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
+        || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
+    echo "$want" >"$stamp"
+    say "ready: $venv/bin/edgeserve"
+}
+
+# --- box install -------------------------------------------------------------------------
+
+marker() { echo "$prefix/.edgeserve-install"; }
+
+# What is being installed, as one line: a changed checkout or wheel means reinstall.
+source_fingerprint() {
+    if [ -n "$wheel" ]; then
+        cksum <"$wheel"
+    else
+        find "$here/edgeserve" "$here/updater" "$here/models" "$here/pyproject.toml" \
+            -type f ! -path '*/__pycache__/*' ! -path "$here/models/minilm/*" ! -name '*.pyc' \
+            | LC_ALL=C sort | xargs cksum | cksum
+    fi
+}
+
+marker_value() {  # marker_value KEY -> the value recorded at install time, or nothing
+    [ -f "$(marker)" ] || return 0
+    sed -n "s/^$1=//p" "$(marker)" | head -n 1
+}
+
+install_program() {
+    venv="$prefix/venv"
+    fingerprint="$(source_fingerprint) python=$("$python" -V 2>&1)"
+    if [ -x "$venv/bin/edgeserve" ] && [ "$(marker_value fingerprint)" = "$fingerprint" ]; then
+        say "program in $prefix is up to date"
+        program_changed=no
+        return 0
+    fi
+    say "installing edgeserve into $venv"
+    mkdir -p "$prefix"
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
+    # A regular (not editable) install: the box must not depend on the checkout staying.
+    # A checkout is built from a clean copy, so stale files in ./build never ship.
+    target=$wheel
+    if [ -z "$target" ]; then
+        build_dir=$(mktemp -d)
+        trap 'rm -rf "$build_dir"' EXIT
+        cp -R "$here/edgeserve" "$here/updater" "$here/pyproject.toml" "$here/README.md" "$build_dir/"
+        find "$build_dir" -name __pycache__ -prune -exec rm -rf {} +
+        target=$build_dir
+    fi
+    quiet_pip "$venv/bin/python" install -q --upgrade "$target" \
+        || die "pip install of ${wheel:-the checkout} into $venv failed (see above)"
+    # Same version number, new code: pip may keep the old copy, so replace the package itself.
+    quiet_pip "$venv/bin/python" install -q --force-reinstall --no-deps "$target" \
+        || die "pip could not replace edgeserve in $venv (see above)"
+    [ -x "$venv/bin/edgeserve" ] || die "the install did not provide $venv/bin/edgeserve"
+    # The model repository and the docs travel with the program.
+    if [ -d "$here/models" ]; then
+        rm -rf "$prefix/models.new"
+        mkdir -p "$prefix/models.new"
+        (cd "$here/models" && find . -name minilm -prune -o -name __pycache__ -prune -o -print) \
+            | (cd "$here/models" && while IFS= read -r p; do
+                if [ -d "$p" ]; then mkdir -p "$prefix/models.new/$p"; else cp -p "$p" "$prefix/models.new/$p"; fi
+            done)
+        rm -rf "$prefix/models"
+        mv "$prefix/models.new" "$prefix/models"
+    fi
+    mkdir -p "$prefix/share" "$prefix/bin"
+    cp "$here/edgeserve.toml" "$prefix/share/edgeserve.toml.default"
+    [ ! -f "$here/README.md" ] || cp "$here/README.md" "$prefix/share/README.md"
+    program_changed=yes
+    new_fingerprint=$fingerprint
+}
+
+# `PREFIX/bin/edgeserve` runs the installed program with the installed config.
+install_wrapper() {
+    wrapper="$prefix/bin/edgeserve"
+    content=$(printf '#!/bin/sh\n# Written by install.sh: the installed edgeserve with its config.\n: "${EDGESERVE_CONFIG:=%s}"\nexport EDGESERVE_CONFIG\nexec "%s" "$@"\n' \
+        "$config_dir/edgeserve.toml" "$prefix/venv/bin/edgeserve")
+    if [ ! -f "$wrapper" ] || [ "$(cat "$wrapper")" != "$content" ]; then
+        printf '%s\n' "$content" >"$wrapper"
+        chmod 0755 "$wrapper"
+    fi
+}
+
+install_config() {
+    conf="$config_dir/edgeserve.toml"
+    mkdir -p "$config_dir"
+    if [ -e "$conf" ]; then
+        say "keeping existing $conf"
+    else
+        tmp="$conf.tmp.$$"
+        # Paths for this box; the substitutions are checked so a changed default fails loudly.
+        sed -e "s|^state_dir = \".edgeserve\"|state_dir = \"$state_dir\"|" \
+            -e "s|^repository = \"models\"|repository = \"$prefix/models\"|" \
+            "$here/edgeserve.toml" >"$tmp"
+        grep -q "^state_dir = \"$state_dir\"" "$tmp" && grep -q "^repository = \"$prefix/models\"" "$tmp" \
+            || { rm -f "$tmp"; die "edgeserve.toml has no default state_dir/repository line to adapt"; }
+        chmod 0640 "$tmp"
+        [ "$systemd" = no ] || chgrp edgeserve "$tmp"
+        mv "$tmp" "$conf"
+        say "created $conf"
+    fi
+    "$prefix/venv/bin/python" -c 'import sys; from edgeserve.config import load_settings
+load_settings(sys.argv[1])' "$conf" || die "$conf does not load (see above); fix it and re-run"
+}
+
+install_state() {
+    if [ "$systemd" = yes ]; then
+        install -d -m 0700 -o edgeserve -g edgeserve "$state_dir" "$state_dir/keys"
+    else
+        install -d -m 0700 "$state_dir" "$state_dir/keys"
+    fi
+}
+
+# Keys: the token signing key (if this edgeserve has `keys init`) and the at-rest master key.
+install_keys() {
+    edgeserve="$prefix/venv/bin/edgeserve"
+    if [ -f "$state_dir/keys/token_signing_key.pem" ]; then
+        :
+    elif "$edgeserve" keys init --help >/dev/null 2>&1; then
+        "$edgeserve" keys init --config "$config_dir/edgeserve.toml" >/dev/null \
+            || die "edgeserve keys init failed"
+        say "created the token signing key in $state_dir/keys"
+    fi
+    # Under systemd the master key stays root-only in the config dir and reaches the
+    # service as a credential; without systemd it sits where the server looks by default.
+    if [ "$systemd" = yes ]; then master="$config_dir/master.key"; else master="$state_dir/keys/master.key"; fi
+    if [ ! -e "$master" ] && "$prefix/venv/bin/python" -c 'import updater.masterkey' 2>/dev/null; then
+        "$prefix/venv/bin/python" -c 'import sys; from pathlib import Path
+from updater.masterkey import generate_master_key_file
+generate_master_key_file(Path(sys.argv[1]))' "$master" || die "could not create $master"
+        say "created the at-rest master key $master (back it up: without it the model store is unreadable)"
+    fi
+    [ "$systemd" = no ] || chown -R edgeserve:edgeserve "$state_dir"
+}
+
+install_user() {
+    id edgeserve >/dev/null 2>&1 && return 0
+    mkdir -p /etc/sysusers.d
+    cp "$here/packaging/sysusers.d/edgeserve.conf" /etc/sysusers.d/edgeserve.conf
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        systemd-sysusers /etc/sysusers.d/edgeserve.conf
+    else
+        useradd --system --user-group --home-dir "$state_dir" --no-create-home \
+            --shell /usr/sbin/nologin --comment "edgeserve model server" edgeserve
+    fi
+    say "created system user edgeserve"
+}
+
+# The unit with this install's paths; written only when it differs from the one in place.
+install_unit() {
+    unit=/etc/systemd/system/edgeserve.service
+    tmp="$unit.tmp.$$"
+    sed -e "s|/opt/edgeserve|$prefix|g" -e "s|/etc/edgeserve|$config_dir|g" \
+        -e "s|^WorkingDirectory=/var/lib/edgeserve|WorkingDirectory=$state_dir|" \
+        "$here/packaging/systemd/edgeserve.service" >"$tmp"
+    if [ "$state_dir" != /var/lib/edgeserve ]; then
+        printf '[Service]\nReadWritePaths=%s\n' "$state_dir" >>"$tmp"
+    fi
+    if [ -f "$unit" ] && cmp -s "$tmp" "$unit"; then
+        rm -f "$tmp"
+        unit_changed=no
+    else
+        mv "$tmp" "$unit"
+        systemctl daemon-reload
+        unit_changed=yes
+        say "installed $unit"
+    fi
+    systemctl is-enabled --quiet edgeserve 2>/dev/null || systemctl enable --quiet edgeserve
+}
+
+wait_ready() {
+    url=$("$prefix/venv/bin/python" -c 'import sys; from edgeserve.config import load_settings
+s = load_settings(sys.argv[1]).server
+host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)
+host = f"[{host}]" if ":" in host else host
+print(f"{\"https\" if s.tls_cert else \"http\"}://{host}:{s.port}/v2/health/ready")' "$config_dir/edgeserve.toml")
+    say "waiting for $url"
+    "$prefix/venv/bin/python" - "$url" <<'PY' || die "not ready in time; see: journalctl -u edgeserve"
+import ssl, sys, time, urllib.request
+deadline = time.monotonic() + 180
+context = ssl._create_unverified_context()  # a self-signed box certificate is fine here
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=2, context=context) as answer:
+            if answer.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.5)
+sys.exit(1)
+PY
+    say "edgeserve is ready"
+}
+
+install_box() {
+    check_python
+    [ -n "$wheel" ] && { [ -f "$wheel" ] || die "no such wheel: $wheel"; }
+    if [ "$systemd" = yes ]; then
+        [ "$(id -u)" = 0 ] || die "the service install needs root (or use --no-systemd)"
+        command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] \
+            || die "systemd is not running on this machine; use --no-systemd (and run edgeserve yourself)"
+        install_user
+    fi
+    program_changed=no
+    new_fingerprint=""
+    install_program
+    install_wrapper
+    install_config
+    install_state
+    install_keys
+    if [ -n "$new_fingerprint" ] || [ ! -f "$(marker)" ]; then
+        {
+            echo "fingerprint=${new_fingerprint:-$(marker_value fingerprint)}"
+            echo "config_dir=$config_dir"
+            echo "state_dir=$state_dir"
+            echo "systemd=$systemd"
+        } >"$(marker)"
+    fi
+    if [ "$systemd" = yes ]; then
+        mkdir -p /etc/tmpfiles.d
+        cp "$here/packaging/tmpfiles.d/edgeserve.conf" /etc/tmpfiles.d/edgeserve.conf
+        install_unit
+        if [ "$start" = yes ]; then
+            if ! systemctl is-active --quiet edgeserve; then
+                systemctl start edgeserve
+            elif [ "$program_changed" = yes ] || [ "$unit_changed" = yes ]; then
+                systemctl restart edgeserve
+            fi
+            wait_ready
+        fi
+    fi
+    say "installed: $prefix/bin/edgeserve (config $config_dir/edgeserve.toml, state $state_dir)"
+    [ "$systemd" = yes ] || say "start it with: $prefix/bin/edgeserve serve"
+}
+
+# --- uninstall ---------------------------------------------------------------------------
+
+refuse_dangerous() {  # never rm -rf a system folder because of a typo in an option
+    case "$1" in
+        / | /etc | /usr | /usr/* | /var | /var/lib | /opt | /home | /root | /tmp | "$HOME")
+            die "refusing to remove $1" ;;
+    esac
+}
+
+uninstall_box() {
+    # Paths recorded at install time are the defaults, so `--uninstall` alone is enough.
+    case "$explicit" in *config*) ;; *) config_dir=$(marker_value config_dir); config_dir=${config_dir:-/etc/edgeserve} ;; esac
+    case "$explicit" in *state*) ;; *) state_dir=$(marker_value state_dir); state_dir=${state_dir:-/var/lib/edgeserve} ;; esac
+    recorded=$(marker_value systemd)
+    [ "$recorded" != no ] || systemd=no
+    if [ "$systemd" = yes ] && [ -f /etc/systemd/system/edgeserve.service ]; then
+        [ "$(id -u)" = 0 ] || die "removing the service needs root"
+        systemctl disable --now --quiet edgeserve 2>/dev/null || true
+        rm -f /etc/systemd/system/edgeserve.service /etc/tmpfiles.d/edgeserve.conf
+        systemctl daemon-reload 2>/dev/null || true
+        say "removed the edgeserve service"
+    fi
+    if [ -f "$(marker)" ]; then
+        refuse_dangerous "$prefix"
+        rm -rf "$prefix"
+        say "removed $prefix"
+    elif [ -e "$prefix" ]; then
+        die "$prefix was not installed by install.sh (no $(marker)); not removing it"
+    else
+        say "nothing installed in $prefix"
+    fi
+    if [ "$purge" = yes ]; then
+        refuse_dangerous "$state_dir"
+        refuse_dangerous "$config_dir"
+        rm -rf "$state_dir"
+        rm -f "$config_dir/edgeserve.toml" "$config_dir/master.key"
+        rmdir "$config_dir" 2>/dev/null || true
+        if [ "$systemd" = yes ] && id edgeserve >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            userdel edgeserve 2>/dev/null || true
+            rm -f /etc/sysusers.d/edgeserve.conf
+        fi
+        say "purged config ($config_dir) and state ($state_dir)"
+    else
+        say "kept config ($config_dir) and state ($state_dir); --purge removes them"
+    fi
+}
+
+case "$mode" in
+    dev) install_dev ;;
+    box) install_box ;;
+    uninstall) uninstall_box ;;
+esac
