@@ -58,7 +58,9 @@ usage_error() {
     echo "install.sh: $*; see ./install.sh --help" >&2
     exit 2
 }
-need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || usage_error "$1 needs a value"; }
+need_value() {
+    if [ "$#" -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi
+}
 absolute() { case "$1" in /*) echo "$1" ;; *) echo "$(pwd)/$1" ;; esac; }
 
 while [ "$#" -gt 0 ]; do
@@ -79,6 +81,12 @@ while [ "$#" -gt 0 ]; do
     shift
 done
 [ "$purge" = no ] || [ "$mode" = uninstall ] || usage_error "--purge goes with --uninstall"
+# The paths go into sed expressions, TOML strings and the unit file: keep them plain.
+for path in "$prefix" "$config_dir" "$state_dir"; do
+    case "$path" in
+        *[!A-Za-z0-9/._+-]*) usage_error "use a path of letters, digits and / . _ + - only: $path" ;;
+    esac
+done
 
 # --- checks ------------------------------------------------------------------------------
 
@@ -115,7 +123,7 @@ install_dev() {
     fi
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
     quiet_pip "$venv/bin/python" install -q --upgrade pip || die "could not upgrade pip in $venv"
-    quiet_pip "$venv/bin/python" install -q -e "$here[dev]" \
+    quiet_pip "$venv/bin/python" install -q -e "${here}[dev]" \
         || die "pip install -e '.[dev]' failed (see above)"
     "$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
         || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
@@ -191,6 +199,7 @@ install_program() {
 # `PREFIX/bin/edgeserve` runs the installed program with the installed config.
 install_wrapper() {
     wrapper="$prefix/bin/edgeserve"
+    # shellcheck disable=SC2016 # $EDGESERVE_CONFIG and $@ are for the wrapper, not for us
     content=$(printf '#!/bin/sh\n# Written by install.sh: the installed edgeserve with its config.\n: "${EDGESERVE_CONFIG:=%s}"\nexport EDGESERVE_CONFIG\nexec "%s" "$@"\n' \
         "$config_dir/edgeserve.toml" "$prefix/venv/bin/edgeserve")
     if [ ! -f "$wrapper" ] || [ "$(cat "$wrapper")" != "$content" ]; then
@@ -210,8 +219,11 @@ install_config() {
         sed -e "s|^state_dir = \".edgeserve\"|state_dir = \"$state_dir\"|" \
             -e "s|^repository = \"models\"|repository = \"$prefix/models\"|" \
             "$here/edgeserve.toml" >"$tmp"
-        grep -q "^state_dir = \"$state_dir\"" "$tmp" && grep -q "^repository = \"$prefix/models\"" "$tmp" \
-            || { rm -f "$tmp"; die "edgeserve.toml has no default state_dir/repository line to adapt"; }
+        if ! grep -q "^state_dir = \"$state_dir\"" "$tmp" \
+            || ! grep -q "^repository = \"$prefix/models\"" "$tmp"; then
+            rm -f "$tmp"
+            die "edgeserve.toml has no default state_dir/repository line to adapt"
+        fi
         chmod 0640 "$tmp"
         [ "$systemd" = no ] || chgrp edgeserve "$tmp"
         mv "$tmp" "$conf"
@@ -315,8 +327,9 @@ install_box() {
     [ -n "$wheel" ] && { [ -f "$wheel" ] || die "no such wheel: $wheel"; }
     if [ "$systemd" = yes ]; then
         [ "$(id -u)" = 0 ] || die "the service install needs root (or use --no-systemd)"
-        command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] \
-            || die "systemd is not running on this machine; use --no-systemd (and run edgeserve yourself)"
+        if ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; then
+            die "systemd is not running on this machine; use --no-systemd (and run edgeserve yourself)"
+        fi
         install_user
     fi
     program_changed=no

@@ -232,6 +232,8 @@ def test_help_exits_zero_and_names_every_option() -> None:
         (["--bogus"], "unknown option: --bogus"),
         (["--prefix"], "--prefix needs a value"),
         (["--purge"], "--purge goes with --uninstall"),
+        (["--prefix", "/tmp/a b"], "use a path of letters"),
+        (["--state-dir", '/tmp/x"y'], "use a path of letters"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -271,3 +273,14 @@ def test_uninstall_refuses_a_prefix_it_did_not_create(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "not installed by install.sh" in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_install_sh_is_posix_and_shellcheck_clean() -> None:
+    result = subprocess.run(
+        ["shellcheck", "--shell=sh", str(CHECKOUT / "install.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout
