@@ -12,7 +12,6 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportions_ztest
 
 from edgeserve.experiments import sequential
-from edgeserve.experiments.assignment import bucket_ranges, choose_variant, unit_position
 from edgeserve.experiments.stats import (
     holm,
     sample_ratio_mismatch,
@@ -163,22 +162,3 @@ def test_power_simulation_detects_five_points_at_ten_percent_traffic() -> None:
         f"median {int(np.median(needed))} units (p90 {int(np.percentile(needed, 90))})"
     )
     assert detected >= 0.9
-
-
-def test_assignment_is_sticky_and_moves_only_what_must_move() -> None:
-    units = [f"user-{i}" for i in range(20_000)]
-    before = [choose_variant("exp-1", u, [90, 10]) for u in units]
-    assert before == [choose_variant("exp-1", u, [90, 10]) for u in units]  # sticky
-    after = [choose_variant("exp-1", u, [80, 20]) for u in units]
-    moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
-    assert all(m == (0, 1) for m in moved)  # only control -> candidate
-    assert abs(len(moved) / len(units) - 0.10) < 0.01
-    assert abs(sum(after) / len(units) - 0.20) < 0.01
-
-
-def test_bucket_ranges_and_positions() -> None:
-    assert bucket_ranges([1, 1, 2]) == [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)]
-    assert 0 <= unit_position("s", "u") < 1
-    assert unit_position("s", "u") != unit_position("t", "u")
-    with pytest.raises(ValueError):
-        bucket_ranges([0, 0])

@@ -7,19 +7,25 @@ log, persistence) hear of each change.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from edgeserve.errors import InvalidInput
 from edgeserve.experiments.assignment import in_rollout
+
+log = logging.getLogger(__name__)
 
 FLAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
 class Flag:
+    """A named switch: off for everyone when disabled, else on for `rollout_percent` of
+    units, chosen by the same hashing as experiments (salt "flag:<name>")."""
+
     name: str
     enabled: bool = True
     rollout_percent: float = 100.0
@@ -46,13 +52,28 @@ def flag_from_json(name: str, doc: object) -> Flag:
     return Flag(name, enabled, float(percent))
 
 
+def model_flag(model: str) -> str:
+    """The name of the flag that gates a whole model."""
+    return f"model.{model}"
+
+
+Listener = Callable[[Flag | None, Flag | None], None]
+
+
 class FlagStore:
-    """Flags in memory, replaced atomically; readers never lock."""
+    """Flags in memory, updated while serving with no restart.
+
+    Readers never lock: the table is a dict replaced whole on each change, so a request
+    sees either the old or the new flag. Writers serialise on a lock and tell the
+    listeners (audit log, persistence) under it, so listeners hear changes in the order
+    they took effect; a listener may read the store, and one that fails is logged and
+    does not stop the others.
+    """
 
     def __init__(self, flags: list[Flag] | None = None) -> None:
         self._flags: dict[str, Flag] = {f.name: f for f in flags or []}
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[Flag | None, Flag], None]] = []
+        self._lock = threading.RLock()
+        self._listeners: tuple[Listener, ...] = ()
 
     def get(self, name: str) -> Flag | None:
         return self._flags.get(name)
@@ -69,11 +90,47 @@ class FlagStore:
         with self._lock:
             old = self._flags.get(flag.name)
             self._flags = {**self._flags, flag.name: flag}
-        for listener in self._listeners:
-            listener(old, flag)
+            self._tell(old, flag)
 
-    def on_change(self, listener: Callable[[Flag | None, Flag], None]) -> None:
-        self._listeners.append(listener)
+    def set_enabled(self, name: str, enabled: bool) -> Flag:
+        """The kill switch: off stops the flag for every unit at the next request."""
+        with self._lock:
+            old = self._flags.get(name) or Flag(name)
+            flag = replace(old, enabled=enabled)
+            self.put(flag)
+            return flag
+
+    def set_rollout(self, name: str, percent: float) -> Flag:
+        """Gradual rollout: units below `percent` on the flag's hash line are in; raising
+        it only adds units, lowering it only removes them."""
+        if not 0 <= percent <= 100:
+            raise InvalidInput("'rollout_percent' must be a number from 0 to 100")
+        with self._lock:
+            flag = replace(self._flags.get(name) or Flag(name), rollout_percent=float(percent))
+            self.put(flag)
+            return flag
+
+    def remove(self, name: str) -> bool:
+        """Forget a flag (what it gated is then allowed); False if there was none."""
+        with self._lock:
+            old = self._flags.get(name)
+            if old is None:
+                return False
+            self._flags = {k: v for k, v in self._flags.items() if k != name}
+            self._tell(old, None)
+            return True
+
+    def on_change(self, listener: Listener) -> None:
+        """Call `listener(old, new)` after each change; None stands for absent."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def _tell(self, old: Flag | None, new: Flag | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(old, new)
+            except Exception:
+                log.exception("flag listener failed flag=%s", (new or old).name)  # type: ignore[union-attr]
 
     def to_json(self) -> list[dict]:
         return [asdict(f) for f in self.all()]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgeserve.experiments.assignment import choose_variant
-from edgeserve.experiments.flags import FlagStore
+from edgeserve.experiments.assignment import assign
+from edgeserve.experiments.flags import FlagStore, model_flag
 from edgeserve.experiments.model import Experiment, Variant
 
 
@@ -37,7 +37,7 @@ class ExperimentRouter:
         self._active = {e.model: e for e in experiments if e.status == "active"}
 
     def model_allowed(self, model: str, unit: str) -> bool:
-        return self.flags.allows(f"model.{model}", unit)
+        return self.flags.allows(model_flag(model), unit)
 
     def route(self, model: str, unit_of: Callable[[str], str | None]) -> Routing:
         exp = self._active.get(model)
@@ -47,12 +47,8 @@ class ExperimentRouter:
         control = exp.variants[0]
         if unit is None:  # no unit id: the control, outside the experiment
             return Routing(control.version)
-        if exp.mode == "shadow":
-            candidate = exp.variants[1]
-            if exp.flag and not self.flags.allows(exp.flag, unit):
-                candidate = None
-            return Routing(control.version, exp.id, control.name, candidate)
-        if exp.flag and not self.flags.allows(exp.flag, unit):
-            return Routing(control.version, exp.id, control.name)
-        chosen = exp.variants[choose_variant(exp.salt, unit, exp.weights)]
-        return Routing(chosen.version, exp.id, chosen.name)
+        allowed = not exp.flag or self.flags.allows(exp.flag, unit)
+        chosen = assign(exp.salt, unit, exp.weights, exp.mode, allowed)
+        served = exp.variants[chosen.serve]
+        shadow = exp.variants[chosen.shadow] if chosen.shadow is not None else None
+        return Routing(served.version, exp.id, served.name, shadow)
