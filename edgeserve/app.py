@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.auth.guard import build_authenticator
 from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.dashboard.routes import ROUTES as DASHBOARD_ROUTES
 from edgeserve.experiments.routes import ROUTES as EXPERIMENT_ROUTES
 from edgeserve.experiments.service import ExperimentService
 from edgeserve.jobs import start_jobs
@@ -123,7 +124,14 @@ def build_app(settings: Settings) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*V2_ROUTES, *TELEMETRY_ROUTES, *EXPERIMENT_ROUTES, *JOB_ROUTES, *STREAM_ROUTES],
+        routes=[
+            *V2_ROUTES,
+            *TELEMETRY_ROUTES,
+            *EXPERIMENT_ROUTES,
+            *DASHBOARD_ROUTES,
+            *JOB_ROUTES,
+            *STREAM_ROUTES,
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         middleware=middleware,

@@ -91,7 +91,10 @@ def msprt_proportions(
     previous_p: float = 1.0,
 ) -> SequentialResult:
     p_c, p_t = successes_c / trials_c, successes_t / trials_t
-    variance = p_c * (1 - p_c) / trials_c + p_t * (1 - p_t) / trials_t
+    # Laplace-smoothed rates for the variance only: with 0 errors on both sides the plain
+    # estimate is 0 and the interval degenerates to (-inf, inf).
+    s_c, s_t = (successes_c + 1) / (trials_c + 2), (successes_t + 1) / (trials_t + 2)
+    variance = s_c * (1 - s_c) / trials_c + s_t * (1 - s_t) / trials_t
     pooled = (successes_c + successes_t) / (trials_c + trials_t)
     tau = tau_relative * math.sqrt(max(pooled * (1 - pooled), 1e-12))
     return msprt(p_t - p_c, variance, tau, alpha, previous_p)
