@@ -110,9 +110,11 @@ def run(argv: list[str] | None = None) -> int:
 from edgeserve.auth.cli import keys, token  # noqa: E402 - registered below
 from edgeserve.batch.cli import batch_group, features_group  # noqa: E402 - registered below
 from edgeserve.cli_bench import bench  # noqa: E402 - registered below
+from edgeserve.experiments.cli import experiment  # noqa: E402 - registered below
 
 main.add_command(keys)
 main.add_command(token)
 main.add_command(batch_group)
+main.add_command(experiment)
 main.add_command(features_group)
 main.add_command(bench)

@@ -272,3 +272,32 @@ def test_a_flag_kill_switch_takes_effect_on_the_next_request(server: RunningServ
         }
         assert client.post(f"{server.url}/v2/models/digits/infer", json=body).status_code == 503
         assert client.put(f"{server.url}/api/flags/x", json={"enabled": "no"}).status_code == 400
+
+
+def test_the_experiment_command_manages_a_running_server(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from edgeserve.cli import main
+
+    definition = tmp_path / "exp.json"
+    definition.write_text(
+        '{"id": "cli", "model": "digits", "variants": ['
+        '{"name": "a", "version": 1, "weight": 90},'
+        '{"name": "b", "version": 2, "weight": 10}]}'
+    )
+    runner = CliRunner()
+    url = ["--url", server.url]
+    assert runner.invoke(main, ["experiment", "create", str(definition), *url]).exit_code == 0
+    listed = runner.invoke(main, ["experiment", "list", *url])
+    assert "cli\tdigits\tactive\tsplit\ta:90/b:10" in listed.output
+    assert runner.invoke(main, ["experiment", "weights", "cli", "80", "20", *url]).exit_code == 0
+    paused = runner.invoke(main, ["experiment", "pause", "cli", *url])
+    assert paused.output.strip() == "cli: paused"
+    report = runner.invoke(main, ["experiment", "report", "cli", *url])
+    assert '"decision"' in report.output
+    again = runner.invoke(main, ["experiment", "create", str(definition), *url])
+    assert again.exit_code == 1 and "409: experiment 'cli' exists" in again.output
+    gone = runner.invoke(main, ["experiment", "list", "--url", "http://127.0.0.1:1"])
+    assert gone.exit_code == 1 and "cannot reach" in gone.output
