@@ -74,18 +74,21 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
     await _drain(websocket, settings.stream_send_timeout_s)
 
 
-async def _drain(websocket: WebSocket, idle_s: float) -> None:
-    """Close, then discard what the client still sends until it disconnects or stays
-    silent for `idle_s`. Hypercorn keeps feeding a connection's messages to the app
-    even after it returned, and stops reading the socket while they are not taken, so
-    a stalled stream must be emptied for its socket to be freed."""
+async def _drain(websocket: WebSocket, timeout_s: float) -> None:
+    """Close, then discard what the client still sends until it disconnects, for at
+    most `timeout_s`. Hypercorn keeps feeding a connection's messages to the app even
+    after it returned, and stops reading the socket while they are not taken, so a
+    stalled stream is emptied for its socket to be freed; a client that keeps sending
+    after our close is left to Hypercorn's own timeouts."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(websocket.close(), 1.0)
+
+    async def discard() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
     with contextlib.suppress(Exception):
-        while True:
-            message = await asyncio.wait_for(websocket.receive(), idle_s)
-            if message["type"] == "websocket.disconnect":
-                return
+        await asyncio.wait_for(discard(), timeout_s)
 
 
 stream.required_scope = "infer"  # type: ignore[attr-defined]
@@ -95,7 +98,10 @@ async def _read(
     websocket: WebSocket, pending: asyncio.Queue, name: str, version: str | None, settings: Any
 ) -> None:
     """Receive messages and start their inference; `put` blocks when the window is full,
-    which is what stops the server reading a client that does not read."""
+    which is what stops the server reading a client that does not read.
+
+    The end of input is queued for the writer (after what is in flight), except when
+    the writer gave up and cancelled us: nobody would take it from the full window."""
     try:
         while True:
             message = await websocket.receive()
@@ -109,8 +115,11 @@ async def _read(
                 break
             task = asyncio.create_task(_infer_one(websocket, name, version, data))
             await pending.put(task)
-    finally:
-        await pending.put(None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the connection broke under us: end the stream like a disconnect
+        log.info("stream input ended by a connection error model=%s", name)
+    await pending.put(None)
 
 
 async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float) -> None:

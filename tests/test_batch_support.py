@@ -82,11 +82,13 @@ def model_repository(root: Path) -> Path:
     return repo
 
 
-def server_config(repo: Path, extra: str = "") -> str:
-    """Config text for tests.serving.run_server(config_text=...) on `repo`."""
+def server_config(repo: Path, extra: str = "", server: str = "") -> str:
+    """Config text for tests.serving.run_server(config_text=...) on `repo`; `server` adds
+    keys to [server], `extra` adds sections."""
     return (
         '[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "state"\n'
-        f'[models]\nrepository = "{repo}"\nbackend = "onnxruntime"\n'
+        + server
+        + f'[models]\nrepository = "{repo}"\nbackend = "onnxruntime"\n'
         "[auth]\nenabled = false\n" + extra
     )
 
