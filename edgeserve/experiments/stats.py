@@ -175,14 +175,19 @@ def sample_size_proportions(
     power: float = 0.8,
     share_candidate: float = 0.5,
 ) -> int:
-    """Total units needed to detect p_control -> p_candidate with a two-sided z-test."""
+    """Total units needed to detect p_control -> p_candidate with the two-sided pooled
+    z-test above: the null spread uses the pooled rate (as the test does), the
+    alternative's the two rates, so unequal splits get the power they ask for
+    (Fleiss, Statistical Methods for Rates and Proportions, 3rd ed., eq. 4.19)."""
     delta = abs(p_candidate - p_control)
     if delta == 0:
         raise ValueError("the two proportions must differ")
     za, zb = normal_quantile(1 - alpha / 2), normal_quantile(power)
     k = share_candidate
-    variance = p_control * (1 - p_control) / (1 - k) + p_candidate * (1 - p_candidate) / k
-    return math.ceil((za + zb) ** 2 * variance / delta**2)
+    pooled = (1 - k) * p_control + k * p_candidate
+    null_sd = math.sqrt(pooled * (1 - pooled) * (1 / (1 - k) + 1 / k))
+    alt_sd = math.sqrt(p_control * (1 - p_control) / (1 - k) + p_candidate * (1 - p_candidate) / k)
+    return math.ceil((za * null_sd + zb * alt_sd) ** 2 / delta**2)
 
 
 def sample_size_means(
