@@ -2,7 +2,7 @@
 
     python models/build.py            # rewrite the committed models
     python models/build.py --check    # rebuild into a temp folder, compare byte for byte
-    python models/build.py --minilm   # also export all-MiniLM-L6-v2 (not committed, not in CI)
+    python models/build.py --minilm   # export all-MiniLM-L6-v2 (not committed, not in CI)
 
 Only standard `ai.onnx` operators are used, so OpenVINO compiles the models too (it
 rejects scikit-learn's `ai.onnx.ml` operators). Weights are rounded before export so that
@@ -121,7 +121,7 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
 
 
 DIGITS_TOML = """\
-description = "Handwritten digit classifier (8x8 pixels, values 0..16) trained on scikit-learn's digits"
+description = "Handwritten digit classifier (8x8 pixels, 0..16), scikit-learn's digits"
 backend = "auto"
 max_batch_size = 64
 default_version = 2
@@ -197,8 +197,15 @@ def heldout_accuracy(model: bytes, backend: str, X: np.ndarray, y: np.ndarray) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare a rebuild with the files")
-    parser.add_argument("--minilm", action="store_true", help="also export all-MiniLM-L6-v2")
+    parser.add_argument("--minilm", action="store_true",
+                        help="export all-MiniLM-L6-v2 only (needs torch; see minilm.py)")
     args = parser.parse_args(argv)
+    if args.minilm:
+        sys.path.insert(0, str(HERE))
+        from minilm import build_minilm
+
+        build_minilm(HERE / "minilm")
+        return 0
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             build_digits(Path(tmp))
@@ -214,10 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         version, backend = key.split("/")
         print(f"| digits | {version} | {'FP32' if version == '1' else 'INT8'} | {backend} "
               f"| {accuracy:.4f} |")
-    if args.minilm:
-        from minilm import build_minilm  # noqa: PLC0415 - heavy, optional
-
-        build_minilm(HERE / "minilm")
     return 0
 
 
