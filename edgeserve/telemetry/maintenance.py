@@ -1,9 +1,14 @@
 """Keeping the buffer within bounds: retention by age, the size cap, forgetting a subject.
 
-Each function runs on the writer thread (`TelemetryStore.submit`) with its connection.
-The size cap drops oldest already-synced rows first (they are safe upstream), then
-oldest unsynced rows of the lowest-priority table, and counts every unsynced row it
-drops in the `drops` table.
+Each function runs on the writer thread (`TelemetryStore.submit`) with its connection,
+so it never races the inserts; serving is never blocked (requests only append to the
+in-memory queue), and the size cap works in bounded steps so batches keep flowing
+between them. The size cap drops oldest already-synced rows first (they are safe
+upstream), then oldest unsynced rows of the lowest-priority table (`TABLES` order:
+inferences, events, feedback, alerts, forget requests, audit), and counts every
+unsynced row it drops in the `drops` table, in the same transaction as the delete.
+Freed pages go back to the file system with `incremental_vacuum` and the WAL is
+truncated, so purged rows (zeroed by `secure_delete`) do not linger in either.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from pathlib import Path
 from edgeserve.telemetry.store import TABLES, TelemetryStore
 
 CHUNK_ROWS = 2000
+CAP_TARGET = 0.9  # shrink to 90% of the cap, so the cap is not hit again at once
 
 
 def database_bytes(path: Path) -> int:
+    """The database and its WAL: what the cap is about."""
     total = 0
     for suffix in ("", "-wal"):
         with contextlib.suppress(OSError):
@@ -28,8 +35,7 @@ def database_bytes(path: Path) -> int:
 
 
 def reclaim(conn: sqlite3.Connection) -> None:
-    """Hand freed pages back to the file system and empty the WAL (purged data must not
-    linger there)."""
+    """Hand freed pages back to the file system and empty the WAL."""
     # sqlite3.execute() steps a statement once, and one step of this pragma frees one page;
     # executescript runs it to completion.
     conn.executescript("PRAGMA incremental_vacuum;")
@@ -37,64 +43,84 @@ def reclaim(conn: sqlite3.Connection) -> None:
 
 
 def apply_retention(
-    store: TelemetryStore, conn: sqlite3.Connection, max_age_s: float, now: float | None = None
+    store: TelemetryStore,
+    conn: sqlite3.Connection,
+    max_age_s: float | dict[str, float],
+    now: float | None = None,
 ) -> int:
-    """Delete rows older than `max_age_s`; unsynced ones are counted as dropped."""
-    cutoff = (now or time.time()) - max_age_s
+    """Delete rows older than their table's `max_age_s`; unsynced ones count as dropped."""
     removed = 0
     for table in TABLES:
+        age = max_age_s if isinstance(max_age_s, (int, float)) else max_age_s.get(table)
+        if age is None:
+            continue
+        cutoff = (now or time.time()) - age
+        conn.execute("BEGIN IMMEDIATE")
         lost = conn.execute(
             f"SELECT count(*) FROM {table} WHERE time < ? AND synced = 0", (cutoff,)
         ).fetchone()[0]
-        cursor = conn.execute(f"DELETE FROM {table} WHERE time < ?", (cutoff,))
-        removed += cursor.rowcount
+        removed += conn.execute(f"DELETE FROM {table} WHERE time < ?", (cutoff,)).rowcount
         store.record_drop(conn, table, "retention", lost)
+        conn.execute("COMMIT")
     if removed:
         reclaim(conn)
     return removed
 
 
-def enforce_size_cap(store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int) -> int:
-    """Delete rows until the database is under 90% of `max_bytes`; returns rows deleted."""
+def enforce_size_cap(
+    store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int, max_chunks: int = 1_000_000
+) -> int:
+    """Delete rows, oldest first in the stated order, until the database is under 90% of
+    `max_bytes`; at most `max_chunks` chunks per call. Rows deleted (0 = nothing to do)."""
     if database_bytes(store.path) <= max_bytes:
         return 0
-    target = int(max_bytes * 0.9)
-    deleted = 0
+    target = int(max_bytes * CAP_TARGET)
+    deleted = chunks = 0
     for synced in (1, 0):
         for table in TABLES:
-            while database_bytes(store.path) > target:
+            while database_bytes(store.path) > target and chunks < max_chunks:
+                conn.execute("BEGIN IMMEDIATE")
                 rows = conn.execute(
                     f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
                     (synced, CHUNK_ROWS),
                 ).fetchall()
                 if not rows:
+                    conn.execute("COMMIT")
                     break
                 last = rows[-1][0]
                 conn.execute(f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, last))
-                deleted += len(rows)
                 if not synced:
                     store.record_drop(conn, table, "size_cap", len(rows))
+                conn.execute("COMMIT")
+                deleted += len(rows)
+                chunks += 1
                 reclaim(conn)
     return deleted
 
 
 def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash: str) -> int:
     """Delete every row of a subject and queue a forget request for upstream."""
-    conn.execute("BEGIN")
-    removed = 0
+    return forget_subject_rows(conn, subject_hash, store.data_region)
+
+
+def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region: str) -> int:
+    """The same on any connection (the CLI works on the file while the server may run)."""
+    conn.execute("BEGIN IMMEDIATE")
+    # Ground truth given for the subject's requests is about the subject too.
+    removed = conn.execute(
+        "DELETE FROM feedback WHERE request_id IN "
+        "(SELECT request_id FROM inferences WHERE subject_hash = ?)",
+        (subject_hash,),
+    ).rowcount
     for table in ("inferences", "events"):
         removed += conn.execute(
             f"DELETE FROM {table} WHERE subject_hash = ?", (subject_hash,)
         ).rowcount
+    now = time.time()
     conn.execute(
         "INSERT INTO forget_requests (record_id, subject_hash, time, data_region) "
         "VALUES (?, ?, ?, ?)",
-        (
-            f"forget-{subject_hash}-{int(time.time() * 1000)}",
-            subject_hash,
-            time.time(),
-            store.data_region,
-        ),
+        (f"forget-{subject_hash}-{int(now * 1000)}", subject_hash, now, data_region),
     )
     conn.execute("COMMIT")
     reclaim(conn)
@@ -103,10 +129,17 @@ def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash
 
 def mark_synced(conn: sqlite3.Connection, table: str, seqs: list[int]) -> None:
     """Advance the cursor: called only after upstream answered 2xx for these rows."""
-    conn.execute("BEGIN")
+    conn.execute("BEGIN IMMEDIATE")
     conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", [(s,) for s in seqs])
     conn.execute("COMMIT")
 
 
 def drop_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
     return {(t, r): n for t, r, n in conn.execute("SELECT table_name, reason, count FROM drops")}
+
+
+def count_unsynced(conn: sqlite3.Connection) -> int:
+    return sum(
+        conn.execute(f"SELECT count(*) FROM {table} WHERE synced = 0").fetchone()[0]
+        for table in TABLES
+    )

@@ -1,15 +1,26 @@
 """Prometheus metrics on a registry of our own (several apps can live in one process).
 
-The per-request cost is a few dictionary lookups: label children are cached.
+Request metrics cost the request path nothing: the writer thread folds each batch of
+inference records into plain counters and bucket arrays (`InferenceMetrics.observe_batch`)
+and a custom collector renders them when scraped, so they lag by at most one
+`write_interval_ms` (`/metrics` asks the writer to catch up first). Records dropped
+because the queue was full are still counted here (`observe_one`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgeserve.telemetry.records import InferenceRecord
@@ -18,13 +29,105 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class _Histogram:
+    """Bucket counts and a sum; updated by one thread at a time (under the owner's lock)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running, out = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class InferenceMetrics:
+    """Request counts and latency/queue/compute/batch-size histograms, rendered on scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seen = 0  # records folded in; `/metrics` waits for it to reach the queue's seq
+        self._requests: dict[tuple[str, str, str, str], int] = {}
+        self._latency: dict[tuple[str, str], tuple[_Histogram, _Histogram, _Histogram]] = {}
+        self._batch: dict[str, _Histogram] = {}
+
+    def observe_batch(self, records: Iterable[object]) -> None:
+        with self._lock:
+            for record in records:
+                if type(record) is InferenceRecord:
+                    self._observe(record)
+                self.seen += 1
+
+    def observe_one(self, record: InferenceRecord) -> None:
+        with self._lock:
+            self._observe(record)
+
+    def _observe(self, r: InferenceRecord) -> None:
+        key = (r.model, r.version, r.variant or "", str(r.status))
+        self._requests[key] = self._requests.get(key, 0) + 1
+        hists = self._latency.get((r.model, r.version))
+        if hists is None:
+            hists = (
+                _Histogram(LATENCY_BUCKETS),
+                _Histogram(LATENCY_BUCKETS),
+                _Histogram(LATENCY_BUCKETS),
+            )
+            self._latency[(r.model, r.version)] = hists
+        hists[0].observe(r.total_s)
+        if r.status == 200:
+            hists[1].observe(r.queue_s)
+            hists[2].observe(r.compute_s)
+            batch = self._batch.get(r.model)
+            if batch is None:
+                batch = self._batch[r.model] = _Histogram(BATCH_BUCKETS)
+            batch.observe(r.batch_size)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            requests = CounterMetricFamily(
+                "edgeserve_requests",
+                "Inference requests",
+                labels=["model", "version", "variant", "status"],
+            )
+            for key, n in self._requests.items():
+                requests.add_metric(list(key), n)
+            yield requests
+            names = (
+                ("edgeserve_request_duration_seconds", "Request latency"),
+                ("edgeserve_queue_duration_seconds", "Time queued before the runtime"),
+                ("edgeserve_compute_duration_seconds", "Time in the runtime"),
+            )
+            for i, (name, help_text) in enumerate(names):
+                family = HistogramMetricFamily(name, help_text, labels=["model", "version"])
+                for labels, hists in self._latency.items():
+                    h = hists[i]
+                    family.add_metric(list(labels), h.cumulative(), h.total)
+                yield family
+            batch = HistogramMetricFamily(
+                "edgeserve_batch_size", "Rows per runtime call", labels=["model"]
+            )
+            for model, h in self._batch.items():
+                batch.add_metric([model], h.cumulative(), h.total)
+            yield batch
+
+
 class ProcessCollector:
     """CPU seconds and resident memory of this process, via psutil."""
 
     def __init__(self) -> None:
         self._process = psutil.Process()
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         times = self._process.cpu_times()
         cpu = CounterMetricFamily("edgeserve_process_cpu_seconds", "CPU time used by edgeserve")
         cpu.add_metric([], times.user + times.system)
@@ -35,86 +138,56 @@ class ProcessCollector:
 
 
 class Metrics:
-    """Every metric edgeserve exports; `observe` is on the request path."""
+    """Every metric edgeserve exports, on one registry per application."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "edgeserve_requests",
-            "Inference requests",
-            ["model", "version", "variant", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "edgeserve_request_duration_seconds",
-            "Request latency",
-            ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            "edgeserve_queue_duration_seconds",
-            "Time queued",
-            ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compute_time = Histogram(
-            "edgeserve_compute_duration_seconds",
-            "Runtime time",
-            ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "edgeserve_batch_size",
-            "Rows per runtime call",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
+        self.inferences = InferenceMetrics()
+        r.register(self.inferences)  # type: ignore[arg-type]
         self.dropped = Counter(
             "edgeserve_telemetry_dropped",
-            "Telemetry records dropped",
+            "Telemetry records dropped (queue full, size cap, retention, write error)",
             ["table", "reason"],
             registry=r,
         )
         self.rollbacks = Counter(
             "edgeserve_update_rollbacks", "Model update rollbacks", ["model", "reason"], registry=r
         )
+        self.update_state = Gauge(
+            "edgeserve_update_state",
+            "1 for the state each model's update is in (idle, staged, validating, ...)",
+            ["model", "state"],
+            registry=r,
+        )
         self.alerts = Gauge(
             "edgeserve_alerts_firing", "Alert rules firing (1) or not (0)", ["rule"], registry=r
         )
-        r.register(ProcessCollector())
-        self._children: dict[tuple, tuple] = {}
+        self.sync_sent = Counter(
+            "edgeserve_sync_sent_records", "Records acknowledged by upstream", registry=r
+        )
+        self.sync_failures = Counter(
+            "edgeserve_sync_failures", "Upstream uploads that failed", ["reason"], registry=r
+        )
+        r.register(ProcessCollector())  # type: ignore[arg-type]
+        self._update_states: dict[str, str] = {}
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read when scraped (queue depth, backlog, sync lag...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
-    def observe(self, record: InferenceRecord) -> None:
-        key = (record.model, record.version, record.variant, record.status)
-        children = self._children.get(key)
-        if children is None:
-            labels = (record.model, record.version)
-            children = (
-                self.requests.labels(
-                    record.model, record.version, record.variant or "", str(record.status)
-                ),
-                self.latency.labels(*labels),
-                self.queue_time.labels(*labels),
-                self.compute_time.labels(*labels),
-                self.batch_size.labels(record.model),
-            )
-            self._children[key] = children
-        requests, latency, queue_time, compute_time, batch_size = children
-        requests.inc()
-        latency.observe(record.total_s)
-        if record.status == 200:
-            queue_time.observe(record.queue_s)
-            compute_time.observe(record.compute_s)
-            batch_size.observe(record.batch_size)
+    def set_update_state(self, model: str, state: str) -> None:
+        """Exactly one state per model reads 1."""
+        previous = self._update_states.get(model)
+        if previous is not None and previous != state:
+            self.update_state.remove(model, previous)
+        self._update_states[model] = state
+        self.update_state.labels(model, state).set(1)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return render_metrics(self.registry)
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The Prometheus text exposition of `registry` and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

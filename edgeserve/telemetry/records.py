@@ -1,4 +1,8 @@
-"""What telemetry records: one row per inference, feedback label, KPI event, alert."""
+"""What telemetry records: one row per inference, feedback label, KPI event, alert, audit entry.
+
+Fields are declared in the order of their table's columns (the writer inserts
+`astuple(record)` as is), so a new field is one line here and one in the schema.
+"""
 
 from __future__ import annotations
 
@@ -48,10 +52,37 @@ class EventRecord:
     time_unix: float
 
 
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """An alert rule changing state (firing or resolved)."""
+
+    rule: str
+    state: str
+    value: float
+    message: str
+    time_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Who did what to the box; chained by hash when written (see `audit.py`)."""
+
+    action: str
+    target: str
+    outcome: str
+    subject: str
+    detail: str  # JSON text
+    time_unix: float
+
+
 class Recorder(Protocol):
     """Where the request path hands records; must never block and never raise."""
 
-    def record_inference(self, record: InferenceRecord) -> int: ...
+    def record_inference(self, record: InferenceRecord) -> int:
+        """Queue the record; its sequence number (compare with `durable_seq`), 0 if dropped."""
+        ...
+
+    def subject_hash(self, subject: str) -> str: ...
 
 
 class NullRecorder:
@@ -59,3 +90,6 @@ class NullRecorder:
 
     def record_inference(self, record: InferenceRecord) -> int:
         return 0
+
+    def subject_hash(self, subject: str) -> str:
+        return ""

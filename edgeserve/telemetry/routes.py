@@ -54,7 +54,7 @@ def _ok(doc: dict[str, Any], status: int = 200) -> Response:
 
 @requires("metrics")
 async def metrics(request: Request) -> Response:
-    body, content_type = _telemetry(request).metrics.render()
+    body, content_type = await _telemetry(request).render_metrics()
     return Response(body, media_type=content_type)
 
 

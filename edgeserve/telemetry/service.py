@@ -1,7 +1,8 @@
 """The telemetry subsystem as the server sees it: record, export, sync, keep in bounds.
 
-`record_inference` is the only call on the request path: a metrics update and a
-non-blocking queue put. Everything else runs on the writer thread or in background
+`record_inference` is the only call on the request path, and it is one short lock
+and a deque append (`TelemetryStore.add`). Metrics and alert windows are fed by the
+writer thread a batch at a time; sync, maintenance and alert evaluation are asyncio
 tasks started by `start()`.
 """
 
@@ -12,26 +13,37 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 
-from edgeserve.telemetry import maintenance
+from edgeserve.telemetry import audit, maintenance
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.metrics import Metrics
-from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
+from edgeserve.telemetry.records import (
+    AlertRecord,
+    AuditRecord,
+    EventRecord,
+    FeedbackRecord,
+    InferenceRecord,
+)
 from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import TelemetryStore
 from edgeserve.telemetry.sync import UpstreamSync
 
 log = logging.getLogger(__name__)
 
+CAP_CHUNKS_PER_STEP = 8  # size-cap work per writer turn, so record batches interleave
+
 
 class Telemetry:
-    """Owns the store, metrics, sync and maintenance of one server process."""
+    """Owns the store, metrics, sync, alerts and maintenance of one server process."""
 
     def __init__(
         self,
@@ -48,34 +60,43 @@ class Telemetry:
             settings.write_batch_records,
             settings.write_interval_ms / 1000.0,
             on_drop=lambda table, reason, n: self.metrics.dropped.labels(table, reason).inc(n),
+            on_batch=self._observe_batch,
         )
-        self._subject_key = _subject_key(state_dir / "keys" / "subject.key")
+        self._subject_key = subject_key(state_dir / "keys" / "subject.key")
         self.sync = (
-            UpstreamSync(self.store, settings.upstream, secrets.token_hex(8))
+            UpstreamSync(self.store, settings.upstream, secrets.token_hex(8), self.metrics)
             if settings.upstream.url
             else None
         )
-        self.alerts = AlertRules(
-            settings.alerts, queue_fill, lambda: self.sync.lag_s if self.sync else 0.0
-        )
-        self.metrics.gauge(
+        self.alerts = AlertRules(settings.alerts, queue_fill, self.backlog_age_s)
+        self.audit_log = AuditLog(self.store)
+        self.unsynced_records = 0
+        m = self.metrics
+        m.gauge(
             "edgeserve_telemetry_backlog_records",
             "Records queued in memory, not yet written",
             self.store.backlog_in_memory,
         )
-        self.metrics.gauge(
-            "edgeserve_sync_lag_seconds",
-            "Age of the oldest unsynced record",
-            lambda: self.sync.lag_s if self.sync else 0.0,
+        m.gauge(
+            "edgeserve_telemetry_unsynced_records",
+            "Rows in the buffer not yet acknowledged upstream (as of the last maintenance)",
+            lambda: self.unsynced_records,
+        )
+        m.gauge("edgeserve_sync_lag_seconds", "Age of the oldest unsynced row", self.backlog_age_s)
+        m.gauge(
+            "edgeserve_telemetry_db_bytes",
+            "Size of the telemetry database and its WAL",
+            lambda: maintenance.database_bytes(self.store.path),
         )
         self._tasks: list[asyncio.Task] = []
 
     # -- request path -------------------------------------------------------------
     def record_inference(self, record: InferenceRecord) -> int:
-        """Count and queue one inference; its durable sequence number (0 if dropped)."""
-        self.metrics.observe(record)
-        self.alerts.observe(record.total_s, record.status < 500)
-        return self.store.add(record)
+        """Queue one inference; its sequence number (0 if dropped). Never blocks or raises."""
+        seq = self.store.add(record)
+        if not seq:  # dropped: still counted in the request metrics
+            self.metrics.inferences.observe_one(record)
+        return seq
 
     def record_feedback(self, record: FeedbackRecord) -> int:
         return self.store.add(record)
@@ -83,56 +104,115 @@ class Telemetry:
     def record_event(self, record: EventRecord) -> int:
         return self.store.add(record)
 
+    def record_alert(self, record: AlertRecord) -> int:
+        return self.store.add(record)
+
+    def record_audit(
+        self,
+        action: str,
+        target: str,
+        outcome: str,
+        subject: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        return self.audit_log.record(action, target, outcome, subject=subject, detail=detail)
+
     def subject_hash(self, subject: str) -> str:
         """A keyed hash: the raw subject id never reaches SQLite or upstream."""
-        return hmac.new(self._subject_key, subject.encode(), hashlib.sha256).hexdigest()[:32]
+        return hash_subject(self._subject_key, subject)
+
+    @property
+    def durable_seq(self) -> int:
+        return self.store.durable_seq
+
+    def backlog_age_s(self) -> float:
+        return self.sync.lag_s if self.sync else 0.0
+
+    def set_update_state(self, model: str, state: str) -> None:
+        self.metrics.set_update_state(model, state)
+
+    def _observe_batch(self, records: Sequence[Any]) -> None:
+        # On the writer thread, before the batch is written.
+        self.metrics.inferences.observe_batch(records)
+        self.alerts.observe_batch(records)
+
+    async def render_metrics(self, catch_up_s: float = 1.0) -> tuple[bytes, str]:
+        """The scrape, after the writer has folded in every record accepted so far."""
+        target = self.store.last_seq
+        deadline = time.monotonic() + catch_up_s
+        while self.metrics.inferences.seen < target and time.monotonic() < deadline:
+            self.store.nudge()
+            await asyncio.sleep(0.002)
+        return self.metrics.render()
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         self.store.start()
         self._tasks.append(asyncio.create_task(self._maintain()))
+        self._tasks.append(asyncio.create_task(self._evaluate_alerts()))
         if self.sync is not None:
             self._tasks.append(asyncio.create_task(self.sync.run()))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the tasks, then commit what is still queued (bounded by `timeout_s`)."""
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.to_thread(self.store.flush, 10.0)
+        self._tasks.clear()
+        if not await asyncio.to_thread(self.store.flush, timeout_s):
+            log.warning("telemetry flush timed out queued=%d", self.store.backlog_in_memory())
         await asyncio.to_thread(self.store.stop)
         if self.sync is not None:
             self.sync.close()
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        return await asyncio.to_thread(self.store.flush, timeout_s)
 
     async def forget(self, subject: str) -> int:
         digest = self.subject_hash(subject)
         future = self.store.submit(lambda c: maintenance.forget_subject(self.store, c, digest))
         return await asyncio.wrap_future(future)
 
+    async def verify_audit(self) -> audit.ChainReport:
+        return await asyncio.wrap_future(self.store.submit(audit.verify))
+
     async def note_rollback(self, model: str, reason: str) -> None:
         self.metrics.rollbacks.labels(model, reason[:60]).inc()
         await self._raise_alerts([self.alerts.note_rollback(model, reason)])
 
-    async def _maintain(self) -> None:
+    async def maintain_once(self) -> None:
+        """Retention, then the size cap in bounded steps, then the unsynced count."""
         s = self.settings
+        await self._in_writer(
+            lambda c: maintenance.apply_retention(self.store, c, s.retention.max_age_s())
+        )
+        while await self._in_writer(
+            lambda c: maintenance.enforce_size_cap(
+                self.store, c, s.max_db_bytes, CAP_CHUNKS_PER_STEP
+            )
+        ):
+            pass
+        self.unsynced_records = await self._in_writer(maintenance.count_unsynced)
+
+    async def _in_writer(self, command: Callable[[Any], Any]) -> Any:
+        return await asyncio.wrap_future(self.store.submit(command))
+
+    async def _maintain(self) -> None:
         while True:
-            await asyncio.sleep(s.maintenance_interval_s)
             try:
-                await asyncio.wrap_future(
-                    self.store.submit(
-                        lambda c: maintenance.apply_retention(
-                            self.store, c, s.retention_days * 86400
-                        )
-                    )
-                )
-                await asyncio.wrap_future(
-                    self.store.submit(
-                        lambda c: maintenance.enforce_size_cap(self.store, c, s.max_db_bytes)
-                    )
-                )
-                await self._raise_alerts(self.alerts.evaluate())
+                await self.maintain_once()
             except Exception as exc:  # maintenance must never stop; say why it failed
                 log.error("telemetry maintenance failed error=%r", str(exc))
+            await asyncio.sleep(self.settings.maintenance_interval_s)
+
+    async def _evaluate_alerts(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alerts.evaluate_interval_s)
+            try:
+                await self._raise_alerts(self.alerts.evaluate())
+            except Exception as exc:
+                log.error("alert evaluation failed error=%r", str(exc))
 
     async def _raise_alerts(self, changes: list[AlertChange]) -> None:
         for change in changes:
@@ -140,23 +220,38 @@ class Telemetry:
             log.warning(
                 "alert rule=%s state=%s message=%r", change.rule, change.state, change.message
             )
-            self.store.submit(
-                lambda c, ch=change: c.execute(
-                    "INSERT INTO alerts (record_id, rule, state, value, message, time, data_region)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        f"alert-{secrets.token_hex(8)}",
-                        ch.rule,
-                        ch.state,
-                        ch.value,
-                        ch.message,
-                        time.time(),
-                        self.store.data_region,
-                    ),
-                )
+            self.record_alert(
+                AlertRecord(change.rule, change.state, change.value, change.message, time.time())
             )
             if self.settings.alerts.webhook_url:
                 await _post_webhook(self.settings.alerts.webhook_url, change)
+
+
+class AuditLog:
+    """`record(action, target, outcome, subject=, detail=)`: the audit seam other parts call."""
+
+    def __init__(self, store: TelemetryStore) -> None:
+        self._store = store
+
+    def record(
+        self,
+        action: str,
+        target: str,
+        outcome: str,
+        subject: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        text = orjson.dumps(detail or {}, option=orjson.OPT_SORT_KEYS).decode()
+        return self._store.add(AuditRecord(action, target, outcome, subject, text, time.time()))
+
+
+def build_telemetry(
+    settings: TelemetrySettings,
+    state_dir: Path,
+    queue_fill: Callable[[], float] = lambda: 0.0,
+) -> Telemetry:
+    """The subsystem for one process; nothing runs until `await start()`."""
+    return Telemetry(settings, state_dir, queue_fill)
 
 
 async def _post_webhook(url: str, change: AlertChange) -> None:
@@ -177,11 +272,19 @@ async def _post_webhook(url: str, change: AlertChange) -> None:
         log.warning("alert webhook failed error=%s", type(exc).__name__)
 
 
-def _subject_key(path: Path) -> bytes:
+def hash_subject(key: bytes, subject: str) -> str:
+    return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def subject_key(path: Path) -> bytes:
+    """The per-box key for subject hashes (0600), created on first use."""
     if path.exists():
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(32)
-    path.touch(mode=0o600)
-    path.write_bytes(key)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
     return key

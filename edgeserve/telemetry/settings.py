@@ -50,7 +50,31 @@ class AlertSettings:
     queue_saturation: float = setting(0.9, min=0.0, max=1.0)  # share of max_queue_size
     backlog_age_s: float = setting(86400.0, min=0.0)  # oldest unsynced record; 0 = off
     window_s: float = setting(60.0, min=1.0, max=86400.0)
+    for_s: float = setting(0.0, min=0.0, max=86400.0)  # a rule must hold this long to fire
+    evaluate_interval_s: float = setting(5.0, min=0.1, max=3600.0)
     webhook_url: str = ""  # POSTed on firing; its host must be in upstream.allowed_hosts
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long rows of each table are kept, synced or not (unsynced ones are counted)."""
+
+    inferences_days: float = setting(30.0, min=0.01, max=3650.0)
+    feedback_days: float = setting(90.0, min=0.01, max=3650.0)
+    events_days: float = setting(90.0, min=0.01, max=3650.0)
+    alerts_days: float = setting(90.0, min=0.01, max=3650.0)
+    forget_requests_days: float = setting(365.0, min=0.01, max=3650.0)
+    audit_days: float = setting(365.0, min=0.01, max=3650.0)
+
+    def max_age_s(self) -> dict[str, float]:
+        return {
+            "inferences": self.inferences_days * 86400,
+            "feedback": self.feedback_days * 86400,
+            "events": self.events_days * 86400,
+            "alerts": self.alerts_days * 86400,
+            "forget_requests": self.forget_requests_days * 86400,
+            "audit": self.audit_days * 86400,
+        }
 
 
 @dataclass(frozen=True)
@@ -63,10 +87,10 @@ class TelemetrySettings:
     write_batch_records: int = setting(2000, min=1, max=100_000)
     write_interval_ms: float = setting(100.0, min=1.0, max=60_000.0)
     max_db_bytes: int = setting(512 * 1024 * 1024, min=1024 * 1024)
-    retention_days: float = setting(30.0, min=0.01, max=3650.0)
     maintenance_interval_s: float = setting(30.0, min=0.1, max=3600.0)
     subject_header: str = "x-user-id"  # a caller's unit id, stored only as a keyed hash
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:

@@ -1,27 +1,35 @@
 """The local telemetry buffer: SQLite in WAL mode, written by one thread in batches.
 
-Durability: `synchronous=FULL` in WAL mode makes every committed batch survive a
-process kill *and* a power cut; a batch is committed at most `write_interval_ms`
-after its first record was queued. `durable_seq` is the highest record sequence
-number known to be committed: every record with a sequence at or below it is on
-disk. Records still in the in-memory queue when the process dies are lost; records
-that find the queue full are dropped and counted, never waited for.
+Durability, precisely: `add()` gives each accepted record a sequence number; numbers
+are handed out and queued under one lock, so the queue is in sequence order and the
+writer commits batches in that order. `durable_seq` is the last sequence number of
+the last committed batch: every accepted record with a sequence number at or below
+it is in the database file (unless SQLite refused its values as malformed, which is
+counted as a `write_error` drop). With `synchronous=FULL` in WAL mode the WAL is
+fsynced at every commit, so that holds across a process kill *and* a power cut;
+NORMAL would survive only a process kill. One fsync per batch (at most one batch
+per `write_interval_ms` under load) is cheap. Records still in memory when the
+process dies are lost; records that find the queue full are dropped and counted.
+
+Checkpoints: SQLite's automatic checkpoint (every 1000 WAL pages) runs on the
+writer's connection; `journal_size_limit` truncates the WAL back to 8 MiB after
+one, so the WAL cannot grow without bound, and purges end with
+`wal_checkpoint(TRUNCATE)` so deleted rows do not linger there.
 
 All writes (inserts, marking rows synced, purges) happen on the writer thread, so
-SQLite never sees two writers; readers (the sync task, reports) use their own
-connections, which WAL lets run beside the writer.
+SQLite never sees two writers in this process; readers (the sync task, reports,
+the CLI) use their own connections, which WAL lets run beside the writer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import astuple
 from pathlib import Path
@@ -29,12 +37,20 @@ from typing import Any
 
 import sqlite_utils
 
-from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
+from edgeserve.telemetry import audit
+from edgeserve.telemetry.records import (
+    AlertRecord,
+    AuditRecord,
+    EventRecord,
+    FeedbackRecord,
+    InferenceRecord,
+)
 
 log = logging.getLogger(__name__)
 
 # Lowest priority first: when the size cap bites, unsynced rows go in this order.
-TABLES = ("inferences", "events", "feedback", "alerts", "forget_requests")
+TABLES = ("inferences", "events", "feedback", "alerts", "forget_requests", "audit")
+WAL_LIMIT_BYTES = 8 * 1024 * 1024
 
 _COLUMNS: dict[str, dict[str, type]] = {
     "inferences": {
@@ -59,8 +75,24 @@ _COLUMNS: dict[str, dict[str, type]] = {
     "events": {"name": str, "value": float, "subject_hash": str, "time": float},
     "alerts": {"rule": str, "state": str, "value": float, "message": str, "time": float},
     "forget_requests": {"subject_hash": str, "time": float},
+    "audit": {
+        "action": str,
+        "target": str,
+        "outcome": str,
+        "subject": str,
+        "detail": str,
+        "time": float,
+    },
 }
-_RECORD_TABLE = {InferenceRecord: "inferences", FeedbackRecord: "feedback", EventRecord: "events"}
+_EXTRA = {"audit": {"prev_hash": str, "hash": str}}
+AUDIT_NAMES = ("record_id", *_COLUMNS["audit"], "data_region")
+RECORD_TABLE: dict[type, str] = {
+    InferenceRecord: "inferences",
+    FeedbackRecord: "feedback",
+    EventRecord: "events",
+    AlertRecord: "alerts",
+    AuditRecord: "audit",
+}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -69,18 +101,26 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     return conn
 
 
 def create_schema(path: Path) -> None:
     """Tables, indexes and incremental auto-vacuum (set before the first table exists)."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     try:
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db = sqlite_utils.Database(conn)
         for table, columns in _COLUMNS.items():
             db[table].create(  # type: ignore[union-attr]
-                {"seq": int, "record_id": str, **columns, "data_region": str, "synced": int},
+                {
+                    "seq": int,
+                    "record_id": str,
+                    **columns,
+                    "data_region": str,
+                    **_EXTRA.get(table, {}),
+                    "synced": int,
+                },
                 pk="seq",
                 if_not_exists=True,
                 defaults={"synced": 0},
@@ -91,6 +131,7 @@ def create_schema(path: Path) -> None:
         db["inferences"].create_index(["experiment", "variant"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
+        db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]
             pk=("table_name", "reason"),
@@ -98,6 +139,11 @@ def create_schema(path: Path) -> None:
         )
     finally:
         conn.close()
+
+
+def _insert_sql(table: str) -> str:
+    names = ["record_id", *_COLUMNS[table], "data_region", *_EXTRA.get(table, {})]
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
 
 
 class TelemetryStore:
@@ -111,23 +157,29 @@ class TelemetryStore:
         batch_records: int,
         interval_s: float,
         on_drop: Callable[[str, str, int], None] | None = None,
+        on_batch: Callable[[Sequence[Any]], None] | None = None,
     ) -> None:
         self.path = path
         self.data_region = data_region
+        self.capacity = queue_records
         self.batch_records = batch_records
         self.interval_s = interval_s
         self._on_drop = on_drop or (lambda table, reason, n: None)
-        self._queue: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=queue_records)
-        self._commands: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future]] = (
-            queue.SimpleQueue()
-        )
-        self._boot = secrets.token_hex(4)
+        self._on_batch = on_batch
+        self._lock = threading.Lock()  # guards _pending, _seq, dropped
+        self._pending: deque[tuple[int, Any]] = deque()
+        self._in_hand = 0  # taken by the writer, not yet committed; counts against capacity
+        self._commands: deque[tuple[Callable[[sqlite3.Connection], Any], Future]] = deque()
+        self._wake = threading.Event()
+        self._durable = threading.Condition()
+        # Record ids are "<boot>-<seq>": unique across restarts without a counter on disk.
+        self.boot_id = secrets.token_hex(8)
         self._seq = 0
-        self._seq_lock = threading.Lock()
         self.durable_seq = 0
-        self._last_queued = 0
         self.dropped = 0
+        self.write_errors = 0
         self._stop = threading.Event()
+        self._audit_head: str | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         create_schema(path)
         os.chmod(path, 0o600)
@@ -136,106 +188,163 @@ class TelemetryStore:
     def start(self) -> None:
         self._thread.start()
 
+    # -- any thread -----------------------------------------------------------------
     def add(self, record: Any) -> int:
-        """Queue a record; its sequence number, or 0 when the queue is full (dropped)."""
-        with self._seq_lock:
-            self._seq += 1
-            seq = self._seq
-        try:
-            self._queue.put_nowait((seq, record))
-        except queue.Full:
+        """Queue a record; its sequence number, or 0 when the queue is full (dropped).
+
+        Never blocks beyond a short lock, never raises: this is on the request path.
+        """
+        with self._lock:
+            if len(self._pending) + self._in_hand < self.capacity:
+                self._seq += 1
+                self._pending.append((self._seq, record))
+                return self._seq
             self.dropped += 1
-            self._on_drop(_RECORD_TABLE.get(type(record), "other"), "queue_full", 1)
-            return 0
-        self._last_queued = seq
-        return seq
+        self._on_drop(RECORD_TABLE.get(type(record), "other"), "queue_full", 1)
+        return 0
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
 
     def backlog_in_memory(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending) + self._in_hand
 
     def submit(self, command: Callable[[sqlite3.Connection], Any]) -> Future:
         """Run `command(conn)` on the writer thread, after the records queued before it."""
         future: Future = Future()
-        self._commands.put((command, future))
+        self._commands.append((command, future))
+        self._wake.set()
         return future
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything queued so far is committed."""
-        target = self._last_queued
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.durable_seq >= target:
-                return True
-            time.sleep(0.005)
-        return False
+        """Wait until every record accepted so far is committed (`durable_seq`)."""
+        target = self._seq
+        self._wake.set()
+        with self._durable:
+            return self._durable.wait_for(lambda: self.durable_seq >= target, timeout_s)
+
+    def nudge(self) -> None:
+        """Have the writer take the queue now instead of at its next interval."""
+        self._wake.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    # -- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
         conn = connect(self.path)
+        self._audit_head = audit.last_hash(conn)
+        backoff_s = 0.05
         try:
             while True:
-                batch = self._take_batch()
-                if batch:
-                    self._write(conn, batch)
+                with self._lock:
+                    batch, self._pending = self._pending, deque()
+                    self._in_hand = len(batch)
+                if batch and self._on_batch is not None:
+                    self._observe(batch)
+                while batch:
+                    chunk = [batch.popleft() for _ in range(min(len(batch), self.batch_records))]
+                    while not self._write(conn, chunk):
+                        # Disk full or I/O error: keep the records and retry; maintenance
+                        # commands still run (the size cap may free space), new records
+                        # wait in the queue and beyond its capacity are counted as drops.
+                        self._run_commands(conn)
+                        if self._stop.wait(backoff_s):
+                            log.error("telemetry writer gave up at stop records=%d", len(chunk))
+                            return
+                        backoff_s = min(backoff_s * 2, 5.0)
+                    backoff_s = 0.05
+                    self._in_hand = len(batch)
                 self._run_commands(conn)
-                if self._stop.is_set() and self._queue.empty():
+                if self._stop.is_set() and not self._pending and not self._commands:
                     break
+                if not self._pending:
+                    self._wake.wait(self.interval_s)
+                    self._wake.clear()
         finally:
             conn.close()
 
-    def _take_batch(self) -> list[tuple[int, Any]]:
+    def _observe(self, batch: deque[tuple[int, Any]]) -> None:
         try:
-            first = self._queue.get(timeout=self.interval_s)
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < self.batch_records:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+            self._on_batch([record for _, record in batch])  # type: ignore[misc]
+        except Exception:  # metrics must never stop records being written
+            log.exception("telemetry batch observer failed")
 
-    def _write(self, conn: sqlite3.Connection, batch: list[tuple[int, Any]]) -> None:
-        rows: dict[str, list[tuple]] = {}
-        for seq, record in batch:
-            table = _RECORD_TABLE[type(record)]
-            values = astuple(record)  # fields are declared in column order
-            rows.setdefault(table, []).append((f"{self._boot}-{seq}", *values, self.data_region))
+    def _write(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> bool:
+        """Insert one chunk in one transaction; False if it should be retried."""
+        head = self._audit_head
         try:
-            conn.execute("BEGIN")
-            for table, values in rows.items():
-                names = ["record_id", *_COLUMNS[table], "data_region"]
-                sql = (
-                    f"INSERT INTO {table} ({', '.join(names)}) "
-                    f"VALUES ({', '.join('?' * len(names))})"
-                )
-                conn.executemany(sql, values)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                head = self._insert(conn, chunk, head, tolerant=False)
+            except (
+                sqlite3.InterfaceError,
+                sqlite3.ProgrammingError,
+                sqlite3.IntegrityError,
+                ValueError,
+                TypeError,
+            ):
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._insert(conn, chunk, self._audit_head, tolerant=True)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            log.error("telemetry write failed records=%d error=%r", len(batch), str(exc))
-            self.record_drop(conn, "inferences", "write_error", len(batch))
-            self.durable_seq = batch[-1][0]  # lost, counted; nothing later waits for them
-            return
-        self.durable_seq = batch[-1][0]
+            log.error("telemetry write failed records=%d error=%r", len(chunk), str(exc))
+            return False
+        self._audit_head = head
+        with self._durable:
+            self.durable_seq = chunk[-1][0]
+            self._durable.notify_all()
+        return True
+
+    def _insert(
+        self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]], head: str, tolerant: bool
+    ) -> str:
+        """Insert rows (one by one when `tolerant`, skipping and counting malformed ones)."""
+        rows: dict[str, list[tuple]] = {}
+        for seq, record in chunk:
+            table = RECORD_TABLE[type(record)]
+            row = (f"{self.boot_id}-{seq}", *astuple(record), self.data_region)
+            if table == "audit":
+                named = dict(zip(AUDIT_NAMES, row, strict=True))
+                digest = audit.link(head, named)
+                row, head = (*row, head, digest), digest
+            rows.setdefault(table, []).append(row)
+        for table, values in rows.items():
+            sql = _insert_sql(table)
+            if not tolerant:
+                conn.executemany(sql, values)
+                continue
+            for value in values:
+                try:
+                    conn.execute(sql, value)
+                except (
+                    sqlite3.InterfaceError,
+                    sqlite3.ProgrammingError,
+                    sqlite3.IntegrityError,
+                    ValueError,
+                    TypeError,
+                ):
+                    self.write_errors += 1
+                    self.record_drop(conn, table, "write_error", 1)
+        return head
 
     def _run_commands(self, conn: sqlite3.Connection) -> None:
-        while True:
-            try:
-                command, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        while self._commands:
+            command, future = self._commands.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
                 future.set_result(command(conn))
             except Exception as exc:  # handed to the caller, who logs it
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 future.set_exception(exc)
 
     def record_drop(self, conn: sqlite3.Connection, table: str, reason: str, count: int) -> None:

@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import importlib.util
 import logging
 import random
 import sqlite3
 import ssl
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from edgeserve.settings_schema import ConfigError
 from edgeserve.telemetry import otlp
 from edgeserve.telemetry.maintenance import mark_synced
+from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.settings import UpstreamSettings
 from edgeserve.telemetry.store import TABLES, TelemetryStore, connect
 
@@ -35,15 +39,29 @@ SEND_ORDER = tuple(reversed(TABLES))  # highest priority first
 class UpstreamSync:
     """The background task that empties the buffer into the collector."""
 
-    def __init__(self, store: TelemetryStore, settings: UpstreamSettings, instance: str) -> None:
+    def __init__(
+        self,
+        store: TelemetryStore,
+        settings: UpstreamSettings,
+        instance: str,
+        metrics: Metrics | None = None,
+    ) -> None:
+        check_upstream(settings)
         self.store = store
         self.settings = settings
         self.instance = instance
+        self.metrics = metrics
         self.failures = 0
         self.sent_records = 0
-        self.lag_s = 0.0
+        self._oldest_unsynced: float | None = None
         self._reader: sqlite3.Connection | None = None
         self._wake = asyncio.Event()
+
+    @property
+    def lag_s(self) -> float:
+        """Age of the oldest row not yet acknowledged (as of the last look at the buffer)."""
+        oldest = self._oldest_unsynced
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def wake(self) -> None:
         self._wake.set()
@@ -78,12 +96,12 @@ class UpstreamSync:
             while True:
                 rows = await asyncio.to_thread(self._unsynced, self.settings.batch_records)
                 if not rows:
-                    self.lag_s = 0.0
+                    self._oldest_unsynced = None
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), idle_s)
                     continue
-                self.lag_s = max(0.0, time.time() - min(r["time"] for _, r in rows))
+                self._oldest_unsynced = min(r["time"] for _, r in rows)
                 delay = await self._send(client, rows)
                 if delay:
                     await asyncio.sleep(delay)
@@ -117,8 +135,12 @@ class UpstreamSync:
                     )
             self.failures = 0
             self.sent_records += len(rows)
+            if self.metrics is not None:
+                self.metrics.sync_sent.inc(len(rows))
             return 0.0
         self.failures += 1
+        if self.metrics is not None:
+            self.metrics.sync_failures.labels(reason.replace(" ", "_")).inc()
         s = self.settings
         if self.failures >= s.breaker_failures:
             log.warning(
@@ -150,6 +172,21 @@ class UpstreamSync:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+
+
+def check_upstream(settings: UpstreamSettings) -> None:
+    """Refuse to start towards a host off the allow-list, or without the protobuf codec."""
+    host = urllib.parse.urlsplit(settings.url).hostname
+    if host not in settings.allowed_hosts:
+        raise ConfigError(
+            "telemetry.upstream.url",
+            f"host {host!r} is not in telemetry.upstream.allowed_hosts",
+        )
+    if settings.encoding == "protobuf" and importlib.util.find_spec("opentelemetry") is None:
+        raise ConfigError(
+            "telemetry.upstream.encoding",
+            '"protobuf" needs the opentelemetry-proto package (pip install opentelemetry-proto)',
+        )
 
 
 def _retry_after(value: str | None) -> float | None:
