@@ -24,6 +24,7 @@ the CLI) use their own connections, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import secrets
 import sqlite3
@@ -31,7 +32,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import astuple
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ RECORD_TABLE: dict[type, str] = {
     AlertRecord: "alerts",
     AuditRecord: "audit",
 }
+# dataclasses.astuple deep-copies (about 10 us a record); attrgetter is ~30x cheaper.
+_VALUES = {cls: operator.attrgetter(*(f.name for f in fields(cls))) for cls in RECORD_TABLE}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -310,7 +313,7 @@ class TelemetryStore:
         rows: dict[str, list[tuple]] = {}
         for seq, record in chunk:
             table = RECORD_TABLE[type(record)]
-            row = (f"{self.boot_id}-{seq}", *astuple(record), self.data_region)
+            row = (f"{self.boot_id}-{seq}", *_VALUES[type(record)](record), self.data_region)
             if table == "audit":
                 named = dict(zip(AUDIT_NAMES, row, strict=True))
                 digest = audit.link(head, named)
