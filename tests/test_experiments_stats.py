@@ -3,6 +3,8 @@ the sequential test is the default for decisions made while watching."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -271,3 +273,21 @@ def test_power_simulation_detects_five_points_at_ten_percent_traffic() -> None:
         f"fixed-horizon 80% power needs {fixed}"
     )
     assert detected >= 0.95
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        two_proportion_ztest(0, 100, 0, 100),
+        welch_ttest(0.0, 0.0, 10, 1.0, 0.0, 10),
+        sample_ratio_mismatch([10, 0], [1, 0]),
+        sequential.msprt(0.0, 0.0, 0.1),
+    ],
+    ids=["z", "welch", "srm", "msprt"],
+)
+def test_every_number_is_labelled_and_serialises_to_strict_json(result: object) -> None:
+    fields = {f.name for f in dataclasses.fields(result)}  # type: ignore[arg-type]
+    assert set(result.FIELDS) == fields  # type: ignore[attr-defined]
+    assert all(result.FIELDS.values())  # type: ignore[attr-defined]
+    doc = json.loads(json.dumps(result.as_dict(), allow_nan=False))  # type: ignore[attr-defined]
+    assert set(doc) == fields

@@ -26,7 +26,6 @@ back in at the next look, across stages too (the arms are the same streams of da
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from edgeserve.experiments.stats import (
     ComparisonResult,
     SampleRatioCheck,
     holm,
+    json_safe,
     sample_ratio_mismatch,
     two_proportion_ztest,
     welch_ttest,
@@ -160,8 +160,7 @@ class Decision:
     running_p: dict[str, float] = field(default_factory=dict)  # pass back at the next look
 
     def as_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        return _finite(doc)
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -189,17 +188,6 @@ class RolloutPlan:
         percent = self.stages_percent[min(stage, len(self.stages_percent) - 1)]
         share = percent / (variants - 1)
         return [100.0 - percent] + [share] * (variants - 1)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: they become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def compare(

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
-from edgeserve.experiments.stats import Interval
+from edgeserve.experiments.stats import Interval, json_safe
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,20 @@ class SequentialResult:
     alpha: float
     significant: bool
 
+    FIELDS: ClassVar[dict[str, str]] = {
+        "test": "which sequential test",
+        "difference": "candidate minus control",
+        "variance_of_difference": "estimated variance of the difference",
+        "mixture_tau": "standard deviation of the normal mixture over true differences",
+        "likelihood_ratio": "mixture likelihood ratio against no difference",
+        "always_valid_p_value": "p valid at any look: the running minimum of 1/ratio",
+        "confidence_sequence": "interval for the difference valid at any look",
+        "alpha": "significance level",
+        "significant": "always-valid p below alpha",
+    }
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def mixture_likelihood_ratio(difference: float, variance: float, tau: float) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 from edgeserve.experiments.distributions import (
     chi_square_p,
@@ -17,6 +18,18 @@ from edgeserve.experiments.distributions import (
     student_t_quantile,
     student_t_two_sided_p,
 )
+
+
+def json_safe(value: Any) -> Any:
+    """A result as strict JSON wants it: inf and nan (an unbounded interval, an undefined
+    ratio) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,22 @@ class ComparisonResult:
     p_value: float
     confidence_level: float
 
+    FIELDS: ClassVar[dict[str, str]] = {
+        "test": "which fixed-horizon test",
+        "control_estimate": "control's rate or mean",
+        "candidate_estimate": "candidate's rate or mean",
+        "absolute_difference": "candidate minus control",
+        "absolute_ci": "confidence interval of the absolute difference",
+        "relative_difference": "(candidate - control) / control; None if control is 0",
+        "relative_ci": "confidence interval of the relative difference (delta method)",
+        "statistic": "z (pooled standard error) or Welch's t",
+        "degrees_of_freedom": "Welch-Satterthwaite degrees of freedom; None for z",
+        "p_value": "two-sided p, valid only when looked at once at the planned size",
+        "confidence_level": "1 - alpha of the intervals",
+    }
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _relative(
@@ -135,8 +162,17 @@ class SampleRatioCheck:
     mismatch: bool  # p < threshold: assignment or logging is broken; do not trust results
     threshold: float
 
+    FIELDS: ClassVar[dict[str, str]] = {
+        "observed": "units (or requests) seen per variant",
+        "expected": "what the configured weights predict for the same total",
+        "statistic": "Pearson chi-square",
+        "p_value": "chance of a split at least this far off with correct assignment",
+        "mismatch": "p below threshold: assignment or logging is broken, do not trust results",
+        "threshold": "p below which a mismatch is flagged",
+    }
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def sample_ratio_mismatch(
