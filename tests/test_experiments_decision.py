@@ -18,7 +18,10 @@ from edgeserve.experiments.decision import (
     RolloutPlan,
     VariantSummary,
     decide,
+    plan_for,
+    policy_for,
 )
+from edgeserve.experiments.model import parse_definition
 
 ACCURACY_ONLY = Policy(guardrails=(MetricSpec("error_rate", "lower"),))
 
@@ -237,9 +240,13 @@ def _staged_rollout(
 
 
 def test_a_better_candidate_walks_the_stages_and_is_promoted() -> None:
-    d, requests, stage = _staged_rollout(0.90, 0.95, 0.001, seed=8)
-    print(f"\nstaged 5/25/50%: 0.90 -> 0.95 promoted at stage {stage} after {requests} requests")
-    assert (d.action, d.variant, stage) == ("promote", "v2", 2)
+    runs = [_staged_rollout(0.90, 0.95, 0.001, seed=seed) for seed in range(20)]
+    assert all((d.action, d.variant, stage) == ("promote", "v2", 2) for d, _, stage in runs)
+    requests = sorted(n for _, n, _ in runs)
+    print(
+        f"\nstaged 5/25/50%, 0.90 -> 0.95: promoted in 20/20 runs after median "
+        f"{requests[10]} requests (range {requests[0]}-{requests[-1]})"
+    )
 
 
 def test_a_faulty_candidate_is_rolled_back_in_the_first_stage() -> None:
@@ -247,3 +254,22 @@ def test_a_faulty_candidate_is_rolled_back_in_the_first_stage() -> None:
     assert (d.action, d.variant, stage) == ("rollback", "v2", 0)
     assert "error rate" in d.reason
     assert requests <= 1000  # 20 candidate requests at 5% of traffic
+
+
+def test_policy_and_plan_follow_the_definition() -> None:
+    exp = parse_definition(
+        {
+            "id": "e",
+            "model": "m",
+            "variants": [{"name": "c", "version": 1}, {"name": "t", "version": 2}],
+            "primary_metric": "conversion:checkout",
+            "max_error_rate": 0.02,
+            "stages": [5, 25, 100],
+        }
+    )
+    policy = policy_for(exp, alpha=0.01, tau_relative=0.2, min_samples=500)
+    assert policy.primary == MetricSpec("conversion:checkout", "higher")
+    assert (policy.alpha, policy.max_error_rate, policy.max_p99_ms) == (0.01, 0.02, None)
+    plan = plan_for(exp, 300)
+    assert plan is not None and plan.stages_percent == (5, 25)
+    assert exp.weights == [95.0, 5.0]  # created at its first stage

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeserve.experiments import sequential
+from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.stats import (
     ComparisonResult,
     SampleRatioCheck,
@@ -339,3 +340,21 @@ def decide(
             "continue", f"waiting for {policy.min_samples} samples per variant (have {have})"
         )
     return result("continue", "no significant difference yet")
+
+
+def policy_for(exp: Experiment, alpha: float, tau_relative: float, min_samples: int) -> Policy:
+    """The policy an experiment definition asks for (the server's wiring of `decide`)."""
+    return Policy(
+        primary=MetricSpec(exp.primary_metric, "higher"),
+        alpha=alpha,
+        tau_relative=tau_relative,
+        min_samples=min_samples,
+        max_error_rate=exp.max_error_rate,
+        max_p99_ms=exp.max_p99_ms or None,
+    )
+
+
+def plan_for(exp: Experiment, min_samples_per_stage: int) -> RolloutPlan | None:
+    """The staged rollout of a definition, or None when it has no stages below 100%."""
+    stages = tuple(s for s in exp.stages if s < 100.0)
+    return RolloutPlan(stages, min_samples_per_stage) if stages else None
