@@ -1,11 +1,15 @@
-"""The local buffer: bounded size with a stated drop order, counted drops, durability
-across SIGKILL of the server."""
+"""The local buffer: exact durable_seq, bounded size with a stated drop order, counted
+drops, a hash-chained audit log, durability across SIGKILL of the writer and the server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -14,8 +18,16 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeserve.telemetry import maintenance
-from edgeserve.telemetry.records import EventRecord, InferenceRecord
+from edgeserve.telemetry import audit, maintenance
+from edgeserve.telemetry.records import (
+    AlertRecord,
+    AuditRecord,
+    EventRecord,
+    FeedbackRecord,
+    InferenceRecord,
+)
+from edgeserve.telemetry.service import build_telemetry
+from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import TelemetryStore
 from tests.serving import MODELS, run_server
 
@@ -157,3 +169,184 @@ def test_records_acknowledged_as_durable_survive_sigkill_of_the_server(tmp_path:
             f"\ncycle {cycle}: answered={len(answered)} guaranteed={len(guaranteed)} "
             f"stored={len([r for r in stored if r.startswith(f'c{cycle}-')])}"
         )
+
+
+def test_durable_seq_covers_every_record_below_it_with_many_producers(tmp_path: Path) -> None:
+    """Sequence numbers are queued in order, so a committed batch never vouches for a
+    record another thread numbered earlier but had not queued yet."""
+    store = TelemetryStore(tmp_path / "telemetry.db", "ae", 1_000_000, 300, 0.001)
+    store.start()
+    checks: list[tuple[int, set[str]]] = []
+    accepted: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def produce(name: str) -> None:
+        for i in range(3000):
+            rid = f"{name}-{i}"
+            seq = store.add(InferenceRecord(rid, "m", "1", 200, 0, 0, 0, 1, time.time()))
+            with lock:
+                accepted[seq] = rid
+
+    def check() -> None:
+        with sqlite3.connect(store.path) as db:
+            while any(t.is_alive() for t in producers):
+                durable = store.durable_seq
+                stored = {r[0] for r in db.execute("SELECT request_id FROM inferences")}
+                checks.append((durable, stored))
+                time.sleep(0.01)
+
+    producers = [threading.Thread(target=produce, args=(f"t{k}",)) for k in range(4)]
+    checker = threading.Thread(target=check)
+    for t in producers:
+        t.start()
+    checker.start()
+    for t in producers:
+        t.join()
+    checker.join()
+    assert store.flush(30)
+    store.stop()
+    assert len(accepted) == 12_000 and 0 not in accepted
+    for durable, stored in checks:
+        missing = [accepted[s] for s in range(1, durable + 1) if accepted[s] not in stored]
+        assert not missing, f"durable_seq={durable} but {len(missing)} records below it missing"
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from edgeserve.telemetry.records import InferenceRecord
+    from edgeserve.telemetry.store import TelemetryStore
+
+    store = TelemetryStore(Path(sys.argv[1]), "ae", 100_000, 500, 0.005)
+    store.start()
+    prefix, reported, i = sys.argv[2], 0, 0
+    while True:
+        i += 1
+        seq = store.add(InferenceRecord(f"{prefix}-{i}", "m", "1", 200, 0, 0, 0, 1, time.time()))
+        assert seq == i
+        if store.durable_seq > reported:
+            reported = store.durable_seq
+            print(reported, flush=True)
+        if i % 50 == 0:
+            time.sleep(0.001)
+    """
+)
+
+
+@pytest.mark.slow
+def test_every_record_up_to_the_reported_durable_seq_survives_sigkill(tmp_path: Path) -> None:
+    db_path = tmp_path / "telemetry.db"
+    for cycle in range(4):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(db_path), f"c{cycle}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        reported = 0
+        for line in child.stdout:  # kill it mid-write, after a few acknowledged batches
+            reported = int(line)
+            if reported >= 2000 * (cycle + 1):
+                break
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        with sqlite3.connect(db_path) as db:  # opening it recovers the WAL
+            stored = {
+                r[0]
+                for r in db.execute(
+                    "SELECT request_id FROM inferences WHERE request_id LIKE ?", (f"c{cycle}-%",)
+                )
+            }
+        missing = [i for i in range(1, reported + 1) if f"c{cycle}-{i}" not in stored]
+        assert reported > 0
+        assert not missing, f"cycle {cycle}: {len(missing)} acknowledged records lost"
+
+
+def test_audit_rows_are_hash_chained_and_an_edit_is_found(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for i in range(5):
+        store.add(AuditRecord("model.update", f"digits/{i}", "ok", "operator", "{}", time.time()))
+        store.add(_inference(i))  # other tables interleave, the chain does not care
+    assert store.flush(10)
+    store.stop()
+    with sqlite3.connect(store.path) as db:
+        assert audit.verify(db) == audit.ChainReport(True, 5)
+    store = _store(tmp_path)  # a restart continues the chain from the last row
+    store.add(AuditRecord("model.rollback", "digits", "ok", "operator", "{}", time.time()))
+    assert store.flush(10)
+    store.stop()
+    with sqlite3.connect(store.path) as db:
+        assert audit.verify(db).ok and audit.verify(db).rows == 6
+        db.execute("UPDATE audit SET outcome = 'refused' WHERE seq = 3")
+        db.commit()
+        report = audit.verify(db)
+    assert not report.ok and report.first_bad_seq == 3
+
+
+def test_a_malformed_record_is_counted_and_its_batch_neighbours_kept(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.add(_inference(1))
+    store.add(InferenceRecord("bad", "m", "1", 200, object(), 0, 0, 1, time.time()))  # type: ignore[arg-type]
+    store.add(_inference(2))
+    assert store.flush(10)
+    drops = store.submit(maintenance.drop_counts).result()
+    store.stop()
+    assert _count(store, "inferences") == 2
+    assert drops == {("inferences", "write_error"): 1}
+
+
+@pytest.mark.slow
+def test_size_cap_holds_through_a_long_outage_and_drops_in_the_stated_order(
+    tmp_path: Path,
+) -> None:
+    """Upstream down for a long simulated period: records of every kind keep coming,
+    maintenance runs between rounds; the buffer never ends a round over the cap, the
+    lowest-priority table loses its oldest rows first, and the drop counters account
+    for every row that is missing."""
+    cap = 2 * 1024 * 1024
+    settings = TelemetrySettings(max_db_bytes=cap, write_interval_ms=5.0)
+    telemetry = build_telemetry(settings, tmp_path)
+    produced = {"inferences": 0, "events": 0, "feedback": 0, "alerts": 0, "audit": 0}
+
+    async def outage() -> None:
+        await telemetry.start()
+        for _ in range(12):
+            for i in range(3000):
+                telemetry.record_inference(_inference(i))
+                produced["inferences"] += 1
+                if i % 10 == 0:
+                    telemetry.record_event(EventRecord("basket", 9.5, "s", time.time()))
+                    telemetry.record_feedback(FeedbackRecord(f"req-{i}", "3", None, time.time()))
+                    produced["events"] += 1
+                    produced["feedback"] += 1
+                if i % 500 == 0:
+                    telemetry.record_alert(
+                        AlertRecord("p99_latency", "firing", 1, "x", time.time())
+                    )
+                    telemetry.record_audit("model.update", "digits", "ok")
+                    produced["alerts"] += 1
+                    produced["audit"] += 1
+            assert await telemetry.flush(30)
+            await telemetry.maintain_once()
+            assert maintenance.database_bytes(telemetry.store.path) <= cap
+        await telemetry.stop()
+
+    asyncio.run(outage())
+    store = telemetry.store
+    with sqlite3.connect(store.path) as db:
+        drops = maintenance.drop_counts(db)
+        kept = {t: _count(store, t) for t in produced}
+        oldest_kept = db.execute("SELECT min(seq) FROM inferences").fetchone()[0]
+        newest = db.execute("SELECT max(seq) FROM inferences").fetchone()[0]
+    assert drops[("inferences", "size_cap")] > 0  # the cap did bite
+    for table, n in produced.items():  # every missing row is counted
+        assert n - kept[table] == drops.get((table, "size_cap"), 0), table
+    for table in ("events", "feedback", "alerts", "audit"):  # higher priority kept whole
+        assert kept[table] == produced[table], table
+    assert newest == produced["inferences"]  # the newest stayed ...
+    assert kept["inferences"] == _count(store, "inferences", f"seq >= {oldest_kept}")  # ... no gaps
+    metric = telemetry.metrics.registry.get_sample_value(
+        "edgeserve_telemetry_dropped_total", {"table": "inferences", "reason": "size_cap"}
+    )
+    assert metric == drops[("inferences", "size_cap")]
