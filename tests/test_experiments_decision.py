@@ -273,3 +273,10 @@ def test_policy_and_plan_follow_the_definition() -> None:
     plan = plan_for(exp, 300)
     assert plan is not None and plan.stages_percent == (5, 25)
     assert exp.weights == [95.0, 5.0]  # created at its first stage
+
+
+def test_shadow_mode_has_no_split_to_check() -> None:
+    copies = [_variant("v1", 5000, 4500), _variant("v2", 900, 855)]  # copies of some requests
+    d = decide(copies, None, ACCURACY_ONLY)
+    assert d.srm is None
+    assert (d.action, d.variant) == ("promote", "v2")

@@ -11,11 +11,11 @@ before anything else, as Flagger and Argo Rollouts do for canaries:
 3. the primary metric significantly worse -> rollback
 4. sample ratio mismatch in this stage's counts -> continue (the data cannot be trusted;
    no promotion is taken on them)
-5. fewer than `min_samples` per variant on the primary metric -> continue
-6. the primary significantly better (Holm across candidates) -> advance if stages remain,
-   else promote
-7. a stage that has seen `min_samples_per_stage` candidate requests with nothing wrong
-   -> advance (exposure grows while healthy; promotion still needs step 6)
+5. the primary significantly better (Holm across candidates) after `min_samples` per
+   variant -> advance if stages remain, else promote
+6. a stage that has seen `min_samples_per_stage` candidate requests with nothing wrong
+   -> advance (exposure grows while healthy; promotion still needs step 5)
+7. otherwise continue
 
 "Significantly" means the sequential test by default (mixture SPRT, valid however often
 the decision runs); `Policy.test = "fixed"` uses the fixed-horizon tests instead, which
@@ -255,14 +255,14 @@ def _tests(
         if significant:
             verdict = "better" if up == (spec.better == "higher") else "worse"
         tests.append(
-            MetricTest(name, spec.name, role, spec.better, p, significant, verdict, seq, fixed)
-        )  # type: ignore[arg-type]
+            MetricTest(name, spec.name, role, spec.better, p, significant, verdict, seq, fixed)  # type: ignore[arg-type]
+        )
     return tests
 
 
 def decide(
     variants: Sequence[VariantSummary],
-    weights: Sequence[float],
+    weights: Sequence[float] | None,
     policy: Policy | None = None,
     *,
     running_p: Mapping[str, float] | None = None,
@@ -271,18 +271,20 @@ def decide(
     stage_requests: Sequence[int] | None = None,
 ) -> Decision:
     """The decision at this look. `variants[0]` is the control; `weights` are the current
-    ones; `stage_requests` are the requests per variant since the current stage began
+    ones (None in shadow mode: traffic is copied, not split, so there is no ratio to
+    check); `stage_requests` are the requests per variant since the current stage began
     (for the SRM check and stage progress; default: all requests)."""
     policy = policy or Policy()
     control, candidates = variants[0], list(variants[1:])
     tests = _tests(control, candidates, policy, running_p or {})
     carried = {f"{t.variant}/{t.metric}": t.sequential.always_valid_p_value for t in tests}
+    counts = list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
+    srm = None
+    if weights is not None and sum(counts):
+        srm = sample_ratio_mismatch(counts, weights, policy.srm_threshold)
 
     def result(action: Action, reason: str, variant: str | None = None) -> Decision:
         return Decision(action, reason, variant, tuple(tests), srm, carried)
-
-    counts = list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
-    srm = sample_ratio_mismatch(counts, weights, policy.srm_threshold) if sum(counts) else None
 
     for cand in candidates:  # 1. absolute guardrails
         if cand.requests < policy.min_requests_for_absolute:
@@ -319,7 +321,7 @@ def decide(
     )
     better = [t for t in tests if t.role == "primary" and t.verdict == "better"]
     last = plan is None or plan.is_last(stage)
-    if better and have >= policy.min_samples:  # 6.
+    if better and have >= policy.min_samples:  # 5.
         best = max(better, key=lambda t: abs(t.sequential.difference))
         action: Action = "promote" if last else "advance"
         return result(
@@ -327,7 +329,7 @@ def decide(
             f"{best.variant}: {best.metric} significantly better (p={best.p_value:.3g})",
             best.variant,
         )
-    if plan is not None and not last:  # 7.
+    if plan is not None and not last:  # 6.
         in_stage = min(counts[1:]) if len(counts) > 1 else 0
         if in_stage >= plan.min_samples_per_stage:
             return result(
@@ -335,7 +337,7 @@ def decide(
                 f"stage {stage} ({plan.stages_percent[stage]:g}%) healthy after {in_stage} "
                 "candidate requests",
             )
-    if have < policy.min_samples:  # 5.
+    if have < policy.min_samples:  # 7.
         return result(
             "continue", f"waiting for {policy.min_samples} samples per variant (have {have})"
         )
