@@ -22,6 +22,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from edgeserve.telemetry.records import InferenceRecord
 
@@ -45,7 +46,9 @@ class _Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         running, out = 0, []
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+        for bound, count in zip(
+            (*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True
+        ):
             running += count
             out.append((bound, running))
         return out
