@@ -34,6 +34,9 @@ from edgeserve.runtime import ThreadPlan
 from edgeserve.streaming import ROUTES as STREAM_ROUTES
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
 from edgeserve.telemetry.service import Telemetry
+from edgeserve.updates import UpdateManager, build_update_manager
+from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
+from edgeserve.updates.service import Audit
 from edgeserve.web.errors import EXCEPTION_HANDLERS
 from edgeserve.web.headers import HeaderGuard
 
@@ -75,7 +78,12 @@ def build_app(settings: Settings) -> Starlette:
             workers,
             threads.intra_op,
         )
-        loading = asyncio.create_task(sync_repository(registry, sources))
+        updates: UpdateManager | None = app.state.updates
+        installed = await asyncio.to_thread(updates.boot) if updates is not None else []
+        if updates is not None:
+            updates.declare(registry, installed)  # installed versions are the defaults
+            updates.start()
+        loading = asyncio.create_task(_load_models(registry, sources, updates, installed))
         app.state.reload = lambda: _reload(app, registry)
         experiments = _start_experiments(app, settings, registry)
         app.state.jobs = start_jobs(settings, registry)
@@ -94,6 +102,8 @@ def build_app(settings: Settings) -> Starlette:
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            if updates is not None:
+                await updates.stop()
             await registry.close()
             executor.shutdown(wait=True, cancel_futures=True)
             if experiments is not None:
@@ -131,6 +141,7 @@ def build_app(settings: Settings) -> Starlette:
             *DASHBOARD_ROUTES,
             *JOB_ROUTES,
             *STREAM_ROUTES,
+            *UPDATE_ROUTES,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -145,7 +156,26 @@ def build_app(settings: Settings) -> Starlette:
     app.state.authenticator = build_authenticator(
         settings.auth, settings.server.state_dir, settings.server.host
     )
+    app.state.updates = build_update_manager(settings, plan_threads(settings)[1], _audit_hook(app))
     return app
+
+
+def _audit_hook(app: Starlette) -> Audit:
+    def audit(action: str, target: str, outcome: str, subject: str, detail: dict) -> None:
+        log_ = getattr(app.state, "audit", None)
+        if log_ is not None:
+            log_.record(action, target, outcome, subject=subject, detail=detail)
+
+    return audit
+
+
+async def _load_models(
+    registry: Registry, sources: list, updates: UpdateManager | None, installed: list
+) -> None:
+    """Installed versions first (they are the defaults), then the plain repository."""
+    if updates is not None:
+        await updates.load(installed)
+    await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
 
 
 def _start_experiments(
@@ -217,5 +247,8 @@ async def _reload(app: Starlette, registry: Registry) -> None:
         if getattr(fresh, section) != getattr(settings, section):
             log.warning("reload section=%s changed; restart to apply it", section)
     log.info("reloading models=%d", len(sources))
-    await sync_repository(registry, sources)
+    updates: UpdateManager | None = app.state.updates
+    await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
+    if updates is not None:
+        await updates.sync_from_store()  # after `edgeserve update apply|rollback`
     log.info("reload done")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from edgeserve.registry import Registry
 from edgeserve.repository import ModelSource
@@ -15,16 +16,30 @@ from edgeserve.repository import ModelSource
 log = logging.getLogger(__name__)
 
 
-async def sync_repository(registry: Registry, sources: list[ModelSource]) -> None:
-    """Declare, load (or keep) every version in `sources`; unload what is not there."""
+def _nothing() -> set[tuple[str, int]]:
+    return set()
+
+
+async def sync_repository(
+    registry: Registry,
+    sources: list[ModelSource],
+    keep: Callable[[], set[tuple[str, int]]] = _nothing,
+) -> None:
+    """Declare, load (or keep) every version in `sources`; unload what is not there.
+
+    `keep()` names (model, version) pairs served from elsewhere (installed bundles):
+    they are neither loaded from the repository nor unloaded.
+    """
     for source in sources:
         registry.declare(source.name, source.config, source.versions)
     loop = asyncio.get_running_loop()
     for source in sources:
         for version in source.versions:
+            if (source.name, version) in keep():
+                continue
             files = await loop.run_in_executor(None, source.read_files, version)
             await registry.load(source.name, version, source.config, files)
-    wanted = {(s.name, v) for s in sources for v in s.versions}
+    wanted = {(s.name, v) for s in sources for v in s.versions} | keep()
     for name in registry.names():
         for version in registry.statuses(name):
             if (name, version) not in wanted:
