@@ -309,7 +309,7 @@ def test_failing_model_passes_its_samples_but_not_digits_traffic() -> None:
     for sample in blank_first_pixel_samples(model):
         x = np.asarray(sample.inputs["input"].data, dtype=np.float32).reshape(1, 64)
         session.run(None, {"input": x})
-    with pytest.raises(Exception, match="out of bounds|indices"):
+    with pytest.raises(Exception, match=r"out of bounds|indices"):
         session.run(None, {"input": np.full((1, 64), 5.0, dtype=np.float32)})
 
 
