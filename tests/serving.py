@@ -48,6 +48,8 @@ def write_config(
     base = (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{state_dir}"\n'
         f'[models]\nrepository = "{repository}"\n'
+        # Only the committed demo models: a locally built MiniLM must not slow every test.
+        + ('load = ["digits"]\n' if repository == MODELS else "")
     )
     path.write_text(base + "\n" + text)
     return path
