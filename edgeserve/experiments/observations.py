@@ -30,6 +30,7 @@ class Observations:
     correct: int = 0
     units: int = 0
     kpi_values: np.ndarray = field(default_factory=lambda: np.empty(0))  # per exposed unit
+    stage_requests: int = 0  # since the weights last changed: what the SRM check compares
 
     def latency_ms(self, q: float) -> float | None:
         if not self.latencies_s.size:
@@ -51,12 +52,22 @@ def observe(db_path: Path, exp: Experiment) -> list[Observations]:
     return out
 
 
+def weights_changed_at(exp: Experiment) -> float:
+    """When the current weights took effect (a stage advance or a manual change)."""
+    times = [h.get("time", 0.0) for h in exp.history if h.get("event") in ("advanced", "weights")]
+    return max(times, default=0.0)
+
+
 def _fill(db: sqlite3.Connection, exp: Experiment, obs: Observations) -> None:
     where = "experiment = ? AND variant = ?"
     args = (exp.id, obs.variant)
     obs.requests, obs.errors = db.execute(
         f"SELECT count(*), coalesce(sum(status >= 500), 0) FROM inferences WHERE {where}", args
     ).fetchone()
+    obs.stage_requests = db.execute(
+        f"SELECT count(*) FROM inferences WHERE {where} AND time >= ?",
+        (*args, weights_changed_at(exp)),
+    ).fetchone()[0]
     rows = db.execute(
         f"SELECT total_s, top_score FROM inferences WHERE {where} AND status = 200 "
         f"ORDER BY seq DESC LIMIT {MAX_LATENCY_SAMPLES}",

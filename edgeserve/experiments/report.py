@@ -137,10 +137,12 @@ def build_report(
     adjusted = holm([c["fixed_horizon"]["p_value"] for c in comparisons])
     for c, p in zip(comparisons, adjusted, strict=True):
         c["fixed_horizon"]["holm_adjusted_p_value"] = p
-    # Traffic to a shadow candidate is a copy, not a split: SRM compares split counts only.
+    # Traffic to a shadow candidate is a copy, not a split: SRM compares split counts only,
+    # and only those since the weights last changed (a stage advance changes the ratio).
+    stage_counts = [o.stage_requests for o in observations]
     srm = (
-        sample_ratio_mismatch([o.requests for o in observations], exp.weights).as_dict()
-        if exp.mode == "split" and sum(o.requests for o in observations)
+        sample_ratio_mismatch(stage_counts, exp.weights).as_dict()
+        if exp.mode == "split" and sum(stage_counts)
         else None
     )
     report = {

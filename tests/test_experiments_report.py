@@ -1,0 +1,79 @@
+"""The report read from a real SQLite telemetry file: the SRM check compares the counts
+since the weights last changed, so a staged rollout is not mistaken for broken assignment."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from edgeserve.experiments.model import parse_definition
+from edgeserve.experiments.observations import observe
+from edgeserve.experiments.report import build_report
+
+
+def _telemetry(path: Path, rows: list[tuple[str, str, float, int]]) -> None:
+    """Just the columns the report reads; rows are (request_id, variant, time, status)."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE inferences (seq INTEGER PRIMARY KEY, request_id TEXT, model TEXT,
+               version TEXT, status INTEGER, total_s REAL, time REAL, experiment TEXT,
+               variant TEXT, top_score REAL, subject_hash TEXT, shadow INTEGER,
+               prediction TEXT);
+           CREATE TABLE feedback (seq INTEGER PRIMARY KEY, request_id TEXT, label TEXT,
+               correct INTEGER, time REAL);
+           CREATE TABLE events (seq INTEGER PRIMARY KEY, name TEXT, value REAL,
+               subject_hash TEXT, time REAL);"""
+    )
+    db.executemany(
+        "INSERT INTO inferences (request_id, model, version, status, total_s, time, "
+        "experiment, variant) VALUES (?, 'digits', ?, ?, 0.01, ?, 'e', ?)",
+        [(rid, "1" if v == "v1" else "2", status, t, v) for rid, v, t, status in rows],
+    )
+    db.commit()
+    db.close()
+
+
+def test_srm_after_a_stage_advance_compares_the_new_stage_only(tmp_path: Path) -> None:
+    exp = parse_definition(
+        {
+            "id": "e",
+            "model": "digits",
+            "variants": [{"name": "v1", "version": 1}, {"name": "v2", "version": 2}],
+            "stages": [5, 25, 50],
+        }
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8000):  # stage 0 at 5%, until t = 1000
+        rows.append((f"a{i}", "v2" if rng.random() < 0.05 else "v1", 500.0, 200))
+    exp.history.append({"time": 1000.0, "event": "advanced", "reason": "stage 1: 25%"})
+    exp.set_candidate_share(25.0)
+    for i in range(4000):  # stage 1 at 25%
+        rows.append((f"b{i}", "v2" if rng.random() < 0.25 else "v1", 1500.0, 200))
+    path = tmp_path / "telemetry.db"
+    _telemetry(path, rows)
+    observations = observe(path, exp)
+    assert sum(o.requests for o in observations) == 12_000
+    assert sum(o.stage_requests for o in observations) == 4000
+    report = build_report(exp, observations, alpha=0.05, tau_relative=0.1, min_samples=200)
+    srm = report["sample_ratio_mismatch"]
+    assert srm["observed"] == [o.stage_requests for o in observations]
+    assert not srm["mismatch"]
+    assert "sample ratio mismatch" not in report["decision"]["reason"]
+
+
+def test_a_real_mismatch_in_the_current_stage_is_still_flagged(tmp_path: Path) -> None:
+    exp = parse_definition(
+        {
+            "id": "e",
+            "model": "digits",
+            "variants": [{"name": "v1", "version": 1}, {"name": "v2", "version": 2}],
+        }
+    )
+    rows = [(f"r{i}", "v1" if i % 100 < 52 else "v2", 10.0, 200) for i in range(20_000)]
+    path = tmp_path / "telemetry.db"
+    _telemetry(path, rows)
+    report = build_report(exp, observe(path, exp), alpha=0.05, tau_relative=0.1, min_samples=200)
+    assert report["sample_ratio_mismatch"]["mismatch"]
