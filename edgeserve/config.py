@@ -148,6 +148,11 @@ def _resolve_paths(settings: Settings, base: Path, source: Path | None) -> Setti
         tls_client_ca=absolute(settings.server.tls_client_ca),
     )
     models = replace(settings.models, repository=absolute(settings.models.repository))
+    updater = replace(
+        settings.updater,
+        master_key_file=absolute(settings.updater.master_key_file),
+        bundle_key_files=[absolute(p) for p in settings.updater.bundle_key_files],
+    )
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("server.tls_cert", "tls_cert and tls_key must be set together")
-    return replace(settings, server=server, models=models, source=source)
+    return replace(settings, server=server, models=models, updater=updater, source=source)
