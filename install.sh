@@ -303,7 +303,8 @@ wait_ready() {
 s = load_settings(sys.argv[1]).server
 host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)
 host = f"[{host}]" if ":" in host else host
-print(f"{\"https\" if s.tls_cert else \"http\"}://{host}:{s.port}/v2/health/ready")' "$config_dir/edgeserve.toml")
+scheme = "https" if s.tls_cert else "http"
+print(f"{scheme}://{host}:{s.port}/v2/health/ready")' "$config_dir/edgeserve.toml")
     say "waiting for $url"
     "$prefix/venv/bin/python" - "$url" <<'PY' || die "not ready in time; see: journalctl -u edgeserve"
 import ssl, sys, time, urllib.request
