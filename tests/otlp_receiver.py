@@ -2,11 +2,14 @@
 
     python tests/otlp_receiver.py PORT STATEFILE
 
-It parses every payload with the official protobuf definitions (opentelemetry-proto)
-and appends each log record's `edgeserve.record_id` to STATEFILE (one per line). Its
-behaviour is switched with POST /control {"mode": ...}: "up" (200), "error" (500),
-"throttle" (429 + Retry-After: 1), "slow" (answers 200 after 3 s), "redirect" (307 to
-the URL in {"location": ...}).
+It parses every payload with the official protobuf definitions (opentelemetry-proto),
+JSON or protobuf by Content-Type, and appends each log record's `edgeserve.record_id`
+to STATEFILE (one per line) when it accepts a batch. Its behaviour is switched with
+POST /control {"mode": ...}: "up" (200), "error" (500), "throttle" (429 +
+Retry-After: 1), "slow" (answers 200 after `slow_s`, default 3 s), "redirect" (307 to
+the URL in {"location": ...}). GET / returns its state: requests seen per mode, the
+last Authorization header and resource attributes, records accepted, and the
+uploads still being answered (`in_flight`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,24 @@ from pathlib import Path
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
-STATE = {"mode": "up", "location": "", "requests": 0}
+STATE: dict = {
+    "mode": "up",
+    "location": "",
+    "slow_s": 3.0,
+    "requests": 0,
+    "by_mode": {},
+    "accepted_records": 0,
+    "in_flight": 0,
+    "authorization": None,
+    "content_type": None,
+    "resource": {},
+}
 LOCK = threading.Lock()
+
+
+def _scalar(value: object) -> object:
+    kind = value.WhichOneof("value")  # type: ignore[attr-defined]
+    return getattr(value, kind) if kind else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -38,17 +57,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        self._reply(200, json.dumps(STATE).encode())
+        with LOCK:
+            self._reply(200, json.dumps(STATE).encode())
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.path == "/control":
-            STATE.update(json.loads(body))
+            with LOCK:
+                STATE.update(json.loads(body))
             self._reply(200)
             return
         with LOCK:
+            mode = STATE["mode"]
             STATE["requests"] += 1
-        mode = STATE["mode"]
+            STATE["by_mode"][mode] = STATE["by_mode"].get(mode, 0) + 1
+            STATE["authorization"] = self.headers.get("Authorization")
+            STATE["content_type"] = self.headers.get("Content-Type")
         if mode == "error":
             self._reply(500)
             return
@@ -58,21 +82,34 @@ class Handler(BaseHTTPRequestHandler):
         if mode == "redirect":
             self._reply(307, headers={"Location": STATE["location"]})
             return
+        with LOCK:
+            STATE["in_flight"] += 1
+        try:
+            self._accept(body, mode)
+        finally:
+            with LOCK:
+                STATE["in_flight"] -= 1
+
+    def _accept(self, body: bytes, mode: str) -> None:
         request = ExportLogsServiceRequest()
         if self.headers.get("Content-Type", "").startswith("application/x-protobuf"):
             request.ParseFromString(body)
         else:
-            json_format.Parse(body, request)
+            json_format.Parse(body, request)  # strict: unknown fields are an error
         ids = []
+        resource_attrs: dict = {}
         for resource in request.resource_logs:
+            resource_attrs = {a.key: _scalar(a.value) for a in resource.resource.attributes}
             for scope in resource.scope_logs:
                 for record in scope.log_records:
-                    attrs = {a.key: a.value.string_value for a in record.attributes}
+                    attrs = {a.key: _scalar(a.value) for a in record.attributes}
                     ids.append(attrs["edgeserve.record_id"])
         if mode == "slow":
-            time.sleep(3)
+            time.sleep(STATE["slow_s"])
         with LOCK, Path(sys.argv[2]).open("a") as out:
             out.writelines(f"{i}\n" for i in ids)
+            STATE["accepted_records"] += len(ids)
+            STATE["resource"] = resource_attrs if ids else STATE["resource"]
         self._reply(200, b'{"partialSuccess": {}}', {"Content-Type": "application/json"})
 
 
