@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeserve.experiments import sequential
+from edgeserve.experiments.decision import Moments, Proportion, VariantSummary
 from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.observations import Observations
 from edgeserve.experiments.stats import (
@@ -286,3 +287,22 @@ def decide(
                     c["variant"],
                 )
     return Decision("continue", "no significant difference yet")
+
+
+def variant_summaries(exp: Experiment, observations: list[Observations]) -> list[VariantSummary]:
+    """Observations as `decision.decide` takes them: the primary metric under its own
+    name, latency_ms and confidence as moments, error_rate from requests and errors."""
+    out = []
+    for o in observations:
+        metrics: dict[str, Proportion | Moments] = {
+            "accuracy": Proportion(o.correct, o.labelled),
+            "confidence": Moments.of(o.confidence),
+            "latency_ms": Moments.of(o.latencies_s * 1000.0),
+        }
+        metric = exp.primary_metric
+        if metric.startswith("conversion:"):
+            metrics[metric] = Proportion(int(o.kpi_values.sum()), int(o.kpi_values.size))
+        elif metric.startswith("event:"):
+            metrics[metric] = Moments.of(o.kpi_values)
+        out.append(VariantSummary(o.variant, o.requests, o.errors, o.latency_ms(99), metrics))
+    return out
