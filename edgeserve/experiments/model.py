@@ -61,7 +61,11 @@ class Experiment:
         self.history.append({"time": time.time(), "event": event, "reason": reason})
 
     def set_candidate_share(self, percent: float) -> None:
-        """Give the candidates `percent` of traffic together, the control the rest."""
+        """Give the candidates `percent` of traffic together, the control the rest.
+
+        With one candidate (at the end of the line) its range only grows as `percent`
+        rises, so no unit leaves it; with several, the boundaries between candidates
+        shift and some units move from one candidate to another."""
         share = percent / max(len(self.variants) - 1, 1)
         self.variants[0].weight = 100.0 - percent
         for v in self.variants[1:]:
