@@ -61,6 +61,7 @@ class Telemetry:
             settings.write_interval_ms / 1000.0,
             on_drop=lambda table, reason, n: self.metrics.dropped.labels(table, reason).inc(n),
             on_batch=self._observe_batch,
+            on_commit=self._keep_under_cap,
         )
         self._subject_key = subject_key(state_dir / "keys" / "subject.key")
         self.sync = (
@@ -135,6 +136,13 @@ class Telemetry:
         # On the writer thread, before the batch is written.
         self.metrics.inferences.observe_batch(records)
         self.alerts.observe_batch(records)
+
+    def _keep_under_cap(self, conn: Any) -> None:
+        # After every committed batch (a stat call): the cap holds between maintenance runs.
+        if maintenance.database_bytes(self.store.path) > self.settings.max_db_bytes:
+            maintenance.enforce_size_cap(
+                self.store, conn, self.settings.max_db_bytes, CAP_CHUNKS_PER_STEP
+            )
 
     async def render_metrics(self, catch_up_s: float = 1.0) -> tuple[bytes, str]:
         """The scrape, after the writer has folded in every record accepted so far."""

@@ -161,6 +161,7 @@ class TelemetryStore:
         interval_s: float,
         on_drop: Callable[[str, str, int], None] | None = None,
         on_batch: Callable[[Sequence[Any]], None] | None = None,
+        on_commit: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         self.path = path
         self.data_region = data_region
@@ -169,6 +170,7 @@ class TelemetryStore:
         self.interval_s = interval_s
         self._on_drop = on_drop or (lambda table, reason, n: None)
         self._on_batch = on_batch
+        self._on_commit = on_commit
         self._lock = threading.Lock()  # guards _pending, _seq, dropped
         self._pending: deque[tuple[int, Any]] = deque()
         self._in_hand = 0  # taken by the writer, not yet committed; counts against capacity
@@ -262,6 +264,7 @@ class TelemetryStore:
                         backoff_s = min(backoff_s * 2, 5.0)
                     backoff_s = 0.05
                     self._in_hand = len(batch)
+                    self._after_commit(conn)
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
                     break
@@ -276,6 +279,16 @@ class TelemetryStore:
             self._on_batch([record for _, record in batch])  # type: ignore[misc]
         except Exception:  # metrics must never stop records being written
             log.exception("telemetry batch observer failed")
+
+    def _after_commit(self, conn: sqlite3.Connection) -> None:
+        if self._on_commit is None:
+            return
+        try:
+            self._on_commit(conn)
+        except Exception:  # a failed size check must not stop the writer
+            log.exception("telemetry after-commit hook failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def _write(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> bool:
         """Insert one chunk in one transaction; False if it should be retried."""
