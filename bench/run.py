@@ -52,6 +52,17 @@ ONE_BATCH_ALL_CORES = (
 )
 
 
+def precision_of(version_dir: Path) -> str:
+    """INT8 when the graph holds quantized operators (their names are plain in the file)."""
+    for name in ("model.onnx", "model.xml"):
+        path = version_dir / name
+        if path.is_file():
+            blob = path.read_bytes()
+            quantized = (b"MatMulInteger", b"QuantizeLinear", b"FakeQuantize", b"QLinear")
+            return "INT8" if any(op in blob for op in quantized) else "FP32"
+    return "?"
+
+
 def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
     """digits on ONNX Runtime (comparable with the peer); each MiniLM version on both backends."""
     targets = []
@@ -64,6 +75,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
                 files = {p.name for p in (folder / str(version)).iterdir()}
                 backends = ["onnxruntime"] if "model.onnx" in files else []
                 backends.append("openvino")
+                precision = precision_of(folder / str(version))
                 for backend in backends:
                     targets.append(
                         Target(
@@ -71,10 +83,10 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
                             folder.name,
                             version,
                             backend,
-                            f"{folder.name} v{version} {backend}",
+                            f"{folder.name} v{version} {precision} {backend}",
                             [1, 16, 32],
                             engines[-1:],
-                            peer=False,
+                            peer=precision == "INT8" and backend == "onnxruntime",
                             heavy=True,
                         )
                     )
@@ -86,7 +98,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
                     folder.name,
                     version,
                     "onnxruntime",
-                    f"{folder.name} v{version} onnxruntime",
+                    f"{folder.name} v{version} {precision_of(folder / str(version))} onnxruntime",
                     [1, 16],
                     engines,
                     peer=True,
