@@ -182,7 +182,7 @@ def test_slow_candidate_is_rolled_back_automatically(server: RunningServer) -> N
                 break
         exp = _status(client, server)
         assert exp["decision"] == "rolled_back", exp
-        assert "p99" in exp["reason"] or "latency_s significantly worse" in exp["reason"]
+        assert "p99" in exp["reason"] or "latency_ms significantly worse" in exp["reason"]
         assert [v["weight"] for v in exp["variants"]] == [50.0, 0.0]
         assert any(h["event"] == "rolled_back" for h in exp["history"])
         replies = [_infer(client, server, 0, f"user-{u}") for u in range(20)]

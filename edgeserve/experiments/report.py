@@ -7,13 +7,19 @@ tests are shown next to it, Holm-adjusted across all comparisons of the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgeserve.experiments import sequential
-from edgeserve.experiments.decision import Moments, Proportion, VariantSummary
+from edgeserve.experiments.decision import (
+    Moments,
+    Proportion,
+    VariantSummary,
+    decide,
+    plan_for,
+    policy_for,
+)
 from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.observations import Observations
 from edgeserve.experiments.stats import (
@@ -23,15 +29,6 @@ from edgeserve.experiments.stats import (
     two_proportion_ztest,
     welch_ttest,
 )
-
-MIN_FOR_ABSOLUTE_GUARDRAILS = 20
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: str  # "continue" | "advance" | "promote" | "rollback"
-    reason: str
-    variant: str | None = None
 
 
 def _proportion(
@@ -159,7 +156,22 @@ def build_report(
             "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",
         },
     }
-    report["decision"] = decide(exp, observations, comparisons, srm, min_samples).__dict__
+    split = exp.mode == "split"
+    verdict = decide(
+        variant_summaries(exp, observations),
+        exp.weights if split else None,
+        policy_for(exp, alpha, tau_relative, min_samples),
+        running_p=exp.running_p,
+        plan=plan_for(exp, min_samples),
+        stage=exp.stage,
+        stage_requests=stage_counts if split else None,
+    )
+    report["decision"] = {
+        "action": verdict.action,
+        "reason": verdict.reason,
+        "variant": verdict.variant,
+    }
+    report["running_p"] = verdict.running_p  # the always-valid p-values to carry forward
     return report
 
 
@@ -218,75 +230,6 @@ def _power(exp: Experiment, control: Observations) -> dict[str, Any] | None:
         "candidate_share": share,
         "labelled_units_needed": sample_size_proportions(base, base + 0.05, share_candidate=share),
     }
-
-
-def decide(
-    exp: Experiment,
-    observations: list[Observations],
-    comparisons: list[dict],
-    srm: dict | None,
-    min_samples: int,
-) -> Decision:
-    """Rollback as soon as a guardrail is breached; promote when the primary wins."""
-    for cand in observations[1:]:
-        if cand.requests >= MIN_FOR_ABSOLUTE_GUARDRAILS:
-            rate = cand.errors / cand.requests
-            if rate > exp.max_error_rate:
-                return Decision(
-                    "rollback",
-                    f"{cand.variant}: error rate {rate:.3f} over the limit {exp.max_error_rate}",
-                    cand.variant,
-                )
-            p99 = cand.latency_ms(99)
-            if exp.max_p99_ms and p99 is not None and p99 > exp.max_p99_ms:
-                return Decision(
-                    "rollback",
-                    f"{cand.variant}: p99 {p99:.1f} ms over the limit {exp.max_p99_ms} ms",
-                    cand.variant,
-                )
-    for c in comparisons:
-        seq = c["sequential"]
-        worse = seq["difference"] > 0 if c["better_when"] == "lower" else seq["difference"] < 0
-        if c["kind"] == "guardrail" and seq["significant"] and worse:
-            return Decision(
-                "rollback",
-                f"{c['variant']}: {c['metric']} significantly worse "
-                f"(always-valid p={seq['always_valid_p_value']:.4g})",
-                c["variant"],
-            )
-    if srm is not None and srm["mismatch"]:
-        return Decision(
-            "continue",
-            f"sample ratio mismatch (p={srm['p_value']:.2g}): "
-            "assignment or logging is broken, no decision is taken",
-        )
-    for c in comparisons:
-        if c["kind"] != "primary":
-            continue
-        seq = c["sequential"]
-        n = min(
-            o.labelled if exp.primary_metric == "accuracy" else o.requests for o in observations
-        )
-        if n < min_samples:
-            return Decision("continue", f"waiting for {min_samples} samples per variant (have {n})")
-        if seq["significant"] and seq["difference"] > 0:
-            guard_worse = [
-                g
-                for g in comparisons
-                if g["kind"] == "guardrail"
-                and g["variant"] == c["variant"]
-                and g["sequential"]["significant"]
-                and g["sequential"]["difference"] > 0
-            ]
-            if not guard_worse:
-                action = "advance" if exp.stages and exp.stage < len(exp.stages) - 1 else "promote"
-                return Decision(
-                    action,
-                    f"{c['variant']}: {c['metric']} significantly better "
-                    f"(always-valid p={seq['always_valid_p_value']:.4g})",
-                    c["variant"],
-                )
-    return Decision("continue", "no significant difference yet")
 
 
 def variant_summaries(exp: Experiment, observations: list[Observations]) -> list[VariantSummary]:

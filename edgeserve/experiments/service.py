@@ -213,9 +213,7 @@ class ExperimentService:
         """Run the report and act on its decision; the action taken."""
         async with self._lock:
             report = await self.report(exp.id)
-            for c in report["comparisons"]:
-                key = f"{c['variant']}/{c['metric']}"
-                exp.running_p[key] = c["sequential"]["always_valid_p_value"]
+            exp.running_p = dict(report["running_p"])  # running minima stay valid across stages
             decision = report["decision"]
             action, reason = decision["action"], decision["reason"]
             if action == "rollback":
@@ -226,7 +224,6 @@ class ExperimentService:
             elif action == "advance":
                 exp.stage += 1
                 exp.set_candidate_share(exp.stages[exp.stage])
-                exp.running_p.clear()  # a new stage is a new test
                 exp.note("advanced", f"stage {exp.stage}: {exp.stages[exp.stage]}%; {reason}")
             elif action == "promote":
                 winner = next(v for v in exp.variants if v.name == decision["variant"])
