@@ -24,6 +24,7 @@ from typing import Any
 from edgeserve.config import Settings
 from edgeserve.registry import Registry
 from edgeserve.runtime import ThreadPlan
+from edgeserve.updates.poller import BundlePoller
 from edgeserve.updates.validation import bundle_config, make_validator
 from edgeserve.updates.watch import Probation
 from updater import (
@@ -74,7 +75,8 @@ class UpdateManager:
         self._lock = asyncio.Lock()
         self.serving: dict[str, int] = {}  # model -> installed version being served
         self.probations: dict[str, Probation] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.poller: BundlePoller | None = None
         self.tick_s = min(1.0, max(0.05, u.watch_window_s / 50))
         self.probe_interval_s = max(self.tick_s, u.watch_window_s / 10)
 
@@ -119,12 +121,39 @@ class UpdateManager:
                 self._watch(item.name, item.manifest)
 
     def start(self) -> None:
-        self._ticker = asyncio.create_task(self._tick_forever())
+        """The health watch ticker, and the index poller when [updater] poll_url is set."""
+        self._tasks.append(asyncio.create_task(self._tick_forever()))
+        u = self.settings.updater
+        if u.poll_url:
+            self.poller = BundlePoller(
+                u.poll_url,
+                u.poll_interval_s,
+                self.settings.server.state_dir / "incoming",
+                u.max_bundle_bytes,
+                models=lambda: sorted(set(self.registry.names()) | set(self.serving)),
+                versions_seen=self._versions_seen,
+                install=self._install_polled,
+            )
+            self._tasks.append(asyncio.create_task(self.poller.run_forever()))
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _versions_seen(self, name: str) -> int:
+        if name not in self.store.model_names():
+            return 0
+        return self.store.state(name).versions_seen
+
+    async def _install_polled(self, bundle: Path, model: str, reason: str) -> None:
+        try:
+            result = await self.install(bundle, model=model, reason=reason)
+        except Exception as exc:
+            self._record("update.install", model, "rejected", {"error": str(exc), "by": "poll"})
+            raise
+        self._record("update.install", model, "ok", {"version": result.version, "by": "poll"})
 
     def busy(self, name: str) -> bool:
         """An install or rollback is running (one at a time: they swap the registry)."""
