@@ -7,9 +7,10 @@ JSON or protobuf by Content-Type, and appends each log record's `edgeserve.recor
 to STATEFILE (one per line) when it accepts a batch. Its behaviour is switched with
 POST /control {"mode": ...}: "up" (200), "error" (500), "throttle" (429 +
 Retry-After: 1), "slow" (answers 200 after `slow_s`, default 3 s), "redirect" (307 to
-the URL in {"location": ...}). GET / returns its state: requests seen per mode, the
-last Authorization header and resource attributes, records accepted, and the
-uploads still being answered (`in_flight`).
+the URL in {"location": ...}). A batch holding a record whose request id is
+{"refuse_request_id": ...} is answered 400, whatever the mode. GET / returns its
+state: requests seen per mode, the last Authorization header and resource
+attributes, records accepted, and the uploads still being answered (`in_flight`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ STATE: dict = {
     "by_mode": {},
     "accepted_records": 0,
     "in_flight": 0,
+    "refuse_request_id": None,
     "authorization": None,
     "content_type": None,
     "resource": {},
@@ -96,7 +98,7 @@ class Handler(BaseHTTPRequestHandler):
             request.ParseFromString(body)
         else:
             json_format.Parse(body, request)  # strict: unknown fields are an error
-        ids = []
+        ids, request_ids = [], set()
         resource_attrs: dict = {}
         for resource in request.resource_logs:
             resource_attrs = {a.key: _scalar(a.value) for a in resource.resource.attributes}
@@ -104,6 +106,10 @@ class Handler(BaseHTTPRequestHandler):
                 for record in scope.log_records:
                     attrs = {a.key: _scalar(a.value) for a in record.attributes}
                     ids.append(attrs["edgeserve.record_id"])
+                    request_ids.add(attrs.get("edgeserve.request_id"))
+        if STATE["refuse_request_id"] and STATE["refuse_request_id"] in request_ids:
+            self._reply(400, b'{"message": "refused"}')
+            return
         if mode == "slow":
             time.sleep(STATE["slow_s"])
         with LOCK, Path(sys.argv[2]).open("a") as out:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from edgeserve.settings_schema import ConfigError, parse_section
+from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
 from edgeserve.telemetry.service import build_telemetry
 from edgeserve.telemetry.settings import TelemetrySettings
@@ -258,3 +259,57 @@ def test_server_with_a_non_listed_upstream_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "telemetry.upstream.url: host 'evil.example' is not in" in done.stderr
+
+
+def test_a_record_the_collector_refuses_is_isolated_counted_and_passed_over(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    settings = parse_section(
+        TelemetrySettings,
+        {
+            "write_interval_ms": 5.0,
+            "upstream": {
+                "url": f"http://127.0.0.1:{port}/v1/logs",
+                "allowed_hosts": ["127.0.0.1"],
+                "batch_records": 16,
+            },
+        },
+        "telemetry",
+    )
+    ids_file = tmp_path / "received.txt"
+
+    async def produce_and_sync() -> tuple[int, dict]:
+        telemetry = build_telemetry(settings, tmp_path / "state")
+        await telemetry.start()
+        for i in range(40):
+            telemetry.record_inference(
+                InferenceRecord(
+                    "poison" if i == 23 else f"r{i}",
+                    "digits",
+                    "2",
+                    200,
+                    0.01,
+                    0,
+                    0,
+                    1,
+                    time.time(),
+                    top_score=float("nan") if i == 5 else 0.9,
+                )
+            )
+        assert await telemetry.flush(10)
+        sync = telemetry.sync
+        assert sync is not None
+        deadline = time.monotonic() + 30
+        while sync.sent_records < 39 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        drops = await telemetry._in_writer(maintenance.drop_counts)
+        await telemetry.stop()
+        return sync.sent_records, drops
+
+    with receiver(port, ids_file) as url:
+        _post(url, {"refuse_request_id": "poison"})
+        sent, drops = asyncio.run(produce_and_sync())
+    assert sent == 39  # the NaN score went too (proto3 JSON "NaN")
+    assert len(set(_received(ids_file))) == 39
+    assert drops == {("inferences", "upstream_rejected"): 1}

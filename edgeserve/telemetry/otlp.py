@@ -6,12 +6,14 @@ drop duplicates; the resource carries `edgeserve.data_region`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
 
 SEVERITY_INFO = 9
 SEVERITY_WARN = 13
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _value(v: Any) -> dict[str, Any]:
@@ -20,7 +22,8 @@ def _value(v: Any) -> dict[str, Any]:
     if isinstance(v, int):
         return {"intValue": str(v)}
     if isinstance(v, float):
-        return {"doubleValue": v}
+        # proto3 JSON spells non-finite doubles as strings; orjson would write null.
+        return {"doubleValue": v if math.isfinite(v) else _NON_FINITE[str(v)]}
     return {"stringValue": str(v)}
 
 

@@ -1,6 +1,9 @@
 """Upstream sync: unsent rows go to an OTLP/HTTP collector in batches, at least once.
 
-The cursor (`synced = 1`) advances only after a 2xx for exactly the rows sent.
+The cursor (`synced = 1`) advances only after a 2xx for exactly the rows sent. A
+collector that refuses a payload outright (400/413/422) gets smaller batches until
+the one refused record is found; that record is passed over and counted as dropped
+(`upstream_rejected`), so one bad row cannot stall the buffer.
 Failures back off exponentially with full jitter and honour Retry-After; after
 `breaker_failures` failures in a row the circuit opens and nothing is sent for
 `breaker_open_s`. Redirects are never followed: a collector that redirects is
@@ -34,6 +37,7 @@ from edgeserve.telemetry.store import TABLES, TelemetryStore, connect
 log = logging.getLogger(__name__)
 
 SEND_ORDER = tuple(reversed(TABLES))  # highest priority first
+PERMANENT_STATUSES = frozenset({400, 413, 422})  # OTLP: do not retry the same payload
 
 
 class UpstreamSync:
@@ -54,6 +58,7 @@ class UpstreamSync:
         self.failures = 0
         self.sent_records = 0
         self._oldest_unsynced: float | None = None
+        self._limit = settings.batch_records  # shrinks while isolating a refused record
         self._reader: sqlite3.Connection | None = None
         self._wake = asyncio.Event()
 
@@ -94,17 +99,24 @@ class UpstreamSync:
     async def run(self, idle_s: float = 1.0) -> None:
         async with self._client() as client:
             while True:
-                rows = await asyncio.to_thread(self._unsynced, self.settings.batch_records)
-                if not rows:
-                    self._oldest_unsynced = None
-                    self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), idle_s)
-                    continue
-                self._oldest_unsynced = min(r["time"] for _, r in rows)
-                delay = await self._send(client, rows)
+                try:
+                    delay = await self._step(client, idle_s)
+                except Exception:  # the sync task must outlive any one bad batch
+                    log.exception("upstream sync step failed")
+                    delay = self.settings.backoff_max_s
                 if delay:
                     await asyncio.sleep(delay)
+
+    async def _step(self, client: httpx.AsyncClient, idle_s: float) -> float:
+        rows = await asyncio.to_thread(self._unsynced, self._limit)
+        if not rows:
+            self._oldest_unsynced = None
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), idle_s)
+            return 0.0
+        self._oldest_unsynced = min(r["time"] for _, r in rows)
+        return await self._send(client, rows)
 
     async def _send(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
         """Send one batch; the seconds to wait before the next attempt (0 after success)."""
@@ -112,35 +124,31 @@ class UpstreamSync:
             otlp.export_request(rows, self.store.data_region, self.instance), self.settings.encoding
         )
         retry_after = None
+        status = 0
         try:
             reply = await client.post(
                 self.settings.url, content=body, headers=self._headers(content_type)
             )
-            ok = 200 <= reply.status_code < 300
+            status = reply.status_code
+            ok = 200 <= status < 300
             if not ok:
                 retry_after = _retry_after(reply.headers.get("retry-after"))
-                reason = (
-                    "redirect refused"
-                    if 300 <= reply.status_code < 400
-                    else f"status {reply.status_code}"
-                )
+                reason = "redirect refused" if 300 <= status < 400 else f"status {status}"
         except (httpx.HTTPError, OSError) as exc:
             ok, reason = False, type(exc).__name__
         if ok:
-            for table in TABLES:
-                seqs = [r["seq"] for t, r in rows if t == table]
-                if seqs:
-                    await asyncio.wrap_future(
-                        self.store.submit(lambda c, t=table, s=seqs: mark_synced(c, t, s))
-                    )
+            await self._advance(rows)
             self.failures = 0
             self.sent_records += len(rows)
+            self._limit = min(self.settings.batch_records, self._limit * 2)
             if self.metrics is not None:
                 self.metrics.sync_sent.inc(len(rows))
             return 0.0
-        self.failures += 1
         if self.metrics is not None:
             self.metrics.sync_failures.labels(reason.replace(" ", "_")).inc()
+        if status in PERMANENT_STATUSES:
+            return await self._rejected(rows, status)
+        self.failures += 1
         s = self.settings
         if self.failures >= s.breaker_failures:
             log.warning(
@@ -151,9 +159,40 @@ class UpstreamSync:
             )
             return max(s.breaker_open_s, retry_after or 0.0)
         backoff = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (self.failures - 1))
-        delay = random.uniform(0, backoff)
+        delay = random.uniform(0, backoff)  # full jitter: boxes that lost the link together
         log.info("upstream send failed reason=%s retry_in_s=%.2f", reason, delay)
         return max(delay, min(retry_after or 0.0, s.backoff_max_s))
+
+    async def _rejected(self, rows: list[tuple[str, dict]], status: int) -> float:
+        """A 400/413/422 will not change on retry: halve the batch to find the record the
+        collector refuses; a single refused record is passed over and counted as dropped."""
+        if len(rows) > 1:
+            self._limit = max(1, len(rows) // 2)
+            log.warning("upstream refused batch status=%d records=%d", status, len(rows))
+            return 0.0
+        table, row = rows[0]
+        log.error(
+            "upstream refused record status=%d table=%s record_id=%s",
+            status,
+            table,
+            row["record_id"],
+        )
+
+        def skip(conn: sqlite3.Connection) -> None:
+            mark_synced(conn, table, [row["seq"]])
+            self.store.record_drop(conn, table, "upstream_rejected", 1)
+
+        await asyncio.wrap_future(self.store.submit(skip))
+        return 0.0
+
+    async def _advance(self, rows: list[tuple[str, dict]]) -> None:
+        """The cursor moves only here, after a 2xx for exactly these rows."""
+        for table in TABLES:
+            seqs = [r["seq"] for t, r in rows if t == table]
+            if seqs:
+                await asyncio.wrap_future(
+                    self.store.submit(lambda c, t=table, s=seqs: mark_synced(c, t, s))
+                )
 
     def _unsynced(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
         if self._reader is None:
