@@ -268,7 +268,9 @@ class TelemetryStore:
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
                     break
-                if not self._pending:
+                if len(self._pending) < self.batch_records and not self._stop.is_set():
+                    # Group commit: one fsync per interval rather than per trickle of
+                    # records; flush() and submit() cut the wait short, a full batch skips it.
                     self._wake.wait(self.interval_s)
                     self._wake.clear()
         finally:
