@@ -25,6 +25,7 @@ Options:
   --python PY         interpreter for the venv (default: $PYTHON or python3; 3.10+)
   --no-systemd        no unit, no system user; files belong to whoever runs this
   --no-start          install and enable the unit but do not start it
+  --memory-max SIZE   the service's memory limit, e.g. 4G or 50% (default: the unit's 2G)
   --uninstall         remove the service and the program; keep config and state
   --purge             with --uninstall: also remove config, state and the user
   -h, --help          show this help
@@ -52,6 +53,7 @@ python=${PYTHON:-python3}
 systemd=yes
 start=yes
 purge=no
+memory_max=""
 explicit=""
 
 usage_error() {
@@ -75,12 +77,17 @@ while [ "$#" -gt 0 ]; do
         --config-dir) need_value "$@"; config_dir=$(absolute "$2"); explicit="$explicit config"; shift ;;
         --state-dir) need_value "$@"; state_dir=$(absolute "$2"); explicit="$explicit state"; shift ;;
         --python) need_value "$@"; python=$2; shift ;;
+        --memory-max) need_value "$@"; memory_max=$2; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage_error "unknown option: $1" ;;
     esac
     shift
 done
 [ "$purge" = no ] || [ "$mode" = uninstall ] || usage_error "--purge goes with --uninstall"
+case "$memory_max" in
+    "") ;;
+    *[!0-9KMGT%]* | [!0-9]*) usage_error "--memory-max takes a size like 4G, 512M or 50%" ;;
+esac
 # The paths go into sed expressions, TOML strings and the unit file: keep them plain.
 for path in "$prefix" "$config_dir" "$state_dir"; do
     case "$path" in
@@ -286,15 +293,26 @@ install_unit() {
     if [ "$state_dir" != /var/lib/edgeserve ]; then
         printf '[Service]\nReadWritePaths=%s\n' "$state_dir" >>"$tmp"
     fi
+    unit_changed=no
     if [ -f "$unit" ] && cmp -s "$tmp" "$unit"; then
         rm -f "$tmp"
-        unit_changed=no
     else
         mv "$tmp" "$unit"
-        systemctl daemon-reload
         unit_changed=yes
         say "installed $unit"
     fi
+    # --memory-max goes into a drop-in, so the unit itself stays the packaged one.
+    dropin="$unit.d/10-install-memory.conf"
+    if [ -n "$memory_max" ]; then
+        content=$(printf '# Written by install.sh --memory-max\n[Service]\nMemoryMax=%s\n' "$memory_max")
+        if [ ! -f "$dropin" ] || [ "$(cat "$dropin")" != "$content" ]; then
+            mkdir -p "$unit.d"
+            printf '%s\n' "$content" >"$dropin"
+            unit_changed=yes
+            say "memory limit $memory_max ($dropin)"
+        fi
+    fi
+    [ "$unit_changed" = no ] || systemctl daemon-reload
     systemctl is-enabled --quiet edgeserve 2>/dev/null || systemctl enable --quiet edgeserve
 }
 
@@ -384,6 +402,7 @@ uninstall_box() {
         [ "$(id -u)" = 0 ] || die "removing the service needs root"
         systemctl disable --now --quiet edgeserve 2>/dev/null || true
         rm -f /etc/systemd/system/edgeserve.service /etc/tmpfiles.d/edgeserve.conf
+        rm -rf /etc/systemd/system/edgeserve.service.d
         systemctl daemon-reload 2>/dev/null || true
         say "removed the edgeserve service"
     fi

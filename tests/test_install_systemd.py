@@ -83,7 +83,8 @@ facts() {  # facts LABEL: what the checks in Python read
         for p in /opt/edgeserve/bin/edgeserve /etc/edgeserve /etc/edgeserve/edgeserve.toml \
             /etc/edgeserve/master.key /var/lib/edgeserve /var/lib/edgeserve/keys \
             /var/lib/edgeserve/keys/token_signing_key.pem /etc/systemd/system/edgeserve.service \
-            /etc/sysusers.d/edgeserve.conf /etc/tmpfiles.d/edgeserve.conf; do
+            /etc/sysusers.d/edgeserve.conf /etc/tmpfiles.d/edgeserve.conf \
+            /etc/systemd/system/edgeserve.service.d/10-install-memory.conf; do
             if [ -e "$p" ]; then echo "stat $p $(stat -c '%U:%G %a' "$p")"
             else echo "absent $p"; fi
         done
@@ -102,16 +103,16 @@ step() {  # step NAME INSTALL-ARGS...: run install.sh, keep its output in $T/NAM
 }
 
 cd "$CHECKOUT"
-step run1 --no-start
+step run1 --no-start --memory-max 3G
 facts after-run1
 systemd-analyze verify /etc/systemd/system/edgeserve.service >"$T/verify.out" 2>&1 \
     && echo "verify ok" >>"$T/facts" || echo "verify failed" >>"$T/facts"
 # The operator sets the port (and the installer must keep the file from now on).
 sed -i "s/^port = 8080$/port = $PORT/" /etc/edgeserve/edgeserve.toml
-step run2
+step run2 --memory-max 3G
 facts after-run2
 : >"$T/systemctl.log"
-step run3
+step run3 --memory-max 3G
 cp "$T/systemctl.log" "$T/systemctl-run3.log"
 grep -c "^port = $PORT$" /etc/edgeserve/edgeserve.toml >>"$T/facts"
 step uninstall --uninstall
@@ -193,6 +194,8 @@ def test_first_run_creates_user_dirs_keys_and_unit_with_private_modes(sandbox_ru
     )
     assert stat_of(facts, "/etc/systemd/system/edgeserve.service").startswith("root:root")
     assert "server-user none" in facts  # --no-start
+    memory = "/etc/systemd/system/edgeserve.service.d/10-install-memory.conf"
+    assert stat_of(facts, memory).startswith("root:root")
 
 
 def test_installed_unit_passes_systemd_analyze_verify(sandbox_run: Path) -> None:
@@ -229,6 +232,8 @@ def test_uninstall_stops_and_removes_the_service_but_keeps_config_and_state(
     assert "server-user none" in facts
     assert stat_of(facts, "/etc/systemd/system/edgeserve.service") == "absent"
     assert stat_of(facts, "/opt/edgeserve/bin/edgeserve") == "absent"
+    memory = "/etc/systemd/system/edgeserve.service.d/10-install-memory.conf"
+    assert stat_of(facts, memory) == "absent"
     assert stat_of(facts, "/etc/edgeserve/edgeserve.toml") == "root:edgeserve 640"
     assert stat_of(facts, "/var/lib/edgeserve/keys") == "edgeserve:edgeserve 700"
 
