@@ -7,6 +7,7 @@ bundle 400. The reason code is returned beside the message for scripts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -138,7 +139,7 @@ async def update_status(request: Request) -> Response:
     """GET /api/models/{model}/update: slots, versions, verdict, history, live watch."""
     manager = _manager(request)
     name = _model(request)
-    doc = manager.status(name)
+    doc = await asyncio.to_thread(manager.status, name)  # reads the journal under its lock
     if doc["active"] is None and name not in manager.registry.names():
         raise ModelNotFound(f"unknown model '{name}'")
     return _json(doc)

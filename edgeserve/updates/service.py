@@ -14,20 +14,23 @@ version finish on it; none fails because of the swap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgeserve.config import Settings
 from edgeserve.registry import Registry
+from edgeserve.repository import ModelConfig
 from edgeserve.runtime import ThreadPlan
 from edgeserve.updates.poller import BundlePoller
 from edgeserve.updates.validation import bundle_config, make_validator
 from edgeserve.updates.watch import Probation
 from updater import (
+    BundleRejected,
     HealthPolicy,
     HealthWatch,
     InstallResult,
@@ -51,6 +54,11 @@ class Installed:
     manifest: Manifest
     files: Mapping[str, bytes]
     on_probation: bool
+
+
+def serving_config(manifest: Manifest) -> ModelConfig:
+    """The bundle's model.toml without default_version: the installed version is the default."""
+    return replace(bundle_config(manifest), default_version=None)
 
 
 class UpdateManager:
@@ -109,7 +117,7 @@ class UpdateManager:
         """Announce installed versions (LOADING until warm) and make them the defaults."""
         self._registry = registry
         for item in installed:
-            registry.declare(item.name, bundle_config(item.manifest), [item.manifest.version])
+            registry.declare(item.name, serving_config(item.manifest), [item.manifest.version])
             registry.set_default_version(item.name, item.manifest.version)
             self.serving[item.name] = item.manifest.version
 
@@ -196,7 +204,12 @@ class UpdateManager:
                 reason=reason,
             )
             manifest: Manifest = seen["manifest"]
-            await self._swap(result.model, manifest, seen["files"])
+            if not await self._swap(result.model, manifest, seen["files"]):
+                # Validated, yet the server could not load it: do not leave it active.
+                why = f"version {manifest.version} failed to load in the server"
+                with contextlib.suppress(StoreError):
+                    await asyncio.to_thread(self.store.rollback, result.model, why)
+                raise BundleRejected("validation_failed", f"{why}; the store was rolled back")
             self._watch(result.model, manifest)
             return result
 
@@ -254,7 +267,7 @@ class UpdateManager:
             log.error("keeping the loaded master keys error=%r", str(exc))
 
     async def _load(self, name: str, manifest: Manifest, files: Mapping[str, bytes]) -> bool:
-        loaded = await self.registry.load(name, manifest.version, bundle_config(manifest), files)
+        loaded = await self.registry.load(name, manifest.version, serving_config(manifest), files)
         return loaded is not None
 
     async def _swap(self, name: str, manifest: Manifest, files: Mapping[str, bytes]) -> None:
@@ -271,6 +284,7 @@ class UpdateManager:
         if old is not None and old != manifest.version:
             await self.registry.unload(name, old)  # returns once its in-flight requests finished
         log.info("swapped model=%s from=%s to=%s", name, old, manifest.version)
+        return True
 
     async def _serve_current(self, name: str) -> Manifest | None:
         try:
