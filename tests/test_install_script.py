@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -284,3 +285,54 @@ def test_install_sh_is_posix_and_shellcheck_clean() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_install_from_a_wheel(tmp_path: Path, checkout_copy: Path) -> None:
+    dist = tmp_path / "dist"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(dist),
+            str(checkout_copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = dist.glob("edgeserve-*.whl")
+    args = [
+        "--wheel",
+        str(wheel),
+        "--prefix",
+        str(tmp_path / "opt"),
+        "--config-dir",
+        str(tmp_path / "etc"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--no-systemd",
+    ]
+    first = run_install(*args, checkout=checkout_copy)
+    assert first.returncode == 0, first.stdout + first.stderr
+    version = subprocess.run(
+        [str(tmp_path / "opt" / "bin" / "edgeserve"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert version.returncode == 0, version.stderr
+    again = run_install(*args, timeout_s=120, checkout=checkout_copy)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_a_missing_wheel_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.whl"
+    result = run_install("--wheel", str(missing), "--no-systemd", "--prefix", str(tmp_path / "p"))
+    assert result.returncode == 1
+    assert f"no such wheel: {missing}" in result.stderr
