@@ -30,6 +30,8 @@ def build_update_manager(
         store = open_store(settings, create_key=True)
     except MasterKeyError as exc:
         raise ConfigError("updater", exc.message) from None
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        raise ConfigError("updater", f"cannot read or create a key: {exc}") from None
+    except ValueError as exc:
         raise ConfigError("updater.bundle_key_files", str(exc)) from None
     return UpdateManager(settings, store, lambda: open_store(settings), threads, audit)
