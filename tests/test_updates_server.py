@@ -186,3 +186,41 @@ def test_the_health_watch_rolls_a_failing_model_back(tmp_path: Path) -> None:
         assert last["version"] == 4 and last["reason"].startswith("health watch: error rate")
         assert served_version(server.url) == "3"
         assert "health watch rollback" in server.log()
+
+
+def test_an_oversized_chunked_upload_is_cut_off_while_streaming(server: RunningServer) -> None:
+    sent = []
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):  # 100 x 64 KiB, no Content-Length: the cap is checked as it streams
+            sent.append(1)
+            yield b"\0" * 65536
+
+    try:
+        r = httpx.post(f"{server.url}/api/models/digits/bundles", content=chunks(), timeout=60)
+    except httpx.TransportError:  # the server may answer and close before we finish sending
+        pass
+    else:
+        assert r.status_code == 413, r.text
+    assert not list((server.config_path.parent / "state" / "incoming").glob("*"))
+    served_version(server.url)
+
+
+def test_the_health_watch_rolls_back_a_model_that_is_too_slow(tmp_path: Path) -> None:
+    """Every real model is slower than a 0.1 ms p99 limit: version 4 goes back to 3."""
+    kit = UpdateKit(tmp_path)
+    config = kit.config(watch_window_s=120.0, min_requests=10, max_p99_ms=0.1)
+    with run_server(tmp_path, config) as server:
+        assert upload(server.url, kit.bundle(3, source=1)).status_code == 201
+        for _ in range(12):  # version 3 breaches too, but has nothing to go back to
+            served_version(server.url)
+        wait_for(lambda: "cannot roll back model=digits" in server.log(), 30, "first verdict")
+        assert upload(server.url, kit.bundle(4, source=2)).status_code == 201
+        deadline = time.monotonic() + 60
+        while status(server)["active_version"] != 3:
+            assert time.monotonic() < deadline, "not rolled back within 60 s"
+            served_version(server.url)
+        last = status(server)["history"][-1]
+        assert last["event"] == "rollback" and last["version"] == 4
+        assert last["reason"].startswith("health watch: p99 latency")
+        assert served_version(server.url) == "3"
