@@ -8,7 +8,8 @@ to STATEFILE (one per line) when it accepts a batch. Its behaviour is switched w
 POST /control {"mode": ...}: "up" (200), "error" (500), "throttle" (429 +
 Retry-After: 1), "slow" (answers 200 after `slow_s`, default 3 s), "redirect" (307 to
 the URL in {"location": ...}). A batch holding a record whose request id is
-{"refuse_request_id": ...} is answered 400, whatever the mode. GET / returns its
+{"refuse_request_id": ...} is answered 400, whatever the mode. POST /v1/metrics
+(ExportMetricsServiceRequest) keeps the totals of the latest upload. GET / returns its
 state: requests seen per mode, the last Authorization header and resource
 attributes, records accepted, and the uploads still being answered (`in_flight`).
 """
@@ -24,6 +25,9 @@ from pathlib import Path
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 
 STATE: dict = {
     "mode": "up",
@@ -34,6 +38,8 @@ STATE: dict = {
     "accepted_records": 0,
     "in_flight": 0,
     "refuse_request_id": None,
+    "metrics_uploads": 0,
+    "metrics": {},
     "authorization": None,
     "content_type": None,
     "resource": {},
@@ -69,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.update(json.loads(body))
             self._reply(200)
             return
+        if self.path == "/v1/metrics":
+            self._metrics(body)
+            return
         with LOCK:
             mode = STATE["mode"]
             STATE["requests"] += 1
@@ -91,6 +100,27 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with LOCK:
                 STATE["in_flight"] -= 1
+
+    def _metrics(self, body: bytes) -> None:
+        """Keep, per metric name, the total of its latest upload (sum points or counts)."""
+        request = ExportMetricsServiceRequest()
+        if self.headers.get("Content-Type", "").startswith("application/x-protobuf"):
+            request.ParseFromString(body)
+        else:
+            json_format.Parse(body, request)
+        totals: dict[str, float] = {}
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.HasField("sum"):
+                        points = [p.as_int or p.as_double for p in metric.sum.data_points]
+                    else:
+                        points = [p.count for p in metric.histogram.data_points]
+                    totals[metric.name] = sum(points)
+        with LOCK:
+            STATE["metrics_uploads"] += 1
+            STATE["metrics"] = totals
+        self._reply(200, b"{}", {"Content-Type": "application/json"})
 
     def _accept(self, body: bytes, mode: str) -> None:
         request = ExportLogsServiceRequest()

@@ -130,11 +130,12 @@ def test_every_record_arrives_through_down_error_throttle_slow_and_up(tmp_path: 
 
 
 @pytest.mark.parametrize("encoding", ["json", "protobuf"])
-def test_library_sync_sends_every_kind_with_token_region_and_encoding(
+def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
     tmp_path: Path, encoding: str
 ) -> None:
-    """The sync task alone (no server): every table's rows arrive, parsed by the official
-    definitions, with the bearer token, the record ids and the data region."""
+    """The sync task alone (no server): every table's rows arrive as logs and the request
+    aggregates as metrics, parsed by the official definitions, with the bearer token, the
+    record ids and the data region."""
     port = free_port()
     token = tmp_path / "token"
     token.write_text("s3cret\n")
@@ -151,6 +152,7 @@ def test_library_sync_sends_every_kind_with_token_region_and_encoding(
                 "batch_records": 7,
                 "backoff_initial_s": 0.05,
                 "backoff_max_s": 0.2,
+                "metrics_interval_s": 0.2,
             },
         },
         "telemetry",
@@ -170,7 +172,13 @@ def test_library_sync_sends_every_kind_with_token_region_and_encoding(
         await telemetry.forget("someone")
         assert await telemetry.flush(10)
         deadline = time.monotonic() + 30
-        while telemetry.sync.sent_records < 24 and time.monotonic() < deadline:  # type: ignore[union-attr]
+        while time.monotonic() < deadline:
+            metrics = _state(url)["metrics"]
+            if (
+                telemetry.sync.sent_records >= 24  # type: ignore[union-attr]
+                and metrics.get("edgeserve.requests") == 20
+            ):
+                break
             await asyncio.sleep(0.05)
         await telemetry.stop()
         with sqlite3.connect(telemetry.store.path) as db:
@@ -190,6 +198,9 @@ def test_library_sync_sends_every_kind_with_token_region_and_encoding(
         "application/x-protobuf" if encoding == "protobuf" else "application/json"
     )
     assert state["resource"]["edgeserve.data_region"] == "ae-dxb"
+    # Aggregates went as OTLP metrics to the sibling /v1/metrics endpoint.
+    assert state["metrics"]["edgeserve.requests"] == 20
+    assert state["metrics"]["edgeserve.request.duration"] == 20
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -54,6 +55,15 @@ class _Histogram:
         return out
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Request counts by (model, version, variant, status); per (model, version) the
+    bucket counts (not cumulative, +Inf last) and sum of total, queue, compute seconds."""
+
+    requests: dict[tuple[str, str, str, str], int]
+    latency: dict[tuple[str, str], tuple[tuple[list[int], float], ...]]
+
+
 class InferenceMetrics:
     """Request counts and latency/queue/compute/batch-size histograms, rendered on scrape."""
 
@@ -94,6 +104,17 @@ class InferenceMetrics:
             if batch is None:
                 batch = self._batch[r.model] = _Histogram(BATCH_BUCKETS)
             batch.observe(r.batch_size)
+
+    def snapshot(self) -> Snapshot:
+        """A consistent copy of the aggregates, for OTLP metrics upstream."""
+        with self._lock:
+            return Snapshot(
+                requests=dict(self._requests),
+                latency={
+                    labels: tuple((list(h.counts), h.total) for h in hists)
+                    for labels, hists in self._latency.items()
+                },
+            )
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:

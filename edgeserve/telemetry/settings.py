@@ -25,20 +25,34 @@ class UpstreamSettings:
     backoff_max_s: float = setting(300.0, min=0.1, max=86400.0)
     breaker_failures: int = setting(5, min=1, max=1000)
     breaker_open_s: float = setting(60.0, min=0.1, max=86400.0)
+    metrics_interval_s: float = setting(60.0, min=0.0, max=86400.0)  # 0 = no OTLP metrics
+    metrics_url: str = ""  # default: `url` with /v1/logs replaced by /v1/metrics
 
     def __post_init__(self) -> None:
         if not self.url:
             return
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ConfigError("telemetry.upstream.url", "must be an http(s) URL")
-        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise ConfigError("telemetry.upstream.url", "plain http only to a loopback address")
-        if parts.hostname not in self.allowed_hosts:
-            raise ConfigError(
-                "telemetry.upstream.url",
-                f"host {parts.hostname!r} is not in telemetry.upstream.allowed_hosts",
-            )
+        _check_url("telemetry.upstream.url", self.url, self.allowed_hosts)
+        if self.metrics_url:
+            _check_url("telemetry.upstream.metrics_url", self.metrics_url, self.allowed_hosts)
+
+    def metrics_endpoint(self) -> str:
+        """Where aggregates go: `metrics_url`, else the logs URL's sibling /v1/metrics."""
+        if self.metrics_url:
+            return self.metrics_url
+        base = self.url.removesuffix("/v1/logs").rstrip("/")
+        return f"{base}/v1/metrics"
+
+
+def _check_url(key: str, url: str, allowed_hosts: list[str]) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(key, "must be an http(s) URL")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(key, "plain http only to a loopback address")
+    if parts.hostname not in allowed_hosts:
+        raise ConfigError(
+            key, f"host {parts.hostname!r} is not in telemetry.upstream.allowed_hosts"
+        )
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class UpstreamSync:
         self.sent_records = 0
         self._oldest_unsynced: float | None = None
         self._limit = settings.batch_records  # shrinks while isolating a refused record
+        self._started_ns = time.time_ns()
+        self.metrics_uploads = 0
         self._reader: sqlite3.Connection | None = None
         self._wake = asyncio.Event()
 
@@ -98,14 +100,52 @@ class UpstreamSync:
 
     async def run(self, idle_s: float = 1.0) -> None:
         async with self._client() as client:
-            while True:
-                try:
-                    delay = await self._step(client, idle_s)
-                except Exception:  # the sync task must outlive any one bad batch
-                    log.exception("upstream sync step failed")
-                    delay = self.settings.backoff_max_s
-                if delay:
-                    await asyncio.sleep(delay)
+            aggregates = None
+            if self.metrics is not None and self.settings.metrics_interval_s:
+                aggregates = asyncio.create_task(self._send_metrics_forever(client))
+            try:
+                await self._send_rows_forever(client, idle_s)
+            finally:
+                if aggregates is not None:
+                    aggregates.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await aggregates
+
+    async def _send_metrics_forever(self, client: httpx.AsyncClient) -> None:
+        """Cumulative aggregates every `metrics_interval_s`; a lost upload is not retried,
+        the next one carries the same totals."""
+        assert self.metrics is not None
+        url = self.settings.metrics_endpoint()
+        while True:
+            await asyncio.sleep(self.settings.metrics_interval_s)
+            request = otlp.export_metrics(
+                self.metrics.inferences.snapshot(),
+                self.store.data_region,
+                self.instance,
+                self._started_ns,
+                time.time_ns(),
+            )
+            try:
+                body, content_type = otlp.encode(request, self.settings.encoding)
+                reply = await client.post(url, content=body, headers=self._headers(content_type))
+                if not 200 <= reply.status_code < 300:
+                    log.info("upstream metrics refused status=%d", reply.status_code)
+                else:
+                    self.metrics_uploads += 1
+            except (httpx.HTTPError, OSError) as exc:
+                log.info("upstream metrics failed reason=%s", type(exc).__name__)
+            except Exception:
+                log.exception("upstream metrics failed")
+
+    async def _send_rows_forever(self, client: httpx.AsyncClient, idle_s: float) -> None:
+        while True:
+            try:
+                delay = await self._step(client, idle_s)
+            except Exception:  # the sync task must outlive any one bad batch
+                log.exception("upstream sync step failed")
+                delay = self.settings.backoff_max_s
+            if delay:
+                await asyncio.sleep(delay)
 
     async def _step(self, client: httpx.AsyncClient, idle_s: float) -> float:
         rows = await asyncio.to_thread(self._unsynced, self._limit)
@@ -215,12 +255,13 @@ class UpstreamSync:
 
 def check_upstream(settings: UpstreamSettings) -> None:
     """Refuse to start towards a host off the allow-list, or without the protobuf codec."""
-    host = urllib.parse.urlsplit(settings.url).hostname
-    if host not in settings.allowed_hosts:
-        raise ConfigError(
-            "telemetry.upstream.url",
-            f"host {host!r} is not in telemetry.upstream.allowed_hosts",
-        )
+    for key, url in (("url", settings.url), ("metrics_url", settings.metrics_endpoint())):
+        host = urllib.parse.urlsplit(url).hostname
+        if host not in settings.allowed_hosts:
+            raise ConfigError(
+                f"telemetry.upstream.{key}",
+                f"host {host!r} is not in telemetry.upstream.allowed_hosts",
+            )
     if settings.encoding == "protobuf" and importlib.util.find_spec("opentelemetry") is None:
         raise ConfigError(
             "telemetry.upstream.encoding",
