@@ -17,6 +17,7 @@ from edgeserve.auth.issuer import create_token, init_keys
 from edgeserve.config import load_settings
 from tests.serving import free_port, run_server, write_config
 from tests.test_updates_kit import DIGITS, UpdateKit, served_version, upload, wait_for
+from updater import file_key_id, read_master_key_file
 
 
 def status(url: str) -> dict:
@@ -25,12 +26,15 @@ def status(url: str) -> dict:
     return r.json()
 
 
-def edgeserve(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+def edgeserve(
+    *args: str, config: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgeserve", *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -133,6 +137,34 @@ def test_models_at_rest_hold_no_plaintext_and_survive_a_key_rotation(tmp_path: P
         assert served_version(server.url) == "3"
     with run_server(tmp_path, config_text) as server:
         assert served_version(server.url) == "3"
+
+
+def test_an_interrupted_rotation_leaves_every_model_readable(tmp_path: Path) -> None:
+    kit = UpdateKit(tmp_path)
+    config_text = kit.config(watch_window_s=600.0)
+    config = write_config(tmp_path / "edgeserve.toml", config_text, free_port(), kit.state_dir)
+    for version, source in ((3, 1), (4, 2)):
+        applied = edgeserve("update", "apply", str(kit.bundle(version, source)), config=config)
+        assert applied.returncode == 0, applied.stderr
+    crashed = edgeserve(
+        "keys", "rotate", config=config, env={"UPDATER_CRASH_AT": "rotate_after_rename"}
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    pending = kit.master_path.with_name("master.key.next")
+    assert pending.exists()
+    key_ids = {file_key_id(p) for p in kit.state_dir.rglob("*.enc")}
+    assert len(key_ids) == 2  # one file under the new key, the rest under the old
+    with run_server(tmp_path, config_text) as server:
+        assert served_version(server.url) == "4"
+        back = httpx.post(f"{server.url}/api/models/digits/rollback", timeout=60)
+        assert back.status_code == 200, back.text
+        assert served_version(server.url) == "3"
+        finished = edgeserve("keys", "rotate", config=config)
+        assert finished.returncode == 0, finished.stderr
+    assert not pending.exists()
+    assert {file_key_id(p) for p in kit.state_dir.rglob("*.enc")} == {
+        read_master_key_file(kit.master_path).key_id
+    }
 
 
 def test_a_master_key_file_others_can_read_stops_the_server(tmp_path: Path) -> None:
