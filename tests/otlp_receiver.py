@@ -9,7 +9,8 @@ POST /control {"mode": ...}: "up" (200), "error" (500), "throttle" (429 +
 Retry-After: 1), "slow" (answers 200 after `slow_s`, default 3 s), "redirect" (307 to
 the URL in {"location": ...}). A batch holding a record whose request id is
 {"refuse_request_id": ...} is answered 400, whatever the mode. POST /v1/metrics
-(ExportMetricsServiceRequest) keeps the totals of the latest upload. GET / returns its
+(ExportMetricsServiceRequest) keeps the totals of the latest upload; POST /hook keeps
+alert webhook bodies. GET / returns its
 state: requests seen per mode, the last Authorization header and resource
 attributes, records accepted, and the uploads still being answered (`in_flight`).
 """
@@ -73,6 +74,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/control":
             with LOCK:
                 STATE.update(json.loads(body))
+            self._reply(200)
+            return
+        if self.path == "/hook":  # an alert webhook: keep what was posted
+            with LOCK:
+                STATE.setdefault("hooks", []).append(json.loads(body))
             self._reply(200)
             return
         if self.path == "/v1/metrics":

@@ -134,7 +134,7 @@ def test_a_firing_alert_is_stored_and_exported(tmp_path: Path) -> None:
 
     async def run() -> None:
         telemetry.store.start()
-        await telemetry._raise_alerts(telemetry.alerts.evaluate())
+        await telemetry.evaluate_alerts()
         await telemetry.note_rollback("digits", "health check failed")
         assert await telemetry.flush(10)
 

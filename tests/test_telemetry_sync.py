@@ -324,3 +324,27 @@ def test_a_record_the_collector_refuses_is_isolated_counted_and_passed_over(
     assert sent == 39  # the NaN score went too (proto3 JSON "NaN")
     assert len(set(_received(ids_file))) == 39
     assert drops == {("inferences", "upstream_rejected"): 1}
+
+
+def test_a_firing_alert_is_posted_to_the_allow_listed_webhook(tmp_path: Path) -> None:
+    port = free_port()
+    settings = parse_section(
+        TelemetrySettings,
+        {
+            "upstream": {"allowed_hosts": ["127.0.0.1"]},
+            "alerts": {"queue_saturation": 0.9, "webhook_url": f"http://127.0.0.1:{port}/hook"},
+        },
+        "telemetry",
+    )
+    telemetry = build_telemetry(settings, tmp_path, queue_fill=lambda: 0.97)
+
+    async def fire() -> None:
+        telemetry.store.start()
+        await telemetry.evaluate_alerts()
+        await telemetry.stop()
+
+    with receiver(port, tmp_path / "ids.txt") as url:
+        asyncio.run(fire())
+        hooks = _state(url)["hooks"]
+    assert [(h["rule"], h["state"]) for h in hooks] == [("queue_saturation", "firing")]
+    assert hooks[0]["value"] == pytest.approx(0.97)

@@ -1,0 +1,14 @@
+"""Telemetry: a local SQLite buffer, Prometheus metrics, OTLP upstream sync, alerts.
+
+The seam the server uses:
+
+- `records.InferenceRecord` and `Recorder.record_inference(record) -> seq` (never
+  blocks, never raises; `seq` is durable once `Telemetry.durable_seq >= seq`);
+- `service.build_telemetry(settings, state_dir, queue_fill)` -> `Telemetry` with
+  `await start()` / `await stop()`, `record_feedback/event/alert/audit`, `forget`,
+  `render_metrics()`, `set_update_state`, `note_rollback`, `audit_log.record(...)`;
+- `routes.ROUTES` (/metrics, feedback, events, status, forget) and `cli.telemetry`.
+
+Modules: `store` (queue + writer thread), `maintenance` (size cap, retention,
+forget), `metrics`, `sync` + `otlp` (upstream), `alerts`, `audit` (hash chain).
+"""

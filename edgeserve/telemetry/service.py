@@ -214,11 +214,17 @@ class Telemetry:
                 log.error("telemetry maintenance failed error=%r", str(exc))
             await asyncio.sleep(self.settings.maintenance_interval_s)
 
+    async def evaluate_alerts(self) -> list[AlertChange]:
+        """Evaluate the rules now; store, export and post what changed."""
+        changes = self.alerts.evaluate()
+        await self._raise_alerts(changes)
+        return changes
+
     async def _evaluate_alerts(self) -> None:
         while True:
             await asyncio.sleep(self.settings.alerts.evaluate_interval_s)
             try:
-                await self._raise_alerts(self.alerts.evaluate())
+                await self.evaluate_alerts()
             except Exception as exc:
                 log.error("alert evaluation failed error=%r", str(exc))
 
