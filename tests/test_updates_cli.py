@@ -125,3 +125,15 @@ def test_keys_never_overwrite(tmp_path: Path) -> None:
     assert run("keys", "fleet-key", str(path)).exit_code == 0
     again = run("keys", "fleet-key", str(path))
     assert again.exit_code == 1 and "refusing to overwrite" in again.output
+
+
+def test_every_update_command_has_an_example_in_its_help() -> None:
+    import click
+
+    from edgeserve.updates.cli import bundle, update
+    from edgeserve.updates.keys_cli import KEY_COMMANDS
+
+    commands = [bundle.get_command(click.Context(bundle), n) for n in bundle.list_commands(None)]
+    commands += [update.get_command(click.Context(update), n) for n in update.list_commands(None)]
+    for command in [*commands, *KEY_COMMANDS]:
+        assert command is not None and "Example: edgeserve" in (command.help or ""), command
