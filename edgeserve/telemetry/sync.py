@@ -74,21 +74,14 @@ class UpstreamSync:
         self._wake.set()
 
     def _client(self) -> httpx.AsyncClient:
+        """No redirects, no proxies from the environment, TLS 1.2+, optional client cert."""
         s = self.settings
-        verify: Any = True
-        if s.ca_file:
-            verify = ssl.create_default_context(cafile=s.ca_file)
-        if isinstance(verify, ssl.SSLContext):
-            verify.minimum_version = ssl.TLSVersion.TLSv1_2
-            if s.client_cert:
-                verify.load_cert_chain(s.client_cert, s.client_key or None)
-        elif s.client_cert:
-            context = ssl.create_default_context()
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context = ssl.create_default_context(cafile=s.ca_file or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if s.client_cert:
             context.load_cert_chain(s.client_cert, s.client_key or None)
-            verify = context
         return httpx.AsyncClient(
-            timeout=s.timeout_s, follow_redirects=False, verify=verify, trust_env=False
+            timeout=s.timeout_s, follow_redirects=False, verify=context, trust_env=False
         )
 
     def _headers(self, content_type: str) -> dict[str, str]:
