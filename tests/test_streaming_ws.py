@@ -155,7 +155,7 @@ def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
     time.sleep(1.0)  # not reading: the window fills and the sender stalls
     ids: list[str] = []
     buffer = ""
-    sock.settimeout(10)
+    sock.settimeout(60)
     while len(ids) < count:
         ws.receive_data(sock.recv(1 << 16))
         for event in ws.events():
@@ -164,6 +164,6 @@ def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
                 if event.message_finished:
                     ids.append(json.loads(buffer)["id"])
                     buffer = ""
-    sender.join(10)
+    sender.join(60)
     sock.close()
     assert ids == [str(i) for i in range(count)]
