@@ -107,6 +107,8 @@ async def status(request: Request) -> Response:
             "queued_in_memory": store.backlog_in_memory(),
             "dropped": {f"{t}/{r}": n for (t, r), n in drops.items()},
             "dropped_queue_full": store.dropped,
+            "write_errors": store.write_errors,
+            "unsynced_records": telemetry.unsynced_records,
             "upstream": None
             if sync is None
             else {

@@ -296,7 +296,10 @@ def subject_key(path: Path) -> bytes:
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_bytes()
     with os.fdopen(fd, "wb") as out:
         out.write(key)
         out.flush()
