@@ -284,16 +284,28 @@ def test_audit_rows_are_hash_chained_and_an_edit_is_found(tmp_path: Path) -> Non
     assert not report.ok and report.first_bad_seq == 3
 
 
-def test_a_malformed_record_is_counted_and_its_batch_neighbours_kept(tmp_path: Path) -> None:
+def test_malformed_records_are_counted_and_their_batch_neighbours_kept(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.add(_inference(1))
     store.add(InferenceRecord("bad", "m", "1", 200, object(), 0, 0, 1, time.time()))  # type: ignore[arg-type]
+    store.add(AuditRecord("ok.1", "t", "ok", "op", "{}", time.time()))
+    store.add(AuditRecord("bad", "t", "ok", "op", object(), time.time()))  # type: ignore[arg-type]
+    store.add("not a record at all")
+    store.add(AuditRecord("ok.2", "t", "ok", "op", "{}", time.time()))
     store.add(_inference(2))
     assert store.flush(10)
     drops = store.submit(maintenance.drop_counts).result()
+    store.add(_inference(3))  # the writer is still alive
+    assert store.flush(10)
     store.stop()
-    assert _count(store, "inferences") == 2
-    assert drops == {("inferences", "write_error"): 1}
+    assert _count(store, "inferences") == 3
+    assert drops == {
+        ("inferences", "write_error"): 1,
+        ("audit", "write_error"): 1,
+        ("other", "write_error"): 1,
+    }
+    with sqlite3.connect(store.path) as db:  # the chain skips what was not stored
+        assert audit.verify(db) == audit.ChainReport(True, 2)
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ class TelemetryStore:
         self.dropped = 0
         self.write_errors = 0
         self._stop = threading.Event()
-        self._audit_head: str | None = None
+        self._audit_head = audit.GENESIS
         path.parent.mkdir(parents=True, exist_ok=True)
         create_schema(path)
         os.chmod(path, 0o600)
@@ -293,22 +293,21 @@ class TelemetryStore:
                 conn.execute("ROLLBACK")
 
     def _write(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> bool:
-        """Insert one chunk in one transaction; False if it should be retried."""
-        head = self._audit_head
+        """Insert one chunk in one transaction; False if it should be retried.
+
+        OperationalError (disk full, I/O, locked) is worth retrying; anything else is a
+        malformed record, so the chunk is redone row by row, skipping and counting those.
+        """
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                head = self._insert(conn, chunk, head, tolerant=False)
-            except (
-                sqlite3.InterfaceError,
-                sqlite3.ProgrammingError,
-                sqlite3.IntegrityError,
-                ValueError,
-                TypeError,
-            ):
+                head = self._insert_all(conn, chunk)
+            except sqlite3.OperationalError:
+                raise
+            except Exception:
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
-                head = self._insert(conn, chunk, self._audit_head, tolerant=True)
+                head = self._insert_each(conn, chunk)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -321,36 +320,39 @@ class TelemetryStore:
             self._durable.notify_all()
         return True
 
-    def _insert(
-        self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]], head: str, tolerant: bool
-    ) -> str:
-        """Insert rows (one by one when `tolerant`, skipping and counting malformed ones)."""
+    def _row(self, seq: int, record: Any, head: str) -> tuple[str, tuple, str]:
+        """(table, values, audit chain head after this row)."""
+        table = RECORD_TABLE[type(record)]
+        row = (f"{self.boot_id}-{seq}", *_VALUES[type(record)](record), self.data_region)
+        if table == "audit":
+            digest = audit.link(head, dict(zip(AUDIT_NAMES, row, strict=True)))
+            return table, (*row, head, digest), digest
+        return table, row, head
+
+    def _insert_all(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> str:
+        head = self._audit_head or audit.GENESIS
         rows: dict[str, list[tuple]] = {}
         for seq, record in chunk:
-            table = RECORD_TABLE[type(record)]
-            row = (f"{self.boot_id}-{seq}", *_VALUES[type(record)](record), self.data_region)
-            if table == "audit":
-                named = dict(zip(AUDIT_NAMES, row, strict=True))
-                digest = audit.link(head, named)
-                row, head = (*row, head, digest), digest
+            table, row, head = self._row(seq, record, head)
             rows.setdefault(table, []).append(row)
         for table, values in rows.items():
-            sql = _insert_sql(table)
-            if not tolerant:
-                conn.executemany(sql, values)
+            conn.executemany(_insert_sql(table), values)
+        return head
+
+    def _insert_each(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> str:
+        head = self._audit_head or audit.GENESIS
+        for seq, record in chunk:
+            try:
+                table, row, after = self._row(seq, record, head)
+                conn.execute(_insert_sql(table), row)
+            except sqlite3.OperationalError:
+                raise
+            except Exception as exc:
+                self.write_errors += 1
+                log.error("telemetry record refused seq=%d error=%s", seq, type(exc).__name__)
+                self.record_drop(conn, RECORD_TABLE.get(type(record), "other"), "write_error", 1)
                 continue
-            for value in values:
-                try:
-                    conn.execute(sql, value)
-                except (
-                    sqlite3.InterfaceError,
-                    sqlite3.ProgrammingError,
-                    sqlite3.IntegrityError,
-                    ValueError,
-                    TypeError,
-                ):
-                    self.write_errors += 1
-                    self.record_drop(conn, table, "write_error", 1)
+            head = after  # the chain only advances over rows that were stored
         return head
 
     def _run_commands(self, conn: sqlite3.Connection) -> None:
