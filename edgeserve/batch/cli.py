@@ -33,6 +33,20 @@ def batch_group() -> None:
 @click.argument("input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output", "output", type=PATH, required=True, help="Output file.")
 @click.option("--repository", type=PATH, default=Path("models"), show_default=True)
+@click.option(
+    "--installed",
+    is_flag=True,
+    help="Use the version installed from a bundle (decrypted in memory) instead "
+    "of --repository; keys come from --config.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="EDGESERVE_CONFIG",
+    help="Server config, for --installed.",
+)
 @click.option("--map", "maps", multiple=True, help="INPUT=COLUMN or INPUT=PREFIX* (repeatable).")
 @click.option("--keep", multiple=True, help="Input column copied to the output (repeatable).")
 @click.option("--outputs", "output_names", multiple=True, help="Model outputs to write.")
@@ -68,6 +82,8 @@ def score_command(
     input_path: Path,
     output: Path,
     repository: Path,
+    installed: bool,
+    config_path: Path | None,
     maps: tuple[str, ...],
     keep: tuple[str, ...],
     output_names: tuple[str, ...],
@@ -94,9 +110,12 @@ def score_command(
     import pyarrow as pa
 
     from edgeserve.batch.job import BatchJob
+    from edgeserve.batch.model import installed_slot_loader
+    from updater.errors import UpdaterError
 
     started = time.perf_counter()
     try:
+        slot_loader = installed_slot_loader(config_path) if installed else None
         job = BatchJob.prepare(
             model_ref=model_ref,
             input_path=input_path,
@@ -112,9 +131,17 @@ def score_command(
             features_db=features_db,
             backend=backend,
             threads=ThreadPlan(intra_op=threads) if threads else None,
+            slot_loader=slot_loader,
         )
         state = job.run(resume=resume, progress=progress)
-    except (EdgeserveError, RuntimeLoadError, ConfigError, OSError, pa.ArrowException) as exc:
+    except (
+        EdgeserveError,
+        RuntimeLoadError,
+        ConfigError,
+        OSError,
+        pa.ArrowException,
+        UpdaterError,
+    ) as exc:
         click.echo(f"edgeserve: {_message(exc)}", err=True)
         raise SystemExit(1) from None
     elapsed = time.perf_counter() - started

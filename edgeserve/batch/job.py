@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeserve.batch.model import LoadedModel, load_model
+from edgeserve.batch.model import LoadedModel, SlotLoader, load_model
 from edgeserve.batch.plan import parse_map_options
 from edgeserve.batch.run import FileCheckpoint, RunState, run_chunks
 from edgeserve.batch.scoring import ChunkScorer
@@ -56,11 +56,12 @@ class BatchJob:
         features_db: Path | None = None,
         backend: str = "onnxruntime",
         threads: ThreadPlan | None = None,
+        slot_loader: SlotLoader | None = None,
     ) -> BatchJob:
         """Check everything that can be checked before the first row is read."""
         in_fmt = format_of(input_path, input_format)
         out_fmt = format_of(output, output_format)
-        model = load_model(repository, model_ref, backend, threads)
+        model = load_model(repository, model_ref, backend, threads, slot_loader)
         scorer = ChunkScorer(
             model.runtime,
             model.config,

@@ -1,4 +1,4 @@
-"""Load a model for offline scoring: from a model folder, or (later) an installed slot.
+"""Load a model for offline scoring: from a model folder, or from the installed slot.
 
 No server is involved: the same `create_runtime` as the server, with the runtime's
 threads sized to the whole box since nothing else is competing for it.
@@ -15,9 +15,8 @@ from edgeserve.errors import InvalidInput, ModelNotFound
 from edgeserve.repository import ModelConfig, read_model
 from edgeserve.runtime import Runtime, ThreadPlan, create_runtime
 
-# Seam for installed (encrypted) slots: given a model name, return (version, files)
-# decrypted in memory, e.g. a wrapper around `updater`'s `load_current(...)`.
-SlotLoader = Callable[[str], tuple[int, dict[str, bytes]]]
+# Where an installed model comes from: name -> (version, config, files decrypted in memory).
+SlotLoader = Callable[[str], tuple[int, ModelConfig, dict[str, bytes]]]
 
 
 @dataclass
@@ -43,21 +42,40 @@ def load_model(
     threads: ThreadPlan | None = None,
     slot_loader: SlotLoader | None = None,
 ) -> LoadedModel:
-    """The model `ref` from `repository` (or from `slot_loader` when given)."""
+    """The model `ref` from `repository`, or the installed version from `slot_loader`."""
     name, version = parse_ref(ref)
-    folder = repository / name
-    if not (folder / "model.toml").is_file():
-        raise ModelNotFound(f"no model '{name}' in {repository}")
-    source = read_model(folder)
     if slot_loader is not None:
-        version, files = slot_loader(name)
+        installed, config, files = slot_loader(name)
+        if version is not None and version != installed:
+            raise ModelNotFound(f"model '{name}' has version {installed} installed, not {version}")
+        version = installed
     else:
+        folder = repository / name
+        if not (folder / "model.toml").is_file():
+            raise ModelNotFound(f"no model '{name}' in {repository}")
+        source = read_model(folder)
+        config = source.config
         if version is None:
-            version = source.config.default_version or max(source.versions)
+            version = config.default_version or max(source.versions)
         if version not in source.versions:
             raise ModelNotFound(f"model '{name}' has no version {version} in {repository}")
         files = source.read_files(version)
-    chosen = source.config.backend if source.config.backend != "auto" else backend
+    chosen = config.backend if config.backend != "auto" else backend
     plan = threads or ThreadPlan(intra_op=os.cpu_count() or 1, inter_op=1)
     runtime = create_runtime(chosen, files, plan, model=name)
-    return LoadedModel(name, version, source.config, runtime)
+    return LoadedModel(name, version, config, runtime)
+
+
+def installed_slot_loader(config_path: Path | None) -> SlotLoader:
+    """Read installed (encrypted) slots with the keys the server's config names."""
+    from edgeserve.config import load_settings
+    from edgeserve.updates.keyring import open_store
+    from edgeserve.updates.service import serving_config
+
+    store = open_store(load_settings(config_path))
+
+    def load(name: str) -> tuple[int, ModelConfig, dict[str, bytes]]:
+        manifest, files = store.load_current(name)
+        return manifest.version, serving_config(manifest), files
+
+    return load

@@ -42,10 +42,18 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
             settings.jobs.idle_poll_ms / 1000.0,
         ),
         keep_finished_s=settings.jobs.keep_finished_s,
+        served_model=lambda name, version: _served_model(registry, name, version),
         feature_db=settings.features.resolve(state_dir),
     )
     runner.start()
     return runner
+
+
+def _served_model(registry: Registry, name: str, version: int) -> tuple:
+    """The registry's loaded version (runtime, config): for installed versions, which
+    exist only decrypted in the server's memory."""
+    loaded = registry.get(name, str(version))
+    return loaded.runtime, loaded.config
 
 
 def _served(registry: Registry) -> int:

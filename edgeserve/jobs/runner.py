@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,6 +65,7 @@ class JobRunner:
         nice: int,
         pacer: LivePacer,
         keep_finished_s: float = 7 * 86400.0,
+        served_model: Callable[[str, int], tuple[Runtime, ModelConfig]] | None = None,
         feature_db: Path | None = None,
     ) -> None:
         self.store = store
@@ -75,6 +77,7 @@ class JobRunner:
         self._nice = nice
         self._pacer = pacer
         self._keep_finished_s = keep_finished_s
+        self._served_model = served_model
         self._feature_db = feature_db
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -209,13 +212,21 @@ class JobRunner:
         return self._pacer.before_chunk(lambda: self._stop.is_set() or job_id in self._cancelled)
 
     def _model(self, name: str, version: int) -> tuple[Runtime, ModelConfig]:
+        """A single-threaded copy of the version from the repository; a version that is
+        not there (installed from a bundle) is scored with the server's own runtime."""
         key = (name, version)
-        if key not in self._models:
-            source = read_model(self._repository / name)
-            backend = source.config.backend if source.config.backend != "auto" else self._backend
-            files = source.read_files(version)
-            runtime = create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1), name)
-            self._models[key] = (runtime, source.config)
+        if key in self._models:
+            return self._models[key]
+        folder = self._repository / name
+        source = read_model(folder) if (folder / "model.toml").is_file() else None
+        if source is None or version not in source.versions:
+            if self._served_model is None:
+                raise EdgeserveError(f"model '{name}' version {version} is no longer available")
+            return self._served_model(name, version)
+        backend = source.config.backend if source.config.backend != "auto" else self._backend
+        files = source.read_files(version)
+        runtime = create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1), name)
+        self._models[key] = (runtime, source.config)
         return self._models[key]
 
 
