@@ -18,7 +18,7 @@ import click
 from edgeserve.config import ConfigError, Settings, load_settings
 from edgeserve.telemetry import audit, maintenance
 from edgeserve.telemetry.service import hash_subject
-from edgeserve.telemetry.store import TABLES, connect
+from edgeserve.telemetry.store import LOCAL_ONLY, TABLES, connect
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -143,8 +143,8 @@ def buffer_status(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
             f"SELECT count(*), coalesce(sum(synced = 0), 0), min(CASE WHEN synced = 0 "
             f"THEN time END) FROM {table}"
         ).fetchone()
-        tables[table] = {"rows": rows, "unsynced": unsynced}
-        if first is not None:
+        tables[table] = {"rows": rows, "unsynced": 0 if table in LOCAL_ONLY else unsynced}
+        if first is not None and table not in LOCAL_ONLY:
             oldest = first if oldest is None else min(oldest, first)
     return {
         "tables": tables,

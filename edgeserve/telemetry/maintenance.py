@@ -5,7 +5,7 @@ so it never races the inserts; serving is never blocked (requests only append to
 in-memory queue), and the size cap works in bounded steps so batches keep flowing
 between them. The size cap drops oldest already-synced rows first (they are safe
 upstream), then oldest unsynced rows of the lowest-priority table (`TABLES` order:
-inferences, events, feedback, alerts, forget requests, audit), and counts every
+kept payloads, inferences, events, feedback, alerts, forget requests, audit), and counts every
 unsynced row it drops in the `drops` table, in the same transaction as the delete.
 Freed pages go back to the file system with `incremental_vacuum` and the WAL is
 truncated, so purged rows (zeroed by `secure_delete`) do not linger in either.
@@ -19,7 +19,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from edgeserve.telemetry.store import TABLES, TelemetryStore
+from edgeserve.telemetry.store import LOCAL_ONLY, SYNCED_TABLES, TABLES, TelemetryStore
 
 CHUNK_ROWS = 2000
 CAP_TARGET = 0.9  # shrink to 90% of the cap, so the cap is not hit again at once
@@ -56,9 +56,13 @@ def apply_retention(
             continue
         cutoff = (now or time.time()) - age
         conn.execute("BEGIN IMMEDIATE")
-        lost = conn.execute(
-            f"SELECT count(*) FROM {table} WHERE time < ? AND synced = 0", (cutoff,)
-        ).fetchone()[0]
+        lost = (
+            0  # local-only rows were never meant to leave: their age limit is not a loss
+            if table in LOCAL_ONLY
+            else conn.execute(
+                f"SELECT count(*) FROM {table} WHERE time < ? AND synced = 0", (cutoff,)
+            ).fetchone()[0]
+        )
         removed += conn.execute(f"DELETE FROM {table} WHERE time < ?", (cutoff,)).rowcount
         store.record_drop(conn, table, "retention", lost)
         conn.execute("COMMIT")
@@ -106,12 +110,14 @@ def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash
 def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region: str) -> int:
     """The same on any connection (the CLI works on the file while the server may run)."""
     conn.execute("BEGIN IMMEDIATE")
-    # Ground truth given for the subject's requests is about the subject too.
-    removed = conn.execute(
-        "DELETE FROM feedback WHERE request_id IN "
-        "(SELECT request_id FROM inferences WHERE subject_hash = ?)",
-        (subject_hash,),
-    ).rowcount
+    # Ground truth and kept payloads of the subject's requests are about the subject too.
+    removed = 0
+    for table in ("feedback", "payloads"):
+        removed += conn.execute(
+            f"DELETE FROM {table} WHERE request_id IN "
+            "(SELECT request_id FROM inferences WHERE subject_hash = ?)",
+            (subject_hash,),
+        ).rowcount
     for table in ("inferences", "events"):
         removed += conn.execute(
             f"DELETE FROM {table} WHERE subject_hash = ?", (subject_hash,)
@@ -141,5 +147,5 @@ def drop_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
 def count_unsynced(conn: sqlite3.Connection) -> int:
     return sum(
         conn.execute(f"SELECT count(*) FROM {table} WHERE synced = 0").fetchone()[0]
-        for table in TABLES
+        for table in SYNCED_TABLES
     )

@@ -75,6 +75,19 @@ class AuditRecord:
     time_unix: float
 
 
+@dataclass(frozen=True, slots=True)
+class PayloadRecord:
+    """A request body kept for debugging, only where a model opts in; sealed with
+    AES-256-GCM before it is queued (see `payloads.py`), never sent upstream."""
+
+    request_id: str
+    model: str
+    version: str
+    nonce: bytes
+    ciphertext: bytes
+    time_unix: float
+
+
 class Recorder(Protocol):
     """Where the request path hands records; must never block and never raise."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from edgeserve.telemetry import audit, maintenance
+from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.records import (
@@ -63,7 +63,8 @@ class Telemetry:
             on_batch=self._observe_batch,
             on_commit=self._keep_under_cap,
         )
-        self._subject_key = subject_key(state_dir / "keys" / "subject.key")
+        self._subject_key = secret_key(state_dir / "keys" / "subject.key")
+        self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
             UpstreamSync(self.store, settings.upstream, secrets.token_hex(8), self.metrics)
             if settings.upstream.url
@@ -104,6 +105,19 @@ class Telemetry:
 
     def record_event(self, record: EventRecord) -> int:
         return self.store.add(record)
+
+    def record_payload(self, request_id: str, model: str, version: str, body: bytes) -> int:
+        """Keep a request body, sealed (call only for models that opt in)."""
+        try:
+            record = payloads.seal(self._payload_key, request_id, model, version, body)
+        except Exception:  # never raise on the request path
+            log.exception("payload sealing failed request_id=%s", request_id)
+            return 0
+        return self.store.add(record)
+
+    def read_payload(self, request_id: str, model: str, version: str, row: tuple) -> bytes:
+        """Open a kept body from its (nonce, ciphertext) columns."""
+        return payloads.open_sealed(self._payload_key, request_id, model, version, *row)
 
     def record_alert(self, record: AlertRecord) -> int:
         return self.store.add(record)
@@ -290,8 +304,8 @@ def hash_subject(key: bytes, subject: str) -> str:
     return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def subject_key(path: Path) -> bytes:
-    """The per-box key for subject hashes (0600), created on first use."""
+def secret_key(path: Path) -> bytes:
+    """A per-box 32-byte key (0600), created on first use: subject hashes, payloads."""
     if path.exists():
         return path.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

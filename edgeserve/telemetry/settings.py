@@ -79,6 +79,7 @@ class RetentionSettings:
     alerts_days: float = setting(90.0, min=0.01, max=3650.0)
     forget_requests_days: float = setting(365.0, min=0.01, max=3650.0)
     audit_days: float = setting(365.0, min=0.01, max=3650.0)
+    payloads_days: float = setting(7.0, min=0.01, max=3650.0)
 
     def max_age_s(self) -> dict[str, float]:
         return {
@@ -88,6 +89,7 @@ class RetentionSettings:
             "alerts": self.alerts_days * 86400,
             "forget_requests": self.forget_requests_days * 86400,
             "audit": self.audit_days * 86400,
+            "payloads": self.payloads_days * 86400,
         }
 
 

@@ -45,12 +45,15 @@ from edgeserve.telemetry.records import (
     EventRecord,
     FeedbackRecord,
     InferenceRecord,
+    PayloadRecord,
 )
 
 log = logging.getLogger(__name__)
 
 # Lowest priority first: when the size cap bites, unsynced rows go in this order.
-TABLES = ("inferences", "events", "feedback", "alerts", "forget_requests", "audit")
+TABLES = ("payloads", "inferences", "events", "feedback", "alerts", "forget_requests", "audit")
+LOCAL_ONLY = frozenset({"payloads"})  # never sent upstream
+SYNCED_TABLES = tuple(t for t in TABLES if t not in LOCAL_ONLY)
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
 
 _COLUMNS: dict[str, dict[str, type]] = {
@@ -71,6 +74,14 @@ _COLUMNS: dict[str, dict[str, type]] = {
         "shadow": int,
         "error": str,
         "prediction": str,
+    },
+    "payloads": {
+        "request_id": str,
+        "model": str,
+        "version": str,
+        "nonce": bytes,
+        "ciphertext": bytes,
+        "time": float,
     },
     "feedback": {"request_id": str, "label": str, "correct": int, "time": float},
     "events": {"name": str, "value": float, "subject_hash": str, "time": float},
@@ -93,6 +104,7 @@ RECORD_TABLE: dict[type, str] = {
     EventRecord: "events",
     AlertRecord: "alerts",
     AuditRecord: "audit",
+    PayloadRecord: "payloads",
 }
 # dataclasses.astuple deep-copies (about 10 us a record); attrgetter is ~30x cheaper.
 _VALUES = {cls: operator.attrgetter(*(f.name for f in fields(cls))) for cls in RECORD_TABLE}
@@ -134,6 +146,7 @@ def create_schema(path: Path) -> None:
         db["inferences"].create_index(["experiment", "variant"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
+        db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]

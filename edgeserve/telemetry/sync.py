@@ -32,11 +32,11 @@ from edgeserve.telemetry import otlp
 from edgeserve.telemetry.maintenance import mark_synced
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.settings import UpstreamSettings
-from edgeserve.telemetry.store import TABLES, TelemetryStore, connect
+from edgeserve.telemetry.store import SYNCED_TABLES, TABLES, TelemetryStore, connect
 
 log = logging.getLogger(__name__)
 
-SEND_ORDER = tuple(reversed(TABLES))  # highest priority first
+SEND_ORDER = tuple(reversed(SYNCED_TABLES))  # highest priority first; payloads stay here
 PERMANENT_STATUSES = frozenset({400, 413, 422})  # OTLP: do not retry the same payload
 
 
