@@ -72,6 +72,40 @@ def _load(
     return create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1)), config
 
 
+class SignedBundleOpener:
+    """Opens an edgeserve bundle on an executor: the signature must verify against one
+    of `trusted_keys` (as in [updater] trusted_keys), and the payload is decrypted in
+    memory with the job's key, the text of a fleet or device key file
+    (`fleet:<base64>` / `x25519:<base64>`). Picklable, so Spark ships it to executors.
+    """
+
+    def __init__(self, trusted_keys: Sequence[str]) -> None:
+        self.trusted_keys = list(trusted_keys)
+
+    def __call__(self, path: str, key: bytes | None) -> tuple[str, dict[str, bytes]]:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        from updater.bundle import BundlePolicy, verify_bundle
+        from updater.masterkey import parse_key_material
+        from updater.signing import TrustedKeys
+        from updater.wrapping import DeviceKey, FleetKey
+
+        if key is None:
+            raise ValueError("a bundle needs the job's key (fleet:... or x25519:...)")
+        kind, _, body = key.decode("ascii").strip().partition(":")
+        material = parse_key_material(body.encode(), "the job's key")
+        unwrap = (
+            FleetKey(material)
+            if kind == "fleet"
+            else DeviceKey(X25519PrivateKey.from_private_bytes(material))
+        )
+        policy = BundlePolicy(TrustedKeys.from_texts(self.trusted_keys), [unwrap])
+        verified = verify_bundle(Path(path), policy, allow_downgrade=True)
+        manifest = verified.manifest
+        toml_text = manifest.model_config or f'backend = "{manifest.backend}"\n'
+        return toml_text, dict(verified.files)
+
+
 def score_dataframe(
     df: Any,
     model: str,

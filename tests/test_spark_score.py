@@ -110,3 +110,28 @@ def test_an_encrypted_model_is_opened_on_the_executors_with_the_jobs_key(
 
     expected = load_model(repo, f"digits:{version}").runtime.run({"input": x[:200]}, ["label"])
     assert labels == expected["label"].tolist()
+
+
+def test_a_signed_bundle_is_verified_and_decrypted_on_the_executors(spark, tmp_path: Path) -> None:
+    import tomllib
+    from pyspark.sql import types as T
+
+    from edgeserve.batch.model import load_model
+    from edgeserve.spark import SignedBundleOpener, score_dataframe
+    from tests.test_batch_installed import install_digits_bundle
+
+    config = install_digits_bundle(tmp_path)  # also leaves the bundle and its fleet key
+    trusted = tomllib.loads(config.read_text())["updater"]["trusted_keys"]
+    key = (tmp_path / "fleet.key").read_bytes()  # passed by the job, e.g. from a secret
+    x, _ = digits_rows()
+    schema = T.StructType([T.StructField("input", T.ArrayType(T.FloatType()))])
+    df = spark.createDataFrame([([float(v) for v in r],) for r in x[:300]], schema)
+    scored = score_dataframe(
+        df, str(tmp_path / "digits-7.bundle"), key=key, bundle_opener=SignedBundleOpener(trusted)
+    )
+    labels = [r["label"] for r in scored.collect()]
+    repo = model_repository(tmp_path / "repo")
+    expected = load_model(repo, "digits:1").runtime.run({"input": x[:300]}, ["label"])["label"]
+    assert labels == expected.tolist()
+    with pytest.raises(Exception, match=r"signature|trusted|signing"):
+        SignedBundleOpener([])(str(tmp_path / "digits-7.bundle"), key)
