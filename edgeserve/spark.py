@@ -9,9 +9,14 @@ mapping and chunk scoring as `edgeserve batch score`, so answers match the serve
 A row that cannot be scored gets null outputs and a reason in the `error` column.
 
 Sources: a model folder (`model.toml` + version folders), or an encrypted bundle file
-opened by `bundle_opener(path, key) -> (model.toml text, {file: bytes})`: the key is
-passed by the job (e.g. from the cluster's secret store) and payloads are decrypted in
-the executor's memory only. Needs `pip install 'edgeserve[spark]'`.
+opened by `bundle_opener(path, key) -> (model.toml text, {file: bytes})`, normally
+`SignedBundleOpener(trusted_keys)`: the signature is checked and the payload decrypted
+in the executor's memory only, with the key the job passes (e.g. from the cluster's
+secret store). Needs `pip install 'edgeserve[spark]'`.
+
+    opener = SignedBundleOpener(["<ed25519 public key>"])
+    scored = score_dataframe(df, "/shared/digits-7.bundle", key=fleet_key_text,
+                             bundle_opener=opener)
 """
 
 from __future__ import annotations
