@@ -84,7 +84,8 @@ def _owned(request: Request, runner: JobRunner) -> Job:
     return job
 
 
-def job_doc(job: Job) -> dict[str, Any]:
+def job_doc(job: Job, rate: float | None = None) -> dict[str, Any]:
+    """The job as clients see it; `rate` (rows/s) gives a running job its ETA."""
     doc: dict[str, Any] = {
         "id": job.id,
         "model": job.model,
@@ -100,6 +101,10 @@ def job_doc(job: Job) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
     }
+    if job.status == RUNNING and rate:
+        doc["rows_per_s"] = round(rate, 1)
+        if job.rows_total:
+            doc["eta_s"] = round(max(0, job.rows_total - job.rows_done) / rate, 1)
     if job.error:
         doc["error"] = job.error
     if job.status == DONE:
@@ -260,7 +265,9 @@ async def list_jobs(request: Request) -> Response:
 
 @requires("infer")
 async def get_job(request: Request) -> Response:
-    return _json(job_doc(_owned(request, _runner(request))))
+    runner = _runner(request)
+    job = _owned(request, runner)
+    return _json(job_doc(job, runner.rate(job.id)))
 
 
 @requires("infer")

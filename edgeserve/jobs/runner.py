@@ -78,6 +78,7 @@ class JobRunner:
         self._pacer = pacer
         self._keep_finished_s = keep_finished_s
         self._served_model = served_model
+        self._progress: tuple[str, float, int, int] | None = None  # id, t0, rows0, rows
         self._feature_db = feature_db
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -173,6 +174,7 @@ class JobRunner:
                 job.state,
                 before_chunk=lambda: self._yield_to_live(job.id),
                 checkpoint_every_s=self._checkpoint_interval_s,
+                on_chunk=lambda state, _rows: self._note_progress(job.id, state.rows_done),
             )
         except (EdgeserveError, OSError, pa.ArrowException) as exc:
             writer.close()
@@ -191,6 +193,21 @@ class JobRunner:
         errors.finish()
         self._finish(job.id, DONE, None)
         log.info("job done job=%s rows=%d failed=%d", job.id, state.rows_done, state.failed)
+
+    def _note_progress(self, job_id: str, rows: int) -> None:
+        if self._progress is None or self._progress[0] != job_id:
+            self._progress = (job_id, time.monotonic(), rows, rows)
+        else:
+            self._progress = (*self._progress[:3], rows)
+
+    def rate(self, job_id: str) -> float | None:
+        """Rows per second of the running job since this process picked it up."""
+        progress = self._progress
+        if progress is None or progress[0] != job_id:
+            return None
+        _, started, rows0, rows = progress
+        elapsed = time.monotonic() - started
+        return (rows - rows0) / elapsed if elapsed > 0.5 and rows > rows0 else None
 
     def _forget_expired(self) -> None:
         """Finished jobs and their files are kept `keep_finished_s`, then removed, so
