@@ -84,27 +84,31 @@ def _owned(request: Request, runner: JobRunner) -> Job:
     return job
 
 
-def job_doc(job: Job, rate: float | None = None) -> dict[str, Any]:
-    """The job as clients see it; `rate` (rows/s) gives a running job its ETA."""
+def job_doc(job: Job, live: tuple[int, float | None] | None = None) -> dict[str, Any]:
+    """The job as clients see it. `rows_committed` survive a crash; a running job's
+    `rows_done` also counts rows scored since the last checkpoint (`live`)."""
+    rows_done = max(job.rows_done, live[0]) if live and job.status == RUNNING else job.rows_done
+    rate = live[1] if live and job.status == RUNNING else None
     doc: dict[str, Any] = {
         "id": job.id,
         "model": job.model,
         "version": str(job.version),
         "status": job.status,
         "rows_total": job.rows_total,
-        "rows_done": job.rows_done,
+        "rows_done": rows_done,
+        "rows_committed": job.rows_done,
         "scored": job.scored,
         "failed": job.failed,
-        "progress": round(job.rows_done / job.rows_total, 4) if job.rows_total else None,
+        "progress": round(rows_done / job.rows_total, 4) if job.rows_total else None,
         "output_format": job.output_format,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
     }
-    if job.status == RUNNING and rate:
+    if rate:
         doc["rows_per_s"] = round(rate, 1)
         if job.rows_total:
-            doc["eta_s"] = round(max(0, job.rows_total - job.rows_done) / rate, 1)
+            doc["eta_s"] = round(max(0, job.rows_total - rows_done) / rate, 1)
     if job.error:
         doc["error"] = job.error
     if job.status == DONE:
@@ -267,7 +271,7 @@ async def list_jobs(request: Request) -> Response:
 async def get_job(request: Request) -> Response:
     runner = _runner(request)
     job = _owned(request, runner)
-    return _json(job_doc(job, runner.rate(job.id)))
+    return _json(job_doc(job, runner.live(job.id)))
 
 
 @requires("infer")

@@ -200,14 +200,16 @@ class JobRunner:
         else:
             self._progress = (*self._progress[:3], rows)
 
-    def rate(self, job_id: str) -> float | None:
-        """Rows per second of the running job since this process picked it up."""
+    def live(self, job_id: str) -> tuple[int, float | None] | None:
+        """For the running job: rows scored so far (committed or not) and rows/s since
+        this process picked it up (None until there is half a second to measure)."""
         progress = self._progress
         if progress is None or progress[0] != job_id:
             return None
         _, started, rows0, rows = progress
         elapsed = time.monotonic() - started
-        return (rows - rows0) / elapsed if elapsed > 0.5 and rows > rows0 else None
+        rate = (rows - rows0) / elapsed if elapsed > 0.5 and rows > rows0 else None
+        return rows, rate
 
     def _forget_expired(self) -> None:
         """Finished jobs and their files are kept `keep_finished_s`, then removed, so
