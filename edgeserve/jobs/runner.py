@@ -32,7 +32,7 @@ from edgeserve.batch.tables import (
     open_writer,
     read_chunks,
 )
-from edgeserve.errors import EdgeserveError
+from edgeserve.errors import EdgeserveError, ModelNotReady
 from edgeserve.jobs.pacing import LivePacer
 from edgeserve.jobs.store import (
     ACTIVE,
@@ -45,6 +45,7 @@ from edgeserve.jobs.store import (
 )
 from edgeserve.repository import ModelConfig, read_model
 from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runtime
+from edgeserve.settings_schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,14 @@ class JobRunner:
                 self.store.set_status(job.id, RUNNING, rows_total=total)
             writer = open_writer(self.output_path(job), job.output_format, job.output_pos)
             errors = TextWriter(self.errors_path(job), "jsonl", job.errors_pos)
-        except (EdgeserveError, RuntimeLoadError, OSError, pa.ArrowException) as exc:
+        except ModelNotReady as exc:
+            if exc.headers and "Retry-After" in exc.headers:
+                # installed versions load in the background after a restart: retry soon
+                self._wake.wait(1.0)
+                return
+            self._finish(job.id, FAILED, _reason(job, exc))
+            return
+        except (EdgeserveError, RuntimeLoadError, ConfigError, OSError, pa.ArrowException) as exc:
             self._finish(job.id, FAILED, _reason(job, exc))
             return
         chunks = read_chunks(source, job.input_format, self._chunk_rows, job.rows_done)
@@ -256,6 +264,8 @@ def _reason(job: Job, exc: BaseException) -> str:
         return exc.message
     if isinstance(exc, RuntimeLoadError):
         return "the model could not be loaded (see the server log)"
+    if isinstance(exc, ConfigError):
+        return f"model '{job.model}' is no longer in the repository"
     if isinstance(exc, pa.ArrowException):
         first = (str(exc).strip().splitlines() or ["unreadable"])[0]
         return f"the input is not valid {job.input_format}: {first[:200]}"
