@@ -4,6 +4,7 @@ priority beside live traffic. `store` (jobs.db), `runner` (the job thread), `rou
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
     try:
         import pyarrow  # noqa: F401 - the file formats need it
     except ImportError:
-        import logging
-
         logging.getLogger(__name__).warning("jobs disabled: pip install 'edgeserve[batch]'")
         return None
     from edgeserve.jobs.pacing import LivePacer, LiveSignals
@@ -42,17 +41,32 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
             settings.jobs.idle_poll_ms / 1000.0,
         ),
         keep_finished_s=settings.jobs.keep_finished_s,
-        served_model=lambda name, version: _served_model(registry, name, version),
+        served_model=lambda name, version: _served_model(settings, registry, name, version),
         feature_db=settings.features.resolve(state_dir),
     )
     runner.start()
     return runner
 
 
-def _served_model(registry: Registry, name: str, version: int) -> tuple:
-    """The registry's loaded version (runtime, config): for installed versions, which
-    exist only decrypted in the server's memory."""
-    loaded = registry.get(name, str(version))
+def _served_model(settings: Settings, registry: Registry, name: str, version: int) -> tuple:
+    """(runtime, config) for a version that is not in the repository: its own copy from
+    the installed slot when that is the version (so a hot swap cannot close it under
+    the job), else the registry's loaded runtime."""
+    loaded = registry.get(name, str(version))  # LOADING -> ModelNotReady: retried later
+    try:
+        from edgeserve.runtime import ThreadPlan, create_runtime
+        from edgeserve.updates.keyring import open_store
+        from edgeserve.updates.service import serving_config
+
+        manifest, files = open_store(settings).load_current(name)
+        if manifest.version == version:
+            config = serving_config(manifest)
+            backend = config.backend if config.backend != "auto" else settings.models.backend
+            return create_runtime(backend, files, ThreadPlan(1, 1), name), config
+    except Exception as exc:  # no store, no key: the registry's runtime still works
+        logging.getLogger(__name__).info(
+            "job uses the served runtime model=%s reason=%r", name, str(exc)[:200]
+        )
     return loaded.runtime, loaded.config
 
 

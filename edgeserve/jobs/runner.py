@@ -249,7 +249,8 @@ class JobRunner:
         if source is None or version not in source.versions:
             if self._served_model is None:
                 raise EdgeserveError(f"model '{name}' version {version} is no longer available")
-            return self._served_model(name, version)
+            self._models[key] = self._served_model(name, version)
+            return self._models[key]
         backend = source.config.backend if source.config.backend != "auto" else self._backend
         files = source.read_files(version)
         runtime = create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1), name)
