@@ -205,3 +205,31 @@ def test_upsert_updates_rows_by_key_and_replace_swaps_the_table(tmp_path: Path) 
     with sqlite3.connect(database) as conn:
         ids = [r[0] for r in conn.execute("SELECT image_id FROM digit_images ORDER BY 1")]
     assert ids == ["1", "2"]
+
+
+def test_streamed_requests_look_up_features_too(server: RunningServer) -> None:
+    from websockets.sync.client import connect
+
+    x, _ = digits_rows()
+    direct = outputs(infer(server, "digits", v2_request(x[[5]])))
+    url = server.url.replace("http://", "ws://") + "/api/stream/digits_fs"
+    with connect(url) as ws:
+        for entity in ("5", "99999"):
+            ws.send(
+                json.dumps(
+                    {
+                        "id": entity,
+                        "inputs": [
+                            {
+                                "name": "image_id",
+                                "datatype": "BYTES",
+                                "shape": [1],
+                                "data": [entity],
+                            }
+                        ],
+                    }
+                )
+            )
+        found, missing = json.loads(ws.recv(timeout=10)), json.loads(ws.recv(timeout=10))
+    assert {o["name"]: o["data"] for o in found["outputs"]}["label"] == direct["label"]
+    assert missing == {"error": "no features for entity '99999' in 'digit_images'", "id": "99999"}
