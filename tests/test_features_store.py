@@ -233,3 +233,21 @@ def test_streamed_requests_look_up_features_too(server: RunningServer) -> None:
         found, missing = json.loads(ws.recv(timeout=10)), json.loads(ws.recv(timeout=10))
     assert {o["name"]: o["data"] for o in found["outputs"]}["label"] == direct["label"]
     assert missing == {"error": "no features for entity '99999' in 'digit_images'", "id": "99999"}
+
+
+def test_a_server_job_looks_up_features_by_entity_column(server: RunningServer) -> None:
+    from tests.test_jobs_api import JSONL, wait_for
+
+    ids = [3, 4, 777777, 5]
+    body = "".join(json.dumps({"image_id": i}) + "\n" for i in ids)
+    reply = httpx.post(
+        f"{server.url}/api/jobs?model=digits_fs&keep=image_id", content=body, headers=JSONL
+    )
+    assert reply.status_code == 202, reply.text
+    doc = wait_for(server.url, reply.json()["id"])
+    assert (doc["status"], doc["scored"], doc["failed"]) == ("done", 3, 1)
+    rows = [json.loads(line) for line in httpx.get(server.url + doc["result"]).text.splitlines()]
+    x, _ = digits_rows()
+    direct = outputs(infer(server, "digits", v2_request(x[[3, 4, 5]])))
+    assert [r["image_id"] for r in rows] == [3, 4, 5]
+    assert [r["label"] for r in rows] == direct["label"]
