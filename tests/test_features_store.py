@@ -251,3 +251,13 @@ def test_a_server_job_looks_up_features_by_entity_column(server: RunningServer) 
     direct = outputs(infer(server, "digits", v2_request(x[[3, 4, 5]])))
     assert [r["image_id"] for r in rows] == [3, 4, 5]
     assert [r["label"] for r in rows] == direct["label"]
+
+
+def test_a_job_without_the_entity_column_is_refused_at_once(server: RunningServer) -> None:
+    from tests.test_jobs_api import JSONL
+
+    reply = httpx.post(
+        f"{server.url}/api/jobs?model=digits_fs", content=b'{"id": 3}\n', headers=JSONL
+    )
+    assert reply.status_code == 400
+    assert "no column 'image_id'" in reply.json()["error"]

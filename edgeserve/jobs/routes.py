@@ -167,6 +167,9 @@ def _validated_job(request: Request, job_id: str, spec: dict, source: Path, fmt:
     except Exception:
         raise InvalidInput(f"the input is not readable as {fmt}") from None
     plan_inputs(model.inputs, columns, mapping, skip)
+    entity = model.config.features.entity
+    if skip and entity not in columns:
+        raise InvalidInput(f"the model reads features by entity id: no column '{entity}'")
     out_fmt = spec.get("output_format", "jsonl")
     if out_fmt not in ("csv", "jsonl", "parquet"):
         raise InvalidInput("output_format must be csv, jsonl or parquet")
