@@ -346,6 +346,14 @@ install_box() {
     [ -n "$wheel" ] && { [ -f "$wheel" ] || die "no such wheel: $wheel"; }
     if [ "$systemd" = yes ]; then
         [ "$(id -u)" = 0 ] || die "the service install needs root (or use --no-systemd)"
+        # The venv links to this interpreter: the service user must reach it, and the
+        # unit's ProtectHome=yes hides /root and /home (pyenv and friends live there).
+        real_python=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))')
+        case "$real_python" in
+            /root/* | /home/*)
+                die "$python is $real_python, which the service cannot run (ProtectHome=yes);" \
+                    "use a system Python: --python /usr/bin/python3" ;;
+        esac
         if ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; then
             die "systemd is not running on this machine; use --no-systemd (and run edgeserve yourself)"
         fi

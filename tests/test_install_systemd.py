@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from tests.serving import free_port
 from tests.test_install_script import NOT_IN_A_CLONE
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+# The service runs the venv's interpreter as its own user, so it must be a system one.
+SYSTEM_PYTHON = "/usr/bin/python3"
+REAL_PYTHON = os.path.realpath(sys.executable)
 
 FAKE_SYSTEMCTL = r"""#!/bin/sh
 # Stand-in for systemctl: records calls; start runs ExecStart as User, like systemd would.
@@ -36,9 +40,11 @@ start() {
     chmod 0500 "$creds"
     chmod 0400 "$creds/edgeserve-master-key"
     cd "$(sed -n 's/^WorkingDirectory=//p' "$unit")"
+    # Through sh, so the program itself is exec'd by the user with no capability left.
     # shellcheck disable=SC2046
     CREDENTIALS_DIRECTORY=$creds setpriv --reuid="$user" --regid="$user" --init-groups \
-        $(sed -n 's/^ExecStart=//p' "$unit") >>"$T/server.log" 2>&1 &
+        --inh-caps=-all --bounding-set=-all --nnp \
+        sh -c 'exec "$0" "$@"' $(sed -n 's/^ExecStart=//p' "$unit") >>"$T/server.log" 2>&1 &
     echo $! >"$pidfile"
 }
 stop() {
@@ -99,10 +105,17 @@ facts() {  # facts LABEL: what the checks in Python read
 step() {  # step NAME INSTALL-ARGS...: run install.sh, keep its output in $T/NAME.out
     name=$1
     shift
-    sh ./install.sh "$@" >"$T/$name.out" 2>&1 || { echo "$name failed" >>"$T/facts"; exit 1; }
+    sh ./install.sh --python "$SYSTEM_PYTHON" "$@" >"$T/$name.out" 2>&1 \
+        || { echo "$name failed" >>"$T/facts"; exit 1; }
 }
 
 cd "$CHECKOUT"
+# An interpreter under /root (pyenv) is refused: ProtectHome=yes would hide it.
+if [ -n "$HOME_PYTHON" ]; then
+    if sh ./install.sh --python "$HOME_PYTHON" >"$T/run0.out" 2>&1; then
+        echo "run0 accepted $HOME_PYTHON" >>"$T/facts"
+    fi
+fi
 step run1 --no-start --memory-max 3G
 facts after-run1
 systemd-analyze verify /etc/systemd/system/edgeserve.service >"$T/verify.out" 2>&1 \
@@ -123,6 +136,8 @@ facts after-purge
 
 
 def can_unshare_mounts() -> bool:
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return False
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
         return False
     probe = subprocess.run(
@@ -135,7 +150,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
     pytest.mark.skipif(
-        not can_unshare_mounts(), reason="needs root, unshare(1) and setpriv(1) for a sandbox"
+        not can_unshare_mounts(),
+        reason=f"needs root, unshare(1), setpriv(1) and {SYSTEM_PYTHON} for a sandbox",
     ),
 ]
 
@@ -151,7 +167,14 @@ def sandbox_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A snapshot, as in test_install_script: edits meanwhile must not look like a new release.
     checkout = work / "edgeserve"
     shutil.copytree(CHECKOUT, checkout, ignore=NOT_IN_A_CLONE, symlinks=True)
-    env = {**os.environ, "T": str(work), "CHECKOUT": str(checkout), "PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "T": str(work),
+        "CHECKOUT": str(checkout),
+        "PORT": str(free_port()),
+        "SYSTEM_PYTHON": SYSTEM_PYTHON,
+        "HOME_PYTHON": REAL_PYTHON if REAL_PYTHON.startswith(("/root/", "/home/")) else "",
+    }
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", DRIVER],
         env=env,
@@ -243,3 +266,10 @@ def test_purge_removes_config_state_and_user(sandbox_run: Path) -> None:
     assert any("no such user" in line for line in facts)
     for path in ("/etc/edgeserve", "/var/lib/edgeserve", "/etc/sysusers.d/edgeserve.conf"):
         assert stat_of(facts, path) == "absent", path
+
+
+def test_an_interpreter_the_service_cannot_reach_is_refused(sandbox_run: Path) -> None:
+    if not REAL_PYTHON.startswith(("/root/", "/home/")):
+        pytest.skip("this machine's Python is not under /root or /home")
+    assert "run0 accepted" not in (sandbox_run / "facts").read_text()
+    assert "use a system Python" in (sandbox_run / "run0.out").read_text()
