@@ -2,6 +2,8 @@
 
 Layers: `plan` (which columns feed which input, no pyarrow), `tables` (chunked
 readers, crash-safe writers), `mapping` (chunk -> tensors), `scoring` (one chunk),
-`run` (the exactly-once chunk loop), `job` + `cli` (the `edgeserve batch` command).
-pyarrow is needed only from `tables` on: `pip install 'edgeserve[batch]'`.
+`run` (the exactly-once chunk loop), `model` (repository folder or installed slot),
+`job` + `cli` (the `edgeserve batch` and `edgeserve features` commands). Server jobs
+(`edgeserve.jobs`) and Spark (`edgeserve.spark`) reuse plan, mapping, scoring and run.
+pyarrow is needed from `tables` on: `pip install 'edgeserve[batch]'`.
 """
