@@ -70,7 +70,10 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, json.dumps(STATE).encode())
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        length = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client hung up mid-upload: a truncated protobuf
+            return  # could still parse, so it must not count
         if self.path == "/control":
             with LOCK:
                 STATE.update(json.loads(body))

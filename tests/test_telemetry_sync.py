@@ -159,7 +159,10 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
     )
     ids_file = tmp_path / "received.txt"
 
+    metrics: dict = {}
+
     async def produce_and_sync(url: str) -> set[str]:
+        nonlocal metrics
         telemetry = build_telemetry(settings, tmp_path / "state")
         await telemetry.start()
         for i in range(20):
@@ -173,7 +176,7 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
         assert await telemetry.flush(10)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            metrics = _state(url)["metrics"]
+            metrics = _state(url)["metrics"]  # before stop() cuts an upload short
             if (
                 telemetry.sync.sent_records >= 24  # type: ignore[union-attr]
                 and metrics.get("edgeserve.requests") == 20
@@ -191,16 +194,16 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
     with receiver(port, ids_file) as url:
         synced = asyncio.run(produce_and_sync(url))
         state = _state(url)
-    assert len(synced) == 24
-    assert set(_received(ids_file)) == synced
+    assert len(synced) == 24, state
+    assert set(_received(ids_file)) == synced, state
     assert state["authorization"] == "Bearer s3cret"
     assert state["content_type"].startswith(
         "application/x-protobuf" if encoding == "protobuf" else "application/json"
     )
     assert state["resource"]["edgeserve.data_region"] == "ae-dxb"
     # Aggregates went as OTLP metrics to the sibling /v1/metrics endpoint.
-    assert state["metrics"]["edgeserve.requests"] == 20
-    assert state["metrics"]["edgeserve.request.duration"] == 20
+    assert metrics["edgeserve.requests"] == 20, metrics
+    assert metrics["edgeserve.request.duration"] == 20, metrics
 
 
 @pytest.mark.slow

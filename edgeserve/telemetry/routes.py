@@ -126,8 +126,9 @@ async def forget(request: Request) -> Response:
     """Delete a subject's rows here and queue a forget request for upstream."""
     doc = await _json_object(request)
     subject = _text(doc, "subject")
-    removed = await _telemetry(request).forget(str(subject))
-    audit = getattr(request.app.state, "audit", None)
+    telemetry = _telemetry(request)
+    removed = await telemetry.forget(str(subject))
+    audit = getattr(request.app.state, "audit", None) or telemetry.audit_log
     if audit is not None:
         audit.record(
             "telemetry.forget",
