@@ -1,4 +1,7 @@
-"""The audit log's hash chain: each row commits to the one before it.
+"""The hash chain of the telemetry `audit` table: each row commits to the one before it.
+
+This table is the upstream channel for audit entries (`Telemetry.record_audit`); the
+box's authoritative, signed audit log is `edgeserve.audit` (`<state_dir>/audit.db`).
 
 The writer thread computes `hash = sha256(prev_hash || canonical row)` as it inserts
 audit rows, so a row edited or removed in the middle of the table breaks every later

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import click
 
 from edgeserve.config import ConfigError, Settings, load_settings
-from edgeserve.telemetry import audit, maintenance
+from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.service import hash_subject
 from edgeserve.telemetry.store import LOCAL_ONLY, TABLES, connect
 
@@ -53,7 +52,7 @@ def _emit(doc: dict[str, Any], as_json: bool, text: str) -> None:
 
 @click.group("telemetry")
 def telemetry() -> None:
-    """The local telemetry buffer: status, forgetting a subject, audit chain.
+    """The local telemetry buffer: its status, and forgetting a subject.
 
     Example: edgeserve telemetry status --config /etc/edgeserve/edgeserve.toml
     """
@@ -114,25 +113,6 @@ def status(config_path: Path | None, as_json: bool) -> None:
     lines.append(f"oldest unsynced: {doc['oldest_unsynced_age_s']:.0f} s ago")
     lines += [f"dropped {k}: {n}" for k, n in doc["dropped"].items()]
     _emit(doc, as_json, "\n".join(lines))
-
-
-@telemetry.command("verify-audit")
-@CONFIG_OPTION
-def verify_audit(config_path: Path | None) -> None:
-    """Check the audit log's hash chain; exit 1 at the first broken link.
-
-    Example: edgeserve telemetry verify-audit
-    """
-    conn = _open(_settings(config_path))
-    try:
-        report = audit.verify(conn)
-    finally:
-        conn.close()
-    if report.ok:
-        click.echo(f"audit chain intact: {report.rows} rows")
-        return
-    click.echo(f"audit chain broken at seq {report.first_bad_seq}", err=True)
-    sys.exit(1)
 
 
 def buffer_status(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:

@@ -128,7 +128,7 @@ async def forget(request: Request) -> Response:
     subject = _text(doc, "subject")
     telemetry = _telemetry(request)
     removed = await telemetry.forget(str(subject))
-    audit = getattr(request.app.state, "audit", None) or telemetry.audit_log
+    audit = getattr(request.app.state, "audit", None)  # edgeserve.audit, when wired
     if audit is not None:
         audit.record(
             "telemetry.forget",
