@@ -7,6 +7,7 @@ No container engine runs here, so the image is not built in CI; hadolint (PyPI
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -104,3 +105,44 @@ def test_build_context_ignore_file_keeps_what_the_image_copies() -> None:
     copied = {"pyproject.toml", "README.md", "edgeserve.toml", "edgeserve/", "updater/", "models/"}
     kept = {line[1:] for line in ignore.splitlines() if line.startswith("!")}
     assert copied <= kept
+
+
+@pytest.mark.slow
+def test_the_images_pip_steps_work_offline_from_the_built_wheels(tmp_path: Path) -> None:
+    """The build stage's `pip wheel` and the run stage's `pip install --no-index` as in the
+    Containerfile (no engine here): every dependency must come out as a wheel, so the run
+    stage needs neither the network nor a compiler."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("edgeserve", "updater"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    (wheel,) = wheels.glob("edgeserve-*.whl")
+    # Only the wheels folder: no index, and none of this machine's pip config.
+    offline = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {
+        "PIP_CONFIG_FILE": os.devnull
+    }
+    pip = str(venv / "bin" / "pip")
+    install = subprocess.run(
+        [pip, "install", "-q", "--no-index", "--find-links", str(wheels), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=offline,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    version = subprocess.run(
+        [str(venv / "bin" / "edgeserve"), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0, version.stderr
