@@ -6,7 +6,8 @@ The seam the server uses:
   blocks, never raises; `seq` is durable once `Telemetry.durable_seq >= seq`);
 - `service.build_telemetry(settings, state_dir, queue_fill)` -> `Telemetry` with
   `await start()` / `await stop()`, `record_feedback/event/alert/audit`, `forget`,
-  `render_metrics()`, `set_update_state`, `note_rollback`, `audit_log.record(...)`;
+  `render_metrics()`, `set_update_state`, `note_rollback`, `record_payload` (opt-in,
+  sealed), `record_audit` (an upstream copy of audit entries);
 - `routes.ROUTES` (/metrics, feedback, events, status, forget) and `cli.telemetry`.
 
 Modules: `store` (queue + writer thread), `maintenance` (size cap, retention,

@@ -71,7 +71,6 @@ class Telemetry:
             else None
         )
         self.alerts = AlertRules(settings.alerts, queue_fill, self.backlog_age_s)
-        self.audit_log = AuditLog(self.store)
         self.unsynced_records = 0
         m = self.metrics
         m.gauge(
@@ -130,7 +129,9 @@ class Telemetry:
         subject: str = "",
         detail: dict[str, Any] | None = None,
     ) -> int:
-        return self.audit_log.record(action, target, outcome, subject=subject, detail=detail)
+        """An audit entry for upstream (the box's own log is edgeserve.audit)."""
+        text = orjson.dumps(detail or {}, option=orjson.OPT_SORT_KEYS).decode()
+        return self.store.add(AuditRecord(action, target, outcome, subject, text, time.time()))
 
     def subject_hash(self, subject: str) -> str:
         """A keyed hash: the raw subject id never reaches SQLite or upstream."""
@@ -253,24 +254,6 @@ class Telemetry:
             )
             if self.settings.alerts.webhook_url:
                 await _post_webhook(self.settings.alerts.webhook_url, change)
-
-
-class AuditLog:
-    """`record(action, target, outcome, subject=, detail=)`: the audit seam other parts call."""
-
-    def __init__(self, store: TelemetryStore) -> None:
-        self._store = store
-
-    def record(
-        self,
-        action: str,
-        target: str,
-        outcome: str,
-        subject: str = "",
-        detail: dict[str, Any] | None = None,
-    ) -> int:
-        text = orjson.dumps(detail or {}, option=orjson.OPT_SORT_KEYS).decode()
-        return self._store.add(AuditRecord(action, target, outcome, subject, text, time.time()))
 
 
 def build_telemetry(
