@@ -17,6 +17,7 @@ import io
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ SEED = 0
 OPSET = 17
 IR_VERSION = 8
 WEIGHT_DECIMALS = 5
-DIGITS_FILES = ("model.toml", "1/model.onnx", "2/model.onnx", "heldout.npz")
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -103,8 +103,9 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
 
     class Rows(CalibrationDataReader):
         def __init__(self) -> None:
-            self._rows = iter([{"input": calibration[i : i + 16]}
-                               for i in range(0, len(calibration), 16)])
+            self._rows = iter(
+                [{"input": calibration[i : i + 16]} for i in range(0, len(calibration), 16)]
+            )
 
         def get_next(self) -> dict | None:
             return next(self._rows, None)
@@ -113,8 +114,13 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
         quantize_static(
-            str(src), str(dst), Rows(), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            str(src),
+            str(dst),
+            Rows(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
             op_types_to_quantize=["MatMul"],
         )
         return dst.read_bytes()
@@ -164,63 +170,130 @@ def deterministic_npz(arrays: dict[str, np.ndarray]) -> bytes:
     return out.getvalue()
 
 
-def build_digits(root: Path) -> dict[str, float]:
-    """Write models/digits and return held-out accuracy per (version, backend)."""
+@dataclass(frozen=True)
+class Score:
+    """One row of the accuracy table in models/README.md."""
+
+    model: str
+    version: int
+    precision: str
+    backend: str
+    heldout_accuracy: float
+
+    def row(self) -> str:
+        return (
+            f"| {self.model} | {self.version} | {self.precision} | {self.backend} "
+            f"| {self.heldout_accuracy:.4f} |"
+        )
+
+
+def write_model(
+    root: Path, name: str, toml: str, versions: dict[int, bytes], heldout: dict[str, np.ndarray]
+) -> None:
+    folder = root / name
+    for version, blob in versions.items():
+        (folder / str(version)).mkdir(parents=True, exist_ok=True)
+        (folder / str(version) / "model.onnx").write_bytes(blob)
+    (folder / "model.toml").write_text(toml)
+    (folder / "heldout.npz").write_bytes(deterministic_npz(heldout))
+
+
+def build_digits(root: Path) -> list[Score]:
+    """Write root/digits (v1 FP32, v2 INT8) and score both versions on both runtimes."""
     X_train, X_test, y_train, y_test = digits_split()
     fp32 = digits_onnx(train_digits(X_train, y_train))
     int8 = quantize_int8(fp32, X_train[:512])
-    folder = root / "digits"
-    for version, blob in ((1, fp32), (2, int8)):
-        (folder / str(version)).mkdir(parents=True, exist_ok=True)
-        (folder / str(version) / "model.onnx").write_bytes(blob)
-    (folder / "model.toml").write_text(DIGITS_TOML)
-    (folder / "heldout.npz").write_bytes(deterministic_npz({"X": X_test, "y": y_test}))
-    return {f"{v}/{b}": heldout_accuracy(blob, b, X_test, y_test)
-            for v, blob in ((1, fp32), (2, int8)) for b in ("onnxruntime", "openvino")}
+    write_model(root, "digits", DIGITS_TOML, {1: fp32, 2: int8}, {"X": X_test, "y": y_test})
+    return [
+        Score(
+            "digits", version, precision, backend, heldout_accuracy(blob, backend, X_test, y_test)
+        )
+        for version, precision, blob in ((1, "FP32", fp32), (2, "INT8", int8))
+        for backend in ("onnxruntime", "openvino")
+    ]
 
 
-def heldout_accuracy(model: bytes, backend: str, X: np.ndarray, y: np.ndarray) -> float:
+def build_text(root: Path) -> list[Score]:
+    """Write root/text (strings in, intent out); ONNX Runtime only."""
+    from text import build_text as text_model
+    from text import text_toml
+
+    model, X_test, y_test = text_model()
+    write_model(root, "text", text_toml(), {1: model}, {"X": X_test, "y": y_test})
+    accuracy = heldout_accuracy(model, "onnxruntime", X_test.astype(object), y_test, "text")
+    return [Score("text", 1, "FP32", "onnxruntime", accuracy)]
+
+
+def build_all(root: Path) -> list[Score]:
+    return build_digits(root) + build_text(root)
+
+
+def heldout_accuracy(
+    model: bytes, backend: str, X: np.ndarray, y: np.ndarray, input_name: str = "input"
+) -> float:
+    """The share of rows whose `label` output is right, computed in FP32 on both runtimes."""
     if backend == "onnxruntime":
         import onnxruntime as ort
 
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        labels = session.run(["label"], {"input": X})[0]
+        labels = session.run(["label"], {input_name: X})[0]
     else:
         import openvino as ov
 
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(model, ov.Tensor(np.empty(0, np.uint8))))
-        labels = compiled({"input": X})[compiled.output("label")]
+        # Without the hint a CPU with bf16 units computes in bf16, so the figure would
+        # depend on the machine; the server's default openvino_precision is f32 as well.
+        compiled = core.compile_model(
+            core.read_model(model, ov.Tensor(np.empty(0, np.uint8))),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": "f32"},
+        )
+        labels = compiled({input_name: X})[compiled.output("label")]
     return float(np.mean(labels == y))
+
+
+def differences(built: Path, committed: Path) -> list[str]:
+    """Files of a rebuild that are missing from, or differ from, the committed ones."""
+    return [
+        str(path.relative_to(built))
+        for path in sorted(built.rglob("*"))
+        if path.is_file()
+        and not (
+            (committed / path.relative_to(built)).is_file()
+            and filecmp.cmp(path, committed / path.relative_to(built), shallow=False)
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare a rebuild with the files")
-    parser.add_argument("--minilm", action="store_true",
-                        help="export all-MiniLM-L6-v2 only (needs torch; see minilm.py)")
+    parser.add_argument(
+        "--minilm",
+        action="store_true",
+        help="export all-MiniLM-L6-v2 only (needs torch; see minilm.py)",
+    )
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
     if args.minilm:
-        sys.path.insert(0, str(HERE))
         from minilm import build_minilm
 
         build_minilm(HERE / "minilm")
         return 0
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            build_digits(Path(tmp))
-            different = [f for f in DIGITS_FILES
-                         if not filecmp.cmp(Path(tmp) / "digits" / f, HERE / "digits" / f,
-                                            shallow=False)]
+            scores = build_all(Path(tmp))
+            different = differences(Path(tmp), HERE)
         if different:
             print(f"differs from a rebuild: {', '.join(different)}", file=sys.stderr)
             return 1
-        print("digits: committed files equal a fresh rebuild")
-        return 0
-    for key, accuracy in build_digits(HERE).items():
-        version, backend = key.split("/")
-        print(f"| digits | {version} | {'FP32' if version == '1' else 'INT8'} | {backend} "
-              f"| {accuracy:.4f} |")
+        print("committed models equal a fresh rebuild:")
+    else:
+        scores = build_all(HERE)
+    print("| model | version | precision | backend | heldout_accuracy |")
+    print("|---|---|---|---|---|")
+    for score in scores:
+        print(score.row())
     return 0
 
 

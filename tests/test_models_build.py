@@ -1,0 +1,237 @@
+"""The bundled demo models: rebuilt byte for byte, loaded by both runtimes, scored as documented."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import openvino as ov
+import pytest
+
+from edgeserve.repository import parse_model_config
+from edgeserve.runtime.datatypes import ONNX_TYPE_TO_V2
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+BUILD = MODELS / "build.py"
+# Every committed demo model ships its held-out split; minilm (local, not committed) has none.
+DEMO_MODELS = sorted(p.parent.name for p in MODELS.glob("*/heldout.npz"))
+VERSIONS = [
+    (name, int(v.name))
+    for name in DEMO_MODELS
+    for v in sorted((MODELS / name).iterdir())
+    if (v / "model.onnx").is_file()
+]
+TABLE_ROW = re.compile(r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*(\w+)\s*\|\s*(\w+)\s*\|\s*([\d.]+)\s*\|$")
+
+
+def config(name: str):
+    return parse_model_config((MODELS / name / "model.toml").read_text(), f"{name}/model.toml")
+
+
+def model_bytes(name: str, version: int) -> bytes:
+    return (MODELS / name / str(version) / "model.onnx").read_bytes()
+
+
+def heldout(name: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MODELS / name / "heldout.npz", allow_pickle=False) as data:
+        X, y = data["X"], data["y"]
+    return (X.astype(object) if X.dtype.kind == "U" else X), y
+
+
+def run_onnxruntime(blob: bytes, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def compile_openvino(blob: bytes) -> ov.CompiledModel:
+    core = ov.Core()
+    # f32 as the server runs it; a bf16-capable CPU would otherwise round the weights.
+    return core.compile_model(
+        core.read_model(blob, ov.Tensor(np.empty(0, np.uint8))),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": "f32"},
+    )
+
+
+def run_openvino(blob: bytes, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    compiled = compile_openvino(blob)
+    results = compiled(feed)
+    return {o.get_any_name(): results[o] for o in compiled.outputs}
+
+
+def readme_table() -> list[tuple[str, int, str, str, float]]:
+    rows = []
+    for line in (MODELS / "README.md").read_text().splitlines():
+        match = TABLE_ROW.match(line.strip())
+        if match:
+            model, version, precision, backend, accuracy = match.groups()
+            rows.append((model, int(version), precision, backend, float(accuracy)))
+    return rows
+
+
+def test_the_committed_demo_models_are_digits_and_text():
+    assert DEMO_MODELS == ["digits", "text"]
+    assert VERSIONS == [("digits", 1), ("digits", 2), ("text", 1)]
+
+
+def test_rebuild_equals_the_committed_files():
+    result = subprocess.run(
+        [sys.executable, str(BUILD), "--check"], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "committed models equal a fresh rebuild" in result.stdout
+
+
+def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path):
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
+    tampered = copy / "digits" / "2" / "model.onnx"
+    blob = bytearray(tampered.read_bytes())
+    blob[-1] ^= 0x01
+    tampered.write_bytes(bytes(blob))
+    result = subprocess.run(
+        [sys.executable, str(copy / "build.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 1
+    assert "digits/2/model.onnx" in result.stderr
+    assert "digits/1/model.onnx" not in result.stderr
+
+
+@pytest.mark.parametrize(("name", "version"), VERSIONS)
+def test_model_files_use_only_standard_onnx_operators(name, version):
+    model = onnx.load_from_string(model_bytes(name, version))
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    if name == "digits":  # loadable by older onnxruntime and openvino releases too
+        assert model.ir_version == 8
+        assert [o.version for o in model.opset_import] == [17]
+
+
+@pytest.mark.parametrize(("name", "version"), VERSIONS)
+def test_model_toml_declares_what_the_model_file_has(name, version):
+    declared = config(name)
+    session = ort.InferenceSession(model_bytes(name, version), providers=["CPUExecutionProvider"])
+
+    def actual(args) -> list[tuple[str, str, list[int]]]:
+        return [
+            (a.name, ONNX_TYPE_TO_V2[a.type], [d if isinstance(d, int) else -1 for d in a.shape])
+            for a in args
+        ]
+
+    assert actual(session.get_inputs()) == [(t.name, t.datatype, t.shape) for t in declared.inputs]
+    assert actual(session.get_outputs()) == [
+        (t.name, t.datatype, t.shape) for t in declared.outputs
+    ]
+    assert len(declared.labels) == declared.outputs[0].shape[-1]
+
+
+@pytest.mark.parametrize(
+    ("name", "version"), [(n, v) for n, v in VERSIONS if config(n).backend != "onnxruntime"]
+)
+def test_both_runtimes_answer_the_same_on_the_heldout_split(name, version):
+    X, _ = heldout(name)
+    blob = model_bytes(name, version)
+    feed = {config(name).inputs[0].name: X}
+    by_ort, by_ov = run_onnxruntime(blob, feed), run_openvino(blob, feed)
+    # FP32 agrees to rounding; the INT8 kernels of the two runtimes round differently.
+    tolerance = 1e-5 if version == 1 else 0.05
+    np.testing.assert_allclose(by_ov["probabilities"], by_ort["probabilities"], atol=tolerance)
+    assert np.array_equal(by_ov["label"], by_ort["label"])
+    assert by_ov["label"].dtype == by_ort["label"].dtype == np.int64
+
+
+def test_the_string_model_is_pinned_to_onnxruntime_because_openvino_refuses_it():
+    assert config("text").backend == "onnxruntime"
+    with pytest.raises(RuntimeError):
+        compile_openvino(model_bytes("text", 1))
+
+
+def test_readme_lists_every_version_on_every_runtime_it_can_run_on():
+    listed = {(m, v, b) for m, v, _, b, _ in readme_table()}
+    expected = {
+        (name, version, backend)
+        for name, version in VERSIONS
+        for backend in (
+            ("onnxruntime",)
+            if config(name).backend == "onnxruntime"
+            else ("onnxruntime", "openvino")
+        )
+    }
+    assert listed == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "precision", "backend", "figure"),
+    readme_table(),
+    ids=[f"{m}-{v}-{b}" for m, v, _, b, _ in readme_table()],
+)
+def test_heldout_accuracy_equals_the_readme_figure(name, version, precision, backend, figure):
+    X, y = heldout(name)
+    blob = model_bytes(name, version)
+    run = run_onnxruntime if backend == "onnxruntime" else run_openvino
+    labels = run(blob, {config(name).inputs[0].name: X})["label"]
+    assert round(float(np.mean(labels == y)), 3) == round(figure, 3)
+    assert precision == (
+        "INT8"
+        if "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(blob).graph.node}
+        else "FP32"
+    )
+
+
+def test_digits_is_accurate_and_int8_is_smaller():
+    figures = {(v, b): f for m, v, _, b, f in readme_table() if m == "digits"}
+    assert min(figures.values()) > 0.95
+    assert len(model_bytes("digits", 2)) < len(model_bytes("digits", 1)) / 2
+
+
+@pytest.fixture(scope="module")
+def text_recipe():
+    sys.path.insert(0, str(MODELS))
+    try:
+        import text  # models/text.py
+    finally:
+        sys.path.remove(str(MODELS))
+    return text
+
+
+def test_text_graph_tokenizes_like_its_python_reference(text_recipe):
+    """Lower-casing, whitespace and punctuation splitting in ONNX equal `tokens()` in Python."""
+    X_train, _, y_train, _ = text_recipe.text_split()
+    vocabulary, idf, w, b = text_recipe.train_text(X_train, y_train)
+    texts = [
+        "WHERE is my ORDER?!",
+        "pay,card.cash!refund?open",
+        "   ",
+        "",
+        "?!.,",
+        "When  do\tyou\nopen",
+        "ÜBER CAFÉ: Refund, PAYMENT",
+        "something else entirely",
+    ]
+    index = {t: i for i, t in enumerate(vocabulary)}
+    counts = np.zeros((len(texts), len(vocabulary)), np.float32)
+    for row, text in enumerate(texts):
+        for token in text_recipe.tokens(text):
+            if token in index:
+                counts[row, index[token]] += 1
+    features = counts * idf
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    logits = features @ w + b
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+
+    got = run_onnxruntime(model_bytes("text", 1), {"text": np.array(texts, dtype=object)})
+    np.testing.assert_allclose(got["probabilities"], expected, atol=1e-5)
+    assert got["label"].tolist() == logits.argmax(axis=1).tolist()
+    assert text_recipe.LABELS[got["label"][0]] == "order"
