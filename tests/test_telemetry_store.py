@@ -132,13 +132,11 @@ def test_records_acknowledged_as_durable_survive_sigkill_of_the_server(tmp_path:
             durable = 0
             stop = threading.Event()
 
-            def load(
-                cycle: int = cycle, stop: threading.Event = stop, answered: list = answered
-            ) -> None:
+            def load(name: str, stop: threading.Event = stop, answered: list = answered) -> None:
                 with httpx.Client(timeout=5) as client:
                     i = 0
                     while not stop.is_set():
-                        rid = f"c{cycle}-{i}"
+                        rid = f"{name}-{i}"  # unique across threads and cycles
                         i += 1
                         try:
                             reply = client.post(
@@ -148,7 +146,7 @@ def test_records_acknowledged_as_durable_survive_sigkill_of_the_server(tmp_path:
                             return
                         answered.append((int(reply.headers["x-telemetry-seq"]), rid))
 
-            threads = [threading.Thread(target=load) for _ in range(4)]
+            threads = [threading.Thread(target=load, args=(f"c{cycle}t{k}",)) for k in range(4)]
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 3
@@ -167,7 +165,7 @@ def test_records_acknowledged_as_durable_survive_sigkill_of_the_server(tmp_path:
         assert guaranteed <= stored, f"lost {len(guaranteed - stored)} acknowledged records"
         print(
             f"\ncycle {cycle}: answered={len(answered)} guaranteed={len(guaranteed)} "
-            f"stored={len([r for r in stored if r.startswith(f'c{cycle}-')])}"
+            f"stored={len([r for r in stored if r.startswith(f'c{cycle}t')])}"
         )
 
 
