@@ -19,26 +19,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import MODELS, free_port
+from tests.serving import MODELS, ROOT, free_port
 
 NOBODY = 65534
 
 DRIVER = r"""
 set -eu
 mount -t proc -o subset=pid,hidepid=invisible proc /proc
+# PrivateTmp=yes and ProtectHome=yes: empty /tmp, /home and /root. What the test itself
+# needs from there is put back: the checkout (CI may clone it under /tmp) and this
+# machine's Python (pyenv, under /root; a box uses /usr/bin/python3).
+i=0
+for keep in $KEEP; do
+    i=$((i + 1))
+    mkdir -p "$STATE/.keep/$i"
+    mount --bind "$keep" "$STATE/.keep/$i"
+done
 mount -t tmpfs private-tmp /tmp
-# ProtectHome=yes: empty /home and /root. This machine's Python lives under /root
-# (pyenv), so only that folder is put back, read-only; a box uses /usr/bin/python3.
-if [ -n "$PYTHON_HOME" ]; then
-    mkdir -p "$STATE/.python-home"
-    mount --bind -o ro "$PYTHON_HOME" "$STATE/.python-home"
-fi
 mount -t tmpfs -o mode=0755 protect-home /home
 mount -t tmpfs -o mode=0755 protect-home /root
-if [ -n "$PYTHON_HOME" ]; then
-    mkdir -p "$PYTHON_HOME"
-    mount --bind "$STATE/.python-home" "$PYTHON_HOME"
-fi
+i=0
+for keep in $KEEP; do
+    i=$((i + 1))
+    mkdir -p "$keep"
+    mount --bind "$STATE/.keep/$i" "$keep"
+done
 mount --bind "$STATE" "$STATE"          # stays writable when / turns read-only
 mount -o remount,bind,ro /
 cd "$STATE"
@@ -107,13 +112,14 @@ def state_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def python_home() -> str:
-    """The interpreter's installation folder if ProtectHome would hide it, else ""."""
-    real = Path(os.path.realpath(sys.executable))
-    for home in (Path("/root"), Path("/home")):
-        if real.is_relative_to(home):
-            return str(home / real.relative_to(home).parts[0])
-    return ""
+def hidden_paths_needed() -> str:
+    """Folders under /tmp, /home or /root that the sandboxed server must still see."""
+    needed = []
+    for path in (Path(os.path.realpath(sys.executable)), ROOT):
+        for hidden in (Path("/tmp"), Path("/home"), Path("/root")):
+            if path.is_relative_to(hidden):
+                needed.append(str(hidden / path.relative_to(hidden).parts[0]))
+    return " ".join(dict.fromkeys(needed))
 
 
 def run_sandboxed(state: Path, backend: str, mdwe: bool, give_up_on: str = "") -> dict[str, str]:
@@ -133,7 +139,7 @@ def run_sandboxed(state: Path, backend: str, mdwe: bool, give_up_on: str = "") -
         "PY": sys.executable,
         "MDWE": "1" if mdwe else "0",
         "GIVE_UP_ON": give_up_on,
-        "PYTHON_HOME": python_home(),
+        "KEEP": hidden_paths_needed(),
     }
     result = subprocess.run(
         ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", DRIVER],
