@@ -13,11 +13,15 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import orjson
 import psutil
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from edgeserve.audit.log import AuditLog
+from edgeserve.audit.routes import ROUTES as AUDIT_ROUTES
+from edgeserve.audit.routes import AuditMiddleware
 from edgeserve.auth.guard import build_authenticator
 from edgeserve.config import ConfigError, Settings, load_settings
 from edgeserve.dashboard.routes import ROUTES as DASHBOARD_ROUTES
@@ -70,6 +74,7 @@ def build_app(settings: Settings) -> Starlette:
         telemetry = _start_telemetry(app, settings, registry)
         if telemetry is not None:
             await telemetry.start()
+        audit = _start_audit(app, settings, telemetry)
         for source in sources:
             registry.declare(source.name, source.config, source.versions)
         log.info(
@@ -108,11 +113,13 @@ def build_app(settings: Settings) -> Starlette:
             executor.shutdown(wait=True, cancel_futures=True)
             if experiments is not None:
                 await experiments.stop()
+            await asyncio.to_thread(audit.stop)  # after everything that records
             if telemetry is not None:
                 await telemetry.stop()
 
     sources = scan_repository(settings.models.repository, settings.models.load or None)
     middleware = [
+        Middleware(AuditMiddleware),
         Middleware(
             HeaderGuard,
             max_headers=settings.limits.max_headers,
@@ -142,6 +149,7 @@ def build_app(settings: Settings) -> Starlette:
             *JOB_ROUTES,
             *STREAM_ROUTES,
             *UPDATE_ROUTES,
+            *AUDIT_ROUTES,
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -153,6 +161,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.recorder = None
     app.state.telemetry = None
     app.state.experiments = None
+    app.state.audit = None
     app.state.authenticator = build_authenticator(
         settings.auth, settings.server.state_dir, settings.server.host
     )
@@ -166,6 +175,32 @@ def _audit_hook(app: Starlette) -> Audit:
         if log_ is not None:
             log_.record(action, target, outcome, subject=subject, detail=detail)
 
+    return audit
+
+
+def _start_audit(app: Starlette, settings: Settings, telemetry: Telemetry | None) -> AuditLog:
+    """The audit log (`app.state.audit`), fed 401s by the authenticator; with an upstream
+    collector configured, each row is also shipped through telemetry as an off-box copy."""
+    forward = None
+    if telemetry is not None and settings.telemetry.upstream.url:
+
+        def forward(rows: list[dict]) -> None:
+            for row in rows:
+                detail = {
+                    **orjson.loads(row["detail"]),
+                    "client": row["client"],
+                    "audit_seq": row["seq"],
+                    "audit_hash": row["hash"],
+                }
+                telemetry.record_audit(
+                    row["action"], row["target"], row["outcome"], row["subject"], detail
+                )
+
+    audit = AuditLog(settings.audit, settings.server.state_dir, forward)
+    audit.start()
+    app.state.audit = audit
+    if hasattr(app.state.authenticator, "on_refused"):
+        app.state.authenticator.on_refused = audit.record_refused
     return audit
 
 

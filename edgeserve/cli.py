@@ -107,6 +107,7 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+from edgeserve.audit.cli import audit  # noqa: E402 - registered below
 from edgeserve.auth.cli import keys, token  # noqa: E402 - registered below
 from edgeserve.batch.cli import batch_group, features_group  # noqa: E402 - registered below
 from edgeserve.cli_bench import bench  # noqa: E402 - registered below
@@ -122,5 +123,6 @@ main.add_command(features_group)
 main.add_command(bench)
 main.add_command(bundle)
 main.add_command(update)
+main.add_command(audit)
 for _command in KEY_COMMANDS:  # update keys join the auth `keys` group
     keys.add_command(_command)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeserve.audit.settings import AuditSettings
 from edgeserve.auth.settings import AuthSettings
 from edgeserve.experiments.settings import ExperimentSettings
 from edgeserve.jobs_settings import FeatureSettings, JobSettings
@@ -97,6 +98,7 @@ class Settings:
     experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
     jobs: JobSettings = field(default_factory=JobSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     source: Path | None = None  # the file these came from, if any
 
 

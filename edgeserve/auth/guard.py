@@ -43,8 +43,8 @@ def requires(scope: str) -> Callable[[Endpoint], Endpoint]:
             if principal.anonymous and scope not in principal.scopes:
                 # Only some endpoints are open without a token; this one needs one.
                 raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
+            request.state.principal = principal  # known even on a 403, for the audit log
             principal.require(scope)
-            request.state.principal = principal
             return await endpoint(request)
 
         guarded.required_scope = scope  # type: ignore[attr-defined]

@@ -1,0 +1,305 @@
+"""`AuditLog.record(...)`: queue an audit entry; one writer thread chains and commits.
+
+`record` is safe on the event loop: it takes a short lock and appends to a bounded
+deque. Refusals that arrive in floods (`aggregate=True`, used for auth failures) are
+counted per (action, target, outcome, subject, client, detail) and written once per
+`aggregate_window_s` as a single row whose detail carries `"count"`. If the queue is
+ever full the entry is dropped, counted, and the count itself is written as an
+`audit.dropped` row as soon as there is room, so a loss is itself on the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeserve.audit import chain
+from edgeserve.audit.settings import AuditSettings
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT = 200
+MAX_DETAIL_BYTES = 4096
+SECRET_KEYS = re.compile(r"token|secret|password|passwd|authorization|cookie|private|key$", re.I)
+JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
+REDACTED = "[redacted]"
+
+Written = Callable[[list[dict[str, Any]]], None]
+
+
+def clean_text(value: Any) -> str:
+    """Short, single-line, and without anything that looks like a token."""
+    text = JWT_LIKE.sub(REDACTED, str(value)).replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+
+
+def clean_detail(detail: dict[str, Any] | None) -> str:
+    """Canonical JSON of `detail` with secret-named keys redacted and strings shortened."""
+
+    def scrub(value: Any, depth: int) -> Any:
+        if depth > 4:
+            return "..."
+        if isinstance(value, dict):
+            return {
+                clean_text(k): REDACTED if SECRET_KEYS.search(str(k)) else scrub(v, depth + 1)
+                for k, v in list(value.items())[:32]
+            }
+        if isinstance(value, (list, tuple)):
+            return [scrub(v, depth + 1) for v in list(value)[:32]]
+        if value is None or isinstance(value, (bool, int)):
+            return value
+        if isinstance(value, float):
+            return value if value == value and abs(value) != float("inf") else str(value)
+        return clean_text(value)
+
+    text = orjson.dumps(scrub(detail or {}, 0), option=orjson.OPT_SORT_KEYS).decode()
+    if len(text) > MAX_DETAIL_BYTES:
+        return orjson.dumps({"truncated": True, "bytes": len(text)}).decode()
+    return text
+
+
+class AuditLog:
+    """The audit log of one server process (`app.state.audit`)."""
+
+    def __init__(
+        self,
+        settings: AuditSettings,
+        state_dir: Path,
+        on_written: Written | None = None,
+    ) -> None:
+        self.settings = settings
+        self.path = chain.db_path(state_dir)
+        self._key = chain.load_key(chain.key_path(state_dir), create=True)
+        assert self._key is not None
+        chain.connect(self.path).close()  # schema now, so a broken disk fails at start-up
+        self._on_written = on_written
+        self._lock = threading.Lock()
+        self._queue: deque[dict[str, Any]] = deque()
+        self._counts: dict[tuple, list] = {}  # key -> [count, first time_ms]
+        self._window_start = time.monotonic()
+        self._dropped = 0
+        self._accepted = 0
+        self._written = 0
+        self._written_cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+
+    # -- any thread ------------------------------------------------------------------
+    def record(
+        self,
+        action: str,
+        target: str,
+        outcome: str,
+        subject: str = "",
+        client: str = "",
+        detail: dict[str, Any] | None = None,
+        *,
+        aggregate: bool = False,
+    ) -> None:
+        """Queue one entry. Never blocks beyond a short lock and never raises."""
+        try:
+            entry = {
+                "time_ms": int(time.time() * 1000),
+                "subject": clean_text(subject),
+                "action": clean_text(action),
+                "target": clean_text(target),
+                "outcome": clean_text(outcome),
+                "client": clean_text(client),
+                "detail": clean_detail(detail),
+            }
+        except Exception:  # a caller's odd detail must never break its action
+            log.exception("audit entry refused action=%s", action)
+            return
+        with self._lock:
+            if aggregate:
+                self._aggregate(entry)
+                return
+            if len(self._queue) >= self.settings.queue_entries:
+                self._dropped += 1
+                return
+            self._queue.append(entry)
+            self._accepted += 1
+        self._wake.set()
+
+    def record_refused(self, client: str, reason: str) -> None:
+        """The authenticator's `on_refused(client, reason)` hook: one 401."""
+        detail = {"reason": reason}
+        self.record("auth.refused", "token", "denied", client=client, detail=detail, aggregate=True)
+
+    def _aggregate(self, entry: dict[str, Any]) -> None:
+        # Under self._lock.
+        key = tuple(
+            entry[k] for k in ("action", "target", "outcome", "subject", "client", "detail")
+        )
+        found = self._counts.get(key)
+        if found is not None:
+            found[0] += 1
+            return
+        if len(self._counts) >= self.settings.aggregate_max_keys:
+            # Too many distinct clients or reasons in one window: fold the rest into one row.
+            key = (*key[:3], "", "*", '{"reason":"many distinct clients or reasons"}')
+            found = self._counts.get(key)
+            if found is not None:
+                found[0] += 1
+                return
+        self._counts[key] = [1, entry["time_ms"]]
+
+    def _take_counts(self, force: bool) -> list[dict[str, Any]]:
+        # Under self._lock.
+        now = time.monotonic()
+        if not self._counts or (not force and now - self._window_start < self.window_s):
+            return []
+        self._window_start = now
+        counts, self._counts = self._counts, {}
+        rows = []
+        for (action, target, outcome, subject, client, detail), (n, first_ms) in counts.items():
+            body = orjson.loads(detail)
+            body["count"] = n
+            rows.append(
+                {
+                    "time_ms": first_ms,
+                    "subject": subject,
+                    "action": action,
+                    "target": target,
+                    "outcome": outcome,
+                    "client": client,
+                    "detail": orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode(),
+                }
+            )
+        return rows
+
+    @property
+    def window_s(self) -> float:
+        return self.settings.aggregate_window_s
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every entry recorded so far (aggregates included) is committed."""
+        with self._lock:
+            self._flush_counts = True
+            target = self._accepted + len(self._counts)
+        self._wake.set()
+        with self._written_cond:
+            return self._written_cond.wait_for(lambda: self._written >= target, timeout_s)
+
+    _flush_counts = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued (aggregates too), then end the writer thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # -- the writer thread -------------------------------------------------------------
+    def _run(self) -> None:
+        conn = chain.connect(self.path)
+        next_prune = 0.0
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                self._write_pending(conn, force=stopping)
+                if time.monotonic() >= next_prune:
+                    self._prune(conn)
+                    next_prune = time.monotonic() + self.settings.prune_interval_s
+                if stopping:
+                    return
+                self._wake.wait(self.window_s)
+                self._wake.clear()
+        finally:
+            conn.close()
+
+    def _write_pending(self, conn: sqlite3.Connection, force: bool) -> None:
+        with self._lock:
+            force = force or self._flush_counts
+            self._flush_counts = False
+            entries = list(self._queue)
+            self._queue.clear()
+            aggregated = self._take_counts(force)
+            self._accepted += len(aggregated)
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            entries.append(
+                {
+                    "time_ms": int(time.time() * 1000),
+                    "subject": "",
+                    "action": "audit.dropped",
+                    "target": "audit",
+                    "outcome": "error",
+                    "client": "",
+                    "detail": orjson.dumps({"count": dropped}).decode(),
+                }
+            )
+        rows = entries + aggregated
+        if not rows:
+            return
+        stored = self._append(conn, rows)
+        with self._written_cond:
+            self._written += len(entries) - (1 if dropped else 0) + len(aggregated)
+            self._written_cond.notify_all()
+        if stored and self._on_written is not None:
+            try:
+                self._on_written(stored)
+            except Exception:  # forwarding (e.g. to telemetry) never stops the log
+                log.exception("audit forward failed rows=%d", len(stored))
+
+    def _append(self, conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[dict]:
+        """Commit `rows`; on a disk error retry with backoff, until stop gives up."""
+        backoff_s = 0.05
+        while True:
+            try:
+                return chain.append(conn, self._key, rows)  # type: ignore[arg-type]
+            except sqlite3.Error as exc:
+                log.error("audit write failed rows=%d error=%r", len(rows), str(exc))
+                if self._stop.wait(backoff_s) and backoff_s >= 5.0:
+                    log.error("audit writer gave up at stop rows=%d", len(rows))
+                    return []
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        cutoff_ms = int((time.time() - self.settings.retention_days * 86400) * 1000)
+        try:
+            removed = chain.prune(conn, self._key, cutoff_ms)  # type: ignore[arg-type]
+        except sqlite3.Error as exc:
+            log.error("audit prune failed error=%r", str(exc))
+            return
+        if removed:
+            log.info(
+                "audit pruned rows=%d older_than_days=%s", removed, self.settings.retention_days
+            )
+
+    # -- reading (any thread; its own connection) -------------------------------------
+    def read(self, since_seq: int = 0, since_ms: int = 0, limit: int = 100) -> list[dict]:
+        """Rows after `since_seq` and at or after `since_ms`, oldest first."""
+        return read_entries(self.path, since_seq, since_ms, limit)
+
+
+def read_entries(path: Path, since_seq: int = 0, since_ms: int = 0, limit: int = 100) -> list[dict]:
+    conn = chain.connect(path, create=False)
+    try:
+        cursor = conn.execute(
+            f"SELECT {', '.join(chain.FIELDS)}, hash FROM entries "
+            "WHERE seq > ? AND time_ms >= ? ORDER BY seq LIMIT ?",
+            (since_seq, since_ms, limit),
+        )
+        names = (*chain.FIELDS, "hash")
+        rows = []
+        for values in cursor:
+            row = dict(zip(names, values, strict=True))
+            row["detail"] = orjson.loads(row["detail"])
+            rows.append(row)
+        return rows
+    finally:
+        conn.close()
