@@ -360,3 +360,17 @@ def test_size_cap_holds_through_a_long_outage_and_drops_in_the_stated_order(
         "edgeserve_telemetry_dropped_total", {"table": "inferences", "reason": "size_cap"}
     )
     assert metric == drops[("inferences", "size_cap")]
+
+
+def test_a_command_runs_after_every_record_accepted_before_it(tmp_path: Path) -> None:
+    """So forgetting a subject also removes its rows that were still in memory."""
+    store = TelemetryStore(tmp_path / "telemetry.db", "ae", 10_000, 100, 60.0)  # slow writer
+    store.start()
+    for i in range(250):
+        store.add(
+            InferenceRecord(f"r{i}", "m", "1", 200, 0, 0, 0, 1, time.time(), subject_hash="s1")
+        )
+    removed = store.submit(lambda c: maintenance.forget_subject(store, c, "s1")).result(10)
+    store.stop()
+    assert removed == 250
+    assert _count(store, "inferences") == 0

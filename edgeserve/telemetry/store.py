@@ -187,7 +187,8 @@ class TelemetryStore:
         self._lock = threading.Lock()  # guards _pending, _seq, dropped
         self._pending: deque[tuple[int, Any]] = deque()
         self._in_hand = 0  # taken by the writer, not yet committed; counts against capacity
-        self._commands: deque[tuple[Callable[[sqlite3.Connection], Any], Future]] = deque()
+        # (command, future, seq of the last record accepted before it was submitted)
+        self._commands: deque[tuple[Callable[[sqlite3.Connection], Any], Future, int]] = deque()
         self._wake = threading.Event()
         self._durable = threading.Condition()
         # Record ids are "<boot>-<seq>": unique across restarts without a counter on disk.
@@ -229,9 +230,11 @@ class TelemetryStore:
         return len(self._pending) + self._in_hand
 
     def submit(self, command: Callable[[sqlite3.Connection], Any]) -> Future:
-        """Run `command(conn)` on the writer thread, after the records queued before it."""
+        """Run `command(conn)` on the writer thread, once every record accepted before this
+        call is committed (so a forget also removes rows that were still in memory)."""
         future: Future = Future()
-        self._commands.append((command, future))
+        with self._lock:
+            self._commands.append((command, future, self._seq))
         self._wake.set()
         return future
 
@@ -270,7 +273,7 @@ class TelemetryStore:
                         # Disk full or I/O error: keep the records and retry; maintenance
                         # commands still run (the size cap may free space), new records
                         # wait in the queue and beyond its capacity are counted as drops.
-                        self._run_commands(conn)
+                        self._run_commands(conn, in_order=False)
                         if self._stop.wait(backoff_s):
                             log.error("telemetry writer gave up at stop records=%d", len(chunk))
                             return
@@ -281,9 +284,14 @@ class TelemetryStore:
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
                     break
-                if len(self._pending) < self.batch_records and not self._stop.is_set():
+                if (
+                    len(self._pending) < self.batch_records
+                    and not self._commands
+                    and not self._stop.is_set()
+                ):
                     # Group commit: one fsync per interval rather than per trickle of
-                    # records; flush() and submit() cut the wait short, a full batch skips it.
+                    # records; flush() and submit() cut the wait short, a full batch or a
+                    # command waiting for its records skips it.
                     self._wake.wait(self.interval_s)
                     self._wake.clear()
         finally:
@@ -368,9 +376,15 @@ class TelemetryStore:
             head = after  # the chain only advances over rows that were stored
         return head
 
-    def _run_commands(self, conn: sqlite3.Connection) -> None:
+    def _run_commands(self, conn: sqlite3.Connection, in_order: bool = True) -> None:
+        """Run submitted commands in order, stopping at one whose records are not yet
+        committed (the next turn writes them). While writes fail, run them regardless:
+        the size cap may be what frees the disk."""
         while self._commands:
-            command, future = self._commands.popleft()
+            command, future, after_seq = self._commands[0]
+            if in_order and after_seq > self.durable_seq:
+                return
+            self._commands.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
