@@ -254,16 +254,29 @@ def heldout_accuracy(
 
 
 def differences(built: Path, committed: Path) -> list[str]:
-    """Files of a rebuild that are missing from, or differ from, the committed ones."""
-    return [
-        str(path.relative_to(built))
-        for path in sorted(built.rglob("*"))
-        if path.is_file()
-        and not (
-            (committed / path.relative_to(built)).is_file()
-            and filecmp.cmp(path, committed / path.relative_to(built), shallow=False)
-        )
-    ]
+    """Files that differ between a rebuild and the committed models, either way round.
+
+    A stray file in a committed model folder (say a leftover version) counts too: the
+    server would load it, and no rebuild can vouch for it.
+    """
+
+    def files(root: Path, models: list[str]) -> set[str]:
+        return {
+            str(path.relative_to(root))
+            for model in models
+            for path in (root / model).rglob("*")
+            if path.is_file()
+        }
+
+    models = sorted(p.name for p in built.iterdir() if p.is_dir())
+    rebuilt, present = files(built, models), files(committed, models)
+    return sorted(
+        name
+        for name in rebuilt | present
+        if name not in rebuilt
+        or name not in present
+        or not filecmp.cmp(built / name, committed / name, shallow=False)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,21 @@ def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path)
     assert "digits/1/model.onnx" not in result.stderr
 
 
+def test_check_fails_on_a_stray_version_no_rebuild_makes(tmp_path):
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
+    (copy / "text" / "2").mkdir()
+    shutil.copy(copy / "text" / "1" / "model.onnx", copy / "text" / "2" / "model.onnx")
+    result = subprocess.run(
+        [sys.executable, str(copy / "build.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 1
+    assert "text/2/model.onnx" in result.stderr
+
+
 @pytest.mark.parametrize(("name", "version"), VERSIONS)
 def test_model_files_use_only_standard_onnx_operators(name, version):
     model = onnx.load_from_string(model_bytes(name, version))
