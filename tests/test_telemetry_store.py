@@ -374,3 +374,21 @@ def test_a_command_runs_after_every_record_accepted_before_it(tmp_path: Path) ->
     store.stop()
     assert removed == 250
     assert _count(store, "inferences") == 0
+
+
+def test_retention_is_per_table_and_counts_unsynced_rows_it_removes(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    old = time.time() - 40 * 86400
+    for i in range(3):
+        store.add(InferenceRecord(f"old-{i}", "m", "1", 200, 0, 0, 0, 1, old))
+        store.add(AuditRecord("model.update", "m", "ok", "ops", "{}", old))
+    store.add(_inference(1))
+    assert store.flush(10)
+    store.submit(lambda c: maintenance.mark_synced(c, "inferences", [1])).result()
+    ages = TelemetrySettings().retention.max_age_s()  # inferences 30 days, audit 365
+    removed = store.submit(lambda c: maintenance.apply_retention(store, c, ages)).result()
+    drops = store.submit(maintenance.drop_counts).result()
+    store.stop()
+    assert removed == 3
+    assert _count(store, "inferences") == 1 and _count(store, "audit") == 3
+    assert drops == {("inferences", "retention"): 2}  # the synced one was not a loss
