@@ -69,7 +69,6 @@ class InferenceMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.seen = 0  # records folded in; `/metrics` waits for it to reach the queue's seq
         self._requests: dict[tuple[str, str, str, str], int] = {}
         self._latency: dict[tuple[str, str], tuple[_Histogram, _Histogram, _Histogram]] = {}
         self._batch: dict[str, _Histogram] = {}
@@ -79,7 +78,6 @@ class InferenceMetrics:
             for record in records:
                 if type(record) is InferenceRecord:
                     self._observe(record)
-                self.seen += 1
 
     def observe_one(self, record: InferenceRecord) -> None:
         with self._lock:

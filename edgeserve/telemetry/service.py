@@ -163,7 +163,7 @@ class Telemetry:
         """The scrape, after the writer has folded in every record accepted so far."""
         target = self.store.last_seq
         deadline = time.monotonic() + catch_up_s
-        while self.metrics.inferences.seen < target and time.monotonic() < deadline:
+        while self.store.observed_seq < target and time.monotonic() < deadline:
             self.store.nudge()
             await asyncio.sleep(0.002)
         return self.metrics.render()

@@ -195,6 +195,7 @@ class TelemetryStore:
         self.boot_id = secrets.token_hex(8)
         self._seq = 0
         self.durable_seq = 0
+        self.observed_seq = 0  # last record handed to `on_batch` (metrics, alert windows)
         self.dropped = 0
         self.write_errors = 0
         self._stop = threading.Event()
@@ -265,8 +266,10 @@ class TelemetryStore:
                 with self._lock:
                     batch, self._pending = self._pending, deque()
                     self._in_hand = len(batch)
-                if batch and self._on_batch is not None:
-                    self._observe(batch)
+                if batch:
+                    if self._on_batch is not None:
+                        self._observe(batch)
+                    self.observed_seq = batch[-1][0]
                 while batch:
                     chunk = [batch.popleft() for _ in range(min(len(batch), self.batch_records))]
                     while not self._write(conn, chunk):
