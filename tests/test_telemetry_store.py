@@ -392,3 +392,35 @@ def test_retention_is_per_table_and_counts_unsynced_rows_it_removes(tmp_path: Pa
     assert removed == 3
     assert _count(store, "inferences") == 1 and _count(store, "audit") == 3
     assert drops == {("inferences", "retention"): 2}  # the synced one was not a loss
+
+
+def test_a_full_disk_keeps_records_in_memory_and_writes_them_once_space_returns(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    store.add(_inference(0))
+    assert store.flush(10)
+    # The writer's connection may not grow the file any more: inserts fail as on a full disk.
+    store.submit(
+        lambda c: c.execute(f"PRAGMA max_page_count={c.execute('PRAGMA page_count').fetchone()[0]}")
+    ).result()
+    seqs = [store.add(_inference(i)) for i in range(1, 3001)]
+    assert 0 not in seqs
+    assert not store.flush(1.0)  # nothing of it is durable yet, and nothing was dropped
+    store.submit(lambda c: c.execute("PRAGMA max_page_count=1073741823"))  # space is back
+    assert store.flush(30)
+    drops = store.submit(maintenance.drop_counts).result()
+    store.stop()
+    assert _count(store, "inferences") == 3001
+    assert drops == {}
+
+
+def test_an_unreadable_buffer_is_moved_aside_and_recording_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "telemetry.db").write_bytes(b"this is not a database" * 100)
+    store = _store(tmp_path)
+    store.add(_inference(1))
+    assert store.flush(10)
+    store.stop()
+    assert _count(store, "inferences") == 1
+    (aside,) = tmp_path.glob("telemetry.db.corrupt-*")
+    assert aside.read_bytes().startswith(b"this is not a database")

@@ -29,6 +29,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -157,6 +158,17 @@ def create_schema(path: Path) -> None:
         conn.close()
 
 
+def quarantine(path: Path) -> Path:
+    """Move an unreadable database (and its WAL and shared memory) aside for a post-mortem,
+    so the box keeps recording instead of refusing to start."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, f"{aside}{suffix}")
+    return aside
+
+
 def _insert_sql(table: str) -> str:
     names = ["record_id", *_COLUMNS[table], "data_region", *_EXTRA.get(table, {})]
     return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
@@ -201,7 +213,12 @@ class TelemetryStore:
         self._stop = threading.Event()
         self._audit_head = audit.GENESIS
         path.parent.mkdir(parents=True, exist_ok=True)
-        create_schema(path)
+        try:
+            create_schema(path)
+        except sqlite3.DatabaseError as exc:  # not a database (any more): keep it, start anew
+            aside = quarantine(path)
+            log.error("telemetry buffer unreadable error=%r moved_to=%s", str(exc), aside)
+            create_schema(path)
         os.chmod(path, 0o600)
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
 
