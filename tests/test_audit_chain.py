@@ -308,3 +308,24 @@ def test_forwarded_rows_carry_their_chain_hash(state_dir: Path) -> None:
     assert [(r["seq"], r["action"]) for r in seen] == [(1, "update.rollback")]
     assert seen[0]["hash"] == log.read()[0]["hash"]
     assert orjson.loads(seen[0]["detail"]) == {}
+
+
+def test_verify_json_names_the_row_for_scripts(
+    audit_log: AuditLog, state_dir: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_rows(audit_log, 3)
+    audit_log.stop()
+    sql(state_dir, "UPDATE entries SET detail = '{}' WHERE seq = 2")
+    code = run(["audit", "verify", "--config", str(config), "--json"])
+    report = orjson.loads(capsys.readouterr().out)
+    assert code == 1
+    assert (report["ok"], report["first_bad_seq"], report["signatures_checked"]) == (False, 2, True)
+
+
+def test_show_prints_entries(
+    audit_log: AuditLog, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_rows(audit_log, 3)
+    assert run(["audit", "show", "--config", str(config), "--since", "1", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [orjson.loads(line)["seq"] for line in lines] == [2, 3]

@@ -170,3 +170,29 @@ def test_the_servers_chain_verifies_from_the_cli(live: tuple[RunningServer, Path
     )
     assert done.returncode == 0, done.stderr
     assert "audit chain intact" in done.stdout
+
+
+def test_a_rejected_bundle_is_audited(live: tuple[RunningServer, Path]) -> None:
+    server, state_dir = live
+    admin = token(state_dir, "admin", subject="uploader")
+    response = httpx.post(
+        server.url + "/api/models/digits/bundles",
+        content=b"not a bundle at all",
+        headers=bearer(admin),
+        timeout=30,
+    )
+    assert 400 <= response.status_code < 500, response.text
+    entries = wait_for(
+        server,
+        admin,
+        lambda es: (
+            any(e["action"] == "update.install" for e in es)
+            and any(e["target"] == "/api/models/digits/bundles" for e in es)
+        ),
+    )
+    rejected = [e for e in entries if e["action"] == "update.install"]
+    assert rejected[0]["outcome"] == "rejected"
+    assert rejected[0]["subject"] == "uploader"
+    request = [e for e in entries if e["target"] == "/api/models/digits/bundles"]
+    assert request[0]["outcome"] == "failed"
+    assert request[0]["detail"]["status"] == response.status_code

@@ -24,6 +24,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.settings import AuditSettings
+from edgeserve.settings_schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class AuditLog:
     ) -> None:
         self.settings = settings
         self.path = chain.db_path(state_dir)
-        self._key = chain.load_key(chain.key_path(state_dir), create=True)
-        assert self._key is not None
+        key = chain.load_key(chain.key_path(state_dir), create=True)
+        if key is None:
+            raise ConfigError("audit", f"cannot read {chain.key_path(state_dir)}")
+        self._key = key
         chain.connect(self.path).close()  # schema now, so a broken disk fails at start-up
         self._on_written = on_written
         self._lock = threading.Lock()
@@ -87,6 +90,7 @@ class AuditLog:
         self._counts: dict[tuple, list] = {}  # key -> [count, first time_ms]
         self._window_start = time.monotonic()
         self._dropped = 0
+        self._flush_counts = False  # flush() asks for the aggregates now, not at window end
         self._accepted = 0
         self._written = 0
         self._written_cond = threading.Condition()
@@ -191,8 +195,6 @@ class AuditLog:
         with self._written_cond:
             return self._written_cond.wait_for(lambda: self._written >= target, timeout_s)
 
-    _flush_counts = False
-
     def start(self) -> None:
         self._thread.start()
 
@@ -260,7 +262,7 @@ class AuditLog:
         backoff_s = 0.05
         while True:
             try:
-                return chain.append(conn, self._key, rows)  # type: ignore[arg-type]
+                return chain.append(conn, self._key, rows)
             except sqlite3.Error as exc:
                 log.error("audit write failed rows=%d error=%r", len(rows), str(exc))
                 if self._stop.wait(backoff_s) and backoff_s >= 5.0:
@@ -271,7 +273,7 @@ class AuditLog:
     def _prune(self, conn: sqlite3.Connection) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_days * 86400) * 1000)
         try:
-            removed = chain.prune(conn, self._key, cutoff_ms)  # type: ignore[arg-type]
+            removed = chain.prune(conn, self._key, cutoff_ms)
         except sqlite3.Error as exc:
             log.error("audit prune failed error=%r", str(exc))
             return
