@@ -1,22 +1,24 @@
-"""A small real OTLP/HTTP logs receiver for tests, run as its own process.
+"""A small real OTLP/HTTP receiver for tests, run as its own process.
 
     python tests/otlp_receiver.py PORT STATEFILE
 
 It parses every payload with the official protobuf definitions (opentelemetry-proto),
-JSON or protobuf by Content-Type, and appends each log record's `edgeserve.record_id`
-to STATEFILE (one per line) when it accepts a batch. Its behaviour is switched with
-POST /control {"mode": ...}: "up" (200), "error" (500), "throttle" (429 +
-Retry-After: 1), "slow" (answers 200 after `slow_s`, default 3 s), "redirect" (307 to
-the URL in {"location": ...}). A batch holding a record whose request id is
-{"refuse_request_id": ...} is answered 400, whatever the mode. POST /v1/metrics
-(ExportMetricsServiceRequest) keeps the totals of the latest upload; POST /hook keeps
-alert webhook bodies. GET / returns its
-state: requests seen per mode, the last Authorization header and resource
-attributes, records accepted, and the uploads still being answered (`in_flight`).
+JSON or protobuf by Content-Type, gzip by Content-Encoding, and appends each log
+record's `edgeserve.record_id` to STATEFILE (one per line) when it accepts a batch.
+
+POST /control {"mode": ...} switches how /v1/logs answers: "up" (200), "error" (500),
+"throttle" (429 + Retry-After: 1), "slow" (200 after `slow_s`, default 3 s),
+"redirect" (307 to {"location": ...}). A batch holding a record whose request id is
+{"refuse_request_id": ...} is answered 400 whatever the mode. POST /v1/metrics keeps
+the totals of the latest ExportMetricsServiceRequest; POST /hook keeps alert webhook
+bodies. GET / returns the state: requests per mode, the last Authorization,
+Content-Type and Content-Encoding, resource attributes, records accepted, and the
+uploads still being answered (`in_flight`).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import threading
@@ -43,6 +45,7 @@ STATE: dict = {
     "metrics": {},
     "authorization": None,
     "content_type": None,
+    "content_encoding": None,
     "resource": {},
 }
 LOCK = threading.Lock()
@@ -74,6 +77,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:  # the client hung up mid-upload: a truncated protobuf
             return  # could still parse, so it must not count
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
         if self.path == "/control":
             with LOCK:
                 STATE.update(json.loads(body))
@@ -93,6 +98,7 @@ class Handler(BaseHTTPRequestHandler):
             STATE["by_mode"][mode] = STATE["by_mode"].get(mode, 0) + 1
             STATE["authorization"] = self.headers.get("Authorization")
             STATE["content_type"] = self.headers.get("Content-Type")
+            STATE["content_encoding"] = self.headers.get("Content-Encoding")
         if mode == "error":
             self._reply(500)
             return

@@ -132,9 +132,11 @@ def test_every_record_arrives_through_down_error_throttle_slow_and_up(tmp_path: 
     )
 
 
-@pytest.mark.parametrize("encoding", ["json", "protobuf"])
+@pytest.mark.parametrize(
+    ("encoding", "compression"), [("json", "gzip"), ("protobuf", "none"), ("protobuf", "gzip")]
+)
 def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
-    tmp_path: Path, encoding: str
+    tmp_path: Path, encoding: str, compression: str
 ) -> None:
     """The sync task alone (no server): every table's rows arrive as logs and the request
     aggregates as metrics, parsed by the official definitions, with the bearer token, the
@@ -151,6 +153,7 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
                 "url": f"http://127.0.0.1:{port}/v1/logs",
                 "allowed_hosts": ["127.0.0.1"],
                 "encoding": encoding,
+                "compression": compression,
                 "bearer_token_file": str(token),
                 "batch_records": 7,
                 "backoff_initial_s": 0.05,
@@ -204,6 +207,7 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
         "application/x-protobuf" if encoding == "protobuf" else "application/json"
     )
     assert state["resource"]["edgeserve.data_region"] == "ae-dxb"
+    assert state["content_encoding"] == (None if compression == "none" else "gzip")
     # Aggregates went as OTLP metrics to the sibling /v1/metrics endpoint.
     assert metrics["edgeserve.requests"] == 20, metrics
     assert metrics["edgeserve.request.duration"] == 20, metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gzip
 import ipaddress
 import json
 import ssl
@@ -248,6 +249,7 @@ def test_mutual_tls_to_the_collector(
         assert delay == 0.0 and _unsynced(store) == 0
         (upload,) = received()
         assert upload["peer"]["commonName"] == "edge-box-1"
-        assert len(json.loads(upload["body"])["resourceLogs"][0]["scopeLogs"][0]["logRecords"]) == 5
+        logs = json.loads(gzip.decompress(upload["body"]))  # gzip by default
+        assert len(logs["resourceLogs"][0]["scopeLogs"][0]["logRecords"]) == 5
     else:  # the handshake fails: nothing sent, nothing advanced
         assert delay > 0 and _unsynced(store) == 5 and received() == []

@@ -15,6 +15,7 @@ class UpstreamSettings:
     url: str = ""  # e.g. https://collector.example/v1/logs ; empty = keep everything local
     allowed_hosts: list[str] = setting([])  # the upstream host must be listed (residency)
     encoding: str = setting("json", choices=("json", "protobuf"))
+    compression: str = setting("gzip", choices=("gzip", "none"))  # OTLP/HTTP Content-Encoding
     bearer_token_file: str = ""
     client_cert: str = ""  # mutual TLS: PEM certificate and key files
     client_key: str = ""
