@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from edgeserve.audit import chain
-from edgeserve.audit.log import AuditLog, read_entries
+from edgeserve.audit.log import AuditLog, read_entries, record_now
 from edgeserve.audit.settings import AuditSettings
 from edgeserve.cli import run
 
@@ -329,3 +329,17 @@ def test_show_prints_entries(
     assert run(["audit", "show", "--config", str(config), "--since", "1", "--json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [orjson.loads(line)["seq"] for line in lines] == [2, 3]
+
+
+def test_a_command_can_append_beside_the_running_writer(
+    audit_log: AuditLog, state_dir: Path
+) -> None:
+    """`record_now` (for offline commands) and the server's writer share one chain."""
+    write_rows(audit_log, 2)
+    stored = record_now(state_dir, "keys.rotate", "master", "ok", subject="root")
+    assert stored["seq"] == 3
+    write_rows(audit_log, 2)
+    conn = chain.connect(chain.db_path(state_dir))
+    report = chain.verify(conn, chain.load_key(chain.key_path(state_dir), create=False))
+    assert (report.ok, report.rows) == (True, 5)
+    assert [r["action"] for r in audit_log.read()][2] == "keys.rotate"

@@ -15,7 +15,9 @@ Other modules record through the running log on the app:
 commits (WAL, synchronous=FULL). Secret-looking keys in `detail` are redacted and long
 strings cut. Auth failures arrive through the authenticator's `on_refused` hook and
 403s and admin requests through `AuditMiddleware`; floods of identical refusals are
-aggregated per client per second. `edgeserve audit verify` checks the chain.
+aggregated per client per second. Commands that run without the server append with
+`record_now(state_dir, action, target, outcome, subject=..., detail=...)`, which is safe
+beside a running server. `edgeserve audit verify` checks the chain.
 
 Modules: `chain` (SQLite, hashing, pruning, verification), `log` (the writer),
 `routes` (`GET /api/audit`, the middleware), `cli`, `settings` ([audit]).
@@ -24,7 +26,7 @@ Modules: `chain` (SQLite, hashing, pruning, verification), `log` (the writer),
 from __future__ import annotations
 
 from edgeserve.audit.chain import ChainReport, verify
-from edgeserve.audit.log import AuditLog
+from edgeserve.audit.log import AuditLog, record_now
 from edgeserve.audit.settings import AuditSettings
 
-__all__ = ["AuditLog", "AuditSettings", "ChainReport", "verify"]
+__all__ = ["AuditLog", "AuditSettings", "ChainReport", "record_now", "verify"]

@@ -305,3 +305,34 @@ def read_entries(path: Path, since_seq: int = 0, since_ms: int = 0, limit: int =
         return rows
     finally:
         conn.close()
+
+
+def record_now(
+    state_dir: Path,
+    action: str,
+    target: str,
+    outcome: str,
+    subject: str = "",
+    client: str = "",
+    detail: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Append one entry synchronously, for commands that run without the server
+    (`edgeserve update apply`, `keys rotate`). Safe beside a running server: the chain
+    head is read inside the same write transaction (BEGIN IMMEDIATE)."""
+    key = chain.load_key(chain.key_path(state_dir), create=True)
+    if key is None:
+        raise ConfigError("audit", f"cannot read {chain.key_path(state_dir)}")
+    entry = {
+        "time_ms": int(time.time() * 1000),
+        "subject": clean_text(subject),
+        "action": clean_text(action),
+        "target": clean_text(target),
+        "outcome": clean_text(outcome),
+        "client": clean_text(client),
+        "detail": clean_detail(detail),
+    }
+    conn = chain.connect(chain.db_path(state_dir))
+    try:
+        return chain.append(conn, key, [entry])[0]
+    finally:
+        conn.close()
