@@ -22,7 +22,8 @@ Options:
   --wheel FILE        install this wheel instead of the checkout
   --config-dir DIR    config location (default /etc/edgeserve)
   --state-dir DIR     state location (default /var/lib/edgeserve)
-  --python PY         interpreter for the venv (default: $PYTHON or python3; 3.10+)
+  --python PY         interpreter for the venv (default: $PYTHON or python3; 3.10+); the
+                      service needs a system one, not one under /root or /home (pyenv)
   --no-systemd        no unit, no system user; files belong to whoever runs this
   --no-start          install and enable the unit but do not start it
   --memory-max SIZE   the service's memory limit, e.g. 4G or 50% (default: the unit's 2G)
