@@ -343,3 +343,14 @@ def test_a_command_can_append_beside_the_running_writer(
     report = chain.verify(conn, chain.load_key(chain.key_path(state_dir), create=False))
     assert (report.ok, report.rows) == (True, 5)
     assert [r["action"] for r in audit_log.read()][2] == "keys.rotate"
+
+
+def test_odd_details_are_kept_not_lost(audit_log: AuditLog) -> None:
+    audit_log.record("flag.set", "f", "ok", detail=["a", "b"])  # type: ignore[arg-type]
+    audit_log.record("auth.refused", "token", "denied", detail="x", aggregate=True)  # type: ignore[arg-type]
+    audit_log.record("flag.set", "g", "ok", detail={"n": float("nan"), "b": b"raw"})
+    assert audit_log.flush()
+    details = [r["detail"] for r in audit_log.read()]
+    assert {"value": ["a", "b"]} in details
+    assert {"value": "x", "count": 1} in details
+    assert {"n": "nan", "b": "b'raw'"} in details

@@ -62,7 +62,8 @@ def clean_detail(detail: dict[str, Any] | None) -> str:
             return value if value == value and abs(value) != float("inf") else str(value)
         return clean_text(value)
 
-    text = orjson.dumps(scrub(detail or {}, 0), option=orjson.OPT_SORT_KEYS).decode()
+    body = detail if isinstance(detail, dict) else {} if detail is None else {"value": detail}
+    text = orjson.dumps(scrub(body, 0), option=orjson.OPT_SORT_KEYS).decode()
     if len(text) > MAX_DETAIL_BYTES:
         return orjson.dumps({"truncated": True, "bytes": len(text)}).decode()
     return text
@@ -212,7 +213,10 @@ class AuditLog:
         try:
             while True:
                 stopping = self._stop.is_set()
-                self._write_pending(conn, force=stopping)
+                try:
+                    self._write_pending(conn, force=stopping)
+                except Exception:  # the writer must outlive any one bad batch
+                    log.exception("audit batch lost")
                 if time.monotonic() >= next_prune:
                     self._prune(conn)
                     next_prune = time.monotonic() + self.settings.prune_interval_s
@@ -247,10 +251,12 @@ class AuditLog:
         rows = entries + aggregated
         if not rows:
             return
-        stored = self._append(conn, rows)
-        with self._written_cond:
-            self._written += len(entries) - (1 if dropped else 0) + len(aggregated)
-            self._written_cond.notify_all()
+        try:
+            stored = self._append(conn, rows)
+        finally:  # written or lost (and logged): flush() must not wait for these
+            with self._written_cond:
+                self._written += len(entries) - (1 if dropped else 0) + len(aggregated)
+                self._written_cond.notify_all()
         if stored and self._on_written is not None:
             try:
                 self._on_written(stored)
