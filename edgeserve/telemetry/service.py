@@ -66,7 +66,7 @@ class Telemetry:
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
-            UpstreamSync(self.store, settings.upstream, secrets.token_hex(8), self.metrics)
+            UpstreamSync(self.store, settings.upstream, instance_id(state_dir), self.metrics)
             if settings.upstream.url
             else None
         )
@@ -281,6 +281,21 @@ async def _post_webhook(url: str, change: AlertChange) -> None:
             )
     except httpx.HTTPError as exc:
         log.warning("alert webhook failed error=%s", type(exc).__name__)
+
+
+def instance_id(state_dir: Path) -> str:
+    """This box's `service.instance.id` upstream, stable across restarts."""
+    path = state_dir / "instance-id"
+    with contextlib.suppress(OSError):
+        value = path.read_text().strip()
+        if value:
+            return value
+    value = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
 
 
 def hash_subject(key: bytes, subject: str) -> str:
