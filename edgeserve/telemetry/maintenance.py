@@ -71,18 +71,27 @@ def apply_retention(
     return removed
 
 
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Pages holding data: what deleting rows shrinks, whatever readers keep the WAL from
+    being truncated (measuring the files instead could delete far more than needed)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return (pages - free) * conn.execute("PRAGMA page_size").fetchone()[0]
+
+
 def enforce_size_cap(
     store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int, max_chunks: int = 1_000_000
 ) -> int:
-    """Delete rows, oldest first in the stated order, until the database is under 90% of
-    `max_bytes`; at most `max_chunks` chunks per call. Rows deleted (0 = nothing to do)."""
+    """When the files exceed `max_bytes`, delete rows, oldest first in the stated order,
+    until the data fits in 90% of it; at most `max_chunks` chunks per call. Rows deleted
+    (0 = nothing (more) to do)."""
     if database_bytes(store.path) <= max_bytes:
         return 0
     target = int(max_bytes * CAP_TARGET)
     deleted = chunks = 0
     for synced in (1, 0):
         for table in TABLES:
-            while database_bytes(store.path) > target and chunks < max_chunks:
+            while chunks < max_chunks and used_bytes(conn) > target:
                 conn.execute("BEGIN IMMEDIATE")
                 rows = conn.execute(
                     f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
@@ -98,7 +107,7 @@ def enforce_size_cap(
                 conn.execute("COMMIT")
                 deleted += len(rows)
                 chunks += 1
-                reclaim(conn)
+    reclaim(conn)  # give the freed pages back and truncate the WAL
     return deleted
 
 
