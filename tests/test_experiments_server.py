@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,12 @@ X, Y = HELDOUT["X"], HELDOUT["y"]
 
 
 def _build_module():  # models/build.py is a script, not a package
-    spec = importlib.util.spec_from_file_location("edgeserve_models_build", MODELS / "build.py")
+    name = "edgeserve_models_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, MODELS / "build.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module  # dataclasses in build.py look their module up by name
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
