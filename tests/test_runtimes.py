@@ -72,3 +72,26 @@ def test_a_backend_failure_at_run_is_an_inference_error_without_backend_text() -
     with pytest.raises(InferenceFailed) as caught:
         runtime.run({"input": np.zeros((1, 3), np.float32)})
     assert "onnxruntime" not in str(caught.value).lower()
+
+
+def test_openvino_usage_telemetry_is_switched_off() -> None:
+    """In a fresh process that serves an OpenVINO model, the telemetry library never loads
+    and OpenVINO's tools use their no-op stub."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from edgeserve.runtime import create_runtime, ThreadPlan\n"
+        "from edgeserve.repository import read_model\n"
+        "from tests.serving import MODELS\n"
+        "files = read_model(MODELS / 'digits').read_files(1)\n"
+        "r = create_runtime('openvino', files, ThreadPlan())\n"
+        "import openvino.tools.ovc.telemetry_utils as t\n"
+        "print(sys.modules.get('openvino_telemetry'), t.tm.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=MODELS.parent
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]

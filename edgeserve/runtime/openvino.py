@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import openvino as ov
 
-from edgeserve.runtime.base import Runtime, RuntimeLoadError, TensorSpec
-from edgeserve.runtime.datatypes import NUMPY_TO_V2
+# OpenVINO's conversion tools send usage telemetry through `openvino_telemetry` whenever
+# it imports; with the import blocked they fall back to OpenVINO's own no-op stub
+# (openvino/tools/ovc/telemetry_stub.py). Nothing leaves the box unasked.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+import openvino as ov  # noqa: E402
+
+from edgeserve.runtime.base import Runtime, RuntimeLoadError, TensorSpec  # noqa: E402
+from edgeserve.runtime.datatypes import NUMPY_TO_V2  # noqa: E402
 
 _core: ov.Core | None = None
 
