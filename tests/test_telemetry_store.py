@@ -424,3 +424,27 @@ def test_an_unreadable_buffer_is_moved_aside_and_recording_goes_on(tmp_path: Pat
     assert _count(store, "inferences") == 1
     (aside,) = tmp_path.glob("telemetry.db.corrupt-*")
     assert aside.read_bytes().startswith(b"this is not a database")
+
+
+def test_a_long_reader_does_not_make_the_size_cap_delete_everything(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for i in range(30_000):
+        store.add(_inference(i))
+    assert store.flush(60)
+    before = store.submit(maintenance.used_bytes).result()
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM inferences").fetchone()  # holds its snapshot
+    cap = 4 * 1024 * 1024
+    deleted = store.submit(lambda c: maintenance.enforce_size_cap(store, c, cap)).result(30)
+    reader.execute("COMMIT")
+    reader.close()
+    used = store.submit(maintenance.used_bytes).result()
+    store.submit(lambda c: maintenance.enforce_size_cap(store, c, cap)).result(30)
+    store.stop()
+    kept = _count(store, "inferences")
+    assert used <= cap * maintenance.CAP_TARGET
+    needed_kept = 30_000 * cap * maintenance.CAP_TARGET / before  # rows fit under the target
+    assert deleted + kept == 30_000
+    assert kept >= needed_kept - 1.5 * maintenance.CHUNK_ROWS  # only what was needed went
+    assert maintenance.database_bytes(store.path) <= cap  # once the reader left

@@ -19,9 +19,16 @@ import sqlite3
 import time
 from pathlib import Path
 
-from edgeserve.telemetry.store import LOCAL_ONLY, SYNCED_TABLES, TABLES, TelemetryStore
+from edgeserve.telemetry.store import (
+    BUSY_TIMEOUT_MS,
+    LOCAL_ONLY,
+    SYNCED_TABLES,
+    TABLES,
+    TelemetryStore,
+)
 
 CHUNK_ROWS = 2000
+CHECKPOINT_WAIT_MS = 1000
 CAP_TARGET = 0.9  # shrink to 90% of the cap, so the cap is not hit again at once
 
 
@@ -39,7 +46,13 @@ def reclaim(conn: sqlite3.Connection) -> None:
     # sqlite3.execute() steps a statement once, and one step of this pragma frees one page;
     # executescript runs it to completion.
     conn.executescript("PRAGMA incremental_vacuum;")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    # TRUNCATE waits for readers to leave the WAL; a long report query must not stall the
+    # writer for the full busy timeout; a later reclaim finishes the job.
+    conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def apply_retention(

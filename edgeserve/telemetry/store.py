@@ -56,6 +56,7 @@ TABLES = ("payloads", "inferences", "events", "feedback", "alerts", "forget_requ
 LOCAL_ONLY = frozenset({"payloads"})  # never sent upstream
 SYNCED_TABLES = tuple(t for t in TABLES if t not in LOCAL_ONLY)
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
+BUSY_TIMEOUT_MS = 30_000
 
 _COLUMNS: dict[str, dict[str, type]] = {
     "inferences": {
@@ -116,7 +117,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA secure_delete=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     return conn
 
