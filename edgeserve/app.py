@@ -87,6 +87,8 @@ def build_app(settings: Settings) -> Starlette:
         installed = await asyncio.to_thread(updates.boot) if updates is not None else []
         if updates is not None:
             updates.declare(registry, installed)  # installed versions are the defaults
+            if telemetry is not None:
+                updates.on_rollback = telemetry.note_rollback
             updates.start()
         loading = asyncio.create_task(_load_models(registry, sources, updates, installed))
         app.state.reload = lambda: _reload(app, registry)

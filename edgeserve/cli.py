@@ -112,6 +112,7 @@ from edgeserve.auth.cli import keys, token  # noqa: E402 - registered below
 from edgeserve.batch.cli import batch_group, features_group  # noqa: E402 - registered below
 from edgeserve.cli_bench import bench  # noqa: E402 - registered below
 from edgeserve.experiments.cli import experiment  # noqa: E402 - registered below
+from edgeserve.telemetry.cli import telemetry  # noqa: E402 - registered below
 from edgeserve.updates.cli import bundle, update  # noqa: E402 - registered below
 from edgeserve.updates.keys_cli import KEY_COMMANDS  # noqa: E402 - registered below
 
@@ -119,6 +120,7 @@ main.add_command(keys)
 main.add_command(token)
 main.add_command(batch_group)
 main.add_command(experiment)
+main.add_command(telemetry)
 main.add_command(features_group)
 main.add_command(bench)
 main.add_command(bundle)

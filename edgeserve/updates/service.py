@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ class UpdateManager:
         self.probations: dict[str, Probation] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.poller: BundlePoller | None = None
+        self.on_rollback: Callable[[str, str], Awaitable[None]] | None = None
         self.tick_s = min(1.0, max(0.05, u.watch_window_s / 50))
         self.probe_interval_s = max(self.tick_s, u.watch_window_s / 10)
 
@@ -109,6 +110,7 @@ class UpdateManager:
                 manifest, files = self.store.load_current(name)
             except Exception as exc:
                 log.error("installed model not loaded model=%s error=%r", name, str(exc))
+                self._record("atrest.decrypt", name, "failed", {"error": str(exc)[:200]})
                 continue
             found.append(Installed(name, manifest, files, journal.probation is not None))
         return found
@@ -219,7 +221,9 @@ class UpdateManager:
             self._refresh_keys()
             journal = await asyncio.to_thread(self.store.rollback, name, reason)
             await self._serve_current(name)
-            return journal
+        if self.on_rollback is not None:
+            await self.on_rollback(name, reason)  # an alert and a metric, via telemetry
+        return journal
 
     async def confirm(self, name: str) -> Journal:
         async with self._lock:
