@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from edgeserve import systemd_notify
 from edgeserve.audit.log import AuditLog
 from edgeserve.audit.routes import ROUTES as AUDIT_ROUTES
 from edgeserve.audit.routes import AuditMiddleware
@@ -91,6 +92,7 @@ def build_app(settings: Settings) -> Starlette:
                 updates.on_rollback = telemetry.note_rollback
             updates.start()
         loading = asyncio.create_task(_load_models(registry, sources, updates, installed))
+        app.state.loading = loading  # server.py tells systemd READY=1 once it is done
         app.state.reload = lambda: _reload(app, registry)
         experiments = _start_experiments(app, settings, registry)
         app.state.jobs = start_jobs(settings, registry)
@@ -102,6 +104,7 @@ def build_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
+            systemd_notify.stopping()
             if grpc_server is not None:
                 await grpc_server.stop(settings.server.graceful_timeout_s)
             if app.state.jobs is not None:

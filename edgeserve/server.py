@@ -15,6 +15,7 @@ import ssl
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from edgeserve import systemd_notify
 from edgeserve.app import build_app
 from edgeserve.config import Settings
 
@@ -78,18 +79,43 @@ async def run_server(settings: Settings) -> None:
         if reload is None or reloading:
             log.info("reload skipped reason=%s", "starting" if reload is None else "in progress")
             return
+        systemd_notify.reloading()
         task = asyncio.ensure_future(reload())
         reloading.add(task)
         task.add_done_callback(reloading.discard)
+        task.add_done_callback(lambda _: systemd_notify.ready("reloaded"))
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     scheme = "https" if settings.server.tls_cert else "http"
     log.info("listening url=%s://%s:%s", scheme, settings.server.host, settings.server.port)
-    if settings.server.engine == "uvicorn":
-        await serve_uvicorn(app, settings, stop)
-    else:
-        await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    watchdog = asyncio.ensure_future(systemd_notify.run_watchdog())
+    announce = asyncio.ensure_future(_announce_ready(app, settings))
+    try:
+        if settings.server.engine == "uvicorn":
+            await serve_uvicorn(app, settings, stop)
+        else:
+            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        announce.cancel()
+        watchdog.cancel()
     log.info("stopped")
+
+
+async def _announce_ready(app: object, settings: Settings) -> None:
+    """READY=1 once the port accepts connections and model loading has finished."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.server.host, settings.server.host)
+    while True:
+        loading = getattr(app.state, "loading", None)  # type: ignore[attr-defined]
+        if loading is not None and loading.done():
+            try:
+                _, writer = await asyncio.open_connection(host, settings.server.port)
+            except OSError:
+                pass
+            else:
+                writer.close()
+                systemd_notify.ready("serving")
+                return
+        await asyncio.sleep(0.1)
 
 
 async def serve_uvicorn(app: object, settings: Settings, stop: asyncio.Event) -> None:
