@@ -24,7 +24,7 @@ from edgeserve.auth.cli import keys, parse_ttl, token
 from edgeserve.auth.keyset import parse_jwks
 from edgeserve.auth.settings import SUPPORTED_ALGORITHMS
 from edgeserve.config import Settings, load_settings
-from tests.test_auth_support import guarded_app
+from tests.auth_support import guarded_app
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from edgeserve.auth import (
 from edgeserve.auth.keyset import KeySet
 from edgeserve.config import ConfigError, load_settings
 from edgeserve.errors import Forbidden, Overloaded
-from tests.test_auth_support import (
+from tests.auth_support import (
     TestKey,
     claims,
     guarded_app,

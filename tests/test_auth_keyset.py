@@ -25,7 +25,7 @@ from edgeserve.auth.keyset import (
 from edgeserve.auth.settings import SUPPORTED_ALGORITHMS
 from edgeserve.auth.tls import create_self_signed
 from edgeserve.config import ConfigError
-from tests.test_auth_support import (
+from tests.auth_support import (
     CountingServer,
     TestKey,
     counting_server,

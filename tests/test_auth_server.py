@@ -16,7 +16,7 @@ import pytest
 
 from edgeserve.auth import issuer
 from tests.serving import RunningServer, run_server
-from tests.test_auth_support import TestKey, b64url, claims, hmac_token, make_token
+from tests.auth_support import TestKey, b64url, claims, hmac_token, make_token
 
 pytestmark = pytest.mark.slow
 

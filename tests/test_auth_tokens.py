@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from edgeserve.auth.authenticator import JWTAuthenticator, build_authenticator
 from edgeserve.auth.settings import AuthSettings
-from tests.test_auth_support import (
+from tests.auth_support import (
     AUDIENCE,
     ISSUER,
     CountingServer,
