@@ -12,25 +12,8 @@ from pathlib import Path
 
 import click
 
-from edgeserve.config import ConfigError, Settings, load_settings
-
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGESERVE_CONFIG",
-    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
-)
-
-
-def load_or_exit(path: Path | None, overrides: dict | None = None) -> Settings:
-    """Settings, or one line naming the bad key and exit code 2."""
-    try:
-        return load_settings(path, overrides)
-    except ConfigError as exc:
-        click.echo(f"edgeserve: config error: {exc}", err=True)
-        raise SystemExit(2) from None
+from edgeserve.cli_options import CONFIG_OPTION, load_or_exit
+from edgeserve.config import ConfigError, Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

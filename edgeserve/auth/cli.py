@@ -10,38 +10,17 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
 from edgeserve.auth import issuer, tls
 from edgeserve.auth.authenticator import jwks_path
 from edgeserve.auth.principal import ALL_SCOPES
-from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
+from edgeserve.config import Settings
 from edgeserve.errors import EdgeserveError
 
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGESERVE_CONFIG",
-    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
-)
 TTL_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _settings(config_path: Path | None) -> Settings:
-    try:
-        return load_settings(config_path)
-    except ConfigError as exc:
-        click.echo(f"edgeserve: config error: {exc}", err=True)
-        raise SystemExit(2) from None
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"edgeserve: {message}", err=True)
-    raise SystemExit(1)
 
 
 def parse_ttl(ctx: click.Context | None, param: click.Parameter | None, value: str) -> int:
@@ -86,13 +65,13 @@ def keys_init(config_path: Path | None, force: bool) -> None:
     \b
     Example: edgeserve keys init
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     try:
         path = issuer.init_keys(settings.server.state_dir, force=force)
     except EdgeserveError as exc:
-        _fail(f"{exc.message} (use --force to replace it)")
+        fail(f"{exc.message} (use --force to replace it)")
     except OSError as exc:
-        _fail(f"cannot write keys: {exc.strerror}")
+        fail(f"cannot write keys: {exc.strerror}")
     click.echo(f"signing key: {path.parent / issuer.SIGNING_KEY_NAME}")
     click.echo(f"public keys: {path}")
     _warn_if_not_trusted(settings)
@@ -113,13 +92,13 @@ def keys_rotate_signing(config_path: Path | None, keep_previous: int) -> None:
     \b
     Example: edgeserve keys rotate-signing-key --keep-previous 1
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     try:
         kid = issuer.rotate_signing_key(settings.server.state_dir, keep_previous=keep_previous)
     except EdgeserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except OSError as exc:
-        _fail(f"cannot write keys: {exc.strerror}")
+        fail(f"cannot write keys: {exc.strerror}")
     click.echo(f"new signing key id: {kid}")
 
 
@@ -142,15 +121,15 @@ def keys_tls_self_signed(
     \b
     Example: edgeserve keys tls-self-signed --hostname box.shop.lan --hostname 192.168.1.20
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     try:
         files = tls.create_self_signed(settings.server.state_dir, hostnames, days=days, force=force)
     except EdgeserveError as exc:
-        _fail(f"{exc.message} (use --force to replace it)")
+        fail(f"{exc.message} (use --force to replace it)")
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--hostname") from None
     except OSError as exc:
-        _fail(f"cannot write the certificate: {exc.strerror}")
+        fail(f"cannot write the certificate: {exc.strerror}")
     click.echo(f"certificate: {files.cert}")
     click.echo(f"private key: {files.key}")
     click.echo("add to [server] in the config:")
@@ -199,7 +178,7 @@ def token_create(
     \b
     Example: edgeserve token create --scope infer --scope read --ttl 30d --subject kiosk-1
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     if not subject.strip() or len(subject) > 256:
         raise click.BadParameter("must be 1 to 256 characters", param_hint="--subject")
     now = int(time.time())
@@ -214,9 +193,9 @@ def token_create(
             now=now,
         )
     except EdgeserveError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except (OSError, ValueError) as exc:
-        _fail(f"cannot create a token: {exc}")
+        fail(f"cannot create a token: {exc}")
     _warn_if_not_trusted(settings)
     if as_json:
         doc = {

@@ -14,28 +14,11 @@ from typing import Any
 
 import click
 
-from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.cli_options import CONFIG_OPTION, JSON_OPTION, load_or_exit
+from edgeserve.config import Settings
 from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.service import hash_subject
 from edgeserve.telemetry.store import LOCAL_ONLY, TABLES, connect
-
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGESERVE_CONFIG",
-    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
-)
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        click.echo(f"edgeserve: config error: {exc}", err=True)
-        raise SystemExit(2) from None
 
 
 def _open(settings: Settings) -> sqlite3.Connection:
@@ -70,7 +53,7 @@ def forget(subject: str, hashed: bool, config_path: Path | None, as_json: bool) 
 
     Example: edgeserve telemetry forget alice@example.com --config edgeserve.toml
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     if hashed:
         digest = subject
     else:
@@ -99,7 +82,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
     Example: edgeserve telemetry status --json
     """
-    settings = _settings(config_path)
+    settings = load_or_exit(config_path)
     conn = _open(settings)
     try:
         doc = buffer_status(conn, settings.server.state_dir / "telemetry.db")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.runtime import ThreadPlan
 from edgeserve.updates.keyring import open_store
 from edgeserve.updates.validation import make_validator, record_samples
@@ -36,28 +36,6 @@ from updater import (
     read_unwrap_key,
 )
 from updater.wrapping import Recipient
-
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGESERVE_CONFIG",
-    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
-)
-
-
-def settings_or_exit(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        click.echo(f"edgeserve: config error: {exc}", err=True)
-        raise SystemExit(2) from None
-
-
-def fail(message: str) -> NoReturn:
-    click.echo(f"edgeserve: {message}", err=True)
-    raise SystemExit(1)
 
 
 def parse_recipient(value: str) -> Recipient:
@@ -208,7 +186,7 @@ def bundle_inspect(path: Path, config_path: Path | None, trusted: tuple[str, ...
     \b
     Example: edgeserve bundle inspect digits-3.bundle --config /etc/edgeserve/edgeserve.toml
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     try:
         keys = TrustedKeys.from_texts([*settings.updater.trusted_keys, *trusted])
         manifest = inspect_bundle(path, keys, settings.updater.max_bundle_bytes)
@@ -243,7 +221,7 @@ def update_apply(path: Path, config_path: Path | None, allow_downgrade: bool) ->
     \b
     Example: edgeserve update apply digits-3.bundle
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     try:
         store = open_store(settings, create_key=True)
         validate = make_validator(settings.models.backend, ThreadPlan())
@@ -273,7 +251,7 @@ def update_status(model: str | None, config_path: Path | None, as_json: bool) ->
     \b
     Example: edgeserve update status digits --json
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     try:
         store = open_store(settings)
         names = [model] if model else store.model_names()
@@ -311,7 +289,7 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
     \b
     Example: edgeserve update rollback digits --reason "wrong labels"
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     try:
         journal = open_store(settings).rollback(model, reason)
     except StoreError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from edgeserve.updates.cli import CONFIG_OPTION, fail, settings_or_exit
+from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.updates.keyring import (
     bundle_policy,
     device_key_path,
@@ -78,7 +78,7 @@ def device_key(config_path: Path | None) -> None:
     \b
     Example: edgeserve keys device-key   # prints the public key for bundle authors
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     path = device_key_path(settings)
     try:
         from updater import read_unwrap_key
@@ -100,7 +100,7 @@ def master_init(config_path: Path | None) -> None:
     \b
     Example: edgeserve keys master-init
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     path = master_key_path(settings)
     try:
         key = generate_master_key_file(path)
@@ -120,7 +120,7 @@ def rotate(config_path: Path | None) -> None:
     \b
     Example: edgeserve keys rotate
     """
-    settings = settings_or_exit(config_path)
+    settings = load_or_exit(config_path)
     path = master_key_path(settings)
     pending = next_key_path(settings)
     if not path.exists():
