@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from edgeserve.secret_files import read_or_create_secret
 
 GENESIS = "0" * 64
 DB_NAME = "audit.db"
@@ -80,17 +81,7 @@ def load_key(path: Path, *, create: bool) -> bytes | None:
             return None
     except PermissionError:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
-        out.flush()
-        os.fsync(out.fileno())
-    return key
+    return read_or_create_secret(path)
 
 
 def canonical(row: dict[str, Any]) -> bytes:

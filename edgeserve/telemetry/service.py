@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
+from edgeserve.secret_files import read_or_create_secret
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.metrics import Metrics
@@ -304,16 +305,4 @@ def hash_subject(key: bytes, subject: str) -> str:
 
 def secret_key(path: Path) -> bytes:
     """A per-box 32-byte key (0600), created on first use: subject hashes, payloads."""
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
-        out.flush()
-        os.fsync(out.fileno())
-    return key
+    return read_or_create_secret(path)
