@@ -15,8 +15,8 @@ import jwt
 import pytest
 
 from edgeserve.auth import issuer
-from tests.serving import RunningServer, run_server
 from tests.auth_support import TestKey, b64url, claims, hmac_token, make_token
+from tests.serving import RunningServer, run_server
 
 pytestmark = pytest.mark.slow
 
