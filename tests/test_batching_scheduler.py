@@ -216,6 +216,30 @@ def test_queue_longer_than_its_wait_limit_refuses_once_speed_is_known(executor) 
     asyncio.run(scenario())
 
 
+def test_queue_whose_oldest_request_waited_past_the_limit_refuses_with_429(executor) -> None:
+    """No speed is known yet (the only call is held), so the refusal comes from the
+    measured age of the queue, not from an estimate."""
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_wait_s=0.01))
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        queued = asyncio.ensure_future(batcher.submit(row(1), None, None))
+        await wait_for(lambda: batcher.depth == 2)
+        await wait_for(lambda: batcher.full)  # the queued request ages past 10 ms
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(row(2), None, None)
+        assert refused.value.status == 429
+        assert refused.value.headers == {"Retry-After": "1"}
+        runtime.gate.set()
+        await asyncio.gather(running, queued)
+        assert not batcher.full
+
+    asyncio.run(scenario())
+
+
 def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:
     runtime = FakeRuntime()
     batcher = DynamicBatcher(runtime.run, executor, policy())
