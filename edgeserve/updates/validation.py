@@ -91,16 +91,20 @@ def record_samples(
     """Deterministic inputs from the model's declared inputs, with the outputs it gives now.
 
     What the author's machine computes becomes what the box must reproduce before it
-    flips; a seeded generator makes the same bundle twice from the same model.
+    flips; a seeded generator makes the same bundle twice from the same model. Where the
+    version carries a form per backend, a sample's tolerance covers twice their spread.
     """
     config = parse_model_config((model_dir / "model.toml").read_text("utf-8"), "model.toml")
-    runtime = load_runtime(read_version_files(model_dir, version), config, backend, ThreadPlan())
+    files = read_version_files(model_dir, version)
+    runtime = load_runtime(files, config, backend, ThreadPlan())
+    others = _other_forms(files, config, runtime.backend)
     rng = np.random.default_rng(20260101)
     samples = []
     try:
         for _ in range(count):
             feed = _sample_feed(runtime, rng)
             outputs = runtime.run(feed, None)
+            spread = max((_spread(outputs, other.run(feed, None)) for other in others), default=0)
             inputs = {
                 name: SampleTensor(spec.datatype, tuple(array.shape), tuple(array.ravel().tolist()))
                 for spec in runtime.inputs
@@ -112,7 +116,37 @@ def record_samples(
                 )
                 for name, array in outputs.items()
             }
-            samples.append(ValidationSample(inputs, expected, tolerance))
+            samples.append(ValidationSample(inputs, expected, max(tolerance, 2 * spread)))
     finally:
         runtime.close()
+        for other in others:
+            other.close()
     return samples
+
+
+def _other_forms(files: Mapping[str, bytes], config: ModelConfig, used: str) -> list[Runtime]:
+    """The other backend, when the version carries a second form of the model for it.
+
+    A folder with model.onnx and model.xml holds two quantizations of one version (ONNX
+    Runtime reads the first, OpenVINO prefers the second); the box may serve either.
+    """
+    if config.backend != "auto" or not {"model.onnx", "model.xml"} <= files.keys():
+        return []
+    other = "openvino" if used == "onnxruntime" else "onnxruntime"
+    return [create_runtime(other, files, ThreadPlan())]
+
+
+def _spread(expected: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> float:
+    """Largest difference between two forms' outputs; integer outputs must agree exactly."""
+    worst = 0.0
+    for name, array in expected.items():
+        if array.dtype.kind not in "fiub":
+            continue
+        if array.dtype.kind != "f" and not np.array_equal(array, other[name]):
+            raise ValueError(
+                f"the model's two forms disagree on output {name} for a generated sample: "
+                "give validation samples with --samples"
+            )
+        diff = np.abs(array.astype(np.float64) - other[name].astype(np.float64))
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst
