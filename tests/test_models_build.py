@@ -27,7 +27,9 @@ VERSIONS = [
     for v in sorted((MODELS / name).iterdir())
     if (v / "model.onnx").is_file()
 ]
-TABLE_ROW = re.compile(r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*(\w+)\s*\|\s*(\w+)\s*\|\s*([\d.]+)\s*\|$")
+TABLE_ROW = re.compile(
+    r"^\|\s*(\w+)\s*\|\s*(\d+)\s*\|\s*(\w+)\s*\|\s*(\w+)\s*\|\s*(model\.\w+)\s*\|\s*([\d.]+)\s*\|$"
+)
 
 
 def config(name: str):
@@ -50,29 +52,49 @@ def run_onnxruntime(blob: bytes, feed: dict[str, np.ndarray]) -> dict[str, np.nd
     return dict(zip(names, session.run(names, feed), strict=True))
 
 
-def compile_openvino(blob: bytes) -> ov.CompiledModel:
+def compile_openvino(blob: bytes, weights: bytes = b"") -> ov.CompiledModel:
     core = ov.Core()
     # f32 as the server runs it; a bf16-capable CPU would otherwise round the weights.
     return core.compile_model(
-        core.read_model(blob, ov.Tensor(np.empty(0, np.uint8))),
+        core.read_model(blob, ov.Tensor(np.frombuffer(weights, np.uint8))),
         "CPU",
         {"INFERENCE_PRECISION_HINT": "f32"},
     )
 
 
-def run_openvino(blob: bytes, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    compiled = compile_openvino(blob)
+def run_openvino(
+    blob: bytes, feed: dict[str, np.ndarray], weights: bytes = b""
+) -> dict[str, np.ndarray]:
+    compiled = compile_openvino(blob, weights)
     results = compiled(feed)
     return {o.get_any_name(): results[o] for o in compiled.outputs}
 
 
-def readme_table() -> list[tuple[str, int, str, str, float]]:
+def openvino_file(name: str, version: int) -> str:
+    """The file OpenVINO loads from a version folder: its own IR where there is one."""
+    return "model.xml" if (MODELS / name / str(version) / "model.xml").is_file() else "model.onnx"
+
+
+def run_loaded_file(
+    name: str, version: int, backend: str, feed: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    folder = MODELS / name / str(version)
+    if backend == "onnxruntime":
+        return run_onnxruntime(model_bytes(name, version), feed)
+    if openvino_file(name, version) == "model.xml":
+        return run_openvino(
+            (folder / "model.xml").read_bytes(), feed, (folder / "model.bin").read_bytes()
+        )
+    return run_openvino(model_bytes(name, version), feed)
+
+
+def readme_table() -> list[tuple[str, int, str, str, str, float]]:
     rows = []
     for line in (MODELS / "README.md").read_text().splitlines():
         match = TABLE_ROW.match(line.strip())
         if match:
-            model, version, precision, backend, accuracy = match.groups()
-            rows.append((model, int(version), precision, backend, float(accuracy)))
+            model, version, precision, backend, file, accuracy = match.groups()
+            rows.append((model, int(version), precision, backend, file, float(accuracy)))
     return rows
 
 
@@ -89,10 +111,11 @@ def test_rebuild_equals_the_committed_files():
     assert "committed models equal a fresh rebuild" in result.stdout
 
 
-def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path):
+@pytest.mark.parametrize("file", ["model.onnx", "model.bin"])
+def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path, file):
     copy = tmp_path / "models"
     shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
-    tampered = copy / "digits" / "2" / "model.onnx"
+    tampered = copy / "digits" / "2" / file
     blob = bytearray(tampered.read_bytes())
     blob[-1] ^= 0x01
     tampered.write_bytes(bytes(blob))
@@ -103,7 +126,7 @@ def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path)
         timeout=240,
     )
     assert result.returncode == 1
-    assert "digits/2/model.onnx" in result.stderr
+    assert f"digits/2/{file}" in result.stderr
     assert "digits/1/model.onnx" not in result.stderr
 
 
@@ -173,9 +196,14 @@ def test_the_string_model_is_pinned_to_onnxruntime_because_openvino_refuses_it()
 
 
 def test_readme_lists_every_version_on_every_runtime_it_can_run_on():
-    listed = {(m, v, b) for m, v, _, b, _ in readme_table()}
+    listed = {(m, v, b, f) for m, v, _, b, f, _ in readme_table()}
     expected = {
-        (name, version, backend)
+        (
+            name,
+            version,
+            backend,
+            "model.onnx" if backend == "onnxruntime" else openvino_file(name, version),
+        )
         for name, version in VERSIONS
         for backend in (
             ("onnxruntime",)
@@ -187,27 +215,29 @@ def test_readme_lists_every_version_on_every_runtime_it_can_run_on():
 
 
 @pytest.mark.parametrize(
-    ("name", "version", "precision", "backend", "figure"),
+    ("name", "version", "precision", "backend", "file", "figure"),
     readme_table(),
-    ids=[f"{m}-{v}-{b}" for m, v, _, b, _ in readme_table()],
+    ids=[f"{m}-{v}-{b}" for m, v, _, b, _, _ in readme_table()],
 )
-def test_heldout_accuracy_equals_the_readme_figure(name, version, precision, backend, figure):
+def test_heldout_accuracy_equals_the_readme_figure(name, version, precision, backend, file, figure):
     X, y = heldout(name)
-    blob = model_bytes(name, version)
-    run = run_onnxruntime if backend == "onnxruntime" else run_openvino
-    labels = run(blob, {config(name).inputs[0].name: X})["label"]
+    labels = run_loaded_file(name, version, backend, {config(name).inputs[0].name: X})["label"]
     assert round(float(np.mean(labels == y)), 3) == round(figure, 3)
-    assert precision == (
-        "INT8"
-        if "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(blob).graph.node}
-        else "FP32"
-    )
+    if file == "model.xml":
+        quantized = b"FakeQuantize" in (MODELS / name / str(version) / file).read_bytes()
+    else:
+        graph = onnx.load_from_string(model_bytes(name, version)).graph
+        quantized = "QuantizeLinear" in {n.op_type for n in graph.node}
+    assert precision == ("INT8" if quantized else "FP32")
 
 
 def test_digits_is_accurate_and_int8_is_smaller():
-    figures = {(v, b): f for m, v, _, b, f in readme_table() if m == "digits"}
+    figures = {(v, b): f for m, v, _, b, _, f in readme_table() if m == "digits"}
     assert min(figures.values()) > 0.95
     assert len(model_bytes("digits", 2)) < len(model_bytes("digits", 1)) / 2
+    assert (MODELS / "digits" / "2" / "model.bin").stat().st_size < len(
+        model_bytes("digits", 1)
+    ) / 2
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ DIGITS = read_model(MODELS / "digits")
 HELDOUT = np.load(MODELS / "digits" / "heldout.npz")
 
 
-# FP32 agrees to rounding. INT8 kernels differ between the backends in how they round
-# requantized activations, which moves a few probabilities by a few hundredths.
-TOLERANCE = {1: 1e-5, 2: 0.05}
+# FP32 agrees to rounding. INT8 is two quantizations of one version (ONNX Runtime's QDQ
+# model.onnx, NNCF's model.xml for OpenVINO), each within 0.05 of FP32 on these rows.
+TOLERANCE = {1: 1e-5, 2: 0.06}
 
 
 @pytest.mark.parametrize("version", DIGITS.versions)
