@@ -67,23 +67,39 @@ def throughput_table(results: dict[str, Any]) -> str:
 
 
 def overload_table(results: dict[str, Any]) -> str:
+    """Open-loop phases: what was offered and sent, what was accepted or refused, how fast."""
     lines = [
-        "| model | load | offered | answered/s | accepted | refused 429/503 | errors/hung |"
-        " p50 ms | p99 ms (accepted) | p99 ms (refusals) | max RSS MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | phase | offered req/s (target / achieved) | accepted/s | refused/s "
+        "| errors / hung | accepted p50 ms | accepted p99 ms | ÷ unloaded p99 "
+        "| refusal p99 ms | send lag p99 ms | client CPU cores | max RSS MiB | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in results.get("overload", []):
+        unloaded = (o.get("baseline") or {}).get("ok_p99_ms")
         for phase in ("baseline", "overload"):
             r = o.get(phase)
             if not r:
                 continue
-            p99 = r["ok_p99_ms"] if r.get("ok_p99_ms") else r["p99_ms"]
-            lines.append(
-                f"| {o['label']} | {phase} | {o[phase + '_offered']} | {_f(r['req_per_s'])} | "
-                f"{r['ok']} | {r['refused']} | {r['errors']} | {_f(r['p50_ms'], 2)} | "
-                f"{_f(p99, 2)} | {_f(r.get('refused_p99_ms') or None, 2)} | "
-                f"{_f(o.get(phase + '_max_rss_mib'), 1)} |"
+            factor = o.get(phase + "_factor")
+            name = (
+                f"{phase} ({factor:g}× of {_f(o.get('capacity_req_per_s'))})" if factor else phase
             )
+            lines.append(
+                f"| {o['label']} | {name} | {_f(r['target_rate'])} / {_f(r['achieved_rate'])} | "
+                f"{_f(r['ok_per_s'])} | {_f(r['refused_per_s'])} | {r['errors']} / {r['hung']} | "
+                f"{_f(r['ok_p50_ms'], 2)} | {_f(r['ok_p99_ms'], 2)} | "
+                f"{_ratio(r['ok_p99_ms'], unloaded) if phase == 'overload' else '–'} | "
+                f"{_f(r['refused_p99_ms'], 2)} | {_f(r['send_lag_p99_ms'], 2)} | "
+                f"{_f(r['client_cpu_cores'], 2)} | {_f(o.get(phase + '_max_rss_mib'), 1)} | "
+                f"{_f(o.get(phase + '_load_avg'), 2)} |"
+            )
+    if len(lines) > 2:
+        lines.append("")
+        lines.append(
+            "Open loop (bench/openloop.py): requests leave on a fixed schedule; latency counts "
+            "from each request's slot; hung = no answer within the timeout; the client runs on "
+            "the same 2 cores as the server (its CPU use is in the table)."
+        )
     return "\n".join(lines)
 
 

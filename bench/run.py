@@ -2,6 +2,7 @@
 
     python -m bench.run                      # every demo model found under models/
     python -m bench.run --models digits --duration 5 --markdown /tmp/out.md
+    python -m bench.run --only overload --models minilm --overload-s 30
 
 Everything runs on this box, one thing at a time: the raw runtime alone, then each
 server alone with the load generator. Prints the tables; `--markdown` and `--json`
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,12 +27,13 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import loadgen, servers, synthetic, workload
+from bench import loadgen, openloop, servers, synthetic, workload
 from bench.report import render
 from edgeserve.repository import read_model
 
 MODELS = servers.ROOT / "models"
 MIB = 1024 * 1024
+PHASES = ("startup", "throughput", "overload")
 
 
 @dataclass
@@ -179,54 +182,64 @@ def _drive(
 
 
 def overload(target: Target, work: Path, engine: str, seconds: float) -> dict[str, Any]:
-    """4x capacity for `seconds`: accepted latency vs unloaded, refusals, memory."""
+    """Open loop at 4x measured capacity for `seconds`, against 0.5x as the unloaded case.
+
+    Capacity is wrk's closed-loop req/s at the busiest concurrency, on the same server
+    just before. Both phases use bench.openloop: latency from each request's slot,
+    hung = no answer within the timeout, achieved rate and client CPU reported.
+    """
     folder = target.folder
     specs = workload.signature(folder, target.version, target.backend)
     bodies = workload.bodies(specs, workload.sample_rows(folder, specs))
     path = f"/v2/models/{target.model}/infer"
-    runs = target.results["servers"][f"edgeserve ({engine})"]
-    capacity = max(r["req_per_s"] for r in runs)
     busiest = max(target.concurrencies)
     repo = servers.write_repository(
         Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend
     )
-    result: dict[str, Any] = {"label": f"{target.label} ({engine})", "capacity_req_per_s": capacity}
-    open_loop = capacity * 4 < 2500  # beyond that a Python client cannot keep the schedule
+    result: dict[str, Any] = {"label": f"{target.label} ({engine})"}
     with servers.edgeserve(work / "overload", repo, engine) as srv:
-        loadgen.run_wrk(srv.url, path, bodies, busiest, 3)
-        if open_loop:
-            print(
-                f"== overload {target.label}: open loop, capacity {capacity:.0f} req/s", flush=True
-            )
-            with srv.sampling_rss() as base_rss:
-                base = loadgen.run_open_loop(srv.url, path, bodies, capacity * 0.5, 10, 256)
+        loadgen.run_wrk(srv.url, path, bodies, busiest, 3)  # warm-up, discarded
+        capacity = loadgen.run_wrk(srv.url, path, bodies, busiest, min(10.0, seconds)).req_per_s
+        result["capacity_req_per_s"] = capacity
+        result["capacity_connections"] = busiest
+        print(f"== overload {target.label}: capacity {capacity:.0f} req/s", flush=True)
+        for phase, factor, phase_s in (
+            ("baseline", 0.5, min(10.0, seconds)),
+            ("overload", 4.0, seconds),
+        ):
+            rate = capacity * factor
+            result[phase + "_load_avg"] = os.getloadavg()[0]
             with srv.sampling_rss() as rss:
-                over = loadgen.run_open_loop(srv.url, path, bodies, capacity * 4, seconds, 1024)
-            result["baseline_offered"] = f"{capacity * 0.5:.0f} req/s (0.5×)"
-            result["overload_offered"] = f"{capacity * 4:.0f} req/s (4×)"
-        else:
+                r = openloop.run_open_loop(
+                    srv.url, path, bodies, rate, phase_s, connections_for(rate)
+                )
+            result[phase] = asdict(r)
+            result[phase + "_factor"] = factor
+            result[phase + "_max_rss_mib"] = max(rss or [0]) / MIB
             print(
-                f"== overload {target.label}: wrk {busiest} vs {busiest * 4} connections",
+                f"   {phase:9s} offered {r.target_rate:6.0f}/{r.achieved_rate:6.0f} req/s  "
+                f"accepted {r.ok_per_s:6.0f}/s p50 {r.ok_p50_ms:7.2f} p99 {r.ok_p99_ms:7.2f} ms  "
+                f"refused {r.refused_per_s:6.0f}/s p99 {r.refused_p99_ms:7.2f} ms  "
+                f"errors {r.errors} hung {r.hung}  client {r.client_cpu_cores:.2f} cores  "
+                f"max RSS {result[phase + '_max_rss_mib']:.0f} MiB",
                 flush=True,
             )
-            with srv.sampling_rss() as base_rss:
-                base = loadgen.run_wrk(srv.url, path, bodies, busiest, 10)
-            with srv.sampling_rss() as rss:
-                over = loadgen.run_wrk(srv.url, path, bodies, busiest * 4, seconds)
-            result["baseline_offered"] = f"{busiest} conns (closed loop)"
-            result["overload_offered"] = f"{busiest * 4} conns (closed loop, 4×)"
-        result["baseline"] = asdict(base)
-        result["overload"] = asdict(over)
-        result["baseline_max_rss_mib"] = max(base_rss or [0]) / MIB
-        result["overload_max_rss_mib"] = max(rss or [0]) / MIB
         result["after_rss_mib"] = srv.rss_bytes() / MIB
-    for phase, r in (("baseline", base), ("overload", over)):
-        print(
-            f"   {phase:9s} {r.req_per_s:7.0f}/s ok {r.ok} refused {r.refused} errors {r.errors} "
-            f"p99 {r.ok_p99_ms or r.p99_ms:.2f} ms",
-            flush=True,
-        )
     return result
+
+
+def overload_targets(targets: list[Target]) -> list[Target]:
+    """The small model (HTTP-bound) and one compute-bound model, INT8 on ONNX Runtime."""
+    light = [t for t in targets if not t.heavy][:1]
+    heavy = [t for t in targets if t.heavy]
+    int8 = [t for t in heavy if "int8" in t.label.lower() and t.backend == "onnxruntime"]
+    return [*light, *(int8[:1] or heavy[:1])]
+
+
+def connections_for(rate_per_s: float) -> int:
+    """Enough keep-alive connections that the client's pool does not run dry while answers
+    take up to 250 ms (the default max_queue_wait_ms); a dry pool is charged as latency."""
+    return int(min(4096, max(64, rate_per_s * 0.25)))
 
 
 def startup(work: Path, engine: str, names: list[str]) -> dict[str, Any]:
@@ -284,7 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-synthetic", action="store_true", help="skip the synthetic MLP when MiniLM is absent"
     )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated phases to run (default: all of {','.join(PHASES)}), "
+        "e.g. --only overload --models minilm",
+    )
     args = parser.parse_args(argv)
+    phases = args.only.split(",") if args.only else list(PHASES)
+    if unknown := set(phases) - set(PHASES):
+        parser.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
     if not loadgen.have_wrk():
         print("bench: wrk is needed (apt-get install -y wrk)", file=sys.stderr)
         return 1
@@ -294,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"env": environment(args.duration), "targets": [], "overload": []}
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
         work = Path(tmp)
-        results["startup"] = startup(work, engines[-1], sorted({t.model for t in targets}))
+        if "startup" in phases:
+            results["startup"] = startup(work, engines[-1], sorted({t.model for t in targets}))
         if not any(t.model.startswith("minilm") for t in targets) and not args.no_synthetic:
             folder = synthetic.build_mlp(work / "synthetic")
             targets.append(
@@ -310,18 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                     heavy=True,
                 )
             )
-        for target in targets:
+        for target in targets if "throughput" in phases else []:
             measure_target(target, work, args.duration)
             results["targets"].append(
                 {"label": target.label, "rows_per_request": 1, **target.results}
             )
-        heavy = [t for t in targets if t.model.startswith(("minilm", "mlp-synthetic"))]
-        int8 = [t for t in heavy if "int8" in t.label.lower() and t.backend == "onnxruntime"]
-        chosen = int8[:1] or heavy[:1]
-        stressed = [*targets[:1], *(t for t in chosen if t is not targets[0])]
-        for target in stressed:
-            if target.results.get("servers"):
-                results["overload"].append(overload(target, work, engines[-1], args.overload_s))
+        for target in overload_targets(targets) if "overload" in phases else []:
+            results["overload"].append(overload(target, work, engines[-1], args.overload_s))
     text = render(results)
     print(text)
     if args.markdown:

@@ -1,9 +1,12 @@
 """The benchmark's pure parts (no timings): reading wrk's report, merging model.toml
-overrides, and rendering a results table."""
+overrides, merging open-loop samples, and rendering the results tables."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from bench.loadgen import parse_wrk
+from bench.openloop import summarise
 from bench.report import render
 from bench.servers import _merge_tables
 
@@ -41,6 +44,69 @@ def test_model_toml_overrides_replace_keys_and_add_tables() -> None:
     assert "max_concurrent_batches = 1" in merged
     assert "max_queue_size = 256" in merged
     assert merged.rstrip().endswith("[threads]\nintra_op_threads = 2")
+
+
+def test_open_loop_samples_merge_into_rates_and_accepted_refused_percentiles() -> None:
+    worker = {"scheduled": 500, "sent": 480, "hung": 20, "sending_s": 10.0, "cpu_s": 2.0}
+    summaries = [dict(worker, connections=64), dict(worker, connections=64, sending_s=8.0)]
+    statuses = np.array([200] * 100 + [429] * 800 + [503] * 50 + [500] * 10, np.int16)
+    latencies = np.concatenate(
+        [np.full(100, 0.010), np.full(800, 0.001), np.full(50, 0.002), np.full(10, 0.5)]
+    )
+    r = summarise(100.0, 10.0, 5.0, summaries, statuses, latencies, np.zeros(960))
+    assert (r.scheduled, r.sent, r.ok, r.refused, r.errors, r.hung) == (1000, 960, 100, 850, 10, 40)
+    assert r.achieved_rate == 96.0  # sent over the longest worker's sending time
+    assert (r.ok_per_s, r.refused_per_s) == (10.0, 85.0)
+    assert round(r.ok_p99_ms, 6) == 10.0 and round(r.refused_p50_ms, 6) == 1.0
+    assert r.client_cpu_cores == 0.4
+    assert r.statuses == {"200": 100, "429": 800, "500": 10, "503": 50}
+
+
+def test_overload_table_shows_offered_accepted_refused_and_ratio_to_unloaded() -> None:
+    def phase(rate: float, ok_p99: float, refused: float) -> dict:
+        return {
+            "target_rate": rate,
+            "achieved_rate": rate * 0.99,
+            "ok_per_s": 3800.0,
+            "refused_per_s": refused,
+            "errors": 0,
+            "hung": 0,
+            "ok_p50_ms": 1.0,
+            "ok_p99_ms": ok_p99,
+            "refused_p99_ms": 2.0 if refused else float("nan"),
+            "send_lag_p99_ms": 1.5,
+            "client_cpu_cores": 0.6,
+        }
+
+    overload = {
+        "label": "digits",
+        "capacity_req_per_s": 3800.0,
+        "baseline": phase(1900.0, 5.0, 0.0),
+        "baseline_factor": 0.5,
+        "overload": phase(15200.0, 12.5, 11000.0),
+        "overload_factor": 4.0,
+        "overload_max_rss_mib": 190.0,
+        "overload_load_avg": 2.5,
+    }
+    text = render({"env": ENV, "targets": [], "overload": [overload]})
+    row = next(line for line in text.splitlines() if line.startswith("| digits | overload"))
+    assert "(4× of 3,800) | 15,200 / 15,048 | 3,800 | 11,000 | 0 / 0 |" in row
+    assert "| 12.50 | 2.50× | 2.00 |" in row
+    assert row.endswith("| 190.0 | 2.50 |")
+    header = next(line for line in text.splitlines() if line.startswith("| model | phase"))
+    assert header.count("|") == row.count("|")
+
+
+ENV = {
+    "date": "d",
+    "cpu": "c",
+    "cores": 2,
+    "onnxruntime": "1",
+    "openvino": "2",
+    "wrk": "4",
+    "mlserver": "1.7.1",
+    "duration_s": 10,
+}
 
 
 def test_report_renders_ratios_against_raw_and_peer() -> None:
