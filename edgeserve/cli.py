@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -38,10 +37,10 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     settings = load_or_exit(config_path, {"server": overrides} if overrides else None)
     configure_logging(settings.server.log_level)
     ensure_local_issuer(settings)
-    from edgeserve.server import run_server
+    from edgeserve.server import event_loop_runner, run_server
 
     try:
-        asyncio.run(run_server(settings))
+        event_loop_runner(settings.server.event_loop)(run_server(settings))
     except ConfigError as exc:
         click.echo(f"edgeserve: config error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -44,6 +44,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = setting(8080, min=0, max=65535)
     engine: str = setting("uvicorn", choices=("uvicorn", "hypercorn"))  # see bench/RESULTS.md
+    event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))
     grpc_port: int = setting(0, min=0, max=65535)  # 0 = gRPC off
     state_dir: Path = Path(".edgeserve")
     executor_threads: int = setting(0, min=0, max=256)  # 0 = from the cores

@@ -76,6 +76,7 @@ BROKEN = [
     ("[server]\nport = 70000\n", "server.port: must be <= 65535"),
     ("[server]\nport = -1\n", "server.port: must be >= 0"),
     ('[server]\nengine = "gunicorn"\n', "server.engine: must be one of"),
+    ('[server]\nevent_loop = "twisted"\n', "server.event_loop: must be one of"),
     ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
     ('[models]\nbackend = "tensorflow"\n', "models.backend: must be one of"),
     ('[models]\nload = "digits"\n', "models.load: must be a list"),
@@ -138,3 +139,15 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "edgeserve.toml"
     path.write_text('[server]\nstate_dir = "state"\n')
     assert load_settings(path).server.state_dir == tmp_path / "state"
+
+
+def test_event_loop_choice_picks_the_runner() -> None:
+    import asyncio
+
+    import uvloop
+
+    from edgeserve.server import event_loop_runner
+
+    assert event_loop_runner("asyncio") is asyncio.run
+    assert event_loop_runner("uvloop") is uvloop.run
+    assert event_loop_runner("auto") is uvloop.run  # installed with edgeserve on Linux
