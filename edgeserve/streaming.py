@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -31,6 +30,7 @@ from edgeserve.errors import EdgeserveError
 from edgeserve.features import with_features
 from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
+from edgeserve.request_ids import new_request_id
 from edgeserve.telemetry.records import InferenceRecord
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _record(
     subject = websocket.headers.get(header) if header else None
     recorder.record_inference(
         InferenceRecord(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
             model=model,
             version=version,
             status=status,

@@ -4,7 +4,6 @@ repository extensions so that `tritonclient.http` works unchanged."""
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from edgeserve.features import with_features
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
+from edgeserve.request_ids import new_request_id
 from edgeserve.telemetry.records import InferenceRecord
 from edgeserve.web.body import read_body
 
@@ -131,7 +131,7 @@ async def infer(request: Request) -> Response:
     """Run one inference and leave a telemetry record of it, whatever the outcome."""
     started = time.perf_counter()
     trace = InferTrace(
-        request.headers.get("x-request-id") or uuid.uuid4().hex,
+        request.headers.get("x-request-id") or new_request_id(),
         request.path_params["model"],
         _version_param(request) or "",
     )
@@ -193,7 +193,8 @@ def _prediction(outputs: dict[str, np.ndarray]) -> tuple[str | None, float | Non
     """(predicted class of a one-row request, mean top score) from a classifier's outputs.
 
     The class is an integer output with one element, else the argmax of the first
-    [rows, classes] float output; the score is that output's mean row maximum.
+    [rows, classes] float output; the score is that output's mean row maximum. A one-row
+    answer, the common case, costs one argmax.
     """
     label: str | None = None
     score: float | None = None
@@ -201,9 +202,12 @@ def _prediction(outputs: dict[str, np.ndarray]) -> tuple[str | None, float | Non
         if array.dtype.kind in "iu" and array.size == 1 and label is None:
             label = str(array.reshape(-1)[0])
         elif array.ndim == 2 and array.dtype.kind == "f" and array.size and score is None:
-            score = float(array.max(axis=1).mean())
-            if array.shape[0] == 1 and label is None:
-                label = str(int(array[0].argmax()))
+            if array.shape[0] == 1:
+                top = int(array[0].argmax())
+                score = float(array[0, top])
+                label = label if label is not None else str(top)
+            else:
+                score = float(array.max(axis=1).mean())
     return label, score
 
 
