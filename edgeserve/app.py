@@ -44,6 +44,7 @@ from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
 from edgeserve.updates.service import Audit
 from edgeserve.web.errors import EXCEPTION_HANDLERS
 from edgeserve.web.headers import HeaderGuard
+from edgeserve.web.shedding import ShedMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def build_app(settings: Settings) -> Starlette:
                 ],
             )
         )
+    middleware.append(Middleware(ShedMiddleware))  # innermost: cheap 429s keep CORS headers
     app = Starlette(
         routes=[
             *V2_ROUTES,

@@ -190,14 +190,16 @@ class DynamicBatcher:
     def _too_slow(self, rows: int) -> bool:
         """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
 
-        Yes when the oldest queued request has already waited that long: measured, so it
-        also catches a queue drained slower than the runtime's speed (an event loop busy
+        Yes when the oldest queued request has already waited that long (beyond the
+        max_queue_delay_s it may be held for company by design): measured, so it also
+        catches a queue drained slower than the runtime's speed (an event loop busy
         answering other clients delays every batch start). Else the estimate: queued rows
         over the measured speed of all slots, which reacts before the queue has aged;
         until a batch has been timed there is none and only max_queue_size applies.
         """
         wait_s = self._policy.max_queue_wait_s
-        if wait_s and time.perf_counter() - self._queue[0].enqueued > wait_s:
+        age_s = time.perf_counter() - self._queue[0].enqueued
+        if wait_s and age_s > wait_s + self._policy.max_queue_delay_s:
             return True
         if not wait_s or not self._slot_rows_per_s:
             return False
