@@ -159,7 +159,7 @@ def _array_from_json(
     if dtype.kind in "iu":
         if kind == "float":
             raise InvalidInput(f"input '{name}': {datatype} data must be integers")
-        if parsed.size:
+        if parsed.size and not np.can_cast(parsed.dtype, dtype):  # e.g. int64 data for INT8
             info = np.iinfo(dtype)
             if parsed.min() < info.min or parsed.max() > info.max:
                 raise InvalidInput(f"input '{name}': a value is out of range for {datatype}")

@@ -381,7 +381,10 @@ def _stats_doc(m: ModelVersion) -> dict[str, Any]:
 _MODEL = "/v2/models/{model:str}"
 _VERSION = "/v2/models/{model:str}/versions/{version:str}"
 
+# The infer routes come first: the router tries routes in order, and they carry the traffic.
 ROUTES = [
+    Route(_MODEL + "/infer", infer, methods=["POST"]),
+    Route(_VERSION + "/infer", infer, methods=["POST"]),
     Route("/v2/health/live", server_live, methods=["GET"]),
     Route("/v2/health/ready", server_ready, methods=["GET"]),
     Route("/v2", server_metadata, methods=["GET"]),
@@ -394,5 +397,4 @@ for _prefix in (_MODEL, _VERSION):
         Route(_prefix + "/ready", model_ready, methods=["GET"]),
         Route(_prefix + "/config", model_config, methods=["GET"]),
         Route(_prefix + "/stats", model_statistics, methods=["GET"]),
-        Route(_prefix + "/infer", infer, methods=["POST"]),
     ]
