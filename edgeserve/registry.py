@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -80,6 +80,15 @@ def batching_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor
     if config.cache.enabled:
         scheduler = CachedScheduler(scheduler, ResponseCache(config.cache.max_bytes))
     return scheduler
+
+
+def concurrent_calls(config: ModelConfig, executor: Executor) -> int:
+    """Runtime calls one model version may have running at once (the runtime's streams):
+    its executor slots, or fewer batches when [batching] max_concurrent_batches says so."""
+    slots = getattr(executor, "_max_workers", 1)
+    if config.max_batch_size > 1:  # batching_scheduler runs at most this many batches
+        return min(config.batching.max_concurrent_batches or slots, slots)
+    return slots
 
 
 @dataclass
@@ -326,9 +335,9 @@ class Registry:
 
     def _prepare(self, name: str, config: ModelConfig, files: Mapping[str, bytes]) -> Runtime:
         backend = config.backend if config.backend != "auto" else self._default_backend
-        threads = self._threads
-        if config.threads.intra_op_threads:
-            threads = ThreadPlan(config.threads.intra_op_threads, threads.inter_op)
+        threads = replace(self._threads, streams=concurrent_calls(config, self._executor))
+        if config.threads.intra_op_threads:  # keeps the server's precision
+            threads = replace(threads, intra_op=config.threads.intra_op_threads)
         runtime = create_runtime(backend, files, threads, model=name)
         _check_declared(name, config, runtime)
         if self._warmup:

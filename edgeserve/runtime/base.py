@@ -41,6 +41,9 @@ class ThreadPlan:
     intra_op: int = 1
     inter_op: int = 1
     precision: str = "f32"
+    # Calls the server may make at once on this model version (its executor slots);
+    # OpenVINO compiles one stream per call so that concurrent callers never queue.
+    streams: int = 1
 
 
 class Runtime(ABC):

@@ -1,9 +1,11 @@
-"""OpenVINO backend: reads ONNX or IR from bytes and compiles for the CPU."""
+"""OpenVINO backend: reads ONNX or IR from bytes and compiles for the CPU, one stream
+per call the server may make at once, with a pool of reusable infer requests."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +16,7 @@ sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 import openvino as ov  # noqa: E402
 
-from edgeserve.runtime.base import Runtime, RuntimeLoadError, TensorSpec  # noqa: E402
+from edgeserve.runtime.base import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan  # noqa: E402
 from edgeserve.runtime.datatypes import NUMPY_TO_V2  # noqa: E402
 
 _core: ov.Core | None = None
@@ -40,29 +42,56 @@ class OpenVinoRuntime(Runtime):
             model = core.read_model(files["model.onnx"], ov.Tensor(np.empty(0, np.uint8)))
         else:
             raise RuntimeLoadError("openvino needs model.xml + model.bin or model.onnx")
-        config = {
-            "INFERENCE_NUM_THREADS": self.threads.intra_op,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-            # OpenVINO silently computes in bf16 where the CPU has it; serve what was shipped.
-            "INFERENCE_PRECISION_HINT": self.threads.precision,
-        }
+        config = compile_config(self.threads)
         self._compiled = core.compile_model(model, "CPU", config)
         self.inputs = [_spec(p) for p in self._compiled.inputs]
         self.outputs = [_spec(p) for p in self._compiled.outputs]
         self._output_index = {p.get_any_name(): i for i, p in enumerate(self._compiled.outputs)}
+        # One infer request per caller the plan expects, made now and reused (making one per
+        # call costs time too). A request is not thread-safe, so each call borrows one; a
+        # caller beyond the plan gets a new one, which then stays in the pool.
+        callers = max(1, self.threads.streams)
+        self._idle = [self._compiled.create_infer_request() for _ in range(callers)]
+
+    @property
+    def streams(self) -> int:
+        """Streams OpenVINO compiled: the plan's, capped by the CPU plugin at the cores."""
+        return int(self._compiled.get_property("NUM_STREAMS"))
 
     def _run(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
-        # An infer request is not thread-safe; one per call is cheap next to the compute.
-        request = self._compiled.create_infer_request()
-        request.infer(dict(inputs), share_inputs=True)
-        names = list(outputs) if outputs else list(self._output_index)
-        return {n: request.get_output_tensor(self._output_index[n]).data.copy() for n in names}
+        try:
+            request = self._idle.pop()  # list.pop/append are atomic under the GIL
+        except IndexError:
+            request = self._compiled.create_infer_request()
+        try:
+            request.infer(dict(inputs), share_inputs=True)
+            names = list(outputs) if outputs else list(self._output_index)
+            # Copied: the request's output memory is overwritten by its next call.
+            return {n: request.get_output_tensor(self._output_index[n]).data.copy() for n in names}
+        finally:
+            self._idle.append(request)
 
     def close(self) -> None:
+        self._idle = []
         self._compiled = None  # type: ignore[assignment]
+
+
+def compile_config(threads: ThreadPlan) -> dict[str, Any]:
+    """One CPU stream per concurrent caller, all of the model's threads shared among them.
+
+    With one stream, two executor threads calling at once would queue on it. THROUGHPUT
+    when there are several streams, LATENCY for one: measured in bench/raw.py.
+    """
+    streams = max(1, threads.streams)
+    return {
+        "NUM_STREAMS": streams,
+        "INFERENCE_NUM_THREADS": streams * threads.intra_op,
+        "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+        # OpenVINO silently computes in bf16 where the CPU has it; serve what was shipped.
+        "INFERENCE_PRECISION_HINT": threads.precision,
+    }
 
 
 def _spec(port: ov.runtime.ConstOutput) -> TensorSpec:
