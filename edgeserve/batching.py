@@ -114,6 +114,20 @@ def request_deadline(timeout_ms: object = None, timeout_us: object = None) -> fl
     return time.monotonic() + min(budgets) if budgets else None
 
 
+def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None) -> int:
+    """max_batch_size, or fewer: the rows one slot computes in max_queue_wait_s.
+
+    A request's latency is its queue wait plus its batch's compute time; capping both
+    by the same budget keeps accepted latency near the unloaded one under overload,
+    where every batch would otherwise be full (for a compute-bound model a batch of 64
+    takes about 64 times one row). No cap until a batch has been timed.
+    """
+    rows = policy.max_batch_size
+    if policy.max_queue_wait_s and slot_rows_per_s:
+        rows = min(rows, max(1, int(slot_rows_per_s * policy.max_queue_wait_s)))
+    return rows
+
+
 class _Pending:
     """One admitted request, from `submit` until its future is resolved."""
 
@@ -206,6 +220,10 @@ class DynamicBatcher:
         rate = max(self._slot_rows_per_s.values()) * self._policy.max_concurrent
         return (self._queued_rows + rows) / rate > wait_s
 
+    def _batch_rows(self) -> int:
+        speeds = self._slot_rows_per_s
+        return batch_rows_limit(self._policy, max(speeds.values()) if speeds else None)
+
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
     ) -> RunResult:
@@ -245,7 +263,7 @@ class DynamicBatcher:
                 self._queued_rows -= head.rows
                 continue
             if (
-                self._queued_rows < policy.max_batch_size
+                self._queued_rows < self._batch_rows()
                 and policy.max_queue_delay_s > 0
                 and (self._running > 0 or policy.wait_when_idle)
                 and not self._closed
@@ -256,7 +274,7 @@ class DynamicBatcher:
                     if self._timer is None:
                         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
                     return
-            batch = take_batch(self._queue, policy.max_batch_size)
+            batch = take_batch(self._queue, self._batch_rows())
             self._queued_rows -= sum(p.rows for p in batch)
             live = [p for p in batch if not p.future.done()]
             if live:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgeserve.batching import BatchPolicy, DynamicBatcher, build_scheduler
+from edgeserve.batching import BatchPolicy, DynamicBatcher, batch_rows_limit, build_scheduler
 from edgeserve.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 
 
@@ -238,6 +238,22 @@ def test_queue_whose_oldest_request_waited_past_the_limit_refuses_with_429(execu
         assert not batcher.full
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "speed", "rows"),
+    [
+        (0.010, 500.0, 5),  # MiniLM-like: 5 rows take the 10 ms budget
+        (0.010, 50.0, 1),  # slower than one row per budget: still one row
+        (0.250, 500.0, 64),  # the budget allows more than max_batch_size
+        (0.0, 500.0, 64),  # no wait limit: no cap
+        (0.010, None, 64),  # speed unknown yet: no cap
+    ],
+)
+def test_batch_rows_are_capped_by_what_one_slot_computes_within_the_wait_limit(
+    wait_s: float, speed: float | None, rows: int
+) -> None:
+    assert batch_rows_limit(policy(max_batch_size=64, max_queue_wait_s=wait_s), speed) == rows
 
 
 def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:
