@@ -199,10 +199,16 @@ def overload(target: Target, work: Path, engine: str, seconds: float) -> dict[st
     result: dict[str, Any] = {"label": f"{target.label} ({engine})"}
     with servers.edgeserve(work / "overload", repo, engine) as srv:
         loadgen.run_wrk(srv.url, path, bodies, busiest, 3)  # warm-up, discarded
-        capacity = loadgen.run_wrk(srv.url, path, bodies, busiest, min(10.0, seconds)).req_per_s
+        closed = loadgen.run_wrk(srv.url, path, bodies, busiest, min(10.0, seconds))
+        capacity = closed.ok / closed.duration_s  # answered 200: refusals are not capacity
         result["capacity_req_per_s"] = capacity
         result["capacity_connections"] = busiest
-        print(f"== overload {target.label}: capacity {capacity:.0f} req/s", flush=True)
+        result["capacity_refused"] = closed.refused
+        print(
+            f"== overload {target.label}: capacity {capacity:.0f} req/s "
+            f"(wrk, {busiest} connections, {closed.refused} refused)",
+            flush=True,
+        )
         for phase, factor, phase_s in (
             ("baseline", 0.5, min(10.0, seconds)),
             ("overload", 4.0, seconds),
