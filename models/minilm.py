@@ -202,15 +202,13 @@ def build_openvino_int8(fp32: bytes, folder: Path, reference: np.ndarray) -> dic
         ),
         "int8_weights": compress_weights_ir(fp32),
     }
-    figures = {
-        f"openvino_fp32_rows_per_s_b{b}": rows_per_s({"model.onnx": fp32}, b) for b in (1, 16)
-    }
+    figures = {}
     for name, files in forms.items():
         cosine = np.sum(reference * openvino_session(files)(tokenize(SENTENCES)), axis=1)
         figures[f"cosine_openvino_{name}"] = float(np.mean(cosine))
         figures[f"cosine_openvino_{name}_worst"] = float(np.min(cosine))
-        for batch in (1, 16):
-            figures[f"openvino_{name}_rows_per_s_b{batch}"] = rows_per_s(files, batch)
+    speeds = best_rows_per_s({"fp32": {"model.onnx": fp32}, **forms}, (1, 16))
+    figures.update({f"openvino_{n}_rows_per_s_b{b}": v for (n, b), v in speeds.items()})
     kept = [n for n in forms if figures[f"cosine_openvino_{n}"] >= MIN_COSINE]
     for name in ("model.xml", "model.bin"):
         (folder / name).unlink(missing_ok=True)
@@ -254,14 +252,28 @@ def openvino_session(files: dict[str, bytes]) -> Callable[[dict[str, np.ndarray]
     return run
 
 
-def rows_per_s(files: dict[str, bytes], batch: int, seconds: float = 2.0) -> float:
-    """Short in-process throughput at SEQUENCE tokens (a build-time choice, not a benchmark)."""
-    run = openvino_session(files)
-    feed = tokenize((SENTENCES * batch)[:batch])
-    for _ in range(3):
-        run(feed)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        run(feed)
-        calls += 1
-    return calls * batch / (time.perf_counter() - start)
+def best_rows_per_s(
+    forms: dict[str, dict[str, bytes]],
+    batches: tuple[int, ...],
+    rounds: int = 3,
+    seconds: float = 0.7,
+) -> dict[tuple[str, int], float]:
+    """In-process rows/s at SEQUENCE tokens, best of `rounds` short runs per form and batch.
+
+    The forms take turns, so a busy neighbour on a shared box slows all of them alike;
+    this informs a build-time choice, it is not a benchmark.
+    """
+    runs = {name: openvino_session(files) for name, files in forms.items()}
+    feeds = {b: tokenize((SENTENCES * b)[:b]) for b in batches}
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for batch, feed in feeds.items():
+                run(feed)
+                calls, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    run(feed)
+                    calls += 1
+                rate = calls * batch / (time.perf_counter() - start)
+                best[(name, batch)] = max(best.get((name, batch), 0.0), rate)
+    return best
