@@ -71,8 +71,9 @@ def overload_table(results: dict[str, Any]) -> str:
     lines = [
         "| model | phase | offered req/s (target / achieved) | accepted/s | refused/s "
         "| errors / hung | accepted p50 ms | accepted p99 ms | ÷ unloaded p99 "
-        "| refusal p99 ms | send lag p99 ms | client CPU cores | max RSS MiB | load avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| refusal p99 ms | send lag p99 ms | client CPU cores | max RSS MiB "
+        "| RSS first / last 5 s | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in results.get("overload", []):
         unloaded = (o.get("baseline") or {}).get("ok_p99_ms")
@@ -91,6 +92,8 @@ def overload_table(results: dict[str, Any]) -> str:
                 f"{_ratio(r['ok_p99_ms'], unloaded) if phase == 'overload' else '–'} | "
                 f"{_f(r['refused_p99_ms'], 2)} | {_f(r['send_lag_p99_ms'], 2)} | "
                 f"{_f(r['client_cpu_cores'], 2)} | {_f(o.get(phase + '_max_rss_mib'), 1)} | "
+                f"{_f(o.get(phase + '_rss_first_5s_mib'))} / "
+                f"{_f(o.get(phase + '_rss_last_5s_mib'))} | "
                 f"{_f(o.get(phase + '_load_avg'), 2)} |"
             )
     if len(lines) > 2:

@@ -222,12 +222,17 @@ def overload(target: Target, work: Path, engine: str, seconds: float) -> dict[st
             result[phase] = asdict(r)
             result[phase + "_factor"] = factor
             result[phase + "_max_rss_mib"] = max(rss or [0]) / MIB
+            # Flat = the last seconds hold no more than the first ones (samples every 0.2 s).
+            result[phase + "_rss_first_5s_mib"] = max(rss[:25] or [0]) / MIB
+            result[phase + "_rss_last_5s_mib"] = max(rss[-25:] or [0]) / MIB
             print(
                 f"   {phase:9s} offered {r.target_rate:6.0f}/{r.achieved_rate:6.0f} req/s  "
                 f"accepted {r.ok_per_s:6.0f}/s p50 {r.ok_p50_ms:7.2f} p99 {r.ok_p99_ms:7.2f} ms  "
                 f"refused {r.refused_per_s:6.0f}/s p99 {r.refused_p99_ms:7.2f} ms  "
                 f"errors {r.errors} hung {r.hung}  client {r.client_cpu_cores:.2f} cores  "
-                f"max RSS {result[phase + '_max_rss_mib']:.0f} MiB",
+                f"max RSS {result[phase + '_max_rss_mib']:.0f} MiB "
+                f"(first 5 s {result[phase + '_rss_first_5s_mib']:.0f}, "
+                f"last 5 s {result[phase + '_rss_last_5s_mib']:.0f})",
                 flush=True,
             )
         result["after_rss_mib"] = srv.rss_bytes() / MIB

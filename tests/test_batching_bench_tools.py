@@ -86,13 +86,15 @@ def test_overload_table_shows_offered_accepted_refused_and_ratio_to_unloaded() -
         "overload": phase(15200.0, 12.5, 11000.0),
         "overload_factor": 4.0,
         "overload_max_rss_mib": 190.0,
+        "overload_rss_first_5s_mib": 189.0,
+        "overload_rss_last_5s_mib": 186.0,
         "overload_load_avg": 2.5,
     }
     text = render({"env": ENV, "targets": [], "overload": [overload]})
     row = next(line for line in text.splitlines() if line.startswith("| digits | overload"))
     assert "(4× of 3,800) | 15,200 / 15,048 | 3,800 | 11,000 | 0 / 0 |" in row
     assert "| 12.50 | 2.50× | 2.00 |" in row
-    assert row.endswith("| 190.0 | 2.50 |")
+    assert row.endswith("| 190.0 | 189 / 186 | 2.50 |")
     header = next(line for line in text.splitlines() if line.startswith("| model | phase"))
     assert header.count("|") == row.count("|")
 
