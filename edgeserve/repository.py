@@ -45,7 +45,8 @@ class BatchingConfig:
     max_concurrent_batches: int = setting(0, min=0, max=256)
     # Wait max_queue_delay_ms for company even when the box is idle (adds latency at 1 client).
     wait_when_idle: bool = False
-    # Refuse (429) a request whose estimated queue wait, from the measured speed, is longer.
+    # Refuse (429) when the queue's oldest request has waited this long or the estimated
+    # wait is longer; a batch also holds at most the rows one slot computes in this time.
     max_queue_wait_ms: float = setting(250.0, min=0.0, max=600_000.0)  # 0 = no estimate
 
 
