@@ -189,6 +189,8 @@ def _guarded_httptools(settings: Settings) -> type:
     first one) closes the connection."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from edgeserve.web.shedding import shedding_protocol
+
     max_head_bytes = settings.limits.max_header_bytes
     read_timeout_s = settings.server.read_timeout_s
 
@@ -259,4 +261,4 @@ def _guarded_httptools(settings: Settings) -> type:
                 log.info("slow client disconnected after read_timeout_s=%s", read_timeout_s)
                 self.transport.close()
 
-    return GuardedHttpTools
+    return shedding_protocol(GuardedHttpTools)  # a full model's 429s skip the ASGI stack
