@@ -211,13 +211,14 @@ class _Pool:
 
 
 async def _drive(spec: dict) -> dict:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in spec["headers"].items())
     requests = [
         (
-            f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(b)}\r\n\r\n"
+            f"POST {spec['path']} HTTP/1.1\r\nHost: {spec['host']}\r\n{extra}"
+            f"Content-Length: {len(b)}\r\n\r\n"
         ).encode()
         + b
-        for b in (line.encode() for line in spec["bodies"])
+        for b in (text.encode("latin-1") for text in spec["bodies"])  # bytes, as sent
     ]
     rate, duration, timeout_s = spec["rate"], spec["duration_s"], spec["timeout_s"]
     pool = _Pool(spec["host"], int(spec["port"]), requests, timeout_s)
@@ -290,8 +291,12 @@ def run_open_loop(
     connections: int,
     timeout_s: float = 5.0,
     processes: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> OpenLoopResult:
-    """Offer `rate_per_s` for `duration_s` from worker processes; merge their samples."""
+    """Offer `rate_per_s` for `duration_s` from worker processes; merge their samples.
+
+    `headers` replace the default Content-Type (e.g. binary-extension bodies need
+    Inference-Header-Content-Length)."""
     procs = processes or max(1, math.ceil(rate_per_s / RATE_PER_PROCESS))
     host, port = url.removeprefix("http://").rsplit(":", 1)
     work = Path(tempfile.mkdtemp(prefix="openloop-"))
@@ -301,7 +306,8 @@ def run_open_loop(
             "host": host,
             "port": port,
             "path": path,
-            "bodies": [b.decode() for b in bodies],
+            "bodies": [b.decode("latin-1") for b in bodies],
+            "headers": headers or {"Content-Type": "application/json"},
             "rate": rate_per_s / procs,
             "duration_s": duration_s,
             "timeout_s": timeout_s,
