@@ -49,7 +49,10 @@ class OpenVinoRuntime(Runtime):
         self._output_index = {p.get_any_name(): i for i, p in enumerate(self._compiled.outputs)}
         # One infer request per caller the plan expects, made now and reused (making one per
         # call costs time too). A request is not thread-safe, so each call borrows one; a
-        # caller beyond the plan gets a new one, which then stays in the pool.
+        # caller beyond the plan gets a new one, which then stays in the pool. Measured
+        # against AsyncInferQueue behind this synchronous run(): the queue was 2-3x slower
+        # on digits (callback + wake-up per call) and no faster on MiniLM, and a failed
+        # inference never fires its callback, which would leave the caller waiting.
         callers = max(1, self.threads.streams)
         self._idle = [self._compiled.create_infer_request() for _ in range(callers)]
 
@@ -81,14 +84,18 @@ class OpenVinoRuntime(Runtime):
 def compile_config(threads: ThreadPlan) -> dict[str, Any]:
     """One CPU stream per concurrent caller, all of the model's threads shared among them.
 
-    With one stream, two executor threads calling at once would queue on it. THROUGHPUT
-    when there are several streams, LATENCY for one: measured in bench/raw.py.
+    With one stream, two executor threads calling at once queue on it. Measured on MiniLM
+    with 2 callers (bench/raw.py, 2 cores): 2 streams ran 1.7-2x the rows/s of 1; the
+    THROUGHPUT and LATENCY hints were equal with the streams set, so THROUGHPUT for
+    several. CPU pinning is off: it pins the executor threads that call in, and made a
+    lone caller 2-3x slower on a small model (digits) while gaining nothing with two.
     """
     streams = max(1, threads.streams)
     return {
         "NUM_STREAMS": streams,
         "INFERENCE_NUM_THREADS": streams * threads.intra_op,
         "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+        "ENABLE_CPU_PINNING": False,
         # OpenVINO silently computes in bf16 where the CPU has it; serve what was shipped.
         "INFERENCE_PRECISION_HINT": threads.precision,
     }
