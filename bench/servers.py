@@ -124,14 +124,17 @@ def _merge_tables(text: str, extra: str) -> str:
 
 
 @contextmanager
-def edgeserve(work: Path, repository: Path, engine: str, extra: str = "") -> Iterator[Running]:
-    """`edgeserve serve` on a free loopback port, auth off, until the block ends."""
+def edgeserve(
+    work: Path, repository: Path, engine: str, extra: str = "", server_keys: str = ""
+) -> Iterator[Running]:
+    """`edgeserve serve` on a free loopback port, auth off, until the block ends; `extra`
+    tables go at the end of the config, `server_keys` lines into its [server] table."""
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
     config = work / f"edgeserve-{port}.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nengine = "{engine}"\n'
-        f'state_dir = "{work / "state"}"\nlog_level = "warning"\n'
+        f'state_dir = "{work / "state"}"\nlog_level = "warning"\n{server_keys}'
         f'[models]\nrepository = "{repository}"\n[auth]\nenabled = false\n{extra}'
     )
     log_path = work / f"edgeserve-{port}.log"
