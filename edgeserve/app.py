@@ -262,6 +262,13 @@ def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> 
     telemetry.metrics.gauge(
         "edgeserve_queue_depth", "Requests queued or running", registry.queue_depth
     )
+    telemetry.metrics.counter(
+        "edgeserve_requests_shed",
+        "Inference requests refused with 429 because the model's queue was full, "
+        "answered before routing, auth and the body read (they leave no telemetry record)",
+        ["model"],
+        registry.shed_counts,
+    )
     telemetry.metrics.gauge(
         "edgeserve_models_loaded",
         "Model versions loaded and ready",

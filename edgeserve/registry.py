@@ -55,6 +55,7 @@ class VersionStats:
     execution_count: int = 0  # runtime calls
     last_inference_ms: int = 0
     batches: dict[int, Counter] = field(default_factory=dict)  # runtime calls by batch size
+    shed: int = 0  # refused with 429 before the endpoint ran (web/shedding.py)
 
 
 SchedulerFactory = Callable[[Runtime, ModelConfig, Executor], Scheduler]
@@ -269,6 +270,14 @@ class Registry:
 
     def queue_depth(self) -> int:
         return sum(v.scheduler.depth for vs in self._versions.values() for v in vs.values())
+
+    def shed_counts(self) -> dict[tuple[str], int]:
+        """Per model: requests refused because its queue was full, before any endpoint ran
+        (every loaded model is listed, so a rate over it exists before the first refusal)."""
+        return {
+            (name,): sum(v.stats.shed for v in versions.values())
+            for name, versions in self._versions.items()
+        }
 
     # -- loading ----------------------------------------------------------------
     def declare(self, name: str, config: ModelConfig, versions: Sequence[int]) -> None:

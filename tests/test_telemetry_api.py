@@ -38,6 +38,7 @@ def test_metrics_follow_prometheus_conventions(server: RunningServer) -> None:
         "edgeserve_batch_size_bucket",
         "edgeserve_queue_depth",
         "edgeserve_models_loaded",
+        'edgeserve_requests_shed_total{model="digits"}',
         "edgeserve_telemetry_backlog_records",
         "edgeserve_sync_lag_seconds",
         "edgeserve_process_resident_memory_bytes",

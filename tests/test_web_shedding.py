@@ -144,3 +144,8 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
                 again = _raw_exchange(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
                 assert again.startswith(b"HTTP/1.1 200")
             assert {h.result().status_code for h in held} <= {200, 429}  # none left hanging
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        shed = re.search(
+            r'^edgeserve_requests_shed_total\{model="held"\} ([0-9.e+]+)$', metrics, re.M
+        )
+        assert shed is not None and float(shed.group(1)) >= 1  # shed requests are counted

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -159,6 +159,24 @@ class ProcessCollector:
         yield rss
 
 
+class _ReadCounter:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._labels, self._read = list(labels), read
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for values, count in self._read().items():
+            counter.add_metric(list(values), count)
+        yield counter
+
+
 class Metrics:
     """Every metric edgeserve exports, on one registry per application."""
 
@@ -197,6 +215,18 @@ class Metrics:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read when scraped (queue depth, backlog, sync lag...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def counter(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        """Counters kept elsewhere (label values -> count), read when scraped; exported
+        as `<name>_total`."""
+        collector = _ReadCounter(name, documentation, labels, read)
+        self.registry.register(collector)  # type: ignore[arg-type]
 
     def set_update_state(self, model: str, state: str) -> None:
         """Exactly one state per model reads 1."""

@@ -54,7 +54,12 @@ def _full(scope: Scope) -> bool:
         model = registry.get(match.group(1), match.group(2))
     except EdgeserveError:  # unknown or loading: the endpoint gives the proper answer
         return False
-    return bool(getattr(model.scheduler, "full", False))
+    if not getattr(model.scheduler, "full", False):
+        return False
+    stats = getattr(model, "stats", None)
+    if stats is not None:  # counted here: shed requests leave no telemetry record
+        stats.shed += 1
+    return True
 
 
 def shedding_protocol(base: type) -> type:
