@@ -23,8 +23,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 def bench(args: tuple[str, ...]) -> None:
     """Benchmark edgeserve against the raw runtime and MLServer on loopback.
 
-    Arguments are passed to bench/run.py (--models, --duration, --overload-s, --engines,
-    --markdown, --json). Needs a source checkout and wrk.
+    Arguments are passed to bench/run.py (--models, --duration, --only, --overload-s,
+    --overload-budget-ms, --engines, --markdown, --json). Needs a source checkout and wrk.
 
     Example: edgeserve bench --models digits --duration 5 --markdown bench/RESULTS.md
     """

@@ -140,6 +140,7 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
                     reply = _raw_exchange(sock, request)  # until the queue is full
                 assert reply.startswith(b"HTTP/1.1 429"), reply[:200]
                 assert b"retry-after: 1" in reply.lower()
+                assert b"cache-control: no-store" in reply.lower()  # as every other answer
                 assert reply.endswith(b'{"error": "the model\'s queue is full; retry later"}')
                 again = _raw_exchange(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
                 assert again.startswith(b"HTTP/1.1 200")

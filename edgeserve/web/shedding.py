@@ -19,6 +19,7 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeserve.errors import EdgeserveError
+from edgeserve.web.headers import SECURITY_HEADERS
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 BODY = b'{"error": "the model\'s queue is full; retry later"}'
@@ -26,6 +27,7 @@ HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(BODY)).encode()),
     (b"retry-after", b"1"),
+    *SECURITY_HEADERS,  # the parser-level 429 never passes HeaderGuard
 ]
 
 
