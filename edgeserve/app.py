@@ -37,6 +37,7 @@ from edgeserve.registry import Registry
 from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
 from edgeserve.streaming import ROUTES as STREAM_ROUTES
+from edgeserve.telemetry.metrics import ReadCounter
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
 from edgeserve.telemetry.service import Telemetry
 from edgeserve.updates import UpdateManager, build_update_manager
@@ -262,12 +263,14 @@ def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> 
     telemetry.metrics.gauge(
         "edgeserve_queue_depth", "Requests queued or running", registry.queue_depth
     )
-    telemetry.metrics.counter(
-        "edgeserve_requests_shed",
-        "Inference requests refused with 429 because the model's queue was full, "
-        "answered before routing, auth and the body read (they leave no telemetry record)",
-        ["model"],
-        registry.shed_counts,
+    telemetry.metrics.register(
+        ReadCounter(
+            "edgeserve_requests_shed",
+            "Inference requests refused with 429 because the model's queue was full, "
+            "answered before routing, auth and the body read (they leave no telemetry record)",
+            ["model"],
+            registry.shed_counts,
+        )
     )
     telemetry.metrics.gauge(
         "edgeserve_models_loaded",

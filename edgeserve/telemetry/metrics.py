@@ -159,20 +159,19 @@ class ProcessCollector:
         yield rss
 
 
-class _ReadCounter:
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labels: Sequence[str],
-        read: Callable[[], Mapping[tuple[str, ...], float]],
-    ) -> None:
-        self._name, self._documentation = name, documentation
-        self._labels, self._read = list(labels), read
+@dataclass(frozen=True, eq=False)  # hashed by identity, as the collector registry needs
+class ReadCounter:
+    """Counters kept elsewhere (label values -> count), read when scraped; exported as
+    `<name>_total`."""
+
+    name: str
+    documentation: str
+    labels: Sequence[str]
+    read: Callable[[], Mapping[tuple[str, ...], float]]
 
     def collect(self) -> Iterator[Metric]:
-        counter = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for values, count in self._read().items():
+        counter = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for values, count in self.read().items():
             counter.add_metric(list(values), count)
         yield counter
 
@@ -216,16 +215,7 @@ class Metrics:
         """A gauge read when scraped (queue depth, backlog, sync lag...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
-    def counter(
-        self,
-        name: str,
-        documentation: str,
-        labels: Sequence[str],
-        read: Callable[[], Mapping[tuple[str, ...], float]],
-    ) -> None:
-        """Counters kept elsewhere (label values -> count), read when scraped; exported
-        as `<name>_total`."""
-        collector = _ReadCounter(name, documentation, labels, read)
+    def register(self, collector: ReadCounter) -> None:
         self.registry.register(collector)  # type: ignore[arg-type]
 
     def set_update_state(self, model: str, state: str) -> None:
