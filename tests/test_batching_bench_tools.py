@@ -121,16 +121,7 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
         "errors": 0,
     }
     results = {
-        "env": {
-            "date": "d",
-            "cpu": "c",
-            "cores": 2,
-            "onnxruntime": "1",
-            "openvino": "2",
-            "wrk": "4",
-            "mlserver": "1.7.1",
-            "duration_s": 10,
-        },
+        "env": ENV,
         "targets": [
             {
                 "label": "digits",
