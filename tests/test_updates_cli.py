@@ -85,6 +85,20 @@ def test_keys_bundle_create_inspect_apply_status_rollback(tmp_path: Path, box: P
     after = {p: file_key_id(p) for p in before}
     assert all(before[p] != after[p] for p in before) and len(set(after.values())) == 1
     assert master.stat().st_mode & 0o777 == 0o600
+    # Every change made without the server is in the audit chain, by the OS user, "cli".
+    shown = run("audit", "show", "--json", "--config", str(box))
+    entries = [json.loads(line) for line in shown.output.splitlines()]
+    done = [(e["action"], e["target"], e["outcome"]) for e in entries]
+    assert done == [
+        ("update.install", "digits", "ok"),
+        ("update.install", "digits", "ok"),
+        ("update.install", "digits-3.bundle", "rejected"),
+        ("update.rollback", "digits", "ok"),
+        ("keys.rotate_master", after[next(iter(after))], "ok"),
+    ]
+    assert entries[2]["detail"] == {"reason": "not_newer"}
+    assert all(e["client"] == "cli" and e["subject"].startswith("os:") for e in entries)
+    assert run("audit", "verify", "--config", str(box)).exit_code == 0
 
 
 def test_inspect_refuses_a_bundle_signed_by_an_untrusted_key(tmp_path: Path, box: Path) -> None:

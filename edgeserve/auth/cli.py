@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from edgeserve.audit.offline import audit_command
 from edgeserve.auth import issuer, tls
 from edgeserve.auth.authenticator import jwks_path
 from edgeserve.auth.principal import ALL_SCOPES
@@ -99,6 +100,7 @@ def keys_rotate_signing(config_path: Path | None, keep_previous: int) -> None:
         fail(exc.message)
     except OSError as exc:
         fail(f"cannot write keys: {exc.strerror}")
+    audit_command(settings, "keys.rotate_signing", kid, "ok", {"keep_previous": keep_previous})
     click.echo(f"new signing key id: {kid}")
 
 
@@ -196,6 +198,14 @@ def token_create(
         fail(exc.message)
     except (OSError, ValueError) as exc:
         fail(f"cannot create a token: {exc}")
+    # Who got which rights until when; never the token itself.
+    audit_command(
+        settings,
+        "token.create",
+        subject,
+        "ok",
+        {"scopes": sorted(set(scopes)), "expires_at": now + ttl},
+    )
     _warn_if_not_trusted(settings)
     if as_json:
         doc = {

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from edgeserve.audit.offline import audit_command
 from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.runtime import ThreadPlan
 from edgeserve.updates.keyring import open_store
@@ -232,9 +233,17 @@ def update_apply(path: Path, config_path: Path | None, allow_downgrade: bool) ->
             reason="edgeserve update apply",
         )
     except BundleRejected as exc:
+        audit_command(settings, "update.install", path.name, "rejected", {"reason": exc.reason})
         fail(f"bundle rejected: {exc}")
     except (UpdaterError, ValueError, OSError) as exc:
         fail(str(exc))
+    audit_command(
+        settings,
+        "update.install",
+        result.model,
+        "ok",
+        {"version": result.version, "slot": result.slot, "allow_downgrade": allow_downgrade},
+    )
     click.echo(
         f"installed model={result.model} version={result.version} slot={result.slot} "
         f"previous={result.previous_version}; reload the server (SIGHUP) to serve it"
@@ -293,7 +302,15 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
     try:
         journal = open_store(settings).rollback(model, reason)
     except StoreError as exc:
+        audit_command(settings, "update.rollback", model, "refused", {"error": exc.message})
         fail(exc.message)
     except (UpdaterError, ValueError, OSError) as exc:
         fail(str(exc))
+    audit_command(
+        settings,
+        "update.rollback",
+        model,
+        "ok",
+        {"reason": reason, "active_version": journal.active_version},
+    )
     click.echo(f"rolled back model={model} active_version={journal.active_version}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from edgeserve.audit.offline import audit_command
 from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.updates.keyring import (
     bundle_policy,
@@ -141,6 +142,7 @@ def rotate(config_path: Path | None) -> None:
         fsync_dir(path.parent)
     except (UpdaterError, ValueError, OSError) as exc:
         fail(f"rotation interrupted, run it again: {exc}")
+    audit_command(settings, "keys.rotate_master", new.key_id, "ok", {"files_rewritten": rewritten})
     click.echo(f"rotated: {rewritten} files re-encrypted under master key {new.key_id}")
 
 
