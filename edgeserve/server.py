@@ -186,18 +186,22 @@ class _HeadersTooLarge(Exception):
 def _guarded_httptools(settings: Settings) -> type:
     """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
     bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
-    first one) closes the connection."""
+    first one) closes the connection; and one neither has: a request's line and headers
+    must be complete within `request_head_timeout_s` of its first byte, so a client
+    trickling a byte just inside the read timeout cannot hold a connection for long."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from edgeserve.web.shedding import shedding_protocol
 
     max_head_bytes = settings.limits.max_header_bytes
     read_timeout_s = settings.server.read_timeout_s
+    head_timeout_s = settings.server.request_head_timeout_s
 
     class GuardedHttpTools(HttpToolsProtocol):
         _head_bytes = 0
         _too_large = False
         _read_timer: asyncio.TimerHandle | None = None
+        _head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -205,6 +209,7 @@ def _guarded_httptools(settings: Settings) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._head_done()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -216,6 +221,23 @@ def _guarded_httptools(settings: Settings) -> type:
             super().on_message_begin()
             self._head_bytes = 0
             self._arm()
+            self._head_done()
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+
+        def on_headers_complete(self) -> None:
+            self._head_done()
+            super().on_headers_complete()
+
+        def _head_done(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                log.info("request head not complete after %ss; connection closed", head_timeout_s)
+                self.transport.close()
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))

@@ -78,6 +78,7 @@ BROKEN = [
     ('[server]\nengine = "gunicorn"\n', "server.engine: must be one of"),
     ('[server]\nevent_loop = "twisted"\n', "server.event_loop: must be one of"),
     ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
+    ("[server]\nrequest_head_timeout_s = 0\n", "server.request_head_timeout_s: must be >= 0.1"),
     ('[models]\nbackend = "tensorflow"\n', "models.backend: must be one of"),
     ('[models]\nload = "digits"\n', "models.load: must be a list"),
     ("[models]\nrepository = 3\n", "models.repository: must be a non-empty path"),

@@ -35,11 +35,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningS
 
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A server with a 2-second read timeout, for the slow-client cases."""
+    """A server with a 2-second read timeout and a 3-second request-head deadline, for the
+    slow-client cases."""
     tmp = tmp_path_factory.mktemp("impatient")
     port_config = (
         '[server]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'state_dir = "{tmp / "state"}"\nread_timeout_s = 2.0\n'
+        f'state_dir = "{tmp / "state"}"\nread_timeout_s = 2.0\nrequest_head_timeout_s = 3.0\n'
         f'[models]\nrepository = "{MODELS}"\n[auth]\nenabled = false\n'
     )
     with run_server(tmp, config_text=port_config) as running:
@@ -188,6 +189,30 @@ def test_slowloris_headers_are_cut_off(impatient: RunningServer) -> None:
     with _raw_connection(impatient) as sock:
         sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         _closed_within(sock, 10.0)
+    assert httpx.get(f"{impatient.url}/v2/health/ready").status_code == 200
+
+
+def test_headers_trickling_inside_the_read_timeout_are_cut_off(impatient: RunningServer) -> None:
+    """One header byte every 0.5 s never trips the 2 s read timeout; the head deadline
+    (3 s from the first byte) closes the connection long before 30 bytes have gone."""
+    with _raw_connection(impatient) as sock:
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        closed = False
+        for _ in range(30):
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"a")
+                sock.setblocking(False)
+                closed = sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            finally:
+                sock.setblocking(True)
+            if closed:
+                break
+        assert closed, "a trickling request head held the connection for 15 s"
     assert httpx.get(f"{impatient.url}/v2/health/ready").status_code == 200
 
 

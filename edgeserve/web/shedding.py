@@ -99,6 +99,9 @@ def shedding_protocol(base: type) -> type:
                 )
             ):
                 self._shedding = True
+                head_done = getattr(self, "_head_done", None)  # server.py's head deadline
+                if head_done is not None:
+                    head_done()
                 return
             super().on_headers_complete()
 
