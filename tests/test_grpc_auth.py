@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,24 @@ def test_metadata_needs_read_scope(secured: tuple[str, Path]) -> None:
         assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
         good = {"authorization": f"Bearer {token_for(state_dir, 'read')}"}
         assert client.get_model_metadata("linear", headers=good).name == "linear"
+
+
+@pytest.mark.parametrize("scope", [None, "read", "infer"], ids=["missing", "wrong-scope", "ok"])
+def test_stream_needs_the_infer_scope(secured: tuple[str, Path], scope: str | None) -> None:
+    url, state_dir = secured
+    headers = {"authorization": f"Bearer {token_for(state_dir, scope)}"} if scope else None
+    replies: queue.Queue = queue.Queue()
+    data = triton.InferInput("input", [1, WIDTH], "FP32")
+    data.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+    with triton.InferenceServerClient(url) as client:
+        client.start_stream(
+            callback=lambda result, error: replies.put((result, error)), headers=headers
+        )
+        client.async_stream_infer("linear", [data], request_id="a")
+        result, error = replies.get(timeout=30)
+        client.stop_stream()
+    if scope == "infer":
+        assert error is None and result.as_numpy("label").shape == (1,)
+    else:
+        expected = "UNAUTHENTICATED" if scope is None else "PERMISSION_DENIED"
+        assert result is None and expected in str(error.status())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -158,3 +159,34 @@ def test_full_queue_is_resource_exhausted(grpc_url: str) -> None:
     with ThreadPoolExecutor(5) as pool:
         outcomes = sorted(pool.map(one, range(5)))
     assert outcomes == ["OK", "OK"] + ["StatusCode.RESOURCE_EXHAUSTED"] * 3
+
+
+def test_stream_answers_every_request_and_survives_a_bad_one(grpc_url: str) -> None:
+    """tritonclient's start_stream / async_stream_infer (ModelStreamInfer): each request
+    gets its own rows back under its id; a bad request gets an error and the stream goes on."""
+    rows = np.random.default_rng(5).normal(size=(12, WIDTH)).astype(np.float32)
+    answers: list[tuple[object, object]] = []
+    done = threading.Event()
+
+    def on_reply(result: object, error: object) -> None:
+        answers.append((result, error))
+        if len(answers) == len(rows) + 1:
+            done.set()
+
+    with triton.InferenceServerClient(grpc_url) as client:
+        client.start_stream(callback=on_reply)
+        for i, row in enumerate(rows):
+            data = triton.InferInput("input", [1, WIDTH], "FP32")
+            data.set_data_from_numpy(row[None, :])
+            client.async_stream_infer("linear", [data], request_id=f"s-{i}")
+            if i == 5:
+                bad = triton.InferInput("pixels", [1, WIDTH], "FP32")
+                bad.set_data_from_numpy(row[None, :])
+                client.async_stream_infer("linear", [bad], request_id="s-bad")
+        assert done.wait(30), f"{len(answers)} of {len(rows) + 1} answers arrived"
+        client.stop_stream()
+    errors = [e for _, e in answers if e is not None]
+    assert len(errors) == 1 and "unknown input 'pixels'" in str(errors[0])
+    labels = {r.get_response().id: r.as_numpy("label").tolist() for r, e in answers if e is None}
+    expected = (rows @ WEIGHTS).argmax(axis=1)
+    assert labels == {f"s-{i}": [int(expected[i])] for i in range(len(rows))}

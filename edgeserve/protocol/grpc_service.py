@@ -10,7 +10,7 @@ status codes in `_abort`; RPCs not listed here answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +34,7 @@ from edgeserve.errors import (
     ModelNotReady,
     Unauthorized,
 )
+from edgeserve.protocol.grpc_stream import stream_replies
 from edgeserve.protocol.limits import DecodeLimits, checked_shape
 from edgeserve.protocol.rest import EXTENSIONS, _stats_doc
 from edgeserve.registry import Registry, VersionState
@@ -246,22 +247,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -----------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        async def work() -> pb.ModelInferResponse:
-            model = self._registry.get(request.model_name, request.model_version or None)
-            named = decode_inputs(request, self._limits)
-            feed = model.check_inputs(named)
-            requested = [o.name for o in request.outputs] or None
-            model.check_outputs(requested)
-            remaining = context.time_remaining()
-            timeout = request.parameters.get("timeout")
-            deadline = request_deadline(
-                remaining * 1000 if remaining is not None else None,
-                timeout.int64_param if timeout is not None else None,
-            )
-            result = await model.infer(feed, requested, deadline=deadline)
-            return encode_response(model.name, str(model.version), request.id, result.outputs)
+        return await self._call(context, "infer", lambda: self.infer_one(request, context))
 
-        return await self._call(context, "infer", work)
+    async def ModelStreamInfer(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream (tritonclient's start_stream/async_stream_infer)."""
+        try:
+            await self._guard(context, "infer")
+        except EdgeserveError as exc:
+            await context.abort(status_code_for(exc.status), exc.message)
+        async for reply in stream_replies(self.infer_one, request_iterator, context):
+            yield reply
+
+    async def infer_one(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        """One ModelInferRequest through the registry and its batcher (caller checked)."""
+        model = self._registry.get(request.model_name, request.model_version or None)
+        named = decode_inputs(request, self._limits)
+        feed = model.check_inputs(named)
+        requested = [o.name for o in request.outputs] or None
+        model.check_outputs(requested)
+        remaining = context.time_remaining()
+        timeout = request.parameters.get("timeout")
+        deadline = request_deadline(
+            remaining * 1000 if remaining is not None else None,
+            timeout.int64_param if timeout is not None else None,
+        )
+        result = await model.infer(feed, requested, deadline=deadline)
+        return encode_response(model.name, str(model.version), request.id, result.outputs)
 
 
 def decode_inputs(

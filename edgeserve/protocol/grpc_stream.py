@@ -1,0 +1,73 @@
+"""`ModelStreamInfer`, Triton's bidirectional gRPC stream: requests are answered as they
+complete, several at once (so a stream feeds the dynamic batcher like concurrent
+calls do), at most `MAX_IN_FLIGHT` per stream so a fast sender cannot queue without
+bound. A failed request answers with `error_message` and the stream goes on, as Triton
+does; only a refused caller ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from tritonclient.grpc import service_pb2 as pb
+
+from edgeserve.errors import EdgeserveError
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64  # requests of one stream being computed at once
+
+InferOne = Callable[[Any, Any], Awaitable[pb.ModelInferResponse]]
+
+
+async def stream_replies(
+    infer_one: InferOne, requests: AsyncIterator[Any], context: Any
+) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    """One ModelStreamInferResponse per request read from `requests`, in completion order
+    (each carries its request's id)."""
+    replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def answer(request: Any) -> None:
+        try:
+            reply = pb.ModelStreamInferResponse(infer_response=await infer_one(request, context))
+        except EdgeserveError as exc:
+            reply = pb.ModelStreamInferResponse(
+                error_message=exc.message,
+                infer_response=pb.ModelInferResponse(id=request.id),
+            )
+        except Exception:
+            log.exception("grpc stream request failed id=%s", request.id[:128])
+            reply = pb.ModelStreamInferResponse(
+                error_message="internal error", infer_response=pb.ModelInferResponse(id=request.id)
+            )
+        finally:
+            slots.release()
+        await replies.put(reply)
+
+    async def read() -> None:
+        running: set[asyncio.Task] = set()
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.ensure_future(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running)
+        except asyncio.CancelledError:  # the stream ended early: drop what it still waits for
+            for task in running:
+                task.cancel()
+            raise
+        finally:
+            await replies.put(None)  # the client closed its side, or the stream broke
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (reply := await replies.get()) is not None:
+            yield reply
+    finally:
+        reader.cancel()
