@@ -66,28 +66,36 @@ class Page:
             self.console_errors.append(params["entry"].get("text", "")[:300])
 
     def navigate(self, url: str) -> None:
+        """Load `url` and wait for *its* document: right after Page.navigate the old one
+        may still answer "complete", and evaluating while it is replaced fails."""
+        self._mark_document()
         self.send("Page.navigate", url=url)
-        self.wait_loaded()
-
-    def wait_loaded(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = self.send("Runtime.evaluate", expression="document.readyState")
-            if state.get("result", {}).get("value") == "complete":
-                return
-            time.sleep(0.1)
-        raise TimeoutError("page did not finish loading")
+        self._wait_new_document(30, "the page did not load")
 
     def submit(self, expression: str, timeout_s: float = 30) -> None:
         """Run `expression` (which submits a form) and wait for the next document."""
-        self.evaluate("window.__previousDocument = true")
+        self._mark_document()
         self.evaluate(expression)
+        self._wait_new_document(timeout_s, "the form submission did not load a new page")
+
+    def _mark_document(self) -> None:
+        self.evaluate("window.__previousDocument = true")
+
+    def _wait_new_document(self, timeout_s: float, failure: str) -> None:
         deadline = time.monotonic() + timeout_s
-        while self.evaluate("window.__previousDocument === true"):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the form submission did not load a new page")
+        while time.monotonic() < deadline:
+            try:
+                state = self.evaluate(
+                    "window.__previousDocument === true ? 'previous' : document.readyState"
+                )
+            except RuntimeError as exc:  # evaluated while the document was being replaced
+                if "navigated or closed" not in str(exc) and "context" not in str(exc):
+                    raise
+                state = "navigating"
+            if state == "complete":
+                return
             time.sleep(0.05)
-        self.wait_loaded()
+        raise TimeoutError(failure)
 
     def evaluate(self, expression: str) -> Any:
         return self.send("Runtime.evaluate", expression=expression, returnByValue=True)[
