@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +194,45 @@ def test_stream_answers_every_request_and_survives_a_bad_one(grpc_url: str) -> N
     labels = {r.get_response().id: r.as_numpy("label").tolist() for r, e in answers if e is None}
     expected = (rows @ WEIGHTS).argmax(axis=1)
     assert labels == {f"s-{i}": [int(expected[i])] for i in range(len(rows))}
+
+
+def test_grpc_inferences_leave_telemetry_records(tmp_path: Path) -> None:
+    """Served or refused, over ModelInfer or the stream: a record each, the caller's
+    subject hashed, as over HTTP."""
+    repo = write_repository(tmp_path / "repo", {"linear": TOMLS["linear"]})
+    grpc_port = free_port()
+    config = (
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'state_dir = "{tmp_path / "state"}"\n[models]\nrepository = "{repo}"\n'
+        "[auth]\nenabled = false\n"
+    )
+    data = triton.InferInput("input", [1, WIDTH], "FP32")
+    data.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+    bad = triton.InferInput("pixels", [1, WIDTH], "FP32")
+    bad.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+    with run_server(tmp_path, config_text=config):
+        with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            who = {"x-user-id": "alice@example.com"}
+            client.infer("linear", [data], request_id="g-ok", headers=who)
+            with pytest.raises(InferenceServerException):
+                client.infer("linear", [bad], request_id="g-bad")
+            replies: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error: replies.put(error))
+            client.async_stream_infer("linear", [data], request_id="g-stream")
+            assert replies.get(timeout=30) is None
+            client.stop_stream()
+        rows: dict[str, tuple] = {}
+        deadline = time.monotonic() + 30
+        while len(rows) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the writer thread commits in the background
+            with sqlite3.connect(tmp_path / "state" / "telemetry.db") as db:
+                rows = {
+                    r[0]: r[1:]
+                    for r in db.execute(
+                        "SELECT request_id, model, version, status, subject_hash FROM inferences"
+                    )
+                }
+    assert rows["g-ok"][:3] == ("linear", "1", 200)
+    assert rows["g-ok"][3] and "alice" not in rows["g-ok"][3]
+    assert rows["g-bad"][:3] == ("linear", "1", 400)
+    assert rows["g-stream"][:3] == ("linear", "1", 200)

@@ -10,6 +10,7 @@ status codes in `_abort`; RPCs not listed here answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from edgeserve.errors import (
     Unauthorized,
 )
 from edgeserve.protocol.grpc_stream import stream_replies
+from edgeserve.protocol.grpc_telemetry import record_grpc_inference
 from edgeserve.protocol.limits import DecodeLimits, checked_shape
 from edgeserve.protocol.rest import EXTENSIONS, _stats_doc
 from edgeserve.registry import Registry, VersionState
@@ -261,20 +263,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             yield reply
 
     async def infer_one(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        """One ModelInferRequest through the registry and its batcher (caller checked)."""
-        model = self._registry.get(request.model_name, request.model_version or None)
-        named = decode_inputs(request, self._limits)
-        feed = model.check_inputs(named)
-        requested = [o.name for o in request.outputs] or None
-        model.check_outputs(requested)
-        remaining = context.time_remaining()
-        timeout = request.parameters.get("timeout")
-        deadline = request_deadline(
-            remaining * 1000 if remaining is not None else None,
-            timeout.int64_param if timeout is not None else None,
-        )
-        result = await model.infer(feed, requested, deadline=deadline)
-        return encode_response(model.name, str(model.version), request.id, result.outputs)
+        """One ModelInferRequest through the registry and its batcher (caller checked),
+        leaving a telemetry record whatever the outcome."""
+        started = time.perf_counter()
+        status, result, version = 500, None, request.model_version
+        try:
+            model = self._registry.get(request.model_name, request.model_version or None)
+            version = str(model.version)
+            named = decode_inputs(request, self._limits)
+            feed = model.check_inputs(named)
+            requested = [o.name for o in request.outputs] or None
+            model.check_outputs(requested)
+            remaining = context.time_remaining()
+            timeout = request.parameters.get("timeout")
+            deadline = request_deadline(
+                remaining * 1000 if remaining is not None else None,
+                timeout.int64_param if timeout is not None else None,
+            )
+            result = await model.infer(feed, requested, deadline=deadline)
+            status = 200
+            return encode_response(model.name, version, request.id, result.outputs)
+        except EdgeserveError as exc:
+            status = exc.status
+            raise
+        finally:
+            record_grpc_inference(
+                self._app.state, request, context, version, status, result, started
+            )
 
 
 def decode_inputs(
