@@ -198,16 +198,13 @@ def _record(
     header = getattr(websocket.app.state, "subject_header", None)
     subject = websocket.headers.get(header) if header else None
     recorder.record_inference(
-        InferenceRecord(
-            request_id=request_id or new_request_id(),
-            model=model,
-            version=version,
-            status=status,
-            total_s=time.perf_counter() - started,
-            queue_s=result.queue_s if result else 0.0,
-            compute_s=result.compute_s if result else 0.0,
-            batch_size=result.batch_size if result else 0,
-            time_unix=time.time(),
+        InferenceRecord.ended(
+            request_id or new_request_id(),
+            model,
+            version,
+            status,
+            started,
+            result,
             subject_hash=recorder.subject_hash(subject) if subject else None,
         )
     )

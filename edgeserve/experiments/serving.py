@@ -116,16 +116,13 @@ async def _shadow(
     recorder = state.recorder
     if recorder is not None:
         recorder.record_inference(
-            InferenceRecord(
-                request_id=request_id,
-                model=model,
-                version=str(variant.version),
-                status=status,
-                total_s=time.perf_counter() - started,
-                queue_s=result.queue_s if result else 0.0,
-                compute_s=result.compute_s if result else 0.0,
-                batch_size=result.batch_size if result else 0,
-                time_unix=time.time(),
+            InferenceRecord.ended(
+                request_id,
+                model,
+                str(variant.version),
+                status,
+                started,
+                result,
                 experiment=routing.experiment,
                 variant=variant.name,
                 top_score=None if prediction is None else prediction[1],

@@ -4,7 +4,6 @@ one over HTTP or a WebSocket, whatever its outcome."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from edgeserve.batching import RunResult
@@ -32,16 +31,13 @@ def record_grpc_inference(
         None,
     )
     recorder.record_inference(
-        InferenceRecord(
-            request_id=request.id[:128] or new_request_id(),
-            model=request.model_name[:256],
-            version=version,
-            status=status,
-            total_s=time.perf_counter() - started,
-            queue_s=result.queue_s if result else 0.0,
-            compute_s=result.compute_s if result else 0.0,
-            batch_size=result.batch_size if result else 0,
-            time_unix=time.time(),
+        InferenceRecord.ended(
+            request.id[:128] or new_request_id(),
+            request.model_name[:256],
+            version,
+            status,
+            started,
+            result,
             subject_hash=recorder.subject_hash(subject) if subject else None,
         )
     )

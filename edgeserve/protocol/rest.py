@@ -167,19 +167,15 @@ def _record(request: Request, trace: InferTrace, status: int, started: float) ->
     recorder = getattr(request.app.state, "recorder", None)
     if recorder is None:
         return 0
-    result = trace.result
     subject = request.headers.get(request.app.state.subject_header)
     return recorder.record_inference(
-        InferenceRecord(
-            request_id=trace.request_id,
-            model=trace.model,
-            version=trace.version,
-            status=status,
-            total_s=time.perf_counter() - started,
-            queue_s=result.queue_s if result else 0.0,
-            compute_s=result.compute_s if result else 0.0,
-            batch_size=result.batch_size if result else 0,
-            time_unix=time.time(),
+        InferenceRecord.ended(
+            trace.request_id,
+            trace.model,
+            trace.version,
+            status,
+            started,
+            trace.result,
             top_score=trace.top_score,
             subject_hash=recorder.subject_hash(subject) if subject else None,
             experiment=trace.experiment,

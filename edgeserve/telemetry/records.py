@@ -6,8 +6,17 @@ Fields are declared in the order of their table's columns (the writer inserts
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+
+class Timing(Protocol):
+    """What the batcher reports of one request's run (edgeserve.batching.RunResult)."""
+
+    queue_s: float
+    compute_s: float
+    batch_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +39,32 @@ class InferenceRecord:
     shadow: bool = False
     error: str | None = None
     prediction: str | None = None  # the top class of a one-row classification, for accuracy
+
+    @classmethod
+    def ended(
+        cls,
+        request_id: str,
+        model: str,
+        version: str,
+        status: int,
+        started: float,
+        run: Timing | None,
+        **labels: Any,
+    ) -> InferenceRecord:
+        """The record of a request that began at `time.perf_counter()` == `started` and
+        ends now; queue/compute split and batch size from `run` (None: it never ran)."""
+        return cls(
+            request_id=request_id,
+            model=model,
+            version=version,
+            status=status,
+            total_s=time.perf_counter() - started,
+            queue_s=run.queue_s if run else 0.0,
+            compute_s=run.compute_s if run else 0.0,
+            batch_size=run.batch_size if run else 0,
+            time_unix=time.time(),
+            **labels,
+        )
 
 
 @dataclass(frozen=True, slots=True)
