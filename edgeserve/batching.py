@@ -262,8 +262,9 @@ class DynamicBatcher:
                 self._queue.popleft()
                 self._queued_rows -= head.rows
                 continue
+            rows = self._batch_rows()
             if (
-                self._queued_rows < self._batch_rows()
+                self._queued_rows < rows
                 and policy.max_queue_delay_s > 0
                 and (self._running > 0 or policy.wait_when_idle)
                 and not self._closed
@@ -274,7 +275,7 @@ class DynamicBatcher:
                     if self._timer is None:
                         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
                     return
-            batch = take_batch(self._queue, self._batch_rows())
+            batch = take_batch(self._queue, rows)
             self._queued_rows -= sum(p.rows for p in batch)
             live = [p for p in batch if not p.future.done()]
             if live:
