@@ -235,9 +235,7 @@ def _guarded_httptools(settings: Settings) -> type:
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if not self.transport.is_closing():
-                log.info("request head not complete after %ss; connection closed", head_timeout_s)
-                self.transport.close()
+            self._cut_off("request head not complete after %ss; connection closed", head_timeout_s)
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
@@ -279,8 +277,12 @@ def _guarded_httptools(settings: Settings) -> type:
 
         def _read_timed_out(self) -> None:
             self._read_timer = None
+            self._cut_off("slow client disconnected after read_timeout_s=%s", read_timeout_s)
+
+        def _cut_off(self, message: str, limit_s: float) -> None:
+            """Close a connection whose client took too long (either deadline)."""
             if not self.transport.is_closing():
-                log.info("slow client disconnected after read_timeout_s=%s", read_timeout_s)
+                log.info(message, limit_s)
                 self.transport.close()
 
     return shedding_protocol(GuardedHttpTools)  # a full model's 429s skip the ASGI stack
