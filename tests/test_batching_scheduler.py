@@ -89,6 +89,79 @@ def test_concurrent_requests_share_a_call_and_each_gets_its_own_rows(executor) -
     assert runtime.calls == [1, 6]
 
 
+class HeldExecutor(ThreadPoolExecutor):
+    """Starts nothing until `release()`: lets a test queue requests before any slot runs."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.released = threading.Event()
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+        def held():
+            assert self.released.wait(10)
+            return fn(*args, **kwargs)
+
+        return super().submit(held)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def test_a_queue_is_shared_among_free_slots_instead_of_one_slot_taking_it_all() -> None:
+    runtime = FakeRuntime()
+    both_running = threading.Barrier(2, timeout=10)  # fails unless two calls run at once
+
+    def run(inputs, outputs):
+        both_running.wait()
+        return runtime.run(inputs, outputs)
+
+    with HeldExecutor(2) as pool:
+        batcher = DynamicBatcher(run, pool, policy(max_concurrent=2))
+
+        async def scenario() -> None:
+            work = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(8)]
+            await wait_for(lambda: len(batcher._queue) == 8)
+            pool.release()
+            results = await asyncio.wait_for(asyncio.gather(*work), 10)
+            assert [r.outputs["sum"].tolist() for r in results] == [[3.0 * i] for i in range(8)]
+
+        asyncio.run(scenario())
+    assert runtime.calls == [4, 4]  # both cores busy, not one batch of 8 and an idle slot
+
+
+def test_a_busy_model_lets_other_models_use_the_shared_executor_between_turns(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr("edgeserve.batching.SLOT_TURN_S", 0.0)
+    order: list[str] = []
+    busy, other = FakeRuntime(), FakeRuntime()
+
+    def recorded(name: str, runtime: FakeRuntime):
+        def run(inputs, outputs):
+            order.append(name)
+            return runtime.run(inputs, outputs)
+
+        return run
+
+    with ThreadPoolExecutor(1) as pool:
+        busy_batcher = DynamicBatcher(recorded("busy", busy), pool, policy(max_batch_size=1))
+        other_batcher = DynamicBatcher(recorded("other", other), pool, policy())
+
+        async def scenario() -> None:
+            busy.gate.clear()
+            queued = [
+                asyncio.ensure_future(busy_batcher.submit(row(i), None, None)) for i in range(4)
+            ]
+            await asyncio.get_running_loop().run_in_executor(None, busy.entered.wait, 5)
+            late = asyncio.ensure_future(other_batcher.submit(row(9), None, None))
+            await asyncio.sleep(0.05)  # the other model's slot is now queued on the executor
+            busy.gate.set()
+            await asyncio.wait_for(asyncio.gather(late, *queued), 10)
+
+        asyncio.run(scenario())
+    assert order == ["busy", "other", "busy", "busy", "busy"]
+
+
 def test_lone_request_runs_at_once_when_idle(executor) -> None:
     runtime = FakeRuntime()
     batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_delay_s=30.0))
