@@ -89,7 +89,9 @@ datatype = "FP32"
 shape = [-1, 384]
 
 [batching]
-max_queue_delay_ms = 2.0
+# Batching barely pays for this model on CPU (batch 4 computes ~15% more rows/s than
+# batch 1), so a free slot starts at once instead of waiting for company.
+max_queue_delay_ms = 0.0
 max_queue_size = 512
 
 [warmup]
