@@ -48,6 +48,8 @@ RETRY_AFTER = {"Retry-After": "1"}
 # Longest a slot keeps computing one model's batches before it queues itself again behind
 # other models' work on the shared executor.
 SLOT_TURN_S = 0.05
+# A queue that one slot computes faster than this is not split between free slots.
+SPLIT_MIN_S = 0.001
 
 
 @dataclass(slots=True)
@@ -206,6 +208,9 @@ class DynamicBatcher:
         self._slots = 0  # slots working for this batcher (computing or taking a batch)
         self._computing = 0  # slots inside a runtime call
         self._running_requests = 0
+        # How late the event loop took the last batch's results: when it is busier than
+        # it can keep up with, computed results wait there, not in the queue.
+        self._delivery_lag_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._idle: asyncio.Event | None = None
@@ -223,15 +228,18 @@ class DynamicBatcher:
         """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
 
         Yes when the oldest queued request has already waited that long (beyond the
-        max_queue_delay_s it may be held for company by design): measured, so it also
-        catches a queue drained slower than the runtime's speed (an event loop busy
-        answering other clients delays every batch start). Else the estimate: queued rows
-        over the measured speed of all slots, which reacts before the queue has aged;
+        max_queue_delay_s it may be held for company by design), or when the event loop
+        took the results of the last batch still out that late: both measured, so they
+        also catch an event loop too busy answering other clients to deliver (for a small
+        model the loop, not the runtime, is what saturates). Else the estimate: queued
+        rows over the measured speed of all slots, which reacts before the queue has aged;
         until a batch has been timed there is none and only max_queue_size applies.
         """
         wait_s = self._policy.max_queue_wait_s
         if not wait_s:
             return False
+        if self._running_requests and self._delivery_lag_s > wait_s:
+            return True
         try:
             age_s = time.perf_counter() - self._queue[0].enqueued
         except IndexError:  # empty, or a slot took the last request meanwhile
@@ -346,10 +354,7 @@ class DynamicBatcher:
                 ):
                     wait = queue[0].enqueued + policy.max_queue_delay_s - time.perf_counter()
                 if wait <= 0:
-                    # Share the queue with the other free slots instead of taking it all.
-                    free = policy.max_concurrent - self._computing
-                    share = -(-self._queued_rows // free) if free > 1 else rows
-                    batch = take_batch(queue, min(rows, max(1, share)))
+                    batch = take_batch(queue, self._share(rows))
                     self._queued_rows -= sum(p.rows for p in batch)
                     self._running_requests += len(batch)
                     self._computing += 1
@@ -369,13 +374,30 @@ class DynamicBatcher:
             self._launch()  # a free slot for the rest of the queue
         return batch
 
+    def _share(self, rows: int) -> int:
+        """This slot's rows: the queue up to `rows`, or an even share of it when other
+        slots are free, so that they compute too instead of idling beside one big batch.
+
+        Each share costs a hand-off to the event loop, so a queue that one slot computes
+        in under SPLIT_MIN_S (small models, bound by the event loop) is not split.
+        """
+        free = self._policy.max_concurrent - self._computing
+        queued = min(self._queued_rows, rows)
+        if free <= 1 or queued <= 1:
+            return rows
+        speeds = self._slot_rows_per_s
+        speed = speeds.get(queued.bit_length()) or max(speeds.values(), default=0.0)
+        if speed and queued / speed < SPLIT_MIN_S:
+            return rows
+        return -(-queued // free)
+
     def _post(self, batch: list[_Pending], results: list[RunResult | BaseException]) -> None:
         """Hand a batch's results to the event loop, which owns the futures."""
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(self._deliver, batch, results)
+            loop.call_soon_threadsafe(self._deliver, batch, results, time.perf_counter())
 
     def _execute(self, batch: list[_Pending]) -> list[RunResult | BaseException]:
         """On a worker thread: one runtime call for the whole batch, split per request."""
@@ -416,8 +438,11 @@ class DynamicBatcher:
             return exc
         return RunResult(outputs, started - p.enqueued, time.perf_counter() - began, p.rows)
 
-    def _deliver(self, batch: list[_Pending], results: list[RunResult | BaseException]) -> None:
+    def _deliver(
+        self, batch: list[_Pending], results: list[RunResult | BaseException], posted: float
+    ) -> None:
         """On the event loop: resolve each caller's future with its own result."""
+        self._delivery_lag_s = time.perf_counter() - posted
         with self._lock:
             self._running_requests -= len(batch)
             idle = not self._queue and not self._slots and not self._running_requests

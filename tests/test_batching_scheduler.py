@@ -106,6 +106,9 @@ class HeldExecutor(ThreadPoolExecutor):
     def release(self) -> None:
         self.released.set()
 
+    def hold(self) -> None:
+        self.released.clear()
+
 
 def test_a_queue_is_shared_among_free_slots_instead_of_one_slot_taking_it_all() -> None:
     runtime = FakeRuntime()
@@ -127,6 +130,26 @@ def test_a_queue_is_shared_among_free_slots_instead_of_one_slot_taking_it_all() 
 
         asyncio.run(scenario())
     assert runtime.calls == [4, 4]  # both cores busy, not one batch of 8 and an idle slot
+
+
+def test_a_queue_one_slot_computes_at_once_is_not_split() -> None:
+    """A split costs a hand-off per batch; for a fast model the event loop pays it."""
+    runtime = FakeRuntime()  # microseconds per row: far under SPLIT_MIN_S
+    with HeldExecutor(2) as pool:
+        batcher = DynamicBatcher(runtime.run, pool, policy(max_concurrent=2))
+
+        async def scenario() -> None:
+            pool.release()
+            await batcher.submit(row(0), None, None)  # the batcher learns the speed
+            await wait_for(lambda: batcher._slots == 0)
+            pool.hold()
+            work = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(8)]
+            await wait_for(lambda: len(batcher._queue) == 8)
+            pool.release()
+            await asyncio.wait_for(asyncio.gather(*work), 10)
+
+        asyncio.run(scenario())
+    assert runtime.calls == [1, 8]
 
 
 def test_a_busy_model_lets_other_models_use_the_shared_executor_between_turns(
@@ -309,6 +332,39 @@ def test_queue_whose_oldest_request_waited_past_the_limit_refuses_with_429(execu
         runtime.gate.set()
         await asyncio.gather(running, queued)
         assert not batcher.full
+
+    asyncio.run(scenario())
+
+
+def test_an_event_loop_too_busy_to_take_results_refuses_newcomers_until_it_catches_up(
+    executor,
+) -> None:
+    """For a small model the event loop saturates before the runtime does: results wait
+    for the loop, not in the queue, so the queue alone would never look full."""
+    loop_busy, held = threading.Event(), threading.Event()
+    calls = 0
+
+    def run(inputs, outputs):
+        nonlocal calls
+        calls += 1
+        assert (loop_busy if calls == 1 else held).wait(10)
+        return {"double": inputs["x"] * 2}
+
+    batcher = DynamicBatcher(run, executor, policy(max_batch_size=1, max_queue_wait_s=0.05))
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit(row(1), None, None))
+        second = asyncio.ensure_future(batcher.submit(row(2), None, None))
+        await wait_for(lambda: calls == 1)
+        loop_busy.set()
+        time.sleep(0.2)  # the first result is posted now and waits for the busy loop
+        await first
+        assert batcher.full  # the second request is still out and the loop was 200 ms late
+        with pytest.raises(Overloaded):
+            await batcher.submit(row(3), None, None)
+        held.set()
+        await second
+        assert not batcher.full  # nothing out any more: admit again and measure anew
 
     asyncio.run(scenario())
 
