@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overload-budget-ms",
         type=float,
-        default=10.0,
+        default=5.0,
         help="also overload the compute-bound model with this max_queue_wait_ms (0 = skip)",
     )
     parser.add_argument("--engines", default="hypercorn,uvicorn")
