@@ -71,7 +71,7 @@ def build_app(settings: Settings) -> Starlette:
         workers, threads = plan_threads(settings)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         registry = Registry(
-            executor, threads, settings.models.backend, warmup=settings.models.warmup
+            executor, workers, threads, settings.models.backend, warmup=settings.models.warmup
         )
         app.state.registry = registry
         telemetry = _start_telemetry(app, settings, registry)

@@ -17,7 +17,7 @@ from enum import Enum
 
 import numpy as np
 
-from edgeserve.batching import BatchPolicy, DirectScheduler, RunResult, Scheduler, build_scheduler
+from edgeserve.batching import BatchPolicy, RunResult, Scheduler, build_scheduler
 from edgeserve.cache import CachedScheduler, ResponseCache
 from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from edgeserve.repository import ModelConfig
@@ -58,17 +58,15 @@ class VersionStats:
     shed: int = 0  # refused with 429 before the endpoint ran (web/shedding.py)
 
 
-SchedulerFactory = Callable[[Runtime, ModelConfig, Executor], Scheduler]
+# (runtime, its config, the shared executor, that executor's thread count)
+SchedulerFactory = Callable[[Runtime, ModelConfig, Executor, int], Scheduler]
 
 
-def direct_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor) -> Scheduler:
-    return DirectScheduler(runtime.run, executor, config.batching.max_queue_size)
-
-
-def batching_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor) -> Scheduler:
+def batching_scheduler(
+    runtime: Runtime, config: ModelConfig, executor: Executor, slots: int
+) -> Scheduler:
     """A dynamic batcher when the model has a batch dimension, behind the cache if enabled."""
     b = config.batching
-    slots = getattr(executor, "_max_workers", 1)  # ThreadPoolExecutor keeps its size here
     policy = BatchPolicy(
         max_batch_size=config.max_batch_size,
         max_queue_delay_s=b.max_queue_delay_ms / 1000,
@@ -83,10 +81,9 @@ def batching_scheduler(runtime: Runtime, config: ModelConfig, executor: Executor
     return scheduler
 
 
-def concurrent_calls(config: ModelConfig, executor: Executor) -> int:
+def concurrent_calls(config: ModelConfig, slots: int) -> int:
     """Runtime calls one model version may have running at once (the runtime's streams):
     its executor slots, or fewer batches when [batching] max_concurrent_batches says so."""
-    slots = getattr(executor, "_max_workers", 1)
     if config.max_batch_size > 1:  # batching_scheduler runs at most this many batches
         return min(config.batching.max_concurrent_batches or slots, slots)
     return slots
@@ -186,12 +183,14 @@ class Registry:
     def __init__(
         self,
         executor: Executor,
+        executor_threads: int,
         threads: ThreadPlan,
         default_backend: str = "auto",
         scheduler_factory: SchedulerFactory = batching_scheduler,
         warmup: bool = True,
     ) -> None:
         self._executor = executor
+        self._slots = executor_threads  # calls that can run at once on the executor
         self._threads = threads
         self._default_backend = default_backend
         self._scheduler_factory = scheduler_factory
@@ -313,7 +312,7 @@ class Registry:
             version,
             config,
             runtime,
-            self._scheduler_factory(runtime, config, self._executor),
+            self._scheduler_factory(runtime, config, self._executor, self._slots),
             platform=_platform(runtime),
             digest=digest,
         )
@@ -344,7 +343,7 @@ class Registry:
 
     def _prepare(self, name: str, config: ModelConfig, files: Mapping[str, bytes]) -> Runtime:
         backend = config.backend if config.backend != "auto" else self._default_backend
-        threads = replace(self._threads, streams=concurrent_calls(config, self._executor))
+        threads = replace(self._threads, streams=concurrent_calls(config, self._slots))
         if config.threads.intra_op_threads:  # keeps the server's precision
             threads = replace(threads, intra_op=config.threads.intra_op_threads)
         runtime = create_runtime(backend, files, threads, model=name)

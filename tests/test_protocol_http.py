@@ -265,7 +265,7 @@ def test_model_that_is_loading_answers_503(tmp_path: Path) -> None:
     config = tmp_path / "edgeserve.toml"
     config.write_text(f'[models]\nrepository = "{MODELS}"\n[auth]\nenabled = false\n')
     app = build_app(load_settings(config))
-    registry = Registry(ThreadPoolExecutor(1), ThreadPlan())
+    registry = Registry(ThreadPoolExecutor(1), 1, ThreadPlan())
     source = read_model(MODELS / "digits")
     registry.declare("digits", source.config, source.versions)
     app.state.registry = registry

@@ -85,7 +85,7 @@ def load_with(executor_threads: int, plan: ThreadPlan, **config_changes: object)
     """The thread plan the registry hands the runtime of digits v1."""
     config = replace(DIGITS.config, backend="openvino", **config_changes)
     with ThreadPoolExecutor(executor_threads) as executor:
-        registry = Registry(executor, plan, warmup=False)
+        registry = Registry(executor, executor_threads, plan, warmup=False)
 
         async def load() -> ThreadPlan:
             loaded = await registry.load("digits", 1, config, DIGITS.read_files(1))
