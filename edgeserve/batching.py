@@ -222,7 +222,17 @@ class DynamicBatcher:
     @property
     def full(self) -> bool:
         """True when a new request would be refused: lets callers refuse before decoding."""
-        return len(self._queue) >= self._policy.max_queue_size or self._too_slow(1)
+        return self._refusal(1) is not None
+
+    def _refusal(self, rows: int) -> str | None:
+        """Why a request of `rows` would be refused now (429), or None to admit it."""
+        if self._closed:
+            return "the model version is being replaced; retry"
+        if len(self._queue) >= self._policy.max_queue_size:
+            return "the model's queue is full; retry later"
+        if self._too_slow(rows):
+            return "the model's queue is longer than its wait limit; retry later"
+        return None
 
     def _too_slow(self, rows: int) -> bool:
         """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
@@ -258,15 +268,10 @@ class DynamicBatcher:
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
     ) -> RunResult:
-        if self._closed:
-            raise Overloaded("the model version is being replaced; retry", headers=RETRY_AFTER)
-        if len(self._queue) >= self._policy.max_queue_size:
-            raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
         rows = rows_of(inputs)
-        if self._too_slow(rows):
-            raise Overloaded(
-                "the model's queue is longer than its wait limit; retry later", headers=RETRY_AFTER
-            )
+        refusal = self._refusal(rows)
+        if refusal is not None:
+            raise Overloaded(refusal, headers=RETRY_AFTER)
         loop = self._loop = asyncio.get_running_loop()
         if deadline is not None:
             remaining = deadline - time.monotonic()

@@ -38,30 +38,41 @@ class ShedMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].endswith("/infer") and _full(scope):
+        if (
+            scope["type"] == "http"
+            and scope["path"].endswith("/infer")
+            and scope.get("method") == "POST"
+            and _shed(scope["path"], scope.get("app"))
+        ):
             await send({"type": "http.response.start", "status": 429, "headers": list(HEADERS)})
             await send({"type": "http.response.body", "body": BODY})
             return
         await self.app(scope, receive, send)
 
 
-def _full(scope: Scope) -> bool:
-    match = INFER_PATH.fullmatch(scope["path"])
-    if match is None or scope.get("method") != "POST":
+def _shed(path: str, app: object) -> bool:
+    """Whether a POST to `path` is refused now; a refusal is counted in the model's stats,
+    since shed requests leave no telemetry record."""
+    model = _full_model(path, app)
+    if model is None:
         return False
-    registry = getattr(getattr(scope.get("app"), "state", None), "registry", None)
-    if registry is None:
-        return False
+    stats = getattr(model, "stats", None)
+    if stats is not None:
+        stats.shed += 1
+    return True
+
+
+def _full_model(path: str, app: object) -> object | None:
+    """The model version an infer `path` names, when its queue is full; else None."""
+    match = INFER_PATH.fullmatch(path)
+    registry = getattr(getattr(app, "state", None), "registry", None)
+    if match is None or registry is None:
+        return None
     try:
         model = registry.get(match.group(1), match.group(2))
     except EdgeserveError:  # unknown or loading: the endpoint gives the proper answer
-        return False
-    if not getattr(model.scheduler, "full", False):
-        return False
-    stats = getattr(model, "stats", None)
-    if stats is not None:  # counted here: shed requests leave no telemetry record
-        stats.shed += 1
-    return True
+        return None
+    return model if getattr(model.scheduler, "full", False) else None
 
 
 def shedding_protocol(base: type) -> type:
@@ -90,13 +101,7 @@ def shedding_protocol(base: type) -> type:
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and self.parser.get_method() == b"POST"
-                and _full(
-                    {
-                        "path": self.url.split(b"?", 1)[0].decode("latin-1"),
-                        "method": "POST",
-                        "app": self.app,
-                    }
-                )
+                and _shed(self.url.split(b"?", 1)[0].decode("latin-1"), self.app)
             ):
                 self._shedding = True
                 head_done = getattr(self, "_head_done", None)  # server.py's head deadline
