@@ -10,9 +10,9 @@ finds it full is refused at once with `Overloaded` (429 + Retry-After), so overl
 costs no memory. A request whose deadline passes before it runs is answered with
 `DeadlineExceeded` (504) and never computed.
 
-`DirectScheduler` runs each request as its own call (models without a batch dimension).
-The event loop queues requests and resolves their futures; the executor slots take and
-compute the batches (`DynamicBatcher._slot`).
+`build_scheduler` picks it, or `DirectScheduler` (edgeserve/scheduling.py) for models
+without a batch dimension. The event loop queues requests and resolves their futures;
+the executor slots take and compute the batches (`DynamicBatcher._slot`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -34,44 +33,19 @@ from edgeserve.errors import (
     DeadlineExceeded,
     EdgeserveError,
     InferenceFailed,
-    InvalidInput,
     ModelNotReady,
     Overloaded,
 )
+from edgeserve.scheduling import RETRY_AFTER, DirectScheduler, RunFn, RunResult, rows_of
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[Mapping[str, np.ndarray], Sequence[str] | None], dict[str, np.ndarray]]
-
-RETRY_AFTER = {"Retry-After": "1"}
 
 # Longest a slot keeps computing one model's batches before it queues itself again behind
 # other models' work on the shared executor.
 SLOT_TURN_S = 0.05
 # A queue that one slot computes faster than this is not split between free slots.
 SPLIT_MIN_S = 0.001
-
-
-@dataclass(slots=True)
-class RunResult:
-    outputs: dict[str, np.ndarray]
-    queue_s: float
-    compute_s: float
-    batch_size: int  # rows in the runtime call that computed this request
-    executions: int = 1  # runtime calls charged to this request (0 for merged/cached ones)
-
-
-class Scheduler(Protocol):
-    """Runs requests for one model version; the registry holds one per version."""
-
-    @property
-    def depth(self) -> int: ...  # requests waiting or running
-
-    async def submit(
-        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
-    ) -> RunResult: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,36 +66,6 @@ def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -
         tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
         tuple(outputs) if outputs else None,
     )
-
-
-def rows_of(inputs: Mapping[str, np.ndarray]) -> int:
-    """Rows in a request: the first dimension shared by its inputs (1 for scalars)."""
-    for array in inputs.values():
-        return array.shape[0] if array.ndim else 1
-    return 1
-
-
-def request_deadline(timeout_ms: object = None, timeout_us: object = None) -> float | None:
-    """The `time.monotonic()` deadline for a request's timeout, or None for no deadline.
-
-    `timeout_ms` comes from the X-Request-Timeout-Ms header (or a gRPC deadline),
-    `timeout_us` from Triton's `timeout` request parameter (microseconds); the shorter wins.
-    """
-    budgets = []
-    for raw, scale, where in (
-        (timeout_ms, 1e-3, "X-Request-Timeout-Ms"),
-        (timeout_us, 1e-6, "parameter 'timeout'"),
-    ):
-        if raw is None:
-            continue
-        try:
-            value = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise InvalidInput(f"{where} must be a number") from None
-        if not 0 < value < 1e12 or isinstance(raw, bool):
-            raise InvalidInput(f"{where} must be a positive number")
-        budgets.append(value * scale)
-    return time.monotonic() + min(budgets) if budgets else None
 
 
 def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None) -> int:
@@ -504,75 +448,6 @@ def _fill(
     by_id = {id(p): r for p, r in zip(live, results, strict=True)}
     expired = DeadlineExceeded("the request's deadline passed before it could run")
     return [by_id.get(id(p), expired) for p in batch]
-
-
-class DirectScheduler:
-    """One runtime call per request on the executor; bounded in-flight count."""
-
-    def __init__(self, run: RunFn, executor: Executor, max_queue_size: int) -> None:
-        self._run = run
-        self._executor = executor
-        self._max = max_queue_size
-        self._depth = 0
-        self._drained: asyncio.Event | None = None
-
-    @property
-    def depth(self) -> int:
-        return self._depth
-
-    @property
-    def full(self) -> bool:
-        return self._depth >= self._max
-
-    async def submit(
-        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
-    ) -> RunResult:
-        if self._depth >= self._max:
-            raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
-        self._depth += 1
-        enqueued = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(
-            self._executor, self._timed, inputs, outputs, enqueued, deadline
-        )
-        work.add_done_callback(self._done)  # counts down when the call ends, even after a 504
-        if deadline is None:
-            return await work
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(work), max(0.0, deadline - time.monotonic())
-            )
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "the request's deadline passed before a result was ready"
-            ) from None
-
-    def _done(self, work: asyncio.Future) -> None:
-        self._depth -= 1
-        if not work.cancelled():
-            work.exception()  # retrieved, so an abandoned call's error is not logged as lost
-        if self._drained is not None and self._depth == 0:
-            self._drained.set()
-
-    def _timed(
-        self,
-        inputs: dict[str, np.ndarray],
-        outputs: Sequence[str] | None,
-        enqueued: float,
-        deadline: float | None,
-    ) -> RunResult:
-        started = time.perf_counter()
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded("the request's deadline passed before it could run")
-        result = self._run(inputs, outputs)
-        done = time.perf_counter()
-        return RunResult(result, started - enqueued, done - started, rows_of(inputs))
-
-    async def close(self) -> None:
-        """Return once in-flight calls have finished."""
-        if self._depth:
-            self._drained = asyncio.Event()
-            await self._drained.wait()
 
 
 def build_scheduler(

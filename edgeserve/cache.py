@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeserve.batching import RunResult, Scheduler, rows_of
+from edgeserve.scheduling import RunResult, Scheduler, rows_of
 
 _ENTRY_OVERHEAD_BYTES = 256  # dict slots, key, tuple: keeps many tiny entries honest
 

@@ -17,12 +17,13 @@ from enum import Enum
 
 import numpy as np
 
-from edgeserve.batching import BatchPolicy, RunResult, Scheduler, build_scheduler
+from edgeserve.batching import BatchPolicy, build_scheduler
 from edgeserve.cache import CachedScheduler, ResponseCache
 from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from edgeserve.repository import ModelConfig
 from edgeserve.runtime import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan, create_runtime
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.scheduling import RunResult, Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from edgeserve.auth.guard import requires
-from edgeserve.batching import RunResult
 from edgeserve.errors import EdgeserveError
 from edgeserve.features import with_features
 from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.request_ids import new_request_id
+from edgeserve.scheduling import RunResult
 from edgeserve.telemetry.records import InferenceRecord
 
 log = logging.getLogger(__name__)

@@ -41,6 +41,7 @@ RULES = {
     "edgeserve.errors": ["starlette", "edgeserve"],
     "edgeserve.registry": ["edgeserve.protocol", "edgeserve.web", "starlette"],
     "edgeserve.batching": ["edgeserve.protocol", "edgeserve.web", "starlette"],
+    "edgeserve.scheduling": ["edgeserve.protocol", "edgeserve.web", "starlette"],
 }
 
 

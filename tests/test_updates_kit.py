@@ -21,8 +21,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edgeserve.batching import RunResult
 from edgeserve.errors import InferenceFailed, Overloaded
+from edgeserve.scheduling import RunResult
 from edgeserve.updates.validation import record_samples
 from edgeserve.updates.watch import ObservedScheduler
 from tests.serving import MODELS

@@ -26,7 +26,6 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from edgeserve import __version__
 from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE
 from edgeserve.auth.guard import authenticate
-from edgeserve.batching import request_deadline
 from edgeserve.config import Settings
 from edgeserve.errors import (
     EdgeserveError,
@@ -41,6 +40,7 @@ from edgeserve.protocol.limits import DecodeLimits, checked_shape
 from edgeserve.protocol.rest import EXTENSIONS, _stats_doc
 from edgeserve.registry import Registry, VersionState
 from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
+from edgeserve.scheduling import request_deadline
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeserve.batching import RunResult
 from edgeserve.request_ids import new_request_id
+from edgeserve.scheduling import RunResult
 from edgeserve.telemetry.records import InferenceRecord
 
 

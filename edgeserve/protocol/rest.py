@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from edgeserve import __version__
 from edgeserve.auth.guard import requires
-from edgeserve.batching import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.errors import (
     EdgeserveError,
     InvalidInput,
@@ -31,6 +30,7 @@ from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_respo
 from edgeserve.protocol.types import InferOutput, InferResponse
 from edgeserve.registry import ModelVersion, Registry, VersionState
 from edgeserve.request_ids import new_request_id
+from edgeserve.scheduling import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.telemetry.records import InferenceRecord
 from edgeserve.web.body import read_body
 

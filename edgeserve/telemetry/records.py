@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 
 class Timing(Protocol):
-    """What the batcher reports of one request's run (edgeserve.batching.RunResult)."""
+    """What the batcher reports of one request's run (edgeserve.scheduling.RunResult)."""
 
     queue_s: float
     compute_s: float

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.batching import RunResult, Scheduler
 from edgeserve.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
 from edgeserve.registry import ModelVersion
+from edgeserve.scheduling import RunResult, Scheduler
 from updater import HealthWatch, Manifest
 
 NOT_THE_MODELS_FAULT = (Overloaded, DeadlineExceeded, InvalidInput, ModelNotReady)
