@@ -260,15 +260,26 @@ class DynamicBatcher:
         between: after SLOT_TURN_S of work a slot with more to do queues itself again.
         """
         turn_ends = time.perf_counter() + SLOT_TURN_S
-        while (batch := self._take()) is not None:
+        while True:
+            try:
+                batch = self._take()
+            except BaseException as exc:  # a bug: give the slot back, or the model stalls
+                log.error("batch slot failed error=%r", exc)
+                with self._lock:
+                    self._slots -= 1
+                return
+            if batch is None:  # the queue is empty and this slot is released
+                if self._closed:
+                    self._post([], [])  # close() may be waiting for the last slot
+                return
             try:
                 results = self._execute(batch)
+                self._learn_speed(results)
             except BaseException as exc:  # a bug: fail the batch, not the slot
                 log.error("batch failed requests=%d error=%r", len(batch), exc)
                 results = [InferenceFailed("the model failed to compute this input")] * len(batch)
             with self._lock:
                 self._computing -= 1
-            self._learn_speed(results)
             self._post(batch, results)
             if time.perf_counter() > turn_ends:
                 self._launch()
@@ -283,7 +294,7 @@ class DynamicBatcher:
         """
         policy = self._policy
         batch: list[_Pending] | None = None
-        more = released = False
+        more = False
         while True:
             with self._lock:
                 queue = self._queue
@@ -291,8 +302,7 @@ class DynamicBatcher:
                     self._queued_rows -= queue.popleft().rows
                 if not queue:
                     self._slots -= 1
-                    released = self._slots == 0
-                    break
+                    return None
                 rows = self._batch_rows()
                 wait = 0.0
                 if (
@@ -315,10 +325,6 @@ class DynamicBatcher:
                 self._waiting += 1
                 self._company.wait(wait)  # woken by each new request, and by close()
                 self._waiting -= 1
-        if batch is None:
-            if released and self._closed:
-                self._post([], [])  # close() may be waiting for the last slot
-            return None
         if more:
             self._launch()  # a free slot for the rest of the queue
         return batch

@@ -152,6 +152,36 @@ def test_a_queue_one_slot_computes_at_once_is_not_split() -> None:
     assert runtime.calls == [1, 8]
 
 
+def test_a_slot_that_fails_to_take_a_batch_is_given_back_so_the_model_keeps_serving(
+    executor, monkeypatch, caplog
+) -> None:
+    """A bug while taking a batch must not keep the slot counted as busy forever."""
+    from edgeserve import batching
+
+    real_take_batch = batching.take_batch
+    failures = iter([RuntimeError("a bug")])
+
+    def take_batch_failing_once(queue, max_rows):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_take_batch(queue, max_rows)
+
+    monkeypatch.setattr(batching, "take_batch", take_batch_failing_once)
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit(row(1), None, None))
+        await wait_for(lambda: batcher._slots == 0)  # the failed slot was given back
+        second = asyncio.ensure_future(batcher.submit(row(2), None, None))
+        results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert [r.outputs["sum"].tolist() for r in results] == [[3.0], [6.0]]
+
+    asyncio.run(scenario())
+    assert "batch slot failed" in caplog.text
+
+
 def test_a_busy_model_lets_other_models_use_the_shared_executor_between_turns(
     monkeypatch,
 ) -> None:
