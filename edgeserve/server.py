@@ -200,42 +200,44 @@ def _guarded_httptools(settings: Settings) -> type:
     class GuardedHttpTools(HttpToolsProtocol):
         _head_bytes = 0
         _too_large = False
-        _read_timer: asyncio.TimerHandle | None = None
-        _head_timer: asyncio.TimerHandle | None = None
+        # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
+        # a deadline is a float store. A timer per deadline and request (call_later and
+        # cancel each time) took a quarter of the event loop at 4x overload, with
+        # thousands of connections in the timer heap.
+        _read_deadline = 0.0  # the next bytes of a request must arrive by then
+        _head_deadline = 0.0  # the request's line and headers must be complete by then
+        _deadline_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            self._head_done()
+            self._read_deadline = self._head_deadline = 0.0
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+                self._deadline_timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._read_timer is not None:  # a request is arriving: the clock restarts
-                self._arm()
+            if self._read_deadline:  # a request is arriving: the clock restarts
+                self._read_deadline = self.loop.time() + read_timeout_s
             super().data_received(data)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = 0
-            self._arm()
-            self._head_done()
-            self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+            now = self.loop.time()
+            self._read_deadline = now + read_timeout_s
+            self._head_deadline = now + head_timeout_s
+            self._check_by(min(self._read_deadline, self._head_deadline))
 
         def on_headers_complete(self) -> None:
             self._head_done()
             super().on_headers_complete()
 
         def _head_done(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            self._cut_off("request head not complete after %ss; connection closed", head_timeout_s)
+            self._head_deadline = 0.0
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
@@ -267,17 +269,34 @@ def _guarded_httptools(settings: Settings) -> type:
                 raise _HeadersTooLarge  # httptools turns this into a parser error: 431 above
 
         def _arm(self) -> None:
-            self._disarm()
-            self._read_timer = self.loop.call_later(read_timeout_s, self._read_timed_out)
+            self._read_deadline = self.loop.time() + read_timeout_s
+            self._check_by(self._read_deadline)
 
         def _disarm(self) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
+            self._read_deadline = 0.0
 
-        def _read_timed_out(self) -> None:
-            self._read_timer = None
-            self._cut_off("slow client disconnected after read_timeout_s=%s", read_timeout_s)
+        def _check_by(self, when: float) -> None:
+            """Have the timer fire by `when`; an earlier one already pending is kept."""
+            timer = self._deadline_timer
+            if timer is not None:
+                if timer.when() <= when:
+                    return
+                timer.cancel()
+            self._deadline_timer = self.loop.call_at(when, self._check_deadlines)
+
+        def _check_deadlines(self) -> None:
+            self._deadline_timer = None
+            now = self.loop.time()
+            if self._head_deadline and now >= self._head_deadline:
+                self._cut_off(
+                    "request head not complete after %ss; connection closed", head_timeout_s
+                )
+            elif self._read_deadline and now >= self._read_deadline:
+                self._cut_off("slow client disconnected after read_timeout_s=%s", read_timeout_s)
+            else:  # deadlines moved on (or ended) since the timer was set
+                pending = [d for d in (self._read_deadline, self._head_deadline) if d]
+                if pending:
+                    self._check_by(min(pending))
 
         def _cut_off(self, message: str, limit_s: float) -> None:
             """Close a connection whose client took too long (either deadline)."""
