@@ -30,6 +30,7 @@ from edgeserve.experiments.routes import ROUTES as EXPERIMENT_ROUTES
 from edgeserve.experiments.service import ExperimentService
 from edgeserve.jobs import start_jobs
 from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
+from edgeserve.loop_lag import LoopLagMonitor
 from edgeserve.model_sync import sync_repository
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.rest import ROUTES as V2_ROUTES
@@ -74,6 +75,8 @@ def build_app(settings: Settings) -> Starlette:
             executor, workers, threads, settings.models.backend, warmup=settings.models.warmup
         )
         app.state.registry = registry
+        loop_lag = LoopLagMonitor()
+        loop_lag.start()
         telemetry = _start_telemetry(app, settings, registry)
         if telemetry is not None:
             await telemetry.start()
@@ -117,6 +120,7 @@ def build_app(settings: Settings) -> Starlette:
             if updates is not None:
                 await updates.stop()
             await registry.close()
+            loop_lag.stop()
             executor.shutdown(wait=True, cancel_futures=True)
             if experiments is not None:
                 await experiments.stop()

@@ -36,6 +36,7 @@ from edgeserve.errors import (
     ModelNotReady,
     Overloaded,
 )
+from edgeserve.loop_lag import lag_s as loop_lag_s
 from edgeserve.scheduling import RETRY_AFTER, DirectScheduler, RunFn, RunResult, rows_of
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 SLOT_TURN_S = 0.05
 # A queue that one slot computes faster than this is not split between free slots.
 SPLIT_MIN_S = 0.001
+# The event loop's lag refuses requests only beyond this, even with a tighter wait budget:
+# one long pass over many ready requests is normal under load, a saturated loop is not.
+LOOP_LAG_MIN_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -182,10 +186,11 @@ class DynamicBatcher:
         """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
 
         Yes when the oldest queued request has already waited that long (beyond the
-        max_queue_delay_s it may be held for company by design), or when the event loop
-        took the results of the last batch still out that late: both measured, so they
-        also catch an event loop too busy answering other clients to deliver (for a small
-        model the loop, not the runtime, is what saturates). Else the estimate: queued
+        max_queue_delay_s it may be held for company by design), when the event loop
+        took the results of the last batch still out that late, or when the loop itself
+        runs that late (edgeserve/loop_lag.py): all measured, so they also catch an event
+        loop too busy answering other clients (for a small model the loop, not the
+        runtime, is what saturates). Else the estimate: queued
         rows over the measured speed of all slots, which reacts before the queue has aged;
         until a batch has been timed there is none and only max_queue_size applies.
         """
@@ -193,6 +198,8 @@ class DynamicBatcher:
         if not wait_s:
             return False
         if self._running_requests and self._delivery_lag_s > wait_s:
+            return True
+        if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S):
             return True
         try:
             age_s = time.perf_counter() - self._queue[0].enqueued

@@ -399,6 +399,35 @@ def test_an_event_loop_too_busy_to_take_results_refuses_newcomers_until_it_catch
     asyncio.run(scenario())
 
 
+def test_an_event_loop_running_late_refuses_newcomers_until_it_runs_on_time(executor) -> None:
+    """A loop saturated by requests makes them wait in socket buffers, where no queue
+    sees them; its own lateness is the signal."""
+    from edgeserve import loop_lag
+
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_wait_s=0.06))
+
+    async def scenario() -> None:
+        monitor = loop_lag.LoopLagMonitor()
+        monitor.start()
+        try:
+            await asyncio.sleep(0.1)
+            assert not batcher.full
+            time.sleep(0.2)  # the loop is busy: its next lag tick runs 200 ms late
+            await wait_for(lambda: loop_lag.lag_s() > 0.1)
+            assert batcher.full
+            with pytest.raises(Overloaded):
+                await batcher.submit(row(1), None, None)
+            await wait_for(lambda: not batcher.full)  # the following ticks run on time
+            result = await batcher.submit(row(1), None, None)
+            assert result.outputs["sum"].tolist() == [3.0]
+        finally:
+            monitor.stop()
+
+    asyncio.run(scenario())
+    assert loop_lag.lag_s() == 0.0
+
+
 @pytest.mark.parametrize(
     ("wait_s", "speed", "rows"),
     [
