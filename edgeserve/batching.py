@@ -190,9 +190,9 @@ class DynamicBatcher:
         took the results of the last batch still out that late, or when the loop itself
         runs that late (edgeserve/loop_lag.py): all measured, so they also catch an event
         loop too busy answering other clients (for a small model the loop, not the
-        runtime, is what saturates). Else the estimate: queued
-        rows over the measured speed of all slots, which reacts before the queue has aged;
-        until a batch has been timed there is none and only max_queue_size applies.
+        runtime, is what saturates). Else the estimate: queued rows over the measured
+        speed of all slots, which reacts before the queue has aged; until a batch has
+        been timed there is none and only max_queue_size applies.
         """
         wait_s = self._policy.max_queue_wait_s
         if not wait_s:
@@ -300,8 +300,6 @@ class DynamicBatcher:
         it runs at once unless wait_when_idle.
         """
         policy = self._policy
-        batch: list[_Pending] | None = None
-        more = False
         while True:
             with self._lock:
                 queue = self._queue
