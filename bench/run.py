@@ -1,4 +1,4 @@
-"""One benchmark run: raw runtime, edgeserve (both engines), MLServer, overload, start-up.
+"""One benchmark run: raw runtime, edgeserve, the Python floor, MLServer, overload, start-up.
 
     python -m bench.run                      # every demo model found under models/
     python -m bench.run --models digits --duration 5 --markdown /tmp/out.md
@@ -34,6 +34,7 @@ from edgeserve.repository import read_model
 MODELS = servers.ROOT / "models"
 MIB = 1024 * 1024
 PHASES = ("startup", "throughput", "overload")
+FLOOR = "Python floor (bench/floor.py)"
 
 
 @dataclass
@@ -155,6 +156,11 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
             target.results["servers"][name] = _drive(
                 name, target, srv.url, path, bodies, duration_s
             )
+    repo = servers.write_repository(
+        Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend
+    )
+    with servers.floor(work / "floor", repo, target.model) as srv:
+        target.results["servers"][FLOOR] = _drive(FLOOR, target, srv.url, path, bodies, duration_s)
     if target.peer and servers.mlserver_available():
         try:
             with servers.mlserver(

@@ -145,6 +145,26 @@ def edgeserve(
         yield Running(url, process, ready, log_path)
 
 
+@contextmanager
+def floor(work: Path, repository: Path, model: str) -> Iterator[Running]:
+    """bench/floor.py on a free loopback port: the same models, batcher and thread plan as
+    `edgeserve serve`, behind the least Python HTTP path (telemetry and auth off)."""
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / f"floor-{port}.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{work / "state"}"\n'
+        f'log_level = "warning"\n[models]\nrepository = "{repository}"\n'
+        "[auth]\nenabled = false\n[telemetry]\nenabled = false\n"
+    )
+    log_path = work / f"floor-{port}.log"
+    cmd = [sys.executable, "-m", "bench.floor", str(config), str(port), model]
+    with _process(cmd, log_path, ROOT) as (process, started):
+        url = f"http://127.0.0.1:{port}"
+        ready = _wait_ready(url + "/v2/health/ready", process, started, log_path)
+        yield Running(url, process, ready, log_path)
+
+
 def mlserver_available() -> bool:
     return (MLSERVER_VENV / "bin" / "mlserver").exists()
 
