@@ -23,28 +23,27 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from edgeserve import __version__
 from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE
 from edgeserve.auth.guard import authenticate
 from edgeserve.config import Settings
 from edgeserve.errors import (
     EdgeserveError,
     InvalidInput,
-    ModelNotFound,
     ModelNotReady,
     Unauthorized,
 )
+from edgeserve.protocol import documents
 from edgeserve.protocol.grpc_stream import stream_replies
 from edgeserve.protocol.grpc_telemetry import record_grpc_inference
 from edgeserve.protocol.limits import DecodeLimits, checked_shape
-from edgeserve.protocol.rest import EXTENSIONS, _stats_doc
-from edgeserve.registry import Registry, VersionState
+from edgeserve.registry import Registry
 from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
 from edgeserve.scheduling import request_deadline
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M")  # a protobuf message
 
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -151,99 +150,38 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         async def work() -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(
-                name="edgeserve", version=__version__, extensions=EXTENSIONS
-            )
+            return _message(documents.server_metadata(), pb.ServerMetadataResponse())
 
         return await self._call(context, "read", work)
 
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
         async def work() -> pb.ModelMetadataResponse:
-            model = self._registry.get(request.name, request.version or None)
-
-            def tensors(specs: list) -> list:
-                return [
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=s.name, datatype=s.datatype, shape=list(s.shape)
-                    )
-                    for s in specs
-                ]
-
-            return pb.ModelMetadataResponse(
-                name=model.name,
-                versions=[str(v) for v in sorted(self._registry.loaded(model.name))],
-                platform=model.platform,
-                inputs=tensors(model.inputs),
-                outputs=tensors(model.outputs),
-            )
+            doc = documents.model_metadata(self._registry, request.name, request.version or None)
+            return _message(doc, pb.ModelMetadataResponse())
 
         return await self._call(context, "read", work)
 
     async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
         async def work() -> pb.ModelConfigResponse:
             model = self._registry.get(request.name, request.version or None)
-            batched = model.config.max_batch_size > 0
-
-            def tensors(specs: list, kind: type) -> list:
-                return [
-                    kind(
-                        name=s.name,
-                        data_type=mc.DataType.Value(
-                            "TYPE_STRING" if s.datatype == "BYTES" else f"TYPE_{s.datatype}"
-                        ),
-                        dims=list(s.shape[1:] if batched else s.shape),
-                    )
-                    for s in specs
-                ]
-
-            config = mc.ModelConfig(
-                name=model.name,
-                platform=model.platform,
-                backend=model.runtime.backend,
-                max_batch_size=model.config.max_batch_size,
-                input=tensors(model.inputs, mc.ModelInput),
-                output=tensors(model.outputs, mc.ModelOutput),
-            )
+            config = _message(documents.model_config(model), mc.ModelConfig())
             return pb.ModelConfigResponse(config=config)
 
         return await self._call(context, "read", work)
 
     async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
         async def work() -> pb.ModelStatisticsResponse:
-            registry = self._registry
-            names = [request.name] if request.name else registry.names()
-            docs = []
-            for name in names:
-                if name not in registry.names():
-                    raise ModelNotFound(f"unknown model '{name}'")
-                loaded = registry.loaded(name)
-                if request.version:
-                    chosen = registry.get(name, request.version)
-                    loaded = {chosen.version: chosen}
-                docs.extend(_stats_doc(m) for _, m in sorted(loaded.items()))
-            return json_format.ParseDict(
-                {"model_stats": docs}, pb.ModelStatisticsResponse(), ignore_unknown_fields=True
+            doc = documents.model_statistics(
+                self._registry, request.name or None, request.version or None
             )
+            return _message(doc, pb.ModelStatisticsResponse())
 
         return await self._call(context, "read", work)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
         async def work() -> pb.RepositoryIndexResponse:
-            registry = self._registry
-            index = []
-            for name in registry.names():
-                for number, status in sorted(registry.statuses(name).items()):
-                    if request.ready and status.state is not VersionState.READY:
-                        continue
-                    index.append(
-                        pb.RepositoryIndexResponse.ModelIndex(
-                            name=name,
-                            version=str(number),
-                            state=status.state.value,
-                            reason=status.reason,
-                        )
-                    )
-            return pb.RepositoryIndexResponse(models=index)
+            index = documents.repository_index(self._registry, request.ready)
+            return _message({"models": index}, pb.RepositoryIndexResponse())
 
         return await self._call(context, "read", work)
 
@@ -290,6 +228,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             record_grpc_inference(
                 self._app.state, request, context, version, status, result, started
             )
+
+
+def _message(doc: dict[str, Any], message: M) -> M:
+    """A protocol document (edgeserve/protocol/documents.py) as a gRPC message."""
+    return json_format.ParseDict(doc, message, ignore_unknown_fields=True)
 
 
 def decode_inputs(

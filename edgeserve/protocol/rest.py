@@ -13,12 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeserve import __version__
 from edgeserve.auth.guard import requires
 from edgeserve.errors import (
     EdgeserveError,
     InvalidInput,
-    ModelNotFound,
     ModelNotReady,
     Overloaded,
     UnsupportedMediaType,
@@ -26,16 +24,16 @@ from edgeserve.errors import (
 from edgeserve.experiments.serving import launch_shadow
 from edgeserve.experiments.serving import route as experiment_route
 from edgeserve.features import with_features
+from edgeserve.protocol import documents
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
-from edgeserve.registry import ModelVersion, Registry, VersionState
+from edgeserve.registry import Registry
 from edgeserve.request_ids import new_request_id
 from edgeserve.scheduling import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.telemetry.records import InferenceRecord
 from edgeserve.web.body import read_body
 
 JSON = "application/json"
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "classification"]
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -57,7 +55,7 @@ async def server_ready(request: Request) -> Response:
 
 @requires("read")
 async def server_metadata(request: Request) -> Response:
-    return json_response({"name": "edgeserve", "version": __version__, "extensions": EXTENSIONS})
+    return json_response(documents.server_metadata())
 
 
 def _version_param(request: Request) -> str | None:
@@ -66,18 +64,10 @@ def _version_param(request: Request) -> str | None:
 
 @requires("read")
 async def model_metadata(request: Request) -> Response:
-    registry = _registry(request)
-    name = request.path_params["model"]
-    model = registry.get(name, _version_param(request))
-    versions = sorted(registry.loaded(name))
     return json_response(
-        {
-            "name": name,
-            "versions": [str(v) for v in versions],
-            "platform": model.platform,
-            "inputs": [_tensor_doc(s) for s in model.inputs],
-            "outputs": [_tensor_doc(s) for s in model.outputs],
-        }
+        documents.model_metadata(
+            _registry(request), request.path_params["model"], _version_param(request)
+        )
     )
 
 
@@ -96,34 +86,7 @@ async def model_ready(request: Request) -> Response:
 async def model_config(request: Request) -> Response:
     """Triton's model configuration, for clients that ask for it."""
     model = _registry(request).get(request.path_params["model"], _version_param(request))
-
-    def dims(shape: tuple[int, ...]) -> list[int]:
-        return list(shape[1:] if model.config.max_batch_size else shape)
-
-    return json_response(
-        {
-            "name": model.name,
-            "platform": model.platform,
-            "backend": model.runtime.backend,
-            "max_batch_size": model.config.max_batch_size,
-            "input": [
-                {
-                    "name": s.name,
-                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
-                    "dims": dims(s.shape),
-                }
-                for s in model.inputs
-            ],
-            "output": [
-                {
-                    "name": s.name,
-                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
-                    "dims": dims(s.shape),
-                }
-                for s in model.outputs
-            ],
-        }
-    )
+    return json_response(documents.model_config(model))
 
 
 @requires("infer")
@@ -279,20 +242,11 @@ async def _infer(request: Request, trace: InferTrace) -> Response:
 
 @requires("read")
 async def model_statistics(request: Request) -> Response:
-    registry = _registry(request)
-    name = request.path_params.get("model")
-    version = _version_param(request)
-    names = [name] if name else registry.names()
-    stats = []
-    for n in names:
-        if n not in registry.names():
-            raise ModelNotFound(f"unknown model '{n}'")
-        loaded = registry.loaded(n)
-        if version is not None:
-            chosen = registry.get(n, version)
-            loaded = {chosen.version: chosen}
-        stats.extend(_stats_doc(m) for _, m in sorted(loaded.items()))
-    return json_response({"model_stats": stats})
+    return json_response(
+        documents.model_statistics(
+            _registry(request), request.path_params.get("model"), _version_param(request)
+        )
+    )
 
 
 @requires("read")
@@ -306,16 +260,7 @@ async def repository_index(request: Request) -> Response:
         except orjson.JSONDecodeError:
             raise InvalidInput("request body is not valid JSON") from None
         ready_only = isinstance(doc, dict) and doc.get("ready") is True
-    index = []
-    for name in registry.names():
-        for number, status in sorted(registry.statuses(name).items()):
-            if ready_only and status.state is not VersionState.READY:
-                continue
-            entry = {"name": name, "version": str(number), "state": status.state.value}
-            if status.reason:
-                entry["reason"] = status.reason
-            index.append(entry)
-    return json_response(index)
+    return json_response(documents.repository_index(registry, ready_only))
 
 
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
@@ -328,50 +273,6 @@ def _check_content_type(request: Request) -> None:
             f"content type {media[:40]!r} is not accepted; send application/json "
             "(or application/octet-stream with Inference-Header-Content-Length)"
         )
-
-
-def _tensor_doc(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
-
-
-def _triton_type(datatype: str) -> str:
-    return {"BYTES": "STRING"}.get(datatype, datatype)
-
-
-def _stats_doc(m: ModelVersion) -> dict[str, Any]:
-    s = m.stats
-
-    def counter(c: Any) -> dict[str, int]:
-        return {"count": c.count, "ns": c.ns}
-
-    zero = {"count": 0, "ns": 0}
-    cache = getattr(m.scheduler, "cache_stats", None)
-    return {
-        "name": m.name,
-        "version": str(m.version),
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": counter(s.success),
-            "fail": counter(s.fail),
-            "queue": counter(s.queue),
-            "compute_input": zero,
-            "compute_infer": counter(s.compute_infer),
-            "compute_output": zero,
-            "cache_hit": counter(cache.hit) if cache else zero,
-            "cache_miss": counter(cache.miss) if cache else zero,
-        },
-        "batch_stats": [
-            {
-                "batch_size": size,
-                "compute_input": zero,
-                "compute_infer": counter(c),
-                "compute_output": zero,
-            }
-            for size, c in sorted(s.batches.items())
-        ],
-    }
 
 
 _MODEL = "/v2/models/{model:str}"
