@@ -28,6 +28,7 @@ from edgeserve.config import ConfigError, Settings, load_settings
 from edgeserve.dashboard.routes import ROUTES as DASHBOARD_ROUTES
 from edgeserve.experiments.routes import ROUTES as EXPERIMENT_ROUTES
 from edgeserve.experiments.service import ExperimentService
+from edgeserve.gc_pauses import HeapSettler
 from edgeserve.jobs import start_jobs
 from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
 from edgeserve.loop_lag import LoopLagMonitor
@@ -75,6 +76,8 @@ def build_app(settings: Settings) -> Starlette:
             executor, workers, threads, settings.models.backend, warmup=settings.models.warmup
         )
         app.state.registry = registry
+        settler = HeapSettler()
+        registry.on_change = settler.changed
         loop_lag = LoopLagMonitor()
         loop_lag.start()
         telemetry = _start_telemetry(app, settings, registry)
@@ -120,6 +123,7 @@ def build_app(settings: Settings) -> Starlette:
             if updates is not None:
                 await updates.stop()
             await registry.close()
+            settler.stop()
             loop_lag.stop()
             executor.shutdown(wait=True, cancel_futures=True)
             if experiments is not None:

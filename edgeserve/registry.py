@@ -200,6 +200,8 @@ class Registry:
         self._status: dict[str, dict[int, VersionStatus]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._default_override: dict[str, int] = {}
+        # Called after a version is loaded or retired (app.py: the GC heap settler).
+        self.on_change: Callable[[], None] | None = None
 
     # -- lookup -----------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -323,6 +325,7 @@ class Registry:
         log.info("model ready model=%s version=%s backend=%s", name, version, runtime.backend)
         if old is not None:
             await self._retire(old)
+        self._changed()
         return loaded
 
     async def unload(self, name: str, version: int) -> None:
@@ -330,6 +333,7 @@ class Registry:
         self._status.get(name, {}).pop(version, None)
         if old is not None:
             await self._retire(old)
+            self._changed()
 
     async def close(self) -> None:
         for versions in self._versions.values():
@@ -337,6 +341,10 @@ class Registry:
                 await v.scheduler.close()
                 v.runtime.close()
         self._versions.clear()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def _retire(self, old: ModelVersion) -> None:
         await old.scheduler.close()  # waits for in-flight work of the old version

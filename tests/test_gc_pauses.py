@@ -1,0 +1,105 @@
+"""The heap settler: what was alive after the models loaded is frozen out of full GC passes,
+and a retired model's reference cycles are still collected."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import shutil
+import signal
+import time
+import weakref
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from edgeserve.gc_pauses import HeapSettler, settle
+from tests.serving import MODELS, RunningServer, run_server
+
+ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen() -> None:
+    yield
+    gc.unfreeze()
+
+
+def test_settle_freezes_what_is_alive() -> None:
+    kept = _Cycle()
+    frozen = settle()
+    assert frozen > 0
+    assert gc.get_freeze_count() == frozen
+    assert kept.me is kept
+
+
+def test_a_frozen_cycle_is_collected_by_the_next_settle() -> None:
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    settle()  # the cycle is alive here, so it is frozen
+    del cycle
+    gc.collect()
+    assert alive() is not None  # a frozen cycle survives a plain collection...
+    settle()
+    assert alive() is None  # ...but not the next settle, which unfreezes first
+
+
+def test_settler_runs_once_after_a_burst_of_changes(caplog: pytest.LogCaptureFixture) -> None:
+    async def burst() -> None:
+        settler = HeapSettler(delay_s=0.05)
+        for _ in range(5):
+            settler.changed()
+            await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() == 0  # still waiting for the changes to stop
+        await asyncio.sleep(0.2)
+        assert gc.get_freeze_count() > 0
+        settler.stop()
+        assert gc.get_freeze_count() == 0
+
+    gc.unfreeze()
+    with caplog.at_level(logging.INFO, logger="edgeserve.gc_pauses"):
+        asyncio.run(burst())
+    assert [r.getMessage().split()[0:2] for r in caplog.records] == [["heap", "settled"]]
+
+
+def test_stop_cancels_a_pending_settle() -> None:
+    async def stopped() -> None:
+        settler = HeapSettler(delay_s=0.05)
+        settler.changed()
+        settler.stop()
+        await asyncio.sleep(0.15)
+
+    gc.unfreeze()
+    asyncio.run(stopped())
+    assert gc.get_freeze_count() == 0
+
+
+def test_server_settles_after_loading_and_after_a_reload(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(MODELS / "digits", repository / "digits")
+    with run_server(tmp_path, "[auth]\nenabled = false\n", repository=repository) as server:
+        _wait_for_log(server, "heap settled", 1)
+        shutil.copytree(repository / "digits" / "1", repository / "digits" / "3")
+        server.process.send_signal(signal.SIGHUP)  # the new version loads: settle again
+        _wait_for_log(server, "heap settled", 2)
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]}
+        for version in ("1", "3"):
+            url = f"{server.url}/v2/models/digits/versions/{version}/infer"
+            assert httpx.post(url, json=body).status_code == 200
+
+
+def _wait_for_log(server: RunningServer, text: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.05)
