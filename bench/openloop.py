@@ -64,6 +64,9 @@ class OpenLoopResult:
     refused_p99_ms: float
     send_lag_p99_ms: float  # how late requests left against their slot
     client_cpu_cores: float  # CPU seconds of the client processes / wall seconds
+    # Accepted p99 counted from when the request was written, not from its slot: the
+    # server's share of ok_p99_ms, without the client's own lateness.
+    ok_from_send_p99_ms: float = float("nan")
     statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -80,13 +83,15 @@ class _Conn(asyncio.Protocol):
         self.need = -1  # bytes of the whole response, once its head is read
         self.status = 0
         self.slot = 0.0  # scheduled time of the request in flight; 0 = idle
+        self.sent_at = 0.0  # when it was written
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, slot: float, request: bytes) -> None:
+    def send(self, slot: float, request: bytes, now: float) -> None:
         self.slot = slot
+        self.sent_at = now
         self.need = -1
         self.buf.clear()
         assert self.transport is not None
@@ -127,6 +132,7 @@ class _Pool:
         self.backlog: deque[float] = deque()  # slots with no free connection yet
         self.statuses: list[int] = []
         self.latencies: list[float] = []
+        self.from_send: list[float] = []
         self.lags: list[float] = []
         self.sent = 0
         self.hung = 0
@@ -152,13 +158,14 @@ class _Pool:
         self.lags.append(now - slot)
         self.sent += 1
         self.busy.add(conn)
-        conn.send(slot, self.requests[self.n % len(self.requests)])
+        conn.send(slot, self.requests[self.n % len(self.requests)], now)
         self.n += 1
 
     def answered(self, conn: _Conn, status: int) -> None:
         now = time.perf_counter()
         self.statuses.append(status)
         self.latencies.append(now - conn.slot)
+        self.from_send.append(now - conn.sent_at)
         conn.slot = 0.0
         self.busy.discard(conn)
         self._reuse(conn, now)
@@ -179,6 +186,7 @@ class _Pool:
                 self.lost_busy += 1  # closed under a request: an error, not a hang
                 self.statuses.append(0)
                 self.latencies.append(time.perf_counter() - conn.slot)
+                self.from_send.append(time.perf_counter() - conn.sent_at)
         else:
             with contextlib.suppress(ValueError):
                 self.idle.remove(conn)
@@ -251,6 +259,7 @@ async def _drive(spec: dict) -> dict:
         spec["out"],
         statuses=np.array(pool.statuses, np.int16),
         latencies=np.array(pool.latencies, np.float64),
+        from_send=np.array(pool.from_send, np.float64),
         lags=np.array(pool.lags, np.float64),
     )
     return {
@@ -348,10 +357,13 @@ def run_open_loop(
     statuses = np.concatenate([s["statuses"] for s in samples])
     latencies = np.concatenate([s["latencies"] for s in samples])
     lags = np.concatenate([s["lags"] for s in samples])
+    from_send = np.concatenate([s["from_send"] for s in samples])
     for f in work.iterdir():
         f.unlink()
     os.rmdir(work)
-    return summarise(rate_per_s, duration_s, timeout_s, summaries, statuses, latencies, lags)
+    return summarise(
+        rate_per_s, duration_s, timeout_s, summaries, statuses, latencies, lags, from_send
+    )
 
 
 def summarise(
@@ -362,8 +374,12 @@ def summarise(
     statuses: np.ndarray,
     latencies: np.ndarray,
     lags: np.ndarray,
+    from_send: np.ndarray | None = None,
 ) -> OpenLoopResult:
-    """One result from every worker's counters and samples (pure: tested without timing)."""
+    """One result from every worker's counters and samples (pure: tested without timing).
+
+    `from_send` holds each answer's latency counted from when it was written, in the
+    order of `statuses`."""
     sent = sum(s["sent"] for s in summaries)
     sending_s = max(s["sending_s"] for s in summaries) or duration_s
     ok = latencies[statuses == 200]
@@ -391,6 +407,9 @@ def summarise(
         refused_p99_ms=_pct(refused, 0.99),
         send_lag_p99_ms=_pct(lags, 0.99),
         client_cpu_cores=sum(s["cpu_s"] for s in summaries) / sending_s,
+        ok_from_send_p99_ms=(
+            _pct(from_send[statuses == 200], 0.99) if from_send is not None else float("nan")
+        ),
         statuses={str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
     )
 

@@ -71,9 +71,10 @@ def overload_table(results: dict[str, Any]) -> str:
     lines = [
         "| model | phase | offered req/s (target / achieved) | accepted/s | refused/s "
         "| errors / hung | accepted p50 ms | accepted p99 ms | ÷ unloaded p99 "
-        "| refusal p99 ms | send lag p99 ms | client CPU cores | max RSS MiB "
+        "| accepted p99 from send ms | refusal p99 ms | send lag p99 ms | client CPU cores "
+        "| max RSS MiB "
         "| RSS first / last 5 s | load avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in results.get("overload", []):
         unloaded = (o.get("baseline") or {}).get("ok_p99_ms")
@@ -90,6 +91,7 @@ def overload_table(results: dict[str, Any]) -> str:
                 f"{_f(r['ok_per_s'])} | {_f(r['refused_per_s'])} | {r['errors']} / {r['hung']} | "
                 f"{_f(r['ok_p50_ms'], 2)} | {_f(r['ok_p99_ms'], 2)} | "
                 f"{_ratio(r['ok_p99_ms'], unloaded) if phase == 'overload' else '–'} | "
+                f"{_f(r.get('ok_from_send_p99_ms'), 2)} | "
                 f"{_f(r['refused_p99_ms'], 2)} | {_f(r['send_lag_p99_ms'], 2)} | "
                 f"{_f(r['client_cpu_cores'], 2)} | {_f(o.get(phase + '_max_rss_mib'), 1)} | "
                 f"{_f(o.get(phase + '_rss_first_5s_mib'))} / "

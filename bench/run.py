@@ -251,7 +251,8 @@ def overload(
             result[phase + "_rss_last_5s_mib"] = max(rss[-25:] or [0]) / MIB
             print(
                 f"   {phase:9s} offered {r.target_rate:6.0f}/{r.achieved_rate:6.0f} req/s  "
-                f"accepted {r.ok_per_s:6.0f}/s p50 {r.ok_p50_ms:7.2f} p99 {r.ok_p99_ms:7.2f} ms  "
+                f"accepted {r.ok_per_s:6.0f}/s p50 {r.ok_p50_ms:7.2f} p99 {r.ok_p99_ms:7.2f} ms "
+                f"(from send {r.ok_from_send_p99_ms:7.2f})  "
                 f"refused {r.refused_per_s:6.0f}/s p99 {r.refused_p99_ms:7.2f} ms  "
                 f"errors {r.errors} hung {r.hung}  client {r.client_cpu_cores:.2f} cores  "
                 f"max RSS {result[phase + '_max_rss_mib']:.0f} MiB "

@@ -53,11 +53,13 @@ def test_open_loop_samples_merge_into_rates_and_accepted_refused_percentiles() -
     latencies = np.concatenate(
         [np.full(100, 0.010), np.full(800, 0.001), np.full(50, 0.002), np.full(10, 0.5)]
     )
-    r = summarise(100.0, 10.0, 5.0, summaries, statuses, latencies, np.zeros(960))
+    from_send = latencies - np.concatenate([np.full(100, 0.004), np.zeros(860)])
+    r = summarise(100.0, 10.0, 5.0, summaries, statuses, latencies, np.zeros(960), from_send)
     assert (r.scheduled, r.sent, r.ok, r.refused, r.errors, r.hung) == (1000, 960, 100, 850, 10, 40)
     assert r.achieved_rate == 96.0  # sent over the longest worker's sending time
     assert (r.ok_per_s, r.refused_per_s) == (10.0, 85.0)
     assert round(r.ok_p99_ms, 6) == 10.0 and round(r.refused_p50_ms, 6) == 1.0
+    assert round(r.ok_from_send_p99_ms, 6) == 6.0  # the 4 ms each waited to be sent left out
     assert r.client_cpu_cores == 0.4
     assert r.statuses == {"200": 100, "429": 800, "500": 10, "503": 50}
 
@@ -73,6 +75,7 @@ def test_overload_table_shows_offered_accepted_refused_and_ratio_to_unloaded() -
             "hung": 0,
             "ok_p50_ms": 1.0,
             "ok_p99_ms": ok_p99,
+            "ok_from_send_p99_ms": ok_p99 - 1.0,
             "refused_p99_ms": 2.0 if refused else float("nan"),
             "send_lag_p99_ms": 1.5,
             "client_cpu_cores": 0.6,
@@ -93,7 +96,7 @@ def test_overload_table_shows_offered_accepted_refused_and_ratio_to_unloaded() -
     text = render({"env": ENV, "targets": [], "overload": [overload]})
     row = next(line for line in text.splitlines() if line.startswith("| digits | overload"))
     assert "(4× of 3,800) | 15,200 / 15,048 | 3,800 | 11,000 | 0 / 0 |" in row
-    assert "| 12.50 | 2.50× | 2.00 |" in row
+    assert "| 12.50 | 2.50× | 11.50 | 2.00 |" in row
     assert row.endswith("| 190.0 | 189 / 186 | 2.50 |")
     header = next(line for line in text.splitlines() if line.startswith("| model | phase"))
     assert header.count("|") == row.count("|")
