@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,19 +130,14 @@ def edgeserve(
     """`edgeserve serve` on a free loopback port, auth off, until the block ends; `extra`
     tables go at the end of the config, `server_keys` lines into its [server] table."""
     port = free_port()
-    work.mkdir(parents=True, exist_ok=True)
-    config = work / f"edgeserve-{port}.toml"
-    config.write_text(
+    config = (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nengine = "{engine}"\n'
         f'state_dir = "{work / "state"}"\nlog_level = "warning"\n{server_keys}'
         f'[models]\nrepository = "{repository}"\n[auth]\nenabled = false\n{extra}'
     )
-    log_path = work / f"edgeserve-{port}.log"
-    cmd = [sys.executable, "-m", "edgeserve", "serve", "--config", str(config)]
-    with _process(cmd, log_path, work) as (process, started):
-        url = f"http://127.0.0.1:{port}"
-        ready = _wait_ready(url + "/v2/health/ready", process, started, log_path)
-        yield Running(url, process, ready, log_path)
+    command = ["edgeserve", "serve", "--config"]
+    with _configured(work, "edgeserve", port, config, command, cwd=work) as srv:
+        yield srv
 
 
 @contextmanager
@@ -150,16 +145,33 @@ def floor(work: Path, repository: Path, model: str) -> Iterator[Running]:
     """bench/floor.py on a free loopback port: the same models, batcher and thread plan as
     `edgeserve serve`, behind the least Python HTTP path (telemetry and auth off)."""
     port = free_port()
-    work.mkdir(parents=True, exist_ok=True)
-    config = work / f"floor-{port}.toml"
-    config.write_text(
+    config = (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{work / "state"}"\n'
         f'log_level = "warning"\n[models]\nrepository = "{repository}"\n'
         "[auth]\nenabled = false\n[telemetry]\nenabled = false\n"
     )
-    log_path = work / f"floor-{port}.log"
-    cmd = [sys.executable, "-m", "bench.floor", str(config), str(port), model]
-    with _process(cmd, log_path, ROOT) as (process, started):
+    with _configured(work, "floor", port, config, ["bench.floor"], [str(port), model]) as srv:
+        yield srv
+
+
+@contextmanager
+def _configured(
+    work: Path,
+    stem: str,
+    port: int,
+    config: str,
+    module: list[str],
+    args: Sequence[str] = (),
+    cwd: Path = ROOT,
+) -> Iterator[Running]:
+    """Write `config` to a file, run `python -m <module> <file> <args>` in `cwd`, and wait
+    until it answers /v2/health/ready on `port`."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{stem}-{port}.toml"
+    path.write_text(config)
+    log_path = work / f"{stem}-{port}.log"
+    cmd = [sys.executable, "-m", *module, str(path), *args]
+    with _process(cmd, log_path, cwd) as (process, started):
         url = f"http://127.0.0.1:{port}"
         ready = _wait_ready(url + "/v2/health/ready", process, started, log_path)
         yield Running(url, process, ready, log_path)
