@@ -44,6 +44,7 @@ class FloorProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._body: list[bytes] = []
         self._transport: asyncio.Transport | None = None
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -59,7 +60,9 @@ class FloorProtocol(asyncio.Protocol):
         if self._parser.get_method() == b"GET":
             self._write(READY)
             return
-        asyncio.get_running_loop().create_task(self._infer(body))
+        task = asyncio.get_running_loop().create_task(self._infer(body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _infer(self, body: bytes) -> None:
         doc = orjson.loads(body)

@@ -3,9 +3,9 @@
 CPython's full collection walks every tracked object, and most of a serving process's
 objects are alive from start-up on: modules, the app, the runtimes' Python objects.
 Measured with wrk on the digits model at 16 connections: 20 full collections in 15 s,
-50 ms each (max 61), every one a stall of the event loop, which made the p99 (53 ms
-against a 2.3 ms p50). After `gc.freeze()` of what was alive once the models had
-loaded, the same full passes took about 1 ms: p99 11 ms and 15 % more requests/s.
+50 ms each (max 61), every one a stall of the event loop, which made the p99 (42 ms
+against a 2.1 ms p50). After `gc.freeze()` of what was alive once the models had
+loaded, the same full passes took about 1 ms and the p99 was 6 ms.
 
 `HeapSettler.changed()` is called whenever the set of loaded models changes; shortly
 after the last change it collects once and freezes what is left. The previous freeze
