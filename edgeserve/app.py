@@ -235,6 +235,7 @@ def _start_experiments(
     """Experiments from saved state and the config, routing on the request path."""
     if not settings.experiments.enabled:
         return None
+    updates: UpdateManager | None = app.state.updates
 
     def audit(action: str, target: str, outcome: str, subject: str, detail: dict) -> None:
         log_ = getattr(app.state, "audit", None)
@@ -247,6 +248,7 @@ def _start_experiments(
         known_models=lambda: {n: sorted(registry.statuses(n)) for n in registry.names()},
         promote=registry.set_default_version,
         audit=audit,
+        installed=lambda model: updates is not None and model in updates.serving,
     )
     service.load()
     service.start()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from onnx import helper, load_model_from_string, numpy_helper
 
-from tests.serving import MODELS, RunningServer, run_server
+from tests.serving import MODELS, RunningServer, run_server, stop
 
 HELDOUT = np.load(MODELS / "digits" / "heldout.npz")
 X, Y = HELDOUT["X"], HELDOUT["y"]
@@ -78,14 +78,15 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+CONFIG = (
+    "[auth]\nenabled = false\n[telemetry]\nwrite_interval_ms = 20.0\n"
+    "[experiments]\ndecision_interval_s = 0.2\nmin_samples = 60\n"
+)
+
+
 @pytest.fixture
 def server(tmp_path: Path, repository: Path) -> Iterator[RunningServer]:
-    with run_server(
-        tmp_path,
-        "[auth]\nenabled = false\n[telemetry]\nwrite_interval_ms = 20.0\n"
-        "[experiments]\ndecision_interval_s = 0.2\nmin_samples = 60\n",
-        repository=repository,
-    ) as running:
+    with run_server(tmp_path, CONFIG, repository=repository) as running:
         yield running
 
 
@@ -196,7 +197,9 @@ def test_slow_candidate_is_rolled_back_automatically(server: RunningServer) -> N
 
 
 @pytest.mark.slow
-def test_better_candidate_is_promoted_and_becomes_the_default(server: RunningServer) -> None:
+def test_better_candidate_is_promoted_and_becomes_the_default(
+    server: RunningServer, tmp_path: Path, repository: Path
+) -> None:
     rng = np.random.default_rng(5)
     with httpx.Client(timeout=10) as client:
         _create(client, server, auto=True, primary_metric="accuracy")
@@ -227,6 +230,19 @@ def test_better_candidate_is_promoted_and_becomes_the_default(server: RunningSer
         assert default.json()["model_version"] == "2"
         accuracy = [v["accuracy"] for v in report["variants"]]
         assert accuracy[1] > accuracy[0]
+    # model.toml still says default_version = 1: the promotion must outlive a restart
+    assert stop(server.process) == 0
+    with run_server(tmp_path, CONFIG, repository=repository) as restarted:
+        reply = httpx.post(
+            f"{restarted.url}/v2/models/digits/infer",
+            json={
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": X[0].tolist()}
+                ]
+            },
+        )
+        assert reply.json()["model_version"] == "2", restarted.log()[-2000:]
+        assert "promotion restored model=digits version=2" in restarted.log()
 
 
 def test_bad_experiment_definitions_are_refused(server: RunningServer) -> None:

@@ -47,7 +47,15 @@ def test_the_documented_example_is_a_valid_definition(tmp_path: Path) -> None:
 def test_every_experiment_field_is_documented_in_the_example() -> None:
     example = _documented_example()
     documented = set(re.findall(r"^(\w+) =", example, re.M))
-    internal = {"stage", "decision", "reason", "created", "history", "running_p"}
+    internal = {
+        "stage",
+        "decision",
+        "promoted_version",
+        "reason",
+        "created",
+        "history",
+        "running_p",
+    }
     fields = set(parse_definition.__globals__["Experiment"].__dataclass_fields__) - internal
     assert fields <= documented, sorted(fields - documented)
 

@@ -45,6 +45,7 @@ class Experiment:
     salt: str = ""
     status: str = "active"
     decision: str = ""  # "", "promoted", "rolled_back", "stopped"
+    promoted_version: int | None = None  # the winner, once promoted; applied again at start-up
     reason: str = ""
     created: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -140,9 +141,10 @@ def parse_definition(doc: Any) -> Experiment:
         ("reason", str, lambda v: True),
         ("salt", str, lambda v: True),
         ("stage", int, lambda v: v >= 0),
+        ("promoted_version", int, lambda v: v >= 0),
         ("created", float, lambda v: True),
     ):
-        if key not in doc:
+        if key not in doc or (key == "promoted_version" and doc[key] is None):
             continue
         value = doc[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -39,12 +39,14 @@ class ExperimentService:
         known_models: Callable[[], dict[str, list[int]]],
         promote: Callable[[str, int], Any],
         audit: Callable[[str, str, str, str, dict], None] | None = None,
+        installed: Callable[[str], bool] = lambda model: False,
     ) -> None:
         self.settings = settings
         self.path = state_dir / "experiments.json"
         self.telemetry_db = state_dir / "telemetry.db"
         self._known_models = known_models
         self._promote = promote
+        self._installed = installed  # the updater's installed slot sets that model's default
         self._audit = audit or (lambda action, target, outcome, subject, detail: None)
         self.flags = FlagStore([flag_from_json(n, d) for n, d in settings.flags.items()])
         self.router = ExperimentRouter(self.flags)
@@ -78,6 +80,28 @@ class ExperimentService:
                 self.experiments[exp.id] = exp
         self._check_one_active_per_model()
         self._publish()
+        self._restore_promotions()
+
+    def _restore_promotions(self) -> None:
+        """Serve each model's latest promoted version again after a restart.
+
+        A promotion sets the registry's default version, which lives in memory; without
+        this a restart went back to model.toml's default_version (often the control).
+        Models installed by the updater are left alone: their installed slot decides.
+        """
+        latest: dict[str, tuple[float, int]] = {}
+        for exp in self.experiments.values():
+            if exp.decision != "promoted" or exp.promoted_version is None:
+                continue
+            when = max((h["time"] for h in exp.history if h.get("event") == "promoted"), default=0)
+            if exp.model not in latest or when >= latest[exp.model][0]:
+                latest[exp.model] = (when, exp.promoted_version)
+        for model, (_, version) in sorted(latest.items()):
+            if self._installed(model):
+                log.info("promotion not restored model=%s reason=installed by the updater", model)
+                continue
+            self._promote(model, version)
+            log.info("promotion restored model=%s version=%s", model, version)
 
     def _check_one_active_per_model(self) -> None:
         models = [e.model for e in self.experiments.values() if e.status == "active"]
@@ -229,6 +253,7 @@ class ExperimentService:
                 winner = next(v for v in exp.variants if v.name == decision["variant"])
                 await _maybe_await(self._promote(exp.model, winner.version))
                 exp.status, exp.decision, exp.reason = "concluded", "promoted", reason
+                exp.promoted_version = winner.version
                 exp.note("promoted", f"version {winner.version}: {reason}")
             if action != "continue":
                 log.warning("experiment decision id=%s action=%s reason=%r", exp.id, action, reason)
