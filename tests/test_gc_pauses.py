@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,7 @@ class _Cycle:
 
 
 @pytest.fixture(autouse=True)
-def _unfrozen() -> None:
+def _unfrozen() -> Iterator[None]:
     yield
     gc.unfreeze()
 

@@ -73,6 +73,10 @@ class Experiment:
             v.weight = share
 
 
+# Fields whose default is None: saved state writes them as null.
+_OPTIONAL = {name: f.default is None for name, f in Experiment.__dataclass_fields__.items()}
+
+
 def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Experiment:
     """Validate a definition (API body, config table or saved state) against the loaded
     models; errors name the field."""
@@ -144,8 +148,8 @@ def parse_definition(doc: Any) -> Experiment:
         ("promoted_version", int, lambda v: v >= 0),
         ("created", float, lambda v: True),
     ):
-        if key not in doc or (key == "promoted_version" and doc[key] is None):
-            continue
+        if key not in doc or (doc[key] is None and _OPTIONAL.get(key, False)):
+            continue  # null stands for the default of a field that defaults to None
         value = doc[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
