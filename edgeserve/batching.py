@@ -62,6 +62,7 @@ class BatchPolicy:
     max_concurrent: int  # batches running at once (executor slots this model may use)
     wait_when_idle: bool = False  # also wait for company when nothing else is running
     max_queue_wait_s: float = 0.0  # refuse when the estimated wait exceeds this; 0 = off
+    preferred_batch_size: int = 0  # close a batch at this many rows; 0 = max_batch_size
 
 
 def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> Hashable:
@@ -73,14 +74,15 @@ def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -
 
 
 def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None) -> int:
-    """max_batch_size, or fewer: the rows one slot computes in max_queue_wait_s.
+    """preferred_batch_size (else max_batch_size), or fewer: the rows one slot computes in
+    max_queue_wait_s. A single request larger than this still runs, alone (`take_batch`).
 
     A request's latency is its queue wait plus its batch's compute time; capping both
     by the same budget keeps accepted latency near the unloaded one under overload,
     where every batch would otherwise be full (for a compute-bound model a batch of 64
     takes about 64 times one row). No cap until a batch has been timed.
     """
-    rows = policy.max_batch_size
+    rows = policy.preferred_batch_size or policy.max_batch_size
     if policy.max_queue_wait_s and slot_rows_per_s:
         rows = min(rows, max(1, int(slot_rows_per_s * policy.max_queue_wait_s)))
     return rows

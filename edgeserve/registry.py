@@ -75,6 +75,7 @@ def batching_scheduler(
         max_concurrent=min(b.max_concurrent_batches or slots, slots),
         wait_when_idle=b.wait_when_idle,
         max_queue_wait_s=b.max_queue_wait_ms / 1000,
+        preferred_batch_size=b.preferred_batch_size,
     )
     scheduler: Scheduler = build_scheduler(runtime.run, executor, policy)
     if config.cache.enabled:

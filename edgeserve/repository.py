@@ -40,6 +40,10 @@ class BatchingConfig:
     """How concurrent requests for one model version are merged into batches."""
 
     max_queue_delay_ms: float = setting(1.0, min=0.0, max=1000.0)
+    # Close a batch at this many rows (0 = max_batch_size). Past the size where the
+    # runtime's rows/s stops rising, a bigger batch computes no faster; it only takes
+    # queued requests away from the slot that frees up next, which then idles.
+    preferred_batch_size: int = setting(0, min=0, max=4096)
     max_queue_size: int = setting(256, min=1, max=1_000_000)
     # Batches of this model running at once; 0 = one per executor thread.
     max_concurrent_batches: int = setting(0, min=0, max=256)
@@ -130,6 +134,12 @@ def parse_model_config(text: str, where: str) -> ModelConfig:
     names = [t.name for t in config.inputs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.inputs", "input names must be unique")
+    preferred = config.batching.preferred_batch_size
+    if preferred > max(config.max_batch_size, 1):
+        raise ConfigError(
+            f"{where}.batching.preferred_batch_size",
+            f"{preferred} is larger than max_batch_size ({config.max_batch_size})",
+        )
     return config
 
 

@@ -266,6 +266,30 @@ def test_requests_that_cannot_join_run_in_their_own_batches(executor) -> None:
     assert sorted(runtime.calls) == sorted([1, 2, 1, 1, 8])  # rows 1 and 4 merged
 
 
+def test_preferred_batch_size_closes_each_batch_and_a_bigger_request_runs_alone(
+    executor,
+) -> None:
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(preferred_batch_size=3))
+
+    async def scenario() -> None:
+        runtime.gate.clear()
+        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
+        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        waiting = [batcher.submit(row(i), None, None) for i in range(1, 8)]
+        waiting.append(batcher.submit({"x": np.ones((5, 3), np.float32)}, None, None))
+        tasks = [asyncio.ensure_future(w) for w in waiting]
+        await wait_for(lambda: batcher.depth == 9)
+        runtime.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(blocker, *tasks), 10)
+        assert [r.outputs["sum"].tolist() for r in results[:8]] == [[3.0 * i] for i in range(8)]
+        assert results[8].outputs["double"].shape == (5, 3)
+
+    asyncio.run(scenario())
+    # seven queued rows close at three, not one batch of seven; five rows run alone
+    assert runtime.calls == [1, 3, 3, 1, 5]
+
+
 def test_a_failing_request_does_not_fail_its_batch_neighbours(executor) -> None:
     runtime = FakeRuntime()
     batcher = DynamicBatcher(runtime.run, executor, policy())
@@ -442,6 +466,22 @@ def test_batch_rows_are_capped_by_what_one_slot_computes_within_the_wait_limit(
     wait_s: float, speed: float | None, rows: int
 ) -> None:
     assert batch_rows_limit(policy(max_batch_size=64, max_queue_wait_s=wait_s), speed) == rows
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "speed", "rows"),
+    [
+        (0.250, 500.0, 8),  # the preferred size, not max_batch_size
+        (0.010, 500.0, 5),  # a tighter wait budget still caps it
+    ],
+)
+def test_batch_rows_stop_at_the_preferred_batch_size(
+    wait_s: float, speed: float, rows: int
+) -> None:
+    limit = batch_rows_limit(
+        policy(max_batch_size=64, preferred_batch_size=8, max_queue_wait_s=wait_s), speed
+    )
+    assert limit == rows
 
 
 def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:

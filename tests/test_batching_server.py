@@ -204,6 +204,8 @@ def test_per_model_threads_and_one_batch_at_a_time(server: RunningServer) -> Non
         ("[batching]\nwait_when_idel = true\n", "unknown key"),
         ("[cache]\nmax_bytes = 10\n", "cache.max_bytes"),
         ("[threads]\nintra_op = 2\n", "unknown key"),
+        ("[batching]\npreferred_batch_size = 9\n", "larger than max_batch_size"),
+        ("[batching]\npreferred_batch_size = -1\n", "batching.preferred_batch_size"),
     ],
 )
 def test_model_toml_refuses_bad_batching_cache_and_thread_keys(text: str, problem: str) -> None:

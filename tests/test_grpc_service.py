@@ -18,7 +18,8 @@ from tests.serving import free_port, run_server
 from tests.test_batching_server import CLASSES, WEIGHTS, WIDTH, write_repository
 
 TOMLS = {
-    "linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n[cache]\nenabled = true\n',
+    "linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n'
+    "[batching]\npreferred_batch_size = 4\n[cache]\nenabled = true\n",
     "held": 'backend = "onnxruntime"\nmax_batch_size = 4\n'
     "[batching]\nmax_queue_delay_ms = 1000\nmax_queue_size = 2\nwait_when_idle = true\n",
 }
@@ -57,6 +58,7 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert {t.name for t in meta.outputs} == {"scores", "label"}
     config = client.get_model_config("linear").config
     assert config.max_batch_size == 8
+    assert list(config.dynamic_batching.preferred_batch_size) == [4]
     assert list(config.input[0].dims) == [WIDTH]
 
 

@@ -46,7 +46,7 @@ def model_config(model: ModelVersion) -> dict[str, Any]:
             for s in specs
         ]
 
-    return {
+    doc: dict[str, Any] = {
         "name": model.name,
         "platform": model.platform,
         "backend": model.runtime.backend,
@@ -54,6 +54,13 @@ def model_config(model: ModelVersion) -> dict[str, Any]:
         "input": tensors(model.inputs),
         "output": tensors(model.outputs),
     }
+    if model.config.max_batch_size > 1:  # the dynamic batcher runs (registry.py)
+        b = model.config.batching
+        doc["dynamic_batching"] = {
+            "preferred_batch_size": [b.preferred_batch_size] if b.preferred_batch_size else [],
+            "max_queue_delay_microseconds": round(b.max_queue_delay_ms * 1000),
+        }
+    return doc
 
 
 def model_statistics(registry: Registry, name: str | None, version: str | None) -> dict[str, Any]:
