@@ -47,6 +47,7 @@ from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
 from edgeserve.updates.service import Audit
 from edgeserve.web.errors import EXCEPTION_HANDLERS
 from edgeserve.web.headers import HeaderGuard
+from edgeserve.web.infer_dispatch import EdgeserveApp
 from edgeserve.web.shedding import ShedMiddleware
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def build_app(settings: Settings) -> Starlette:
             )
         )
     middleware.append(Middleware(ShedMiddleware))  # innermost: cheap 429s keep CORS headers
-    app = Starlette(
+    app = EdgeserveApp(
         routes=[
             *V2_ROUTES,
             *TELEMETRY_ROUTES,
@@ -170,6 +171,9 @@ def build_app(settings: Settings) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         middleware=middleware,
+        max_headers=settings.limits.max_headers,
+        max_header_bytes=settings.limits.max_header_bytes,
+        direct_infer=not settings.server.cors_origins,
     )
     app.state.settings = settings
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)

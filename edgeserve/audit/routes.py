@@ -96,10 +96,11 @@ class AuditMiddleware:
             await self.app(scope, receive, watch)
         finally:
             if status:
-                _note(scope, status)
+                audit_response(scope, status)
 
 
-def _note(scope: Scope, status: int) -> None:
+def audit_response(scope: Scope, status: int) -> None:
+    """The audit row an answered request leaves, if any (see the module doc)."""
     required = getattr(scope.get("endpoint"), "required_scope", None)
     if required is None:
         return

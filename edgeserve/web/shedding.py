@@ -42,7 +42,7 @@ class ShedMiddleware:
             scope["type"] == "http"
             and scope["path"].endswith("/infer")
             and scope.get("method") == "POST"
-            and _shed(scope["path"], scope.get("app"))
+            and shed(scope["path"], scope.get("app"))
         ):
             await send({"type": "http.response.start", "status": 429, "headers": list(HEADERS)})
             await send({"type": "http.response.body", "body": BODY})
@@ -50,7 +50,7 @@ class ShedMiddleware:
         await self.app(scope, receive, send)
 
 
-def _shed(path: str, app: object) -> bool:
+def shed(path: str, app: object) -> bool:
     """Whether a POST to `path` is refused now; a refusal is counted in the model's stats,
     since shed requests leave no telemetry record."""
     model = _full_model(path, app)
@@ -101,7 +101,7 @@ def shedding_protocol(base: type) -> type:
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and self.parser.get_method() == b"POST"
-                and _shed(self.url.split(b"?", 1)[0].decode("latin-1"), self.app)
+                and shed(self.url.split(b"?", 1)[0].decode("latin-1"), self.app)
             ):
                 self._shedding = True
                 head_done = getattr(self, "_head_done", None)  # server.py's head deadline
