@@ -33,9 +33,15 @@ def throughput_table(results: dict[str, Any]) -> str:
             f"{_f(b1)} | {_f(b1)} | {_f(raw.get('batch1_p50_ms'), 3)} | – | – | – | – | – |"
         )
         calls = best / max(1, raw.get("best_batch", 1)) if best else None
+        how = raw.get("best_plan", "")
+        if raw.get("best_reruns_rows_per_s"):
+            how += (
+                f", median of {len(raw['best_reruns_rows_per_s'])} reruns;"
+                f" sweep {_f(raw.get('best_sweep_rows_per_s'))}"
+            )
         lines.append(
             f"| {target['label']} | raw runtime, best batch {raw.get('best_batch', '–')} "
-            f"({raw.get('best_plan', '')}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – |"
+            f"({how}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – |"
         )
         if raw.get("openvino_async"):
             ov = raw["openvino_async"]

@@ -3,12 +3,15 @@ overrides, merging open-loop samples, and rendering the results tables."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from bench.loadgen import parse_wrk
 from bench.openloop import summarise
 from bench.report import render
 from bench.servers import _merge_tables
+from tests.serving import MODELS
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080
   1 threads and 16 connections
@@ -128,7 +131,14 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
         "targets": [
             {
                 "label": "digits",
-                "raw": {"batch1_rows_per_s": 6000.0, "best_rows_per_s": 60000.0, "best_batch": 64},
+                "raw": {
+                    "batch1_rows_per_s": 6000.0,
+                    "best_rows_per_s": 60000.0,
+                    "best_batch": 64,
+                    "best_plan": "1x2",
+                    "best_sweep_rows_per_s": 63000.0,
+                    "best_reruns_rows_per_s": [59000.0, 60000.0, 61000.0],
+                },
                 "servers": {"edgeserve (uvicorn)": [run]},
                 "peer": [dict(run, req_per_s=1000.0)],
             }
@@ -138,4 +148,30 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
     text = render(results)
     row = next(line for line in text.splitlines() if "edgeserve (uvicorn)" in line)
     assert "| 0.50× | 0.050× | 3.00× |" in row
+    assert "best batch 64 (1x2, median of 3 reruns; sweep 63,000) | – | 938 | 60,000 |" in text
     assert all(line.count("|") == 12 for line in text.splitlines() if line.startswith("| digits"))
+
+
+def test_raw_reference_is_the_median_of_reruns_of_the_sweeps_best_point(tmp_path: Path) -> None:
+    from bench.raw import BEST_RERUNS, measure
+
+    inputs = tmp_path / "rows.npz"
+    np.savez(inputs, input=np.load(MODELS / "digits" / "heldout.npz")["X"][:64])
+    spec = {
+        "model_dir": str(MODELS / "digits"),
+        "version": 2,
+        "backend": "onnxruntime",
+        "inputs": str(inputs),
+        "cores": 2,
+        "duration_s": 0.02,
+    }
+    result = measure(spec)
+    sweep = {
+        (f"{p['executor']}x{p['intra']}", b): r
+        for p in result["plans"]
+        for b, r in p["rows_per_s"].items()
+    }
+    assert sweep[(result["best_plan"], result["best_batch"])] == result["best_sweep_rows_per_s"]
+    assert result["best_sweep_rows_per_s"] == max(sweep.values())
+    assert len(result["best_reruns_rows_per_s"]) == BEST_RERUNS
+    assert result["best_rows_per_s"] == sorted(result["best_reruns_rows_per_s"])[BEST_RERUNS // 2]
