@@ -50,6 +50,21 @@ def test_an_answer_carries_the_security_headers_and_names_its_version(
     assert reply.headers["x-request-id"]
 
 
+def test_a_repeated_request_header_is_read_as_its_first_value(
+    secured: tuple[RunningServer, Path],
+) -> None:
+    server, state_dir = secured
+    headers = [
+        *bearer(state_dir, "infer").items(),
+        ("X-Request-Id", "first"),
+        ("x-request-id", "2"),
+    ]
+    reply = httpx.post(server.url + "/v2/models/digits/infer", json=BODY, headers=headers)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-request-id"] == "first"  # as Starlette's Headers reads it
+    assert int(reply.headers["x-telemetry-seq"]) > 0
+
+
 def test_errors_keep_their_status_body_and_headers(secured: tuple[RunningServer, Path]) -> None:
     server, state_dir = secured
     auth = bearer(state_dir, "infer")

@@ -107,8 +107,8 @@ async def infer(request: Request) -> Response:
         _record(request, trace, 500, started)
         raise
     seq = _record(request, trace, 200, started)
-    if seq:
-        response.headers["x-telemetry-seq"] = str(seq)
+    if seq:  # appended: the response has no such header, so there is nothing to replace
+        response.raw_headers.append((b"x-telemetry-seq", str(seq).encode()))
     return response
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -28,7 +29,7 @@ from edgeserve.web.errors import on_edgeserve_error, on_unexpected
 from edgeserve.web.headers import SECURITY_HEADERS
 from edgeserve.web.shedding import BODY as SHED_BODY
 from edgeserve.web.shedding import HEADERS as SHED_HEADERS
-from edgeserve.web.shedding import INFER_PATH, shed
+from edgeserve.web.shedding import INFER_PATH, SHED_TESTED, shed
 
 
 class EdgeserveApp(Starlette):
@@ -60,14 +61,14 @@ class EdgeserveApp(Starlette):
 async def _infer(
     scope: Scope, receive: Receive, send: Send, model: str, version: str | None
 ) -> None:
-    if shed(scope["path"], scope["app"]):
+    if not scope.get(SHED_TESTED) and shed(scope["path"], scope["app"]):
         await send({"type": "http.response.start", "status": 429, "headers": list(SHED_HEADERS)})
         await send({"type": "http.response.body", "body": SHED_BODY})
         return
     scope["endpoint"] = infer
     params = {"model": model} if version is None else {"model": model, "version": version}
     scope["path_params"] = params
-    request = Request(scope, receive)
+    request = _InferRequest(scope, receive)
     response: Response
     try:
         response = await infer(request)
@@ -78,3 +79,32 @@ async def _infer(
     response.raw_headers.extend(SECURITY_HEADERS)
     await response(scope, receive, send)
     audit_response(scope, response.status_code)
+
+
+class _IndexedHeaders(Headers):
+    """Request headers looked up in a dict built once. An inference asks for about eight
+    headers, and Starlette's Headers scans the whole list, lower-casing, for each."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope=scope)
+        index: dict[str, str] = {}
+        for name, value in self._list:  # ASGI header names are lower case
+            index.setdefault(name.decode("latin-1"), value.decode("latin-1"))  # first wins
+        self._index = index
+
+    def __getitem__(self, key: str) -> str:
+        return self._index[key.lower()]
+
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(key, str) and key.lower() in self._index
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._index.get(key.lower(), default)
+
+
+class _InferRequest(Request):
+    @property
+    def headers(self) -> Headers:
+        if not hasattr(self, "_headers"):
+            self._headers = _IndexedHeaders(self.scope)
+        return self._headers

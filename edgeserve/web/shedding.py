@@ -21,6 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgeserve.errors import EdgeserveError
 from edgeserve.web.headers import SECURITY_HEADERS
 
+# Set in an infer request's ASGI scope once the parser has made the shed test, so that
+# edgeserve/web/infer_dispatch.py does not make it again a few microseconds later.
+SHED_TESTED = "edgeserve.shed_tested"
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 BODY = b'{"error": "the model\'s queue is full; retry later"}'
 HEADERS = [
@@ -101,13 +104,15 @@ def shedding_protocol(base: type) -> type:
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and self.parser.get_method() == b"POST"
-                and shed(self.url.split(b"?", 1)[0].decode("latin-1"), self.app)
             ):
-                self._shedding = True
-                head_done = getattr(self, "_head_done", None)  # server.py's head deadline
-                if head_done is not None:
-                    head_done()
-                return
+                if shed(self.url.split(b"?", 1)[0].decode("latin-1"), self.app):
+                    self._shedding = True
+                    head_done = getattr(self, "_head_done", None)  # server.py's head deadline
+                    if head_done is not None:
+                        head_done()
+                    return
+                if b"%" not in self.url:  # the path tested is the one the app will route
+                    self.scope[SHED_TESTED] = True  # type: ignore[literal-required]
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
