@@ -37,7 +37,7 @@ class ExperimentService:
         settings: ExperimentSettings,
         state_dir: Path,
         known_models: Callable[[], dict[str, list[int]]],
-        promote: Callable[[str, int], Any],
+        promote: Callable[[str, int], None],  # synchronous: start-up restores through it too
         audit: Callable[[str, str, str, str, dict], None] | None = None,
         installed: Callable[[str], bool] = lambda model: False,
     ) -> None:
@@ -251,7 +251,7 @@ class ExperimentService:
                 exp.note("advanced", f"stage {exp.stage}: {exp.stages[exp.stage]}%; {reason}")
             elif action == "promote":
                 winner = next(v for v in exp.variants if v.name == decision["variant"])
-                await _maybe_await(self._promote(exp.model, winner.version))
+                self._promote(exp.model, winner.version)
                 exp.status, exp.decision, exp.reason = "concluded", "promoted", reason
                 exp.promoted_version = winner.version
                 exp.note("promoted", f"version {winner.version}: {reason}")
@@ -262,8 +262,3 @@ class ExperimentService:
                 )
             self._publish()
             return action
-
-
-async def _maybe_await(value: Any) -> None:
-    if asyncio.iscoroutine(value):
-        await value
