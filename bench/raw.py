@@ -3,11 +3,11 @@
 Run as its own process (`python -m bench.raw <spec.json>`), alone on the box, and prints
 one JSON line. Measures, for each thread plan (executor threads x intra-op threads):
 batch 1 calls/s with one caller, and rows/s for each batch size with every executor
-thread calling at once; then the best plan and batch again, three times (the median is
-the reference the server is compared with). The runtime is built as the server builds
-it (`create_runtime` with the plan, one OpenVINO stream per executor thread). For
-OpenVINO also a reference: the THROUGHPUT hint with a free-running AsyncInferQueue, in
-the served precision.
+thread calling at once; then the sweep's three best points again, three times each
+(the best median is the reference the server is compared with). The runtime is built
+as the server builds it (`create_runtime` with the plan, one OpenVINO stream per
+executor thread). For OpenVINO also a reference: the THROUGHPUT hint with a
+free-running AsyncInferQueue, in the served precision.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import numpy as np
 from edgeserve.repository import read_model
 from edgeserve.runtime import ThreadPlan, create_runtime
 
-BEST_RERUNS = 3  # runs of the best plan and batch after the sweep
+BEST_CANDIDATES = 3  # the sweep's best points measured again
+BEST_RERUNS = 3  # runs of each
 
 
 def feeds_for(inputs: dict[str, np.ndarray], batch: int, count: int) -> list[dict[str, np.ndarray]]:
@@ -102,33 +103,63 @@ def measure(spec: dict) -> dict:
             }
         )
         runtime.close()
-    best = max(
+    # The sweep's maximum is the luckiest of a dozen noisy runs, so it overstates the
+    # winner, and near-ties are decided by noise. The best few points are measured again
+    # and the best median is the reference.
+    ranked = sorted(
         ((p, b, r) for p in result["plans"] for b, r in p["rows_per_s"].items()),
         key=lambda t: t[2],
+        reverse=True,
     )
-    # The sweep's maximum is the luckiest of a dozen noisy runs, so it overstates the
-    # winner; its rows/s are measured again, and the median is the reference.
-    plan = ThreadPlan(best[0]["intra"], 1, precision=precision, streams=best[0]["executor"])
-    runtime = create_runtime(spec["backend"], files, plan)
-    feeds = feeds_for(inputs, best[1], 16)
-    runtime.run(feeds[0], None)
-    reruns = [
-        timed_calls(runtime.run, feeds, best[0]["executor"], spec["duration_s"])[0] * best[1]
-        for _ in range(BEST_RERUNS)
-    ]
-    runtime.close()
+    confirmed = []
+    for plan_doc, batch, sweep in ranked[:BEST_CANDIDATES]:
+        reruns = _reruns(spec, files, inputs, plan_doc, batch, precision)
+        confirmed.append((statistics.median(reruns), plan_doc, batch, sweep, reruns))
+    median, best_plan, best_batch, sweep, reruns = max(confirmed, key=lambda c: c[0])
     b1 = max(result["plans"], key=lambda p: p["rows_per_s"][1])
     result["batch1_rows_per_s"] = b1["rows_per_s"][1]
     result["batch1_plan"] = f"{b1['executor']}x{b1['intra']}"
     result["batch1_p50_ms"] = min(p["batch1_p50_ms"] for p in result["plans"])
-    result["best_sweep_rows_per_s"] = best[2]
+    result["best_sweep_rows_per_s"] = sweep
     result["best_reruns_rows_per_s"] = reruns
-    result["best_rows_per_s"] = statistics.median(reruns)
-    result["best_batch"] = best[1]
-    result["best_plan"] = f"{best[0]['executor']}x{best[0]['intra']}"
+    result["best_rows_per_s"] = median
+    result["best_batch"] = best_batch
+    result["best_plan"] = f"{best_plan['executor']}x{best_plan['intra']}"
+    result["candidates"] = [
+        {
+            "plan": f"{c[1]['executor']}x{c[1]['intra']}",
+            "batch": c[2],
+            "sweep": c[3],
+            "reruns": c[4],
+        }
+        for c in confirmed
+    ]
     if spec["backend"] == "openvino":
         result["openvino_async"] = _openvino_async(files, inputs, spec["duration_s"], precision)
     return result
+
+
+def _reruns(
+    spec: dict,
+    files: dict[str, bytes],
+    inputs: dict[str, np.ndarray],
+    plan_doc: dict,
+    batch: int,
+    precision: str,
+) -> list[float]:
+    """Rows/s of one plan and batch, BEST_RERUNS times, on a runtime built afresh."""
+    workers = plan_doc["executor"]
+    plan = ThreadPlan(plan_doc["intra"], 1, precision=precision, streams=workers)
+    runtime = create_runtime(spec["backend"], files, plan)
+    feeds = feeds_for(inputs, batch, 16)
+    runtime.run(feeds[0], None)
+    try:
+        return [
+            timed_calls(runtime.run, feeds, workers, spec["duration_s"])[0] * batch
+            for _ in range(BEST_RERUNS)
+        ]
+    finally:
+        runtime.close()
 
 
 def _openvino_async(
