@@ -103,6 +103,8 @@ class _IndexedHeaders(Headers):
 
 
 class _InferRequest(Request):
+    """A Request whose headers are `_IndexedHeaders`."""
+
     @property
     def headers(self) -> Headers:
         if not hasattr(self, "_headers"):
