@@ -51,8 +51,11 @@ class Target:
     results: dict[str, Any] = field(default_factory=dict)
 
 
+# One batch at a time on every core, as large as the queue allows: a model.toml's
+# preferred_batch_size leaves rows for a next slot that this plan does not have.
 ONE_BATCH_ALL_CORES = (
     "[threads]\nintra_op_threads = {cores}\n[batching]\nmax_concurrent_batches = 1\n"
+    "preferred_batch_size = 0\n"
 )
 
 
