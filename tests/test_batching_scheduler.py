@@ -160,10 +160,12 @@ def test_a_slot_that_fails_to_take_a_batch_is_given_back_so_the_model_keeps_serv
 
     real_take_batch = batching.take_batch
     failures = iter([RuntimeError("a bug")])
+    failed = threading.Event()
 
     def take_batch_failing_once(queue, max_rows):
         failure = next(failures, None)
         if failure is not None:
+            failed.set()
             raise failure
         return real_take_batch(queue, max_rows)
 
@@ -173,7 +175,9 @@ def test_a_slot_that_fails_to_take_a_batch_is_given_back_so_the_model_keeps_serv
 
     async def scenario() -> None:
         first = asyncio.ensure_future(batcher.submit(row(1), None, None))
-        await wait_for(lambda: batcher._slots == 0)  # the failed slot was given back
+        # the slot failed and was given back (waiting for the failure first: before the
+        # first task has run, no slot is counted yet either)
+        await wait_for(lambda: failed.is_set() and batcher._slots == 0)
         second = asyncio.ensure_future(batcher.submit(row(2), None, None))
         results = await asyncio.wait_for(asyncio.gather(first, second), 10)
         assert [r.outputs["sum"].tolist() for r in results] == [[3.0], [6.0]]
