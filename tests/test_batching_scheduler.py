@@ -60,6 +60,16 @@ def row(value: float, width: int = 3) -> dict[str, np.ndarray]:
     return {"x": np.full((1, width), value, dtype=np.float32)}
 
 
+async def hold_the_slot(
+    batcher: DynamicBatcher, runtime: FakeRuntime, value: float = 0.0
+) -> asyncio.Future:
+    """Hold the runtime's gate and start one request, returned once it is computing."""
+    runtime.gate.clear()
+    running = asyncio.ensure_future(batcher.submit(row(value), None, None))
+    await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+    return running
+
+
 async def wait_for(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -72,9 +82,9 @@ def test_concurrent_requests_share_a_call_and_each_gets_its_own_rows(executor) -
     batcher = DynamicBatcher(runtime.run, executor, policy())
 
     async def scenario() -> None:
-        runtime.gate.clear()  # the first request runs alone and holds the only slot
-        first = asyncio.ensure_future(batcher.submit(row(100), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        first = await hold_the_slot(
+            batcher, runtime, 100
+        )  # the first request runs alone and holds the only slot
         rest = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(6)]
         await wait_for(lambda: batcher.depth == 7)
         runtime.gate.set()
@@ -247,9 +257,7 @@ def test_requests_that_cannot_join_run_in_their_own_batches(executor) -> None:
     batcher = DynamicBatcher(runtime.run, executor, policy())
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        blocker = await hold_the_slot(batcher, runtime)
         waiting = [
             batcher.submit(row(1), None, None),
             batcher.submit(row(2, width=5), None, None),  # other non-batch dims
@@ -277,9 +285,7 @@ def test_preferred_batch_size_closes_each_batch_and_a_bigger_request_runs_alone(
     batcher = DynamicBatcher(runtime.run, executor, policy(preferred_batch_size=3))
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        blocker = await hold_the_slot(batcher, runtime)
         waiting = [batcher.submit(row(i), None, None) for i in range(1, 8)]
         waiting.append(batcher.submit({"x": np.ones((5, 3), np.float32)}, None, None))
         tasks = [asyncio.ensure_future(w) for w in waiting]
@@ -299,9 +305,7 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(executor) -> None:
     batcher = DynamicBatcher(runtime.run, executor, policy())
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        blocker = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        blocker = await hold_the_slot(batcher, runtime)
         good = asyncio.ensure_future(batcher.submit(row(1), None, None))
         bad = asyncio.ensure_future(batcher.submit(row(float("nan")), None, None))
         await wait_for(lambda: batcher.depth == 3)
@@ -319,9 +323,7 @@ def test_full_queue_refuses_at_once_with_retry_after(executor) -> None:
     batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_size=2))
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        running = await hold_the_slot(batcher, runtime)
         queued = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in (1, 2)]
         await wait_for(lambda: batcher.depth == 3)
         assert batcher.full
@@ -348,10 +350,8 @@ def test_queue_longer_than_its_wait_limit_refuses_once_speed_is_known(executor) 
 
     async def scenario() -> None:
         await batcher.submit(row(0), None, None)  # timed: the batcher now knows its speed
-        runtime.gate.clear()
         runtime.entered.clear()
-        running = asyncio.ensure_future(batcher.submit(row(1), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        running = await hold_the_slot(batcher, runtime, 1)
         admitted, refused = [], 0
         for i in range(20):
             try:
@@ -377,9 +377,7 @@ def test_queue_whose_oldest_request_waited_past_the_limit_refuses_with_429(execu
     batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_wait_s=0.01))
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        running = await hold_the_slot(batcher, runtime)
         queued = asyncio.ensure_future(batcher.submit(row(1), None, None))
         await wait_for(lambda: batcher.depth == 2)
         await wait_for(lambda: batcher.full)  # the queued request ages past 10 ms
@@ -493,9 +491,7 @@ def test_expired_deadline_is_answered_504_and_never_computed(executor) -> None:
     batcher = DynamicBatcher(runtime.run, executor, policy())
 
     async def scenario() -> None:
-        runtime.gate.clear()
-        running = asyncio.ensure_future(batcher.submit(row(0), None, None))
-        await asyncio.get_running_loop().run_in_executor(None, runtime.entered.wait, 5)
+        running = await hold_the_slot(batcher, runtime)
         doomed = batcher.submit(row(7), None, time.monotonic() + 0.05)
         with pytest.raises(DeadlineExceeded) as late:
             await asyncio.wait_for(doomed, 5)  # answered while the slot is still busy
