@@ -17,6 +17,11 @@ DASHBOARD_CSP = (
 )
 
 
+def headers_fit(headers: list[tuple[bytes, bytes]], max_headers: int, max_bytes: int) -> bool:
+    """Whether a request's headers are within the count and byte limits (else 431)."""
+    return len(headers) <= max_headers and sum(len(k) + len(v) for k, v in headers) <= max_bytes
+
+
 class HeaderGuard:
     """Refuse requests with too many or too large headers; add security headers."""
 
@@ -29,10 +34,7 @@ class HeaderGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        headers = scope["headers"]
-        if len(headers) > self.max_headers or (
-            sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes
-        ):
+        if not headers_fit(scope["headers"], self.max_headers, self.max_header_bytes):
             if scope["type"] == "http":
                 await _refuse(send, 431, b'{"error": "request headers are too many or too large"}')
             else:

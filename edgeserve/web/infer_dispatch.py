@@ -26,10 +26,8 @@ from edgeserve.audit.routes import audit_response
 from edgeserve.errors import EdgeserveError
 from edgeserve.protocol.rest import infer
 from edgeserve.web.errors import on_edgeserve_error, on_unexpected
-from edgeserve.web.headers import SECURITY_HEADERS
-from edgeserve.web.shedding import BODY as SHED_BODY
-from edgeserve.web.shedding import HEADERS as SHED_HEADERS
-from edgeserve.web.shedding import INFER_PATH, SHED_TESTED, shed
+from edgeserve.web.headers import SECURITY_HEADERS, headers_fit
+from edgeserve.web.shedding import INFER_PATH, SHED_TESTED, send_shed, shed
 
 
 class EdgeserveApp(Starlette):
@@ -46,24 +44,20 @@ class EdgeserveApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._direct_infer and scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.fullmatch(scope["path"])
-            if match is not None and self._headers_fit(scope["headers"]):
+            if match is not None and headers_fit(
+                scope["headers"], self._max_headers, self._max_header_bytes
+            ):
                 scope["app"] = self
                 await _infer(scope, receive, send, match.group(1), match.group(2))
                 return
         await super().__call__(scope, receive, send)
-
-    def _headers_fit(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        return len(headers) <= self._max_headers and (
-            sum(len(k) + len(v) for k, v in headers) <= self._max_header_bytes
-        )
 
 
 async def _infer(
     scope: Scope, receive: Receive, send: Send, model: str, version: str | None
 ) -> None:
     if not scope.get(SHED_TESTED) and shed(scope["path"], scope["app"]):
-        await send({"type": "http.response.start", "status": 429, "headers": list(SHED_HEADERS)})
-        await send({"type": "http.response.body", "body": SHED_BODY})
+        await send_shed(send)
         return
     scope["endpoint"] = infer
     params = {"model": model} if version is None else {"model": model, "version": version}

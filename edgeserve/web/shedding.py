@@ -47,10 +47,15 @@ class ShedMiddleware:
             and scope.get("method") == "POST"
             and shed(scope["path"], scope.get("app"))
         ):
-            await send({"type": "http.response.start", "status": 429, "headers": list(HEADERS)})
-            await send({"type": "http.response.body", "body": BODY})
+            await send_shed(send)
             return
         await self.app(scope, receive, send)
+
+
+async def send_shed(send: Send) -> None:
+    """The 429 + Retry-After of a shed request, as ASGI messages."""
+    await send({"type": "http.response.start", "status": 429, "headers": list(HEADERS)})
+    await send({"type": "http.response.body", "body": BODY})
 
 
 def shed(path: str, app: object) -> bool:
