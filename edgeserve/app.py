@@ -79,8 +79,9 @@ def build_app(settings: Settings) -> Starlette:
         app.state.registry = registry
         settler = HeapSettler()
         registry.on_change = settler.changed
-        loop_lag = LoopLagMonitor()
+        loop_lag = LoopLagMonitor(settings.server.loop_lag_target_ms / 1000)
         loop_lag.start()
+        app.state.loop_gate = loop_lag  # web/shedding.py refuses what it does not admit
         telemetry = _start_telemetry(app, settings, registry)
         if telemetry is not None:
             await telemetry.start()
@@ -179,6 +180,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)
     app.state.subject_header = settings.telemetry.subject_header
     app.state.recorder = None
+    app.state.loop_gate = None  # set by the lifespan (edgeserve/loop_lag.py)
     app.state.telemetry = None
     app.state.experiments = None
     app.state.audit = None

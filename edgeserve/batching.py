@@ -12,7 +12,10 @@ costs no memory. A request whose deadline passes before it runs is answered with
 
 `build_scheduler` picks it, or `DirectScheduler` (edgeserve/scheduling.py) for models
 without a batch dimension. The event loop queues requests and resolves their futures;
-the executor slots take and compute the batches (`DynamicBatcher._slot`).
+the executor slots take and compute the batches (`DynamicBatcher._slot`). The one
+exception: a request alone at the front door, on an idle batcher, whose call the
+measured speed puts under INLINE_MAX_S is computed on the event loop itself, where the
+hand-off to a slot and back would cost more than the call.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from edgeserve.errors import (
     ModelNotReady,
     Overloaded,
 )
+from edgeserve.loop_lag import in_flight as front_door_in_flight
 from edgeserve.loop_lag import lag_s as loop_lag_s
+from edgeserve.offered_load import OfferedLoad
 from edgeserve.scheduling import RETRY_AFTER, DirectScheduler, RunFn, RunResult, rows_of
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,12 @@ SPLIT_MIN_S = 0.001
 # The event loop's lag refuses requests only beyond this, even with a tighter wait budget:
 # one long pass over many ready requests is normal under load, a saturated loop is not.
 LOOP_LAG_MIN_S = 0.05
+# A request alone (the only one in flight at the front door, the batcher idle) whose call
+# is expected to take less than this runs on the event loop itself: handing it to a
+# worker thread and back costs more than that (bench/RESULTS.md: for digits, ~15 µs per
+# call against ~250 µs of CPU for the hand-off), and there is nobody to merge it with.
+INLINE_MAX_S = 200e-6
+STALE_REFUSAL = "the model is overloaded and this request waited past its limit; retry later"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,9 @@ class BatchPolicy:
     wait_when_idle: bool = False  # also wait for company when nothing else is running
     max_queue_wait_s: float = 0.0  # refuse when the estimated wait exceeds this; 0 = off
     preferred_batch_size: int = 0  # close a batch at this many rows; 0 = max_batch_size
+    # The wait budget instead of max_queue_wait_s while the model is offered clearly more
+    # rows than it computes (edgeserve/offered_load.py); 0 = max_queue_wait_s always.
+    overload_queue_wait_s: float = 0.0
 
 
 def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> Hashable:
@@ -73,9 +87,10 @@ def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -
     )
 
 
-def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None) -> int:
+def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None, wait_s: float) -> int:
     """preferred_batch_size (else max_batch_size), or fewer: the rows one slot computes in
-    max_queue_wait_s. A single request larger than this still runs, alone (`take_batch`).
+    the wait budget `wait_s` (0 = none). A single request larger than this still runs,
+    alone (`take_batch`).
 
     A request's latency is its queue wait plus its batch's compute time; capping both
     by the same budget keeps accepted latency near the unloaded one under overload,
@@ -83,8 +98,8 @@ def batch_rows_limit(policy: BatchPolicy, slot_rows_per_s: float | None) -> int:
     takes about 64 times one row). No cap until a batch has been timed.
     """
     rows = policy.preferred_batch_size or policy.max_batch_size
-    if policy.max_queue_wait_s and slot_rows_per_s:
-        rows = min(rows, max(1, int(slot_rows_per_s * policy.max_queue_wait_s)))
+    if wait_s and slot_rows_per_s:
+        rows = min(rows, max(1, int(slot_rows_per_s * wait_s)))
     return rows
 
 
@@ -161,6 +176,7 @@ class DynamicBatcher:
         # How late the event loop took the last batch's results: when it is busier than
         # it can keep up with, computed results wait there, not in the queue.
         self._delivery_lag_s = 0.0
+        self._offered = OfferedLoad()  # rows/s asked of this version, refused ones too
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._idle: asyncio.Event | None = None
@@ -171,8 +187,53 @@ class DynamicBatcher:
 
     @property
     def full(self) -> bool:
-        """True when a new request would be refused: lets callers refuse before decoding."""
-        return self._refusal(1) is not None
+        """True when a new request would be refused: lets callers refuse before decoding.
+
+        A True answer counts as one row offered: the caller refuses the request, which
+        never reaches `submit` (where every other request is counted).
+        """
+        if self._refusal(1) is None:
+            return False
+        self._offered.offer(1, time.perf_counter())
+        return True
+
+    def _overloaded(self) -> bool:
+        """Offered clearly more rows than the slots compute (edgeserve/offered_load.py),
+        with an overload budget to apply. A closed loop of clients never offers more than
+        it is answered, so it is never overloaded however many clients there are."""
+        policy = self._policy
+        speeds = self._slot_rows_per_s
+        if not policy.overload_queue_wait_s or not speeds:
+            return False
+        capacity = max(speeds.values()) * policy.max_concurrent
+        return self._offered.exceeds(capacity, time.perf_counter())
+
+    def _wait_budget_s(self) -> float:
+        """How long a newcomer may wait: overload_queue_wait_s while overloaded (then a
+        longer queue only adds latency, not throughput), else max_queue_wait_s."""
+        if self._overloaded():
+            return self._policy.overload_queue_wait_s
+        return self._policy.max_queue_wait_s
+
+    def _refuse_stale(self) -> None:
+        """Under the lock, while overloaded: refuse (429) the queued requests that have
+        already waited past the overload budget. They were admitted under the long budget
+        before the overload was seen, and computing them now would answer them late and
+        keep every later request waiting behind them."""
+        if not self._overloaded():
+            return
+        policy = self._policy
+        oldest = time.perf_counter() - policy.overload_queue_wait_s - policy.max_queue_delay_s
+        queue = self._queue
+        stale = []
+        while queue and queue[0].enqueued < oldest:
+            pending = queue.popleft()
+            self._queued_rows -= pending.rows
+            stale.append(pending)
+        if stale:
+            self._running_requests += len(stale)  # until _deliver resolves them
+            refusal = Overloaded(STALE_REFUSAL, headers=RETRY_AFTER)
+            self._post(stale, [refusal] * len(stale))
 
     def _refusal(self, rows: int) -> str | None:
         """Why a request of `rows` would be refused now (429), or None to admit it."""
@@ -185,7 +246,8 @@ class DynamicBatcher:
         return None
 
     def _too_slow(self, rows: int) -> bool:
-        """Would a request of `rows` wait longer than max_queue_wait_s behind the queue?
+        """Would a request of `rows` wait longer than the wait budget (`_wait_budget_s`)
+        behind the queue?
 
         Yes when the oldest queued request has already waited that long (beyond the
         max_queue_delay_s it may be held for company by design), when the event loop
@@ -196,7 +258,7 @@ class DynamicBatcher:
         speed of all slots, which reacts before the queue has aged; until a batch has
         been timed there is none and only max_queue_size applies.
         """
-        wait_s = self._policy.max_queue_wait_s
+        wait_s = self._wait_budget_s()
         if not wait_s:
             return False
         if self._running_requests and self._delivery_lag_s > wait_s:
@@ -216,12 +278,14 @@ class DynamicBatcher:
 
     def _batch_rows(self) -> int:
         speeds = self._slot_rows_per_s
-        return batch_rows_limit(self._policy, max(speeds.values()) if speeds else None)
+        speed = max(speeds.values()) if speeds else None
+        return batch_rows_limit(self._policy, speed, self._wait_budget_s())
 
     async def submit(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
     ) -> RunResult:
         rows = rows_of(inputs)
+        self._offered.offer(rows, time.perf_counter())
         refusal = self._refusal(rows)
         if refusal is not None:
             raise Overloaded(refusal, headers=RETRY_AFTER)
@@ -230,6 +294,8 @@ class DynamicBatcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed before it could run")
+        if self._runs_inline(rows):
+            return self._run_inline(inputs, outputs, rows)
         pending = _Pending(inputs, outputs, deadline, loop.create_future())
         if deadline is not None:
             pending.timer = loop.call_later(remaining, _expire, pending)
@@ -248,6 +314,34 @@ class DynamicBatcher:
         except asyncio.CancelledError:
             pending.future.cancel()  # the caller went away: it is skipped if not yet running
             raise
+
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a request of `rows` is computed on the event loop: alone, on an idle
+        batcher that would not hold it for company, and fast by the measured speed."""
+        if (
+            self._queue
+            or self._slots
+            or self._running_requests
+            or self._policy.wait_when_idle
+            or front_door_in_flight() != 1  # 0: not a front-door request, or no gate
+        ):
+            return False
+        speed = self._slot_rows_per_s.get(rows.bit_length())
+        return speed is not None and rows / speed < INLINE_MAX_S
+
+    def _run_inline(
+        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, rows: int
+    ) -> RunResult:
+        """One call on the calling (event loop) thread; errors as a slot reports them."""
+        try:
+            result = self._call(inputs, outputs, rows, 0.0)
+        except Exception as exc:  # a bug: fail the request, as a slot would
+            log.error("inline call failed error=%r", exc)
+            raise InferenceFailed("the model failed to compute this input") from None
+        if isinstance(result, EdgeserveError):
+            raise result
+        self._learn_speed([result])
+        return result
 
     def _launch(self) -> None:
         """Put one slot on the executor (its count is already taken)."""
@@ -307,6 +401,7 @@ class DynamicBatcher:
                 queue = self._queue
                 while queue and queue[0].future.done():  # expired or cancelled while waiting
                     self._queued_rows -= queue.popleft().rows
+                self._refuse_stale()
                 if not queue:
                     self._slots -= 1
                     return None
@@ -393,12 +488,22 @@ class DynamicBatcher:
         return _fill(batch, live, results)
 
     def _run_one(self, p: _Pending, started: float) -> RunResult | BaseException:
+        return self._call(p.inputs, p.outputs, p.rows, started - p.enqueued)
+
+    def _call(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        rows: int,
+        queue_s: float,
+    ) -> RunResult | EdgeserveError:
+        """One runtime call of `rows`, timed; a domain error is returned, not raised."""
         began = time.perf_counter()
         try:
-            outputs = self._run(p.inputs, p.outputs)
+            computed = self._run(inputs, outputs)
         except EdgeserveError as exc:
             return exc
-        return RunResult(outputs, started - p.enqueued, time.perf_counter() - began, p.rows)
+        return RunResult(computed, queue_s, time.perf_counter() - began, rows)
 
     def _deliver(
         self, batch: list[_Pending], results: list[RunResult | BaseException], posted: float

@@ -54,6 +54,7 @@ class ServerSettings:
     keep_alive_timeout_s: float = setting(5.0, min=0.1, max=3600)
     read_timeout_s: float = setting(10.0, min=0.1, max=3600)
     request_head_timeout_s: float = setting(30.0, min=0.1, max=3600)
+    loop_lag_target_ms: float = setting(10.0, min=0, max=10_000)  # 0 = off
     graceful_timeout_s: float = setting(10.0, min=0, max=3600)
     log_level: str = setting("info", choices=("debug", "info", "warning", "error"))
     cors_origins: list[str] = setting([])

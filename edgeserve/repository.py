@@ -52,6 +52,10 @@ class BatchingConfig:
     # Refuse (429) when the queue's oldest request has waited this long or the estimated
     # wait is longer; a batch also holds at most the rows one slot computes in this time.
     max_queue_wait_ms: float = setting(250.0, min=0.0, max=600_000.0)  # 0 = no estimate
+    # The same bound while the model is offered clearly more rows than it computes (an
+    # overload, not a busy closed loop of clients): then a long queue only adds latency.
+    # 0 = max_queue_wait_ms always.
+    overload_queue_wait_ms: float = setting(0.0, min=0.0, max=600_000.0)
 
 
 @dataclass(frozen=True)

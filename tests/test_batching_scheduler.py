@@ -467,7 +467,7 @@ def test_an_event_loop_running_late_refuses_newcomers_until_it_runs_on_time(exec
 def test_batch_rows_are_capped_by_what_one_slot_computes_within_the_wait_limit(
     wait_s: float, speed: float | None, rows: int
 ) -> None:
-    assert batch_rows_limit(policy(max_batch_size=64, max_queue_wait_s=wait_s), speed) == rows
+    assert batch_rows_limit(policy(max_batch_size=64), speed, wait_s) == rows
 
 
 @pytest.mark.parametrize(
@@ -480,9 +480,7 @@ def test_batch_rows_are_capped_by_what_one_slot_computes_within_the_wait_limit(
 def test_batch_rows_stop_at_the_preferred_batch_size(
     wait_s: float, speed: float, rows: int
 ) -> None:
-    limit = batch_rows_limit(
-        policy(max_batch_size=64, preferred_batch_size=8, max_queue_wait_s=wait_s), speed
-    )
+    limit = batch_rows_limit(policy(max_batch_size=64, preferred_batch_size=8), speed, wait_s)
     assert limit == rows
 
 
@@ -540,3 +538,122 @@ def test_requests_after_executor_shutdown_get_503() -> None:
     batcher = DynamicBatcher(runtime.run, pool, policy())
     with pytest.raises(ModelNotReady):
         asyncio.run(batcher.submit(row(1), None, None))
+
+
+class ThreadRecordingRuntime(FakeRuntime):
+    """FakeRuntime that also records which thread made each call, and can be slowed."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+        self.delay_s = delay_s
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().run(inputs, outputs)
+
+
+def lone_requests_threads(
+    runtime: ThreadRecordingRuntime, batch_policy: BatchPolicy, others_in_flight: int
+) -> tuple[int, list[int]]:
+    """Five requests one after another, each counted in flight at a started loop gate
+    beside `others_in_flight` others, each sent once the last one's slot has let go (the
+    result reaches the loop just before the slot finds the queue empty and releases):
+    (the event loop's thread id, each call's thread)."""
+    from edgeserve.loop_lag import LoopLagMonitor
+
+    async def scenario() -> int:
+        gate = LoopLagMonitor(0.01)
+        gate.start()
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                batcher = DynamicBatcher(runtime.run, pool, batch_policy)
+                for _ in range(others_in_flight):
+                    assert gate.admit()
+                for value in range(5):
+                    assert gate.admit()
+                    result = await batcher.submit(row(value), None, None)
+                    gate.leave()
+                    assert result.outputs["sum"].tolist() == [3.0 * value]
+                    await wait_for(lambda: batcher._slots == 0)  # the slot has let go
+        finally:
+            gate.stop()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    return loop_thread, runtime.threads
+
+
+def test_a_fast_request_alone_is_computed_on_the_event_loop_once_its_speed_is_known() -> None:
+    """Handing a call of a few microseconds to a worker thread and back costs more than
+    the call, and alone there is nothing to merge it with."""
+    loop_thread, threads = lone_requests_threads(ThreadRecordingRuntime(), policy(), 0)
+    assert threads[0] != loop_thread  # the first call is timed on a slot
+    assert threads[1:] == [loop_thread] * 4
+
+
+@pytest.mark.parametrize(
+    ("runtime", "batch_policy", "others"),
+    [
+        (ThreadRecordingRuntime(), policy(), 1),  # another request in flight: it may merge
+        (ThreadRecordingRuntime(), policy(wait_when_idle=True), 0),  # held for company
+        (ThreadRecordingRuntime(delay_s=0.002), policy(), 0),  # too slow for the loop
+    ],
+    ids=["not-alone", "wait-when-idle", "slow-model"],
+)
+def test_requests_that_may_merge_or_take_long_go_to_a_slot(
+    runtime: ThreadRecordingRuntime, batch_policy: BatchPolicy, others: int
+) -> None:
+    loop_thread, threads = lone_requests_threads(runtime, batch_policy, others)
+    assert len(threads) == 5 and loop_thread not in threads
+
+
+def test_without_a_front_door_count_every_request_goes_to_a_slot(executor) -> None:
+    """Work that did not come through the front door (batch jobs, streams, tests of the
+    batcher alone) is not known to be alone."""
+    runtime = ThreadRecordingRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy())
+
+    async def scenario() -> int:
+        for value in range(5):
+            await batcher.submit(row(value), None, None)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert len(runtime.threads) == 5 and loop_thread not in runtime.threads
+
+
+def test_a_failing_inline_call_is_a_500_and_a_bad_input_its_own_error() -> None:
+    from edgeserve.loop_lag import LoopLagMonitor
+
+    class Breaks(ThreadRecordingRuntime):
+        def run(self, inputs, outputs):  # type: ignore[override]
+            if float(inputs["x"][0, 0]) == 7.0:
+                raise ZeroDivisionError("a bug in the runtime wrapper")
+            return super().run(inputs, outputs)
+
+    runtime = Breaks()
+
+    async def scenario() -> None:
+        gate = LoopLagMonitor(0.01)
+        gate.start()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                batcher = DynamicBatcher(runtime.run, pool, policy())
+                assert gate.admit()
+                await batcher.submit(row(1), None, None)  # timed on a slot
+                await wait_for(lambda: batcher._slots == 0)
+                with pytest.raises(InferenceFailed, match="failed to compute this input"):
+                    await batcher.submit(row(7), None, None)
+                with pytest.raises(InferenceFailed, match="failed to compute this input"):
+                    await batcher.submit(row(float("nan")), None, None)  # FakeRuntime's own
+                assert (await batcher.submit(row(2), None, None)).outputs["sum"].tolist() == [6.0]
+        finally:
+            gate.stop()
+
+    asyncio.run(scenario())
+    assert len(set(runtime.threads[1:])) == 1  # all on the loop after the first

@@ -206,6 +206,8 @@ def test_per_model_threads_and_one_batch_at_a_time(server: RunningServer) -> Non
         ("[threads]\nintra_op = 2\n", "unknown key"),
         ("[batching]\npreferred_batch_size = 9\n", "larger than max_batch_size"),
         ("[batching]\npreferred_batch_size = -1\n", "batching.preferred_batch_size"),
+        ("[batching]\noverload_queue_wait_ms = -5\n", "batching.overload_queue_wait_ms"),
+        ('[batching]\noverload_queue_wait_ms = "5"\n', "batching.overload_queue_wait_ms"),
     ],
 )
 def test_model_toml_refuses_bad_batching_cache_and_thread_keys(text: str, problem: str) -> None:

@@ -79,6 +79,8 @@ BROKEN = [
     ('[server]\nevent_loop = "twisted"\n', "server.event_loop: must be one of"),
     ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
     ("[server]\nrequest_head_timeout_s = 0\n", "server.request_head_timeout_s: must be >= 0.1"),
+    ("[server]\nloop_lag_target_ms = -1\n", "server.loop_lag_target_ms: must be >= 0"),
+    ('[server]\nloop_lag_target_ms = "fast"\n', "server.loop_lag_target_ms: must be a number"),
     ('[models]\nbackend = "tensorflow"\n', "models.backend: must be one of"),
     ('[models]\nload = "digits"\n', "models.load: must be a list"),
     ("[models]\nrepository = 3\n", "models.repository: must be a non-empty path"),

@@ -3,6 +3,7 @@ read; anything it is not sure about goes on to the endpoint, which answers prope
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
@@ -19,9 +20,21 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from edgeserve import loop_lag
 from edgeserve.errors import ModelNotFound
+from edgeserve.loop_lag import LagShedder
 from edgeserve.web.shedding import ShedMiddleware
 from tests.serving import run_server
+
+# One digits row as JSON, and the keep-alive HTTP/1.1 request carrying it.
+DIGITS_BODY = (
+    b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [%s]}]}'
+    % b",".join([b"1"] * 64)
+)
+DIGITS_REQUEST = (
+    b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    b"Content-Length: " + str(len(DIGITS_BODY)).encode() + b"\r\n\r\n" + DIGITS_BODY
+)
 
 
 class FakeRegistry:
@@ -83,6 +96,67 @@ def test_requests_the_middleware_is_not_sure_about_reach_the_endpoint(
     reply = client.request(method, path)
     assert reply.status_code == 200
     assert reached == [path]
+
+
+def late_gate(share: float) -> LagShedder:
+    """The loop's gate (edgeserve/loop_lag.py) after enough late, busy ticks to refuse
+    `share` of newcomers once crowded."""
+    shedder = LagShedder(0.01)
+    while shedder.share < share:
+        shedder.observe(0.03, 1.0, 0.05)  # three targets late, busy
+    return shedder
+
+
+def test_a_late_event_loop_refuses_its_share_with_a_server_busy_429(app) -> None:
+    """The loop's gate refuses requests for a model with room in its queue once enough
+    others are in flight; what it admits reaches the endpoint and leaves the gate."""
+    client, registry, reached = app
+    registry.full[("digits", None)] = False
+    shedder = late_gate(0.5)
+    others = loop_lag.MIN_IN_FLIGHT
+    assert all(shedder.admit() for _ in range(others))  # still being answered elsewhere
+    client.app.state.loop_gate = shedder
+    replies = [client.post("/v2/models/digits/infer", content=b"{}") for _ in range(100)]
+    refused = [r for r in replies if r.status_code == 429]
+    assert abs(len(refused) - shedder.share * 100) <= 1
+    assert {r.json()["error"] for r in refused} == {
+        "the server is too busy to answer in time; retry later"
+    }
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    assert len(reached) == 100 - len(refused)
+    assert shedder.in_flight == others  # each admitted one left once answered
+    reply = client.post("/v2/models/nope/infer", content=b"{}")
+    assert reply.status_code == 200  # unknown models get the endpoint's answer, not a 429
+
+
+def test_one_request_at_a_time_is_never_refused_however_late_the_loop(app) -> None:
+    """So few in flight cannot be what makes the loop late (another process on the CPU
+    can): the gate admits them all, and each leaves it once answered."""
+    client, registry, reached = app
+    registry.full[("digits", None)] = False
+    shedder = late_gate(0.999)
+    client.app.state.loop_gate = shedder
+    replies = [client.post("/v2/models/digits/infer", content=b"{}") for _ in range(100)]
+    assert [r.status_code for r in replies] == [200] * 100 and len(reached) == 100
+    assert shedder.in_flight == 0
+
+
+def test_a_request_whose_endpoint_fails_still_leaves_the_gate() -> None:
+    async def endpoint(request: Request) -> JSONResponse:
+        raise RuntimeError("the endpoint broke")
+
+    starlette = Starlette(
+        routes=[Route("/v2/models/{model}/infer", endpoint, methods=["POST"])],
+        middleware=[Middleware(ShedMiddleware)],
+    )
+    registry = FakeRegistry()
+    registry.full[("digits", None)] = False
+    starlette.state.registry = registry
+    starlette.state.loop_gate = shedder = late_gate(0.5)
+    client = TestClient(starlette, raise_server_exceptions=False)
+    for _ in range(10):
+        assert client.post("/v2/models/digits/infer", content=b"{}").status_code == 500
+    assert shedder.in_flight == 0
 
 
 def _identity_model() -> bytes:
@@ -150,3 +224,148 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
             r'^edgeserve_requests_shed_total\{model="held"\} ([0-9.e+]+)$', metrics, re.M
         )
         assert shed is not None and float(shed.group(1)) >= 1  # shed requests are counted
+
+
+async def _flood(port: int, request: bytes, connections: int, seconds: float) -> list[bytes]:
+    """Keep-alive connections each sending `request` as soon as the last one is answered,
+    for `seconds`; the status line and body of every answer (b"lost" for a connection
+    that closed under a request)."""
+    answers: list[bytes] = []
+    stop = time.monotonic() + seconds
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.monotonic() < stop:
+                writer.write(request)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    answers.append(b"lost")
+                    return
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                body = await reader.readexactly(length)
+                answers.append(head.split(b"\r\n", 1)[0] + b" " + body)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return answers
+
+
+@pytest.mark.slow
+def test_a_flood_the_loop_cannot_keep_up_with_is_partly_refused_and_every_request_answered(
+    tmp_path: Path,
+) -> None:
+    """Many more requests at once than one event loop answers in time: the loop runs late,
+    the HTTP parser refuses part of them with the server-busy 429, the rest are served,
+    no request goes unanswered, and after the flood everything is admitted again."""
+    with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
+        answers = asyncio.run(_flood(server.port, DIGITS_REQUEST, connections=256, seconds=4))
+        busy = b'{"error": "the server is too busy to answer in time; retry later"}'
+        kinds = {a.split(b" ", 1)[1][:3] if a != b"lost" else a for a in answers}
+        assert kinds <= {b"200", b"429"}, kinds  # nothing lost, nothing else
+        assert any(a.startswith(b"HTTP/1.1 429 ") and a.endswith(busy) for a in answers)
+        assert any(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+        url = f"{server.url}/v2/models/digits/infer"
+        with httpx.Client(timeout=10) as client:  # at once: one at a time is never refused
+            one_at_a_time = [client.post(url, content=DIGITS_BODY).status_code for _ in range(20)]
+        assert one_at_a_time == [200] * 20
+        deadline = time.monotonic() + 10
+        at_once: list[int] = []
+        while time.monotonic() < deadline:  # and the refused share falls back to nothing
+            at_once = asyncio.run(_at_once(url, DIGITS_BODY, 16))
+            if at_once == [200] * 16:
+                break
+        assert at_once == [200] * 16
+
+
+async def _at_once(url: str, body: bytes, count: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        replies = await asyncio.gather(*(client.post(url, content=body) for _ in range(count)))
+    return [r.status_code for r in replies]
+
+
+@pytest.mark.slow
+def test_a_loop_made_late_by_other_work_never_refuses_one_inference_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Many clients scraping /metrics keep the loop busy and late; an inference client
+    sending one request at a time is not what makes it late, and is never refused."""
+    scrape = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
+        statuses: list[int] = []
+
+        def one_at_a_time() -> None:
+            time.sleep(0.5)  # the scrapers first
+            with httpx.Client(timeout=30) as client:
+                while time.monotonic() < stop:
+                    url = f"{server.url}/v2/models/digits/infer"
+                    statuses.append(client.post(url, content=DIGITS_BODY).status_code)
+
+        stop = time.monotonic() + 3.5
+        with ThreadPoolExecutor(1) as pool:
+            inferring = pool.submit(one_at_a_time)
+            scrapes = asyncio.run(_flood(server.port, scrape, connections=64, seconds=4))
+            inferring.result()
+        assert len(scrapes) > 1000 and all(a.startswith(b"HTTP/1.1 200 ") for a in scrapes)
+        assert len(statuses) > 10 and set(statuses) == {200}, statuses
+
+
+@pytest.mark.slow
+def test_grpc_inferences_pass_the_same_loop_gate(tmp_path: Path) -> None:
+    """gRPC shares the HTTP side's event loop and so its gate: while the gate refuses
+    newcomers, a gRPC inference is answered RESOURCE_EXHAUSTED with the server-busy
+    message and counted as shed; once the requests it was blaming have left, gRPC
+    inferences are served again and leave nothing in flight.
+
+    The real app and gRPC server run in this process so that the gate can be put in a
+    known state: a flood from outside makes it refuse only a varying few per cent.
+    """
+    import numpy as np
+    import tritonclient.grpc.aio as triton
+    from tritonclient.utils import InferenceServerException
+
+    from edgeserve.app import build_app
+    from edgeserve.config import load_settings
+    from tests.serving import MODELS, free_port
+
+    grpc_port = free_port()
+    config = tmp_path / "edgeserve.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ngrpc_port = {grpc_port}\n'
+        f'state_dir = "{tmp_path / "state"}"\n[models]\nrepository = "{MODELS}"\n'
+        'load = ["digits"]\n[auth]\nenabled = false\n'
+    )
+    app = build_app(load_settings(config))
+    data = triton.InferInput("input", [1, 64], "FP32")
+    data.set_data_from_numpy(np.ones((1, 64), np.float32))
+
+    async def outcome(client: triton.InferenceServerClient) -> str:
+        try:
+            await client.infer("digits", [data], client_timeout=30)
+        except InferenceServerException as exc:
+            return f"{exc.status()} {exc.message()}"
+        return "OK"
+
+    async def scenario() -> tuple[list[str], int, list[str], int]:
+        async with app.router.lifespan_context(app):
+            await app.state.loading
+            gate = late_gate(0.99)  # admits one newcomer in a hundred once crowded
+            held = [gate.admit() for _ in range(loop_lag.MIN_IN_FLIGHT)]  # answered elsewhere
+            assert all(held)
+            app.state.loop_gate = gate
+            async with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+                refused = [await outcome(client) for _ in range(10)]
+                shed = app.state.registry.get("digits").stats.shed
+                for _ in held:
+                    gate.leave()
+                served = [await outcome(client) for _ in range(10)]
+            return refused, shed, served, gate.in_flight
+
+    refused, shed, served, in_flight = asyncio.run(scenario())
+    busy = "StatusCode.RESOURCE_EXHAUSTED the server is too busy to answer in time; retry later"
+    assert refused == [busy] * 10
+    assert shed == 10
+    assert served == ["OK"] * 10  # not crowded any more: admitted however late the loop is
+    assert in_flight == 0  # each admitted call left the gate

@@ -30,6 +30,7 @@ from edgeserve.errors import (
     EdgeserveError,
     InvalidInput,
     ModelNotReady,
+    Overloaded,
     Unauthorized,
 )
 from edgeserve.protocol import documents
@@ -39,6 +40,7 @@ from edgeserve.protocol.limits import DecodeLimits, checked_shape
 from edgeserve.registry import Registry
 from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
 from edgeserve.scheduling import request_deadline
+from edgeserve.web.shedding import SERVER_BUSY_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +204,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer_one(self, request: Any, context: Any) -> pb.ModelInferResponse:
         """One ModelInferRequest through the registry and its batcher (caller checked),
-        leaving a telemetry record whatever the outcome."""
+        leaving a telemetry record whatever the outcome.
+
+        It passes the event loop's gate as HTTP inferences do (edgeserve/loop_lag.py):
+        both doors share the one loop, so it counts in flight while answered and is
+        refused its share (RESOURCE_EXHAUSTED) while the loop runs late.
+        """
         started = time.perf_counter()
         status, result, version = 500, None, request.model_version
+        gate = None
         try:
             model = self._registry.get(request.model_name, request.model_version or None)
             version = str(model.version)
+            gate = self._app.state.loop_gate
+            if gate is not None and not gate.admit():
+                gate = None
+                model.stats.shed += 1
+                raise Overloaded(SERVER_BUSY_MESSAGE)
             named = decode_inputs(request, self._limits)
             feed = model.check_inputs(named)
             requested = [o.name for o in request.outputs] or None
@@ -225,6 +238,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = exc.status
             raise
         finally:
+            if gate is not None:
+                gate.leave()
             record_grpc_inference(
                 self._app.state, request, context, version, status, result, started
             )

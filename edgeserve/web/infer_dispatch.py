@@ -27,7 +27,7 @@ from edgeserve.errors import EdgeserveError
 from edgeserve.protocol.rest import infer
 from edgeserve.web.errors import on_edgeserve_error, on_unexpected
 from edgeserve.web.headers import SECURITY_HEADERS, headers_fit
-from edgeserve.web.shedding import INFER_PATH, SHED_TESTED, send_shed, shed
+from edgeserve.web.shedding import INFER_PATH, SHED_TESTED, leave, send_shed, shed
 
 
 class EdgeserveApp(Starlette):
@@ -42,23 +42,28 @@ class EdgeserveApp(Starlette):
         self._direct_infer = direct_infer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._direct_infer and scope["type"] == "http" and scope["method"] == "POST":
-            match = INFER_PATH.fullmatch(scope["path"])
-            if match is not None and headers_fit(
-                scope["headers"], self._max_headers, self._max_header_bytes
-            ):
-                scope["app"] = self
-                await _infer(scope, receive, send, match.group(1), match.group(2))
-                return
-        await super().__call__(scope, receive, send)
+        try:
+            if self._direct_infer and scope["type"] == "http" and scope["method"] == "POST":
+                match = INFER_PATH.fullmatch(scope["path"])
+                if match is not None and headers_fit(
+                    scope["headers"], self._max_headers, self._max_header_bytes
+                ):
+                    scope["app"] = self
+                    await _infer(scope, receive, send, match.group(1), match.group(2))
+                    return
+            await super().__call__(scope, receive, send)
+        finally:
+            leave(scope)  # admitted by the HTTP parser's gate, answered whichever way
 
 
 async def _infer(
     scope: Scope, receive: Receive, send: Send, model: str, version: str | None
 ) -> None:
-    if not scope.get(SHED_TESTED) and shed(scope["path"], scope["app"]):
-        await send_shed(send)
-        return
+    if not scope.get(SHED_TESTED):
+        refusal = shed(scope["path"], scope["app"], scope)
+        if refusal is not None:
+            await send_shed(send, refusal)
+            return
     scope["endpoint"] = infer
     params = {"model": model} if version is None else {"model": model, "version": version}
     scope["path_params"] = params
