@@ -75,6 +75,7 @@ def batching_scheduler(
         max_concurrent=min(b.max_concurrent_batches or slots, slots),
         wait_when_idle=b.wait_when_idle,
         max_queue_wait_s=b.max_queue_wait_ms / 1000,
+        overload_queue_wait_s=b.overload_queue_wait_ms / 1000,
         preferred_batch_size=b.preferred_batch_size,
     )
     scheduler: Scheduler = build_scheduler(runtime.run, executor, policy)
@@ -356,11 +357,18 @@ class Registry:
         threads = replace(self._threads, streams=concurrent_calls(config, self._slots))
         if config.threads.intra_op_threads:  # keeps the server's precision
             threads = replace(threads, intra_op=config.threads.intra_op_threads)
-        runtime = create_runtime(backend, files, threads, model=name)
+        batched = config.max_batch_size > 0
+
+        def warmup_inputs(runtime: Runtime) -> list[dict[str, np.ndarray]]:
+            return [_warmup_inputs(runtime, rows, batched) for rows in config.warmup.batch_sizes]
+
+        # `auto` times both backends on the warm-up inputs and keeps the faster
+        samples = warmup_inputs if self._warmup else None
+        runtime = create_runtime(backend, files, threads, model=name, samples=samples)
         _check_declared(name, config, runtime)
         if self._warmup:
-            for rows in config.warmup.batch_sizes:
-                runtime.run(_warmup_inputs(runtime, rows, config.max_batch_size > 0), None)
+            for feed in warmup_inputs(runtime):
+                runtime.run(feed, None)
         return runtime
 
 

@@ -45,6 +45,21 @@ def test_tritonclient_infers_each_row_of_a_batch(server: RunningServer, binary: 
     assert labels.tolist() == single
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_auto_serves_the_backend_it_timed_faster_and_says_so(
+    server: RunningServer, version: int
+) -> None:
+    """digits says `backend = "auto"`: each version is timed on both backends at load,
+    the log names the faster, and that is the platform the metadata reports."""
+    log = server.log()
+    timed = re.findall(r"backend chosen model=digits backend=\w+ (\w+)_us=\d+ (\w+)_us=\d+", log)
+    assert [sorted(t) for t in timed] == [["onnxruntime", "openvino"]] * 2, log
+    ready = re.search(rf"model ready model=digits version={version} backend=(\w+)", log)
+    assert ready is not None, log
+    platform = _client(server).get_model_metadata("digits", str(version))["platform"]
+    assert platform == {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}[ready[1]]
+
+
 def _label_of(server: RunningServer, row: np.ndarray) -> int:
     body = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row.tolist()}],

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pytest
 
 from edgeserve.errors import InferenceFailed
 from edgeserve.repository import read_model
-from edgeserve.runtime import RuntimeLoadError, ThreadPlan, create_runtime
+from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runtime
+from edgeserve.runtime.select import time_calls
 from tests.serving import MODELS
 
 DIGITS = read_model(MODELS / "digits")
@@ -33,8 +37,81 @@ def test_both_runtimes_answer_the_same(version: int) -> None:
     assert agree >= 0.995, f"labels agree on only {agree:.3%} of the held-out rows"
 
 
-def test_auto_prefers_openvino_and_loads_from_bytes() -> None:
+def test_auto_without_samples_prefers_openvino_and_loads_from_bytes() -> None:
     runtime = create_runtime("auto", DIGITS.read_files(1), ThreadPlan())
+    assert runtime.backend == "openvino"
+
+
+def one_row(runtime: Runtime) -> list[dict[str, np.ndarray]]:
+    return [{"input": HELDOUT["X"][:1]}, {"input": HELDOUT["X"][:8]}]
+
+
+@pytest.mark.parametrize("faster", ["onnxruntime", "openvino"])
+def test_auto_with_samples_keeps_the_backend_timed_faster_and_closes_the_other(
+    faster: str,
+) -> None:
+    timed: list[tuple[str, int]] = []
+    closed: list[str] = []
+
+    def timer(runtimes: Sequence[Runtime], feeds: Sequence[Mapping]) -> dict[str, float]:
+        for runtime in runtimes:
+            timed.append((runtime.backend, len(feeds)))
+            runtime.close = lambda b=runtime.backend: closed.append(b)  # type: ignore[method-assign]
+        return {r.backend: 1e-5 if r.backend == faster else 4e-5 for r in runtimes}
+
+    files = DIGITS.read_files(2)
+    runtime = create_runtime("auto", files, ThreadPlan(), "digits", samples=one_row, timer=timer)
+    assert runtime.backend == faster
+    assert sorted(timed) == [("onnxruntime", 2), ("openvino", 2)]
+    assert closed == [{"onnxruntime": "openvino", "openvino": "onnxruntime"}[faster]]
+    assert runtime.run({"input": HELDOUT["X"][:3]})["label"].shape == (3,)
+
+
+def test_auto_with_samples_times_both_real_runtimes_and_keeps_the_faster(caplog) -> None:
+    files = DIGITS.read_files(2)
+    both = [create_runtime(b, files, ThreadPlan()) for b in ("openvino", "onnxruntime")]
+    seconds = time_calls(both, one_row(both[0]))
+    assert set(seconds) == {"onnxruntime", "openvino"} and min(seconds.values()) > 0
+
+    measured: dict[str, float] = {}
+
+    def recording(runtimes: Sequence[Runtime], feeds: Sequence[Mapping]) -> dict[str, float]:
+        measured.update(time_calls(runtimes, feeds))
+        return measured
+
+    with caplog.at_level(logging.INFO, logger="edgeserve.runtime.select"):
+        runtime = create_runtime("auto", files, ThreadPlan(), "d", samples=one_row, timer=recording)
+    assert runtime.backend == min(measured, key=measured.__getitem__)
+    assert f"backend chosen model=d backend={runtime.backend} " in caplog.text
+    assert "openvino_us=" in caplog.text and "onnxruntime_us=" in caplog.text
+
+
+class FailsToCompute(Runtime):
+    """A loaded runtime whose every call fails, as a backend that cannot run an input."""
+
+    backend = "openvino"
+
+    def _load(self, files: Mapping[str, bytes]) -> None:
+        pass
+
+    def _run(self, inputs: Mapping, outputs: Sequence[str] | None) -> dict[str, np.ndarray]:
+        raise RuntimeError("this backend cannot compute the input")
+
+
+def test_a_runtime_that_fails_on_the_samples_is_left_out_of_the_timing() -> None:
+    working = create_runtime("onnxruntime", DIGITS.read_files(1), ThreadPlan())
+    seconds = time_calls([FailsToCompute(ThreadPlan()), working], one_row(working))
+    assert list(seconds) == ["onnxruntime"]
+
+
+def test_auto_with_samples_but_one_loadable_backend_times_nothing() -> None:
+    """digits v2 without its model.onnx: only OpenVINO can load the IR."""
+    files = {k: v for k, v in DIGITS.read_files(2).items() if k != "model.onnx"}
+
+    def timer(runtimes: Sequence[Runtime], feeds: Sequence[Mapping]) -> dict[str, float]:
+        raise AssertionError("nothing to choose between")
+
+    runtime = create_runtime("auto", files, ThreadPlan(), samples=one_row, timer=timer)
     assert runtime.backend == "openvino"
 
 
