@@ -7,7 +7,10 @@
 `digits` is trained on scikit-learn's bundled digits; `text` (see text.py) on sentences
 written into text.py. Only standard `ai.onnx` operators are used, so OpenVINO compiles
 digits too (it rejects scikit-learn's `ai.onnx.ml` operators). Weights are rounded before
-export so that last-bit differences between BLAS builds do not change the committed bytes.
+export so that last-bit differences between BLAS builds do not change the committed bytes,
+and training uses OpenBLAS's AVX2 (Haswell) kernels on every x86-64 CPU that has AVX2: left
+to choose, OpenBLAS picks its AVX-512 kernels where it can, and 400 iterations of training
+on them drift past the rounding (the committed files are the AVX2 kernels' result).
 The INT8 version carries each backend's own INT8 form: `model.onnx` quantized by ONNX
 Runtime, `model.xml` + `model.bin` quantized by NNCF for OpenVINO (see openvino_int8.py).
 """
@@ -17,13 +20,31 @@ from __future__ import annotations
 import argparse
 import filecmp
 import io
+import os
+import platform
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+
+def _pin_blas_kernels() -> None:
+    """OpenBLAS's Haswell kernels for the training (see the module doc), before numpy
+    loads OpenBLAS; a CPU without AVX2 keeps its own (and may not match the files)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    if " avx2" in flags:
+        os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+
+
+_pin_blas_kernels()
+
+import numpy as np  # noqa: E402  (after the kernels are chosen)
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
