@@ -65,14 +65,29 @@ def test_sighup_under_load_fails_no_request(tmp_path: Path) -> None:
                 with lock:
                     statuses[status] += 1
 
+    def answered() -> int:
+        with lock:
+            return sum(statuses.values())
+
+    def wait_for_answers(count: int, timeout_s: float = 60) -> None:
+        """Load is really running: `count` answers so far (a reload can finish before a
+        client has sent anything, and then it proves nothing)."""
+        deadline = time.monotonic() + timeout_s
+        while answered() < count:
+            assert time.monotonic() < deadline, f"only {answered()} answers: {statuses}"
+            assert server.process.poll() is None, server.log()
+            time.sleep(0.02)
+
     with run_server(tmp_path, AUTH_OFF) as server:
         workers = [threading.Thread(target=client, args=(server.url,)) for _ in range(4)]
         for worker in workers:
             worker.start()
         try:
             for n in range(1, 4):
+                wait_for_answers(answered() + 8)
                 server.process.send_signal(signal.SIGHUP)
                 wait_for_log(server, "reload done", count=n)
+            wait_for_answers(answered() + 8)  # and it keeps answering after the last one
         finally:
             stop.set()
             for worker in workers:
