@@ -7,7 +7,8 @@ thread calling at once; then the sweep's three best points again, three times ea
 (the best median is the reference the server is compared with). The runtime is built
 as the server builds it (`create_runtime` with the plan, one OpenVINO stream per
 executor thread). For OpenVINO also a reference: the THROUGHPUT hint with a
-free-running AsyncInferQueue, in the served precision.
+free-running AsyncInferQueue, in the served precision. With a "point" in the spec it
+measures only that plan and batch, once (a bracket around a server run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.repository import read_model
+from edgeserve.repository import ModelSource, read_model
 from edgeserve.runtime import ThreadPlan, create_runtime
 
 BEST_CANDIDATES = 3  # the sweep's best points measured again
@@ -69,12 +70,15 @@ def timed_calls(
     return sum(counts) / elapsed, p50
 
 
-def measure(spec: dict) -> dict:
-    folder = Path(spec["model_dir"])
-    source = read_model(folder)
-    files = source.read_files(spec["version"])
+def _model_and_inputs(spec: dict) -> tuple[ModelSource, dict[str, bytes], dict[str, np.ndarray]]:
+    """The model version's source and files, and the sample rows, that `spec` names."""
+    source = read_model(Path(spec["model_dir"]))
     data = np.load(spec["inputs"], allow_pickle=True)
-    inputs = {k: data[k] for k in data.files}
+    return source, source.read_files(spec["version"]), {k: data[k] for k in data.files}
+
+
+def measure(spec: dict) -> dict:
+    source, files, inputs = _model_and_inputs(spec)
     max_batch = max(1, source.config.max_batch_size)
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch]
     cores = spec["cores"]
@@ -146,8 +150,9 @@ def _reruns(
     plan_doc: dict,
     batch: int,
     precision: str,
+    runs: int = BEST_RERUNS,
 ) -> list[float]:
-    """Rows/s of one plan and batch, BEST_RERUNS times, on a runtime built afresh."""
+    """Rows/s of one plan and batch, `runs` times, on a runtime built afresh."""
     workers = plan_doc["executor"]
     plan = ThreadPlan(plan_doc["intra"], 1, precision=precision, streams=workers)
     runtime = create_runtime(spec["backend"], files, plan)
@@ -156,10 +161,21 @@ def _reruns(
     try:
         return [
             timed_calls(runtime.run, feeds, workers, spec["duration_s"])[0] * batch
-            for _ in range(BEST_RERUNS)
+            for _ in range(runs)
         ]
     finally:
         runtime.close()
+
+
+def measure_point(spec: dict) -> dict:
+    """Rows/s of one point alone (`spec["point"]`: plan "EXI" and batch), once, for
+    `duration_s`: the raw side of a bracket around one server run (bench/run.py)."""
+    _, files, inputs = _model_and_inputs(spec)
+    executor, intra = (int(n) for n in spec["point"]["plan"].split("x"))
+    plan_doc = {"executor": executor, "intra": intra}
+    precision = spec.get("precision", "f32")
+    batch = spec["point"]["batch"]
+    return {"rows_per_s": _reruns(spec, files, inputs, plan_doc, batch, precision, runs=1)[0]}
 
 
 def _openvino_async(
@@ -202,4 +218,5 @@ def _openvino_async(
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(Path(sys.argv[1]).read_text()))))
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    print(json.dumps(measure_point(_spec) if "point" in _spec else measure(_spec)))

@@ -18,11 +18,17 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{r:.3f}×" if r < 0.1 else f"{r:.2f}×"
 
 
+def _alongside(run: dict[str, Any]) -> float | None:
+    """The raw reference point's rows/s measured just before and after this run (mean)."""
+    measured = [v for v in run.get("raw_alongside_rows_per_s") or [] if v]
+    return sum(measured) / len(measured) if measured else None
+
+
 def throughput_table(results: dict[str, Any]) -> str:
     lines = [
         "| model | server | conns | req/s | rows/s | p50 ms | p99 ms | errors "
-        "| ÷ raw batch 1 | ÷ raw best batch | ÷ peer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ÷ raw batch 1 | ÷ raw best batch | ÷ raw alongside | ÷ peer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target in results["targets"]:
         raw = target.get("raw") or {}
@@ -30,7 +36,7 @@ def throughput_table(results: dict[str, Any]) -> str:
         b1 = raw.get("batch1_rows_per_s")
         lines.append(
             f"| {target['label']} | raw runtime, batch 1 ({raw.get('batch1_plan', '')}) | – | "
-            f"{_f(b1)} | {_f(b1)} | {_f(raw.get('batch1_p50_ms'), 3)} | – | – | – | – | – |"
+            f"{_f(b1)} | {_f(b1)} | {_f(raw.get('batch1_p50_ms'), 3)} | – | – | – | – | – | – |"
         )
         calls = best / max(1, raw.get("best_batch", 1)) if best else None
         how = raw.get("best_plan", "")
@@ -41,25 +47,25 @@ def throughput_table(results: dict[str, Any]) -> str:
             )
         lines.append(
             f"| {target['label']} | raw runtime, best batch {raw.get('best_batch', '–')} "
-            f"({how}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – |"
+            f"({how}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – | – |"
         )
         if raw.get("openvino_async"):
             ov = raw["openvino_async"]
             lines.append(
                 f"| {target['label']} | raw OpenVINO THROUGHPUT + AsyncInferQueue "
                 f"({ov['jobs']} jobs), batch 1 | – | {_f(ov['batch1_rows_per_s'])} "
-                f"| {_f(ov['batch1_rows_per_s'])} | – | – | – | – | – | – |"
+                f"| {_f(ov['batch1_rows_per_s'])} | – | – | – | – | – | – | – |"
             )
         peer = {r["connections"]: r for r in target.get("peer", [])}
         for server, runs in target.get("servers", {}).items():
             for r in runs:
                 p = peer.get(r["connections"]) if server != "mlserver" else None
+                rows = r["req_per_s"] * target.get("rows_per_request", 1)
                 lines.append(
                     f"| {target['label']} | {server} | {r['connections']} | {_f(r['req_per_s'])} | "
-                    f"{_f(r['req_per_s'] * target.get('rows_per_request', 1))} | "
+                    f"{_f(rows)} | "
                     f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {r['refused'] + r['errors']} | "
-                    f"{_ratio(r['req_per_s'] * target.get('rows_per_request', 1), b1)} | "
-                    f"{_ratio(r['req_per_s'] * target.get('rows_per_request', 1), best)} | "
+                    f"{_ratio(rows, b1)} | {_ratio(rows, best)} | {_ratio(rows, _alongside(r))} | "
                     f"{_ratio(r['req_per_s'], p['req_per_s']) if p else '–'} |"
                 )
         for r in target.get("peer", []):
@@ -67,7 +73,8 @@ def throughput_table(results: dict[str, Any]) -> str:
                 f"| {target['label']} | MLServer {results['env'].get('mlserver', '')} | "
                 f"{r['connections']} | {_f(r['req_per_s'])} | {_f(r['req_per_s'])} | "
                 f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {r['refused'] + r['errors']} | "
-                f"{_ratio(r['req_per_s'], b1)} | {_ratio(r['req_per_s'], best)} | 1.00× |"
+                f"{_ratio(r['req_per_s'], b1)} | {_ratio(r['req_per_s'], best)} | "
+                f"{_ratio(r['req_per_s'], _alongside(r))} | 1.00× |"
             )
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ from edgeserve.repository import read_model
 MODELS = servers.ROOT / "models"
 MIB = 1024 * 1024
 PHASES = ("startup", "throughput", "overload")
+# Seconds of each raw run that brackets a compute-bound model's busiest server run.
+BRACKET_S = 5.0
 FLOOR = "Python floor (bench/floor.py)"
 
 
@@ -133,16 +137,14 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
     spec_path = work / "raw-spec.json"
     spec_path.write_text(json.dumps(spec))
     print(f"== {target.label}: raw runtime", flush=True)
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.raw", str(spec_path)],
-        capture_output=True,
-        text=True,
-        cwd=servers.ROOT,
-        timeout=900,
-    )
-    target.results["raw"] = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout else None
-    if out.returncode:
-        print(out.stderr[-2000:], flush=True)
+    raw = run_raw(spec_path, timeout_s=900)
+    target.results["raw"] = raw
+    bracket = None
+    if target.heavy and raw:
+        point = {"plan": raw["best_plan"], "batch": raw["best_batch"]}
+        point_path = work / "raw-point.json"
+        point_path.write_text(json.dumps(dict(spec, point=point, duration_s=BRACKET_S)))
+        bracket = partial(raw_point, point_path)
     target.results["servers"] = {}
     variants = [(engine, "", "", "") for engine in target.engines]
     if target.heavy:
@@ -157,38 +159,79 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
         name = f"edgeserve ({engine}{suffix})"
         with servers.edgeserve(work / f"es-{engine}", repo, engine, server_keys=server_keys) as srv:
             target.results["servers"][name] = _drive(
-                name, target, srv.url, path, bodies, duration_s
+                name, target, srv.url, path, bodies, duration_s, bracket
             )
     repo = servers.write_repository(
         Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend
     )
     with servers.floor(work / "floor", repo, target.model) as srv:
-        target.results["servers"][FLOOR] = _drive(FLOOR, target, srv.url, path, bodies, duration_s)
+        target.results["servers"][FLOOR] = _drive(
+            FLOOR, target, srv.url, path, bodies, duration_s, bracket
+        )
     if target.peer and servers.mlserver_available():
         try:
             with servers.mlserver(
                 Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.model, 1
             ) as peer:
                 target.results["peer"] = _drive(
-                    "MLServer", target, peer.url, path, bodies, duration_s
+                    "MLServer", target, peer.url, path, bodies, duration_s, bracket
                 )
         except (RuntimeError, TimeoutError) as exc:
             print(f"MLServer failed: {str(exc)[-500:]}", flush=True)
 
 
+def run_raw(spec_path: Path, timeout_s: float) -> dict | None:
+    """bench.raw in its own process on `spec_path`: its JSON line, or None (its stderr
+    printed) when it printed none."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.raw", str(spec_path)],
+        capture_output=True,
+        text=True,
+        cwd=servers.ROOT,
+        timeout=timeout_s,
+    )
+    if out.returncode:
+        print(out.stderr[-2000:], flush=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout else None
+
+
+def raw_point(point_path: Path) -> float | None:
+    """The raw reference point measured once more, now (bench.raw in point mode)."""
+    point = run_raw(point_path, timeout_s=300)
+    return point["rows_per_s"] if point else None
+
+
 def _drive(
-    name: str, target: Target, url: str, path: str, bodies: list[bytes], duration_s: float
+    name: str,
+    target: Target,
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    duration_s: float,
+    bracket: Callable[[], float | None] | None = None,
 ) -> list[dict]:
-    loadgen.run_wrk(url, path, bodies, max(target.concurrencies), 3)  # warm-up, discarded
+    """wrk at each concurrency. With `bracket`, the busiest run is measured between two
+    runs of the raw reference point (the server idle meanwhile): this box's speed drifts
+    by several per cent within minutes, more than the gaps the ratio is read for, and the
+    sweep ran minutes before."""
+    busiest = max(target.concurrencies)
+    loadgen.run_wrk(url, path, bodies, busiest, 3)  # warm-up, discarded
     runs = []
     for c in target.concurrencies:
+        before = bracket() if bracket is not None and c == busiest else None
         r = loadgen.run_wrk(url, path, bodies, c, duration_s)
+        run = asdict(r)
+        alongside = ""
+        if before is not None and bracket is not None:
+            after = bracket()
+            run["raw_alongside_rows_per_s"] = [before, after]
+            alongside = f"  raw alongside {before:.0f} / {after or 0:.0f} rows/s"
         print(
             f"   {name:22s} c={c:<3d} {r.req_per_s:9.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
-            f"p99 {r.p99_ms:7.2f} ms  non-2xx {r.refused}",
+            f"p99 {r.p99_ms:7.2f} ms  non-2xx {r.refused}{alongside}",
             flush=True,
         )
-        runs.append(asdict(r))
+        runs.append(run)
     return runs
 
 

@@ -139,7 +139,11 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
                     "best_sweep_rows_per_s": 63000.0,
                     "best_reruns_rows_per_s": [59000.0, 60000.0, 61000.0],
                 },
-                "servers": {"edgeserve (uvicorn)": [run]},
+                "servers": {
+                    "edgeserve (uvicorn)": [run],
+                    "bracketed": [dict(run, raw_alongside_rows_per_s=[5000.0, 7000.0])],
+                    "half-bracketed": [dict(run, raw_alongside_rows_per_s=[4000.0, None])],
+                },
                 "peer": [dict(run, req_per_s=1000.0)],
             }
         ],
@@ -147,9 +151,35 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
     }
     text = render(results)
     row = next(line for line in text.splitlines() if "edgeserve (uvicorn)" in line)
-    assert "| 0.50× | 0.050× | 3.00× |" in row
+    assert "| 0.50× | 0.050× | – | 3.00× |" in row
+    bracketed = next(line for line in text.splitlines() if "| bracketed" in line)
+    assert "| 0.50× | 0.050× | 0.50× | 3.00× |" in bracketed  # 3,000 over the mean 6,000
+    half = next(line for line in text.splitlines() if "| half-bracketed" in line)
+    assert "| 0.050× | 0.75× | 3.00× |" in half  # the one measured side
     assert "best batch 64 (1x2, median of 3 reruns; sweep 63,000) | – | 938 | 60,000 |" in text
-    assert all(line.count("|") == 12 for line in text.splitlines() if line.startswith("| digits"))
+    assert all(line.count("|") == 13 for line in text.splitlines() if line.startswith("| digits"))
+
+
+def digits_raw_spec(tmp_path: Path) -> dict:
+    """A bench.raw spec for digits v2 on ONNX Runtime, 64 held-out rows, short runs."""
+    inputs = tmp_path / "rows.npz"
+    np.savez(inputs, input=np.load(MODELS / "digits" / "heldout.npz")["X"][:64])
+    return {
+        "model_dir": str(MODELS / "digits"),
+        "version": 2,
+        "backend": "onnxruntime",
+        "inputs": str(inputs),
+        "cores": 2,
+        "duration_s": 0.02,
+    }
+
+
+def test_a_raw_point_is_measured_once_for_its_plan_and_batch(tmp_path: Path) -> None:
+    from bench.raw import measure_point
+
+    spec = dict(digits_raw_spec(tmp_path), point={"plan": "2x1", "batch": 8})
+    result = measure_point(spec)
+    assert list(result) == ["rows_per_s"] and result["rows_per_s"] > 0
 
 
 def test_raw_reference_is_the_best_median_of_reruns_of_the_sweeps_best_points(
@@ -159,17 +189,7 @@ def test_raw_reference_is_the_best_median_of_reruns_of_the_sweeps_best_points(
 
     from bench.raw import BEST_CANDIDATES, BEST_RERUNS, measure
 
-    inputs = tmp_path / "rows.npz"
-    np.savez(inputs, input=np.load(MODELS / "digits" / "heldout.npz")["X"][:64])
-    spec = {
-        "model_dir": str(MODELS / "digits"),
-        "version": 2,
-        "backend": "onnxruntime",
-        "inputs": str(inputs),
-        "cores": 2,
-        "duration_s": 0.02,
-    }
-    result = measure(spec)
+    result = measure(digits_raw_spec(tmp_path))
     sweep = {
         (f"{p['executor']}x{p['intra']}", b): r
         for p in result["plans"]
