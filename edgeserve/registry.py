@@ -20,6 +20,7 @@ import numpy as np
 from edgeserve.batching import BatchPolicy, build_scheduler
 from edgeserve.cache import CachedScheduler, ResponseCache
 from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.repository import ModelConfig
 from edgeserve.runtime import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan, create_runtime
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
@@ -214,9 +215,10 @@ class Registry:
         if version is None:
             number = self.default_version(name)
         else:
-            if not version.isdigit():
+            parsed = parse_uint(version)
+            if parsed is None:
                 raise ModelNotFound(f"unknown version '{version[:32]}' of model '{name}'")
-            number = int(version)
+            number = parsed
         loaded = self._versions.get(name, {}).get(number)
         if loaded is not None:
             return loaded

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
 from edgeserve.settings_schema import ConfigError, parse_section, setting
 
@@ -172,11 +173,10 @@ def read_model(folder: Path) -> ModelSource:
     config = parse_model_config((folder / "model.toml").read_text("utf-8"), f"{name}/model.toml")
     versions = tuple(
         sorted(
-            int(p.name)
+            number
             for p in folder.iterdir()
             if p.is_dir()
-            and p.name.isdigit()
-            and int(p.name) > 0
+            and (number := parse_uint(p.name) or 0) > 0
             and any((p / f).is_file() for f in ("model.onnx", "model.xml"))
         )
     )

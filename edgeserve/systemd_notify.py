@@ -13,6 +13,8 @@ import os
 import socket
 import time
 
+from edgeserve.protocol.integers import parse_uint
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -76,13 +78,13 @@ def watchdog_interval_s() -> float | None:
     """Seconds between keep-alive pings, half the `WatchdogSec=` deadline; None if unset.
 
     `$WATCHDOG_PID`, when set, must name this process (systemd sets it for the main PID)."""
-    usec = os.environ.get("WATCHDOG_USEC", "")
+    usec = parse_uint(os.environ.get("WATCHDOG_USEC"))
     pid = os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not usec:
         return None
     if pid and pid != str(os.getpid()):
         return None
-    return int(usec) / 2_000_000
+    return usec / 2_000_000
 
 
 async def run_watchdog(interval_s: float | None = None) -> None:

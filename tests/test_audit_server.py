@@ -139,6 +139,9 @@ def test_admin_actions_are_recorded_with_subject_and_client(
     ("query", "status"),
     [
         ("since=abc", 400),
+        ("since=²", 400),  # str.isdigit() says yes; int() then raised: a 500
+        ("limit=²", 400),
+        ("limit=" + "9" * 19, 400),
         ("limit=0", 400),
         ("limit=5000", 400),
         ("since=2020-01-01T00:00:00Z&limit=5", 200),

@@ -82,6 +82,7 @@ def test_a_dead_socket_returns_false_instead_of_raising(
         ("0", None, None),
         ("", None, None),
         ("junk", None, None),
+        ("²", None, None),  # str.isdigit() says yes; int() then raised
     ],
 )
 def test_watchdog_interval_is_half_the_deadline(

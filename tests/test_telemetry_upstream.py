@@ -137,7 +137,13 @@ def test_success_closes_the_circuit(store: TelemetryStore) -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("5", 5.0), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    [
+        ("5", 5.0),
+        (None, None),
+        ("soon", None),
+        ("²", None),  # a hostile collector: str.isdigit() says yes, float() raises
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ],
 )
 def test_retry_after_accepts_seconds_or_a_date(header: str | None, expected: float | None) -> None:
     assert _retry_after(header) == expected

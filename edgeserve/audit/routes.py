@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, NotFound
+from edgeserve.protocol.integers import parse_uint
 
 MAX_LIMIT = 1000
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -30,8 +31,9 @@ def _since(value: str) -> tuple[int, int]:
     """(since_seq, since_ms) from `since`: a row number, or an ISO 8601 time."""
     if not value:
         return 0, 0
-    if value.isdigit():
-        return int(value), 0
+    seq = parse_uint(value)
+    if seq is not None:
+        return seq, 0
     try:
         when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -44,9 +46,10 @@ def _since(value: str) -> tuple[int, int]:
 def _limit(value: str) -> int:
     if not value:
         return 100
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    limit = parse_uint(value)
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         raise InvalidInput(f"limit: an integer from 1 to {MAX_LIMIT}")
-    return int(value)
+    return limit
 
 
 def _iso(time_ms: int) -> str:

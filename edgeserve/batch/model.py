@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeserve.errors import InvalidInput, ModelNotFound
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.repository import ModelConfig, read_model
 from edgeserve.runtime import Runtime, ThreadPlan, create_runtime
 
@@ -30,9 +31,10 @@ class LoadedModel:
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """`NAME` or `NAME:VERSION`."""
     name, sep, version = ref.partition(":")
-    if not name or (sep and not version.isdigit()):
+    number = parse_uint(version)
+    if not name or (sep and number is None):
         raise InvalidInput(f"--model {ref!r}: expected NAME or NAME:VERSION")
-    return name, int(version) if sep else None
+    return name, number
 
 
 def load_model(

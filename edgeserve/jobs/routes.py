@@ -43,6 +43,7 @@ from edgeserve.jobs.store import (
     input_fingerprint,
     new_job_id,
 )
+from edgeserve.protocol.integers import parse_uint
 
 if TYPE_CHECKING:
     from edgeserve.jobs.runner import JobRunner
@@ -247,8 +248,8 @@ async def _small_body(request: Request, limit: int = 64 * 1024) -> bytes:
 
 
 async def _receive_upload(request: Request, path: Path, limit: int) -> None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = parse_uint(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
     path.parent.mkdir(parents=True, exist_ok=True)
     size = 0

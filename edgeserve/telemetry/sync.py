@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.settings_schema import ConfigError
 from edgeserve.telemetry import otlp
 from edgeserve.telemetry.maintenance import mark_synced
@@ -274,8 +275,9 @@ def check_upstream(settings: UpstreamSettings) -> None:
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
-    if value.strip().isdigit():
-        return float(value)
+    seconds = parse_uint(value.strip())
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -27,6 +27,7 @@ from edgeserve.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.updates.service import UpdateManager
 from updater import BundleRejected, StoreError
 from updater.manifest import MODEL_NAME
@@ -73,8 +74,8 @@ def _audit(request: Request, action: str, target: str, outcome: str, detail: dic
 
 async def _receive(request: Request, folder: Path, max_bytes: int) -> Path:
     """Stream the body to a private temp file, refusing it once it passes `max_bytes`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = parse_uint(request.headers.get("content-length"))
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"bundle of {declared} bytes exceeds the limit of {max_bytes}")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"upload-{secrets.token_hex(8)}.bundle"
