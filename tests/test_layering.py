@@ -42,7 +42,11 @@ RULES = {
     "edgeserve.registry": ["edgeserve.protocol", "edgeserve.web", "starlette"],
     "edgeserve.batching": ["edgeserve.protocol", "edgeserve.web", "starlette"],
     "edgeserve.scheduling": ["edgeserve.protocol", "edgeserve.web", "starlette"],
+    "edgeserve.protocol.integers": ["edgeserve", "starlette", "numpy"],
 }
+# Pure leaves (they import nothing of ours, by the rule above) that every layer may use:
+# the one parser of client integers is the registry's as much as the codecs'.
+LEAVES = {"edgeserve.protocol.integers"}
 
 
 def _modules() -> list[tuple[str, Path]]:
@@ -81,7 +85,9 @@ def test_module_imports_follow_the_layering(module: str, path: Path) -> None:
         for bad in bans
         if not _matches(module, bad)
     ]
-    wrong = sorted(name for name in _imports(path) for bad in forbidden if _matches(name, bad))
+    wrong = sorted(
+        name for name in _imports(path) - LEAVES for bad in forbidden if _matches(name, bad)
+    )
     assert not wrong, f"{module} imports {wrong}, against the layering in DESIGN.md"
 
 
