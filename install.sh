@@ -124,15 +124,29 @@ install_dev() {
     check_python
     venv="$here/.venv"
     stamp="$venv/.edgeserve-installed"
-    want=$(cksum <"$here/pyproject.toml")
+    lock="$here/packaging/lock/dev.txt"
+    want=$(cat "$here/pyproject.toml" "$lock" 2>/dev/null | cksum)
     if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         say ".venv is up to date"
         return 0
     fi
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
-    quiet_pip "$venv/bin/python" install -q --upgrade pip || die "could not upgrade pip in $venv"
-    quiet_pip "$venv/bin/python" install -q -e "${here}[dev]" \
-        || die "pip install -e '.[dev]' failed (see above)"
+    # The lock pins every package with its hashes, for the Python it names; on another
+    # Python the newest versions pyproject.toml allows are installed instead.
+    locked=$(sed -n 's/^# python \([0-9.]*\),.*/\1/p' "$lock" 2>/dev/null | head -n 1)
+    running=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ -n "$locked" ] && [ "$locked" = "$running" ]; then
+        quiet_pip "$venv/bin/python" install -q --require-hashes --no-deps -r "$lock" \
+            || die "pip install -r packaging/lock/dev.txt failed (see above)"
+        quiet_pip "$venv/bin/python" install -q --no-deps -e "$here" \
+            || die "pip install -e . failed (see above)"
+    else
+        say "no lock for Python $running (packaging/lock/dev.txt is for ${locked:-none}):" \
+            "installing the newest versions pyproject.toml allows"
+        quiet_pip "$venv/bin/python" install -q --upgrade pip || die "could not upgrade pip in $venv"
+        quiet_pip "$venv/bin/python" install -q -e "${here}[dev]" \
+            || die "pip install -e '.[dev]' failed (see above)"
+    fi
     "$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
         || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
     echo "$want" >"$stamp"
@@ -180,7 +194,17 @@ install_program() {
         find "$build_dir" -name __pycache__ -prune -exec rm -rf {} +
         target=$build_dir
     fi
-    quiet_pip "$venv/bin/python" install -q --upgrade "$target" \
+    # The versions the suite passed with (packaging/lock/serve.txt), for the Python the
+    # lock names; on another Python the newest versions pyproject.toml allows.
+    constraints=""
+    serve_lock="$here/packaging/lock/serve.txt"
+    locked=$(sed -n 's/^# python \([0-9.]*\),.*/\1/p' "$serve_lock" 2>/dev/null | head -n 1)
+    running=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ -n "$locked" ] && [ "$locked" = "$running" ]; then
+        constraints="--constraint=$serve_lock"
+    fi
+    # shellcheck disable=SC2086  # $constraints is one word or none
+    quiet_pip "$venv/bin/python" install -q --upgrade $constraints "$target" \
         || die "pip install of ${wheel:-the checkout} into $venv failed (see above)"
     # Same version number, new code: pip may keep the old copy, so replace the package itself.
     quiet_pip "$venv/bin/python" install -q --force-reinstall --no-deps "$target" \
