@@ -107,9 +107,46 @@ def test_only_a_2xx_advances_the_cursor(
     store: TelemetryStore, answer: httpx.Response, advances: bool
 ) -> None:
     _, sync, seen = _attempts(store, _upstream(), [answer])
-    assert len(seen) == 1  # a redirect was not followed anywhere
+    assert len(seen) == 1
     assert _unsynced(store) == (0 if advances else 5)
     assert sync.sent_records == (5 if advances else 0)
+
+
+@pytest.mark.parametrize("status", [307, 308])  # the redirects that keep the POST
+def test_the_sync_client_does_not_follow_a_redirect(store: TelemetryStore, status: int) -> None:
+    """Through the product's own client (`_client`), against a real receiver on loopback
+    that redirects /v1/logs to /elsewhere: /elsewhere is never asked, nothing advances."""
+    hits: list[str] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status if self.path == "/v1/logs" else 200)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sync = UpstreamSync(store, _upstream(url=f"http://127.0.0.1:{server.server_port}/v1/logs"), "t")
+
+    async def send_once() -> None:
+        async with sync._client() as client:
+            await sync._send(client, await asyncio.to_thread(sync._unsynced, 100))
+
+    try:
+        asyncio.run(send_once())
+    finally:
+        sync.close()
+        server.shutdown()
+        server.server_close()
+    assert hits == ["/v1/logs"]
+    assert _unsynced(store) == 5
 
 
 def test_backoff_grows_with_full_jitter_then_the_circuit_opens(store: TelemetryStore) -> None:
