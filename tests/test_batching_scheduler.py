@@ -221,7 +221,8 @@ def test_a_busy_model_lets_other_models_use_the_shared_executor_between_turns(
             ]
             await asyncio.get_running_loop().run_in_executor(None, busy.entered.wait, 5)
             late = asyncio.ensure_future(other_batcher.submit(row(9), None, None))
-            await asyncio.sleep(0.05)  # the other model's slot is now queued on the executor
+            # the other model's slot is queued on the executor, behind the busy one
+            await wait_for(lambda: pool._work_queue.qsize() == 1)
             busy.gate.set()
             await asyncio.wait_for(asyncio.gather(late, *queued), 10)
 
@@ -512,10 +513,10 @@ def test_close_waits_for_queued_and_running_work(executor) -> None:
         work = [asyncio.ensure_future(batcher.submit(row(i), None, None)) for i in range(3)]
         await wait_for(lambda: batcher.depth == 3)
         closing = asyncio.ensure_future(batcher.close())
-        await asyncio.sleep(0.05)
-        assert not closing.done()
-        with pytest.raises(Overloaded):
+        await asyncio.sleep(0)  # one loop turn: close() runs up to its first wait
+        with pytest.raises(Overloaded):  # it has begun: newcomers are refused
             await batcher.submit(row(9), None, None)
+        assert not closing.done()  # and it waits for the three held requests
         runtime.gate.set()
         await asyncio.wait_for(closing, 5)
         assert all(w.done() and not w.exception() for w in work)

@@ -58,12 +58,14 @@ def test_a_frozen_cycle_is_collected_by_the_next_settle() -> None:
 def test_settler_runs_once_after_a_burst_of_changes(caplog: pytest.LogCaptureFixture) -> None:
     async def burst() -> None:
         settler = HeapSettler(delay_s=0.05)
-        for _ in range(5):
+        for _ in range(5):  # each change puts the settle off again
             settler.changed()
+        assert gc.get_freeze_count() == 0  # nothing runs before the loop gets a turn
+        deadline = time.monotonic() + 30
+        while gc.get_freeze_count() == 0:
+            assert time.monotonic() < deadline, "the settle never ran"
             await asyncio.sleep(0.01)
-        assert gc.get_freeze_count() == 0  # still waiting for the changes to stop
-        await asyncio.sleep(0.2)
-        assert gc.get_freeze_count() > 0
+        await _after_timers_due_in(0.1)  # any other settle would have run by then
         settler.stop()
         assert gc.get_freeze_count() == 0
 
@@ -78,11 +80,21 @@ def test_stop_cancels_a_pending_settle() -> None:
         settler = HeapSettler(delay_s=0.05)
         settler.changed()
         settler.stop()
-        await asyncio.sleep(0.15)
+        await _after_timers_due_in(0.1)  # the cancelled settle was due first
 
     gc.unfreeze()
     asyncio.run(stopped())
     assert gc.get_freeze_count() == 0
+
+
+async def _after_timers_due_in(delay_s: float) -> None:
+    """Return once a timer due `delay_s` from now has run: the loop runs due timers in
+    the order of their deadlines, so every timer due earlier has run (or was cancelled),
+    however late the loop itself runs on a loaded box."""
+    loop = asyncio.get_running_loop()
+    fired = loop.create_future()
+    loop.call_later(delay_s, fired.set_result, None)
+    await fired
 
 
 def test_server_settles_after_loading_and_after_a_reload(tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import socket
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -161,7 +164,9 @@ def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
     frames = [ws.send(TextMessage(data=message(x, i))) for i in range(count)]
     sender = threading.Thread(target=lambda: [sock.sendall(f) for f in frames])
     sender.start()
-    time.sleep(1.0)  # not reading: the window fills and the sender stalls
+    # Not reading: results pile up unread (64 KiB is about a hundred of them, several
+    # windows' worth) before the reader resumes.
+    _wait_unread(sock, 64 * 1024)
     ids: list[str] = []
     buffer = ""
     sock.settimeout(60)
@@ -176,3 +181,17 @@ def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
     sender.join(60)
     sock.close()
     assert ids == [str(i) for i in range(count)]
+
+
+def _wait_unread(sock: socket.socket, size: int, timeout_s: float = 60) -> None:
+    """Wait until at least `size` bytes have arrived on `sock` and are not yet read."""
+    deadline = time.monotonic() + timeout_s
+    while _unread(sock) < size:
+        assert time.monotonic() < deadline, f"only {_unread(sock)} bytes arrived unread"
+        time.sleep(0.01)
+
+
+def _unread(sock: socket.socket) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
