@@ -126,7 +126,6 @@ def test_auth_off_beyond_loopback_refuses_to_start(tmp_path: Path) -> None:
         f'[server]\nhost = "0.0.0.0"\nport = 0\nstate_dir = "{tmp_path}/s"\n'
         f'[models]\nrepository = "{tmp_path}"\n[auth]\nenabled = false\n'
     )
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "edgeserve", "serve", "--config", str(config)],
         capture_output=True,
@@ -135,4 +134,3 @@ def test_auth_off_beyond_loopback_refuses_to_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "auth.enabled" in result.stderr and "loopback" in result.stderr
-    assert time.monotonic() - started < 60

@@ -173,7 +173,8 @@ def serves(server: RunningServer, version: int) -> bool:
 def test_the_health_watch_rolls_a_failing_model_back(tmp_path: Path) -> None:
     """Validation passes (blank first pixel), real traffic fails: rolled back in the window."""
     kit = UpdateKit(tmp_path)
-    config = kit.config(watch_window_s=120.0, min_requests=20, max_error_rate=0.2)
+    window_s = 120.0
+    config = kit.config(watch_window_s=window_s, min_requests=20, max_error_rate=0.2)
     with run_server(tmp_path, config) as server:
         assert upload(server.url, kit.bundle(3)).status_code == 201
         assert upload(server.url, kit.failing_bundle(4)).status_code == 201
@@ -181,7 +182,8 @@ def test_the_health_watch_rolls_a_failing_model_back(tmp_path: Path) -> None:
         codes: list[int] = []
         with httpx.Client(timeout=30) as client:
             while not serves(server, 3):
-                assert time.monotonic() - flipped < 60, "not rolled back within 60 s"
+                # the product's promise, not a speed bound: rolled back inside the window
+                assert time.monotonic() - flipped < window_s, "not rolled back in the window"
                 r = client.post(f"{server.url}/v2/models/digits/infer", json=digits_rows())
                 codes.append(r.status_code)
         took = time.monotonic() - flipped
