@@ -15,25 +15,7 @@ import pytest
 
 from tests.serving import run_server
 
-PACKAGE = Path(__file__).resolve().parent.parent / "edgeserve"
-
-
-def server_sends_sd_notify() -> bool:
-    """Whether any server module calls edgeserve.systemd_notify (the lifespan wiring)."""
-    return any(
-        "systemd_notify" in path.read_text()
-        for path in PACKAGE.rglob("*.py")
-        if path.name != "systemd_notify.py"
-    )
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not server_sends_sd_notify(),
-        reason="the server does not call edgeserve.systemd_notify yet: Type=notify cannot work",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 class NotifySocket:
