@@ -177,8 +177,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
 def _value(f: Figure) -> str:
     if f.value is None:
         return "–"
-    if f.unit == "×":
-        return f"{f.value:.2f}×"
+    if f.unit == "×":  # three places below 1, so 0.915 does not read as the 0.92 it misses
+        return f"{f.value:.3f}×" if f.value < 1 else f"{f.value:.2f}×"
     if f.unit == "% fewer":  # a negative share is noise: more req/s with the feature on
         return f"{f.value:.1f} % fewer" if f.value >= 0 else f"{-f.value:.1f} % more"
     return f"{f.value:,.0f} {f.unit}"

@@ -442,3 +442,15 @@ def test_the_report_opens_with_the_shipped_figures() -> None:
         if line.startswith("| digits v2 INT8 onnxruntime | edgeserve shipped (uvicorn) |")
     )
     assert shipped.endswith("| 6.00× | 150 |")  # ÷ peer, then the loop's µs per request
+
+
+def test_a_ratio_just_under_its_bound_does_not_read_as_the_bound() -> None:
+    heavy = dict(HEADLINE_RESULTS["targets"][1])
+    heavy["servers"] = {
+        "edgeserve shipped (uvicorn)": _edgeserve(
+            "shipped", 32, 915.0, raw_alongside_rows_per_s=[1000.0, 1000.0]
+        )
+    }
+    text = render({"env": dict(ENV, engine="uvicorn"), "targets": [heavy], "overload": []})
+    row = next(line for line in text.splitlines() if "measured alongside" in line)
+    assert row.endswith("| 0.915× | ≥ 0.92× | **no** |")
