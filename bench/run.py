@@ -405,7 +405,7 @@ def overload(
         Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend, extra
     )
     setting = f", max_queue_wait_ms = {budget_ms:g}" if budget_ms else ""
-    result: dict[str, Any] = {"label": f"{target.label} ({engine}{setting})"}
+    result: dict[str, Any] = {"label": f"{target.label} (shipped, {engine}{setting})"}
     with servers.edgeserve(
         Path(tempfile.mkdtemp(dir=work, prefix="overload-")), repo, engine
     ) as srv:
