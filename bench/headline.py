@@ -55,8 +55,22 @@ def _fewer_pct(on: float | None, off: float | None) -> float | None:
     return (off - on) / off * 100 if on is not None and off else None
 
 
+def answered_per_s(run: dict | None) -> float | None:
+    """Requests answered 200 per second: wrk's rate counts refusals (429/503) too, and a
+    refusal is not throughput."""
+    if not run:
+        return None
+    requests = run.get("requests")
+    if not requests:  # an older result without wrk's counts
+        return run["req_per_s"]
+    return run["req_per_s"] * (requests - run.get("refused", 0)) / requests
+
+
 def _rps(run: dict | None) -> str:
-    return f"{run['req_per_s']:,.0f}" if run else "–"
+    if not run:
+        return "–"
+    refused = f" ({run['refused']:,} refused)" if run.get("refused") else ""
+    return f"{answered_per_s(run):,.0f}{refused}"
 
 
 def _us(run: dict | None) -> str:
@@ -98,8 +112,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         floor = _run(small.get("servers", {}).get(FLOOR), c)
         auth_off = edgeserve_run(small, "auth off", engine, c)
         telemetry_off = edgeserve_run(small, "telemetry off", engine, c)
-        rps = (shipped or {}).get("req_per_s")
-        value = _ratio(rps, (peer or {}).get("req_per_s"))
+        rps = answered_per_s(shipped)
+        value = _ratio(rps, answered_per_s(peer))
         out.append(
             Figure(
                 f"{label}: shipped ÷ MLServer",
@@ -110,7 +124,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 _at_least(value, 6.0),
             )
         )
-        value = _ratio(rps, (floor or {}).get("req_per_s"))
+        value = _ratio(rps, answered_per_s(floor))
         out.append(
             Figure(
                 f"{label}: shipped ÷ Python floor",
@@ -122,7 +136,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
             )
         )
         for name, off in (("auth", auth_off), ("telemetry", telemetry_off)):
-            value = _fewer_pct(rps, (off or {}).get("req_per_s"))
+            value = _fewer_pct(rps, answered_per_s(off))
             out.append(
                 Figure(
                     f"{label}: {name} on vs off",
@@ -139,8 +153,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         shipped = edgeserve_run(heavy, "shipped", engine, c)
         floor = _run(heavy.get("servers", {}).get(FLOOR), c)
         raw = alongside_mean(shipped)
-        value = _ratio((shipped or {}).get("req_per_s"), raw)
-        floor_ratio = _ratio((floor or {}).get("req_per_s"), alongside_mean(floor))
+        value = _ratio(answered_per_s(shipped), raw)
+        floor_ratio = _ratio(answered_per_s(floor), alongside_mean(floor))
         measured = f"{_rps(shipped)} vs {raw:,.0f} rows/s" if raw else f"{_rps(shipped)} vs –"
         if floor_ratio is not None:
             measured += f" (the floor: {floor_ratio:.2f}×)"

@@ -454,3 +454,20 @@ def test_a_ratio_just_under_its_bound_does_not_read_as_the_bound() -> None:
     text = render({"env": dict(ENV, engine="uvicorn"), "targets": [heavy], "overload": []})
     row = next(line for line in text.splitlines() if "measured alongside" in line)
     assert row.endswith("| 0.915× | ≥ 0.92× | **no** |")
+
+
+def test_refusals_are_not_counted_as_throughput_in_the_figures() -> None:
+    heavy = dict(HEADLINE_RESULTS["targets"][1])
+    heavy["servers"] = {
+        "edgeserve shipped (uvicorn)": _edgeserve(
+            "shipped",
+            32,
+            1000.0,
+            requests=10_000,
+            refused=1_000,
+            raw_alongside_rows_per_s=[1000.0, 1000.0],
+        )
+    }
+    (figure, _) = figures({"env": dict(ENV, engine="uvicorn"), "targets": [heavy]})
+    assert figure.value == 0.9  # 900 answered/s of wrk's 1,000 req/s
+    assert figure.measured == "900 (1,000 refused) vs 1,000 rows/s"
