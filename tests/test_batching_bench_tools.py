@@ -471,3 +471,14 @@ def test_refusals_are_not_counted_as_throughput_in_the_figures() -> None:
     (figure, _) = figures({"env": dict(ENV, engine="uvicorn"), "targets": [heavy]})
     assert figure.value == 0.9  # 900 answered/s of wrk's 1,000 req/s
     assert figure.measured == "900 (1,000 refused) vs 1,000 rows/s"
+
+
+def test_a_model_built_outside_models_is_found_and_models_wins_a_tie(tmp_path: Path) -> None:
+    from bench.run import model_folders
+
+    for name in ("minilm-elsewhere", "digits"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.toml").write_text("")
+    found = model_folders([tmp_path / "minilm-elsewhere", tmp_path / "digits"])
+    assert tmp_path / "minilm-elsewhere" in found
+    assert MODELS / "digits" in found and tmp_path / "digits" not in found
