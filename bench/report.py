@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.headline import alongside_mean, headline_table
+
 
 def _f(value: float | None, digits: int = 0) -> str:
     if value is None or value != value:  # None or NaN
@@ -18,43 +20,39 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{r:.3f}×" if r < 0.1 else f"{r:.2f}×"
 
 
-def _alongside(run: dict[str, Any]) -> float | None:
-    """The raw reference point's rows/s measured just before and after this run (mean)."""
-    measured = [v for v in run.get("raw_alongside_rows_per_s") or [] if v]
-    return sum(measured) / len(measured) if measured else None
-
-
 def throughput_table(results: dict[str, Any]) -> str:
     lines = [
         "| model | server | conns | req/s | rows/s | p50 ms | p99 ms | errors "
-        "| ÷ raw batch 1 | ÷ raw best batch | ÷ raw alongside | ÷ peer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ÷ raw batch 1 | ÷ raw best batch | ÷ raw alongside | ÷ peer | loop µs/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target in results["targets"]:
         raw = target.get("raw") or {}
         best = raw.get("best_rows_per_s")
         b1 = raw.get("batch1_rows_per_s")
-        lines.append(
-            f"| {target['label']} | raw runtime, batch 1 ({raw.get('batch1_plan', '')}) | – | "
-            f"{_f(b1)} | {_f(b1)} | {_f(raw.get('batch1_p50_ms'), 3)} | – | – | – | – | – | – |"
-        )
-        calls = best / max(1, raw.get("best_batch", 1)) if best else None
-        how = raw.get("best_plan", "")
-        if raw.get("best_reruns_rows_per_s"):
-            how += (
-                f", median of {len(raw['best_reruns_rows_per_s'])} reruns;"
-                f" sweep {_f(raw.get('best_sweep_rows_per_s'))}"
+        if raw:  # `--only shipped` reads the small model against the peer and floor only
+            lines.append(
+                f"| {target['label']} | raw runtime, batch 1 ({raw.get('batch1_plan', '')}) | – "
+                f"| {_f(b1)} | {_f(b1)} | {_f(raw.get('batch1_p50_ms'), 3)} "
+                "| – | – | – | – | – | – | – |"
             )
-        lines.append(
-            f"| {target['label']} | raw runtime, best batch {raw.get('best_batch', '–')} "
-            f"({how}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – | – |"
-        )
+            calls = best / max(1, raw.get("best_batch", 1)) if best else None
+            how = raw.get("best_plan", "")
+            if raw.get("best_reruns_rows_per_s"):
+                how += (
+                    f", median of {len(raw['best_reruns_rows_per_s'])} reruns;"
+                    f" sweep {_f(raw.get('best_sweep_rows_per_s'))}"
+                )
+            lines.append(
+                f"| {target['label']} | raw runtime, best batch {raw.get('best_batch', '–')} "
+                f"({how}) | – | {_f(calls)} | {_f(best)} | – | – | – | – | – | – | – | – |"
+            )
         if raw.get("openvino_async"):
             ov = raw["openvino_async"]
             lines.append(
                 f"| {target['label']} | raw OpenVINO THROUGHPUT + AsyncInferQueue "
                 f"({ov['jobs']} jobs), batch 1 | – | {_f(ov['batch1_rows_per_s'])} "
-                f"| {_f(ov['batch1_rows_per_s'])} | – | – | – | – | – | – | – |"
+                f"| {_f(ov['batch1_rows_per_s'])} | – | – | – | – | – | – | – | – |"
             )
         peer = {r["connections"]: r for r in target.get("peer", [])}
         for server, runs in target.get("servers", {}).items():
@@ -65,8 +63,10 @@ def throughput_table(results: dict[str, Any]) -> str:
                     f"| {target['label']} | {server} | {r['connections']} | {_f(r['req_per_s'])} | "
                     f"{_f(rows)} | "
                     f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {r['refused'] + r['errors']} | "
-                    f"{_ratio(rows, b1)} | {_ratio(rows, best)} | {_ratio(rows, _alongside(r))} | "
-                    f"{_ratio(r['req_per_s'], p['req_per_s']) if p else '–'} |"
+                    f"{_ratio(rows, b1)} | {_ratio(rows, best)} | "
+                    f"{_ratio(rows, alongside_mean(r))} | "
+                    f"{_ratio(r['req_per_s'], p['req_per_s']) if p else '–'} | "
+                    f"{_f(r.get('loop_us_per_request'))} |"
                 )
         for r in target.get("peer", []):
             lines.append(
@@ -74,7 +74,7 @@ def throughput_table(results: dict[str, Any]) -> str:
                 f"{r['connections']} | {_f(r['req_per_s'])} | {_f(r['req_per_s'])} | "
                 f"{_f(r['p50_ms'], 2)} | {_f(r['p99_ms'], 2)} | {r['refused'] + r['errors']} | "
                 f"{_ratio(r['req_per_s'], b1)} | {_ratio(r['req_per_s'], best)} | "
-                f"{_ratio(r['req_per_s'], _alongside(r))} | 1.00× |"
+                f"{_ratio(r['req_per_s'], alongside_mean(r))} | 1.00× | – |"
             )
     return "\n".join(lines)
 
@@ -126,12 +126,16 @@ def render(results: dict[str, Any]) -> str:
     parts = [
         f"Run {env['date']} on {env['cpu']} ({env['cores']} physical cores), "
         f"onnxruntime {env['onnxruntime']}, openvino {env['openvino']}, wrk {env['wrk']}; "
-        f"{env['duration_s']} s per point after a warm-up; load generator on the same box.",
+        f"{env['duration_s']} s per point after a warm-up; load generator on the same box. "
+        "edgeserve rows are the shipped configuration (auth on, a bearer token on every "
+        "request, telemetry on) unless the label names a departure; the floor and MLServer "
+        "run without auth. loop µs/req: the event-loop thread's CPU per request at the "
+        "busiest point (/proc/<pid>/task/<tid>/stat).",
         "",
+        *([headline, ""] if (headline := headline_table(results)) else []),
         throughput_table(results),
         "",
-        overload_table(results),
-        "",
+        *([overload_table(results), ""] if results.get("overload") else []),
     ]
     s = results.get("startup")
     if s:

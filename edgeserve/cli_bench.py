@@ -21,12 +21,15 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmark edgeserve against the raw runtime and MLServer on loopback.
+    """Benchmark edgeserve as shipped against the raw runtime and MLServer on loopback.
 
-    Arguments are passed to bench/run.py (--models, --duration, --only, --overload-s,
-    --overload-budget-ms, --engines, --markdown, --json). Needs a source checkout and wrk.
+    edgeserve runs with auth on (a token from its own issuer on every request) and
+    telemetry on; auth off and telemetry off are extra, named rows. Arguments are passed
+    to bench/run.py (--models, --duration, --only, --overload-s, --overload-budget-ms,
+    --engines, --model-dir, --build-minilm, --markdown, --json); `--only shipped` runs
+    just issue 17's figures. Needs a source checkout and wrk.
 
-    Example: edgeserve bench --models digits --duration 5 --markdown bench/RESULTS.md
+    Example: edgeserve bench --only shipped --build-minilm --duration 10
     """
     if not (CHECKOUT / "bench" / "run.py").is_file():
         click.echo("edgeserve: bench/ not found; run from a source checkout", err=True)

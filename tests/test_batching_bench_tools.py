@@ -1,16 +1,34 @@
 """The benchmark's pure parts (no timings): reading wrk's report, merging model.toml
-overrides, merging open-loop samples, and rendering the results tables."""
+overrides, merging open-loop samples, rendering the results tables and issue 17's
+figures, per-thread CPU from /proc; and that the server it measures by default is the
+shipped configuration, answering a real token."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 
-from bench.loadgen import parse_wrk
+from bench import servers
+from bench.headline import figures
+from bench.loadgen import parse_wrk, wrk_lua
 from bench.openloop import summarise
 from bench.report import render
-from bench.servers import _merge_tables
+from bench.run import Target, check_answers, headline_targets, setups
+from bench.servers import (
+    AUTH_OFF,
+    SHIPPED,
+    TELEMETRY_OFF,
+    Variant,
+    _merge_tables,
+    edgeserve_config,
+    write_repository,
+)
+from bench.threadcpu import ThreadCpu, parse_stat, per_request_us, sample
+from edgeserve.config import load_settings
 from tests.serving import MODELS
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080
@@ -157,7 +175,7 @@ def test_report_renders_ratios_against_raw_and_peer() -> None:
     half = next(line for line in text.splitlines() if "| half-bracketed" in line)
     assert "| 0.050× | 0.75× | 3.00× |" in half  # the one measured side
     assert "best batch 64 (1x2, median of 3 reruns; sweep 63,000) | – | 938 | 60,000 |" in text
-    assert all(line.count("|") == 13 for line in text.splitlines() if line.startswith("| digits"))
+    assert all(line.count("|") == 14 for line in text.splitlines() if line.startswith("| digits |"))
 
 
 def digits_raw_spec(tmp_path: Path) -> dict:
@@ -204,3 +222,263 @@ def test_raw_reference_is_the_best_median_of_reruns_of_the_sweeps_best_points(
     chosen = candidates[medians.index(max(medians))]
     assert (result["best_plan"], result["best_batch"]) == (chosen["plan"], chosen["batch"])
     assert result["best_sweep_rows_per_s"] == sweep[(chosen["plan"], chosen["batch"])]
+
+
+# -- the shipped configuration and issue 17's figures ---------------------------------
+
+
+def _target(label: str, heavy: bool) -> Target:
+    return Target(
+        MODELS / "digits",
+        "digits",
+        2,
+        "onnxruntime",
+        label,
+        [1, 16],
+        ["hypercorn", "uvicorn"],
+        peer=True,
+        heavy=heavy,
+    )
+
+
+def test_the_shipped_configuration_comes_first_and_departures_are_named() -> None:
+    light = [s.name for s in setups(_target("digits", heavy=False), cores=2)]
+    assert light == [
+        "edgeserve shipped (hypercorn)",
+        "edgeserve shipped (uvicorn)",
+        "edgeserve auth off (uvicorn)",
+        "edgeserve telemetry off (uvicorn)",
+        "edgeserve shipped (uvicorn, asyncio loop)",
+    ]
+    heavy = [s.name for s in setups(_target("minilm", heavy=True), cores=2)]
+    assert heavy[:2] == ["edgeserve shipped (hypercorn)", "edgeserve shipped (uvicorn)"]
+    assert "edgeserve shipped (uvicorn, 1 batch x 2 threads)" in heavy
+    assert not any("auth off" in name for name in heavy)
+
+
+def test_only_shipped_runs_the_headline_points() -> None:
+    small = [s.name for s in setups(_target("digits", heavy=False), cores=2, headline=True)]
+    assert small == [
+        "edgeserve shipped (uvicorn)",
+        "edgeserve auth off (uvicorn)",
+        "edgeserve telemetry off (uvicorn)",
+    ]
+    heavy = setups(_target("minilm", heavy=True), cores=2, headline=True)
+    assert [s.name for s in heavy] == ["edgeserve shipped (uvicorn)"]
+    digits, text, minilm_fp32, minilm_int8 = (
+        _target("digits v2", heavy=False),
+        _target("text v1", heavy=False),
+        _target("minilm v1", heavy=True),
+        _target("minilm v2", heavy=True),
+    )
+    text.model, minilm_fp32.peer = "text", False
+    chosen = headline_targets([minilm_fp32, minilm_int8, text, digits])
+    assert chosen == [digits, minilm_int8]
+    assert (digits.concurrencies, minilm_int8.concurrencies) == ([16], [32])
+
+
+@pytest.mark.parametrize(
+    ("variant", "auth", "telemetry"),
+    [(SHIPPED, True, True), (AUTH_OFF, False, True), (TELEMETRY_OFF, True, False)],
+)
+def test_a_variant_departs_from_the_shipped_defaults_in_one_key(
+    tmp_path: Path, variant: Variant, auth: bool, telemetry: bool
+) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text(edgeserve_config(8080, "uvicorn", tmp_path / "state", MODELS, variant))
+    settings = load_settings(path)
+    assert (settings.auth.enabled, settings.telemetry.enabled) == (auth, telemetry)
+    assert settings.server.log_level == load_settings(None).server.log_level
+
+
+def test_the_bench_server_is_shipped_and_answers_its_own_token(tmp_path: Path) -> None:
+    """The default server refuses a request without a token and answers the one the
+    bench minted with `edgeserve token create` and sends on every request."""
+    repo = write_repository(tmp_path / "repo", MODELS / "digits", 2, "onnxruntime")
+    body = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1,64],"data":[' + (
+        b",".join([b"0"] * 64) + b"]}]}"
+    )
+    path = "/v2/models/digits/infer"
+    with servers.edgeserve(tmp_path / "es", repo, "uvicorn") as srv:
+        assert srv.headers["Authorization"].startswith("Bearer ")
+        check_answers(srv.url, path, body, srv.headers)
+        refused = httpx.post(
+            srv.url + path, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert refused.status_code == 401
+        with pytest.raises(RuntimeError, match="answered 401"):
+            check_answers(srv.url, path, body, {})
+    script = wrk_lua(path, [body], {"Content-Type": "application/json", **srv.headers})
+    assert f'wrk.headers["Authorization"] = "{srv.headers["Authorization"]}"' in script
+
+
+def test_a_thread_stat_line_gives_its_name_and_cpu_seconds() -> None:
+    line = "4242 (uvicorn (main) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0 100\n"
+    assert parse_stat(line, ticks_per_s=100) == ("uvicorn (main) x", 3.0)
+    threads = sample(os.getpid())
+    assert os.getpid() in threads and threads[os.getpid()].cpu_s > 0
+
+
+def test_event_loop_cpu_per_request_is_the_main_threads_difference() -> None:
+    before = {10: ThreadCpu(10, "python", 1.0), 11: ThreadCpu(11, "runtime", 5.0)}
+    after = {
+        10: ThreadCpu(10, "python", 1.5),
+        11: ThreadCpu(11, "runtime", 6.0),
+        12: ThreadCpu(12, "new", 0.5),  # started during the run: counted from zero
+    }
+    cpu = per_request_us(10, before, after, 1000)
+    assert cpu == {"loop_us_per_request": 500.0, "process_us_per_request": 2000.0}
+    assert per_request_us(10, before, after, 0)["loop_us_per_request"] is None
+
+
+def _wrk_run(connections: int, req_per_s: float, **extra: object) -> dict:
+    return {
+        "connections": connections,
+        "req_per_s": req_per_s,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "refused": 0,
+        "errors": 0,
+        **extra,
+    }
+
+
+def _edgeserve(variant: str, connections: int, req_per_s: float, **extra: object) -> list[dict]:
+    return [_wrk_run(connections, req_per_s, variant=variant, engine="uvicorn", lab="", **extra)]
+
+
+HEADLINE_RESULTS = {
+    "env": dict(ENV, engine="uvicorn"),
+    "targets": [
+        {
+            "label": "digits v2 INT8 onnxruntime",
+            "heavy": False,
+            "vs_peer": True,
+            "raw": None,
+            "servers": {
+                "edgeserve shipped (uvicorn)": _edgeserve(
+                    "shipped", 16, 6000.0, loop_us_per_request=150.0, process_us_per_request=190.0
+                ),
+                "edgeserve auth off (uvicorn)": _edgeserve("auth off", 16, 6200.0),
+                "edgeserve telemetry off (uvicorn)": _edgeserve("telemetry off", 16, 7500.0),
+                # a lab change is not the shipped configuration, however fast
+                "edgeserve shipped (uvicorn, asyncio loop)": [
+                    _wrk_run(16, 9999.0, variant="shipped", engine="uvicorn", lab="asyncio loop")
+                ],
+                "Python floor (bench/floor.py)": [_wrk_run(16, 20000.0, loop_us_per_request=60.0)],
+            },
+            "peer": [_wrk_run(16, 1000.0)],
+        },
+        {
+            "label": "minilm v2 INT8 onnxruntime",
+            "heavy": True,
+            "vs_peer": True,
+            "raw": {"best_rows_per_s": 1300.0, "best_batch": 8, "best_plan": "2x1"},
+            "servers": {
+                "edgeserve shipped (uvicorn)": _edgeserve(
+                    "shipped",
+                    32,
+                    1140.0,
+                    raw_alongside_rows_per_s=[1250.0, 1150.0],
+                    loop_us_per_request=170.0,
+                ),
+                "Python floor (bench/floor.py)": [
+                    _wrk_run(
+                        32, 1100.0, raw_alongside_rows_per_s=[1100.0, None], loop_us_per_request=70
+                    )
+                ],
+            },
+        },
+    ],
+    "overload": [],
+}
+
+
+def test_issue_17_figures_are_read_from_the_shipped_runs() -> None:
+    got = {f.what: f for f in figures(HEADLINE_RESULTS)}
+    small = "digits v2 INT8 onnxruntime, JSON, 16 connections"
+    assert got[f"{small}: shipped ÷ MLServer"].value == 6.0
+    assert got[f"{small}: shipped ÷ MLServer"].met is True
+    assert got[f"{small}: shipped ÷ Python floor"].value == 0.3
+    assert got[f"{small}: shipped ÷ Python floor"].met is False
+    auth = got[f"{small}: auth on vs off"]
+    assert round(auth.value or 0, 3) == 3.226 and auth.met is True  # (6,200 - 6,000) / 6,200
+    telemetry = got[f"{small}: telemetry on vs off"]
+    assert telemetry.value == 20.0 and telemetry.met is False
+    heavy = got[
+        "minilm v2 INT8 onnxruntime, 32 connections: shipped ÷ raw best batch measured alongside"
+    ]
+    assert heavy.value == 0.95 and heavy.met is True  # 1,140 over the mean 1,200
+    assert "(the floor: 1.00×)" in heavy.measured
+    loop = got["digits v2 INT8 onnxruntime, 16 connections: event-loop CPU per request"]
+    assert (
+        loop.value == 150.0 and loop.measured == "shipped 150 µs, floor 60 µs; whole process 190 µs"
+    )
+    assert (
+        got["minilm v2 INT8 onnxruntime, 32 connections: event-loop CPU per request"].value == 170
+    )
+
+
+def test_a_figure_not_measured_reads_as_a_dash_not_a_pass() -> None:
+    small = dict(HEADLINE_RESULTS["targets"][0])
+    del small["peer"]  # MLServer was not installed for this run
+    got = {f.what: f for f in figures({"env": ENV, "targets": [small], "overload": []})}
+    mlserver = got["digits v2 INT8 onnxruntime, JSON, 16 connections: shipped ÷ MLServer"]
+    assert (mlserver.value, mlserver.met) == (None, None)
+    assert mlserver.measured == "6,000 vs – req/s"
+
+
+def test_the_report_opens_with_the_shipped_figures() -> None:
+    text = render(HEADLINE_RESULTS)
+    headline = text.index("What issue 17 asks")
+    assert headline < text.index("| model | server |")
+    row = next(line for line in text.splitlines() if "auth on vs off" in line)
+    assert row.endswith("| 6,000 vs 6,200 req/s | 3.2 % fewer | ≤ 5 % | yes |")
+    row = next(line for line in text.splitlines() if "telemetry on vs off" in line)
+    assert row.endswith("| 20.0 % fewer | ≤ 5 % | **no** |")
+    shipped = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| digits v2 INT8 onnxruntime | edgeserve shipped (uvicorn) |")
+    )
+    assert shipped.endswith("| 6.00× | 150 |")  # ÷ peer, then the loop's µs per request
+
+
+def test_a_ratio_just_under_its_bound_does_not_read_as_the_bound() -> None:
+    heavy = dict(HEADLINE_RESULTS["targets"][1])
+    heavy["servers"] = {
+        "edgeserve shipped (uvicorn)": _edgeserve(
+            "shipped", 32, 915.0, raw_alongside_rows_per_s=[1000.0, 1000.0]
+        )
+    }
+    text = render({"env": dict(ENV, engine="uvicorn"), "targets": [heavy], "overload": []})
+    row = next(line for line in text.splitlines() if "measured alongside" in line)
+    assert row.endswith("| 0.915× | ≥ 0.92× | **no** |")
+
+
+def test_refusals_are_not_counted_as_throughput_in_the_figures() -> None:
+    heavy = dict(HEADLINE_RESULTS["targets"][1])
+    heavy["servers"] = {
+        "edgeserve shipped (uvicorn)": _edgeserve(
+            "shipped",
+            32,
+            1000.0,
+            requests=10_000,
+            refused=1_000,
+            raw_alongside_rows_per_s=[1000.0, 1000.0],
+        )
+    }
+    (figure, _) = figures({"env": dict(ENV, engine="uvicorn"), "targets": [heavy]})
+    assert figure.value == 0.9  # 900 answered/s of wrk's 1,000 req/s
+    assert figure.measured == "900 (1,000 refused) vs 1,000 rows/s"
+
+
+def test_a_model_built_outside_models_is_found_and_models_wins_a_tie(tmp_path: Path) -> None:
+    from bench.run import model_folders
+
+    for name in ("minilm-elsewhere", "digits"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.toml").write_text("")
+    found = model_folders([tmp_path / "minilm-elsewhere", tmp_path / "digits"])
+    assert tmp_path / "minilm-elsewhere" in found
+    assert MODELS / "digits" in found and tmp_path / "digits" not in found
