@@ -173,7 +173,7 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
     state = websocket.app.state
     message = _Message(data, state.decode_limits)
     try:
-        served = await state.pipeline.infer(
+        served = await state.pipeline.serve(
             name, version, message, websocket.headers, getattr(websocket.state, "principal", None)
         )
         model = served.model

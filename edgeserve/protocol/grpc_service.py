@@ -199,7 +199,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         refused its share (RESOURCE_EXHAUSTED) while the loop runs late.
         """
         remaining = context.time_remaining()
-        served = await self._app.state.pipeline.infer(
+        served = await self._app.state.pipeline.serve(
             request.model_name,
             request.model_version or None,
             partial(_decoded, request, self._limits),

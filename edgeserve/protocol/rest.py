@@ -83,7 +83,7 @@ async def infer(request: Request) -> Response:
     """One inference through the data plane (edgeserve/serving/pipeline.py), which reads
     the body only once the model is known and leaves the telemetry record."""
     params = request.path_params
-    served = await _pipeline(request).infer(
+    served = await _pipeline(request).serve(
         params["model"],
         params.get("version"),
         partial(_read_request, request),

@@ -1,4 +1,4 @@
-"""The one data plane: every inference, whatever its transport, goes through `DataPlane.infer`.
+"""The one data plane: every inference, whatever its transport, goes through `DataPlane.serve`.
 
 REST JSON and binary, gRPC unary and stream, the WebSocket and shadow copies are adapters:
 they decode their wire format into an `InferRequest` (the envelope and declared tensor
@@ -139,7 +139,7 @@ class DataPlane:
         return any(not self.killed(name) for name in registry.names())
 
     # -- the request ---------------------------------------------------------------
-    async def infer(
+    async def serve(
         self,
         name: str,
         version: str | None,
