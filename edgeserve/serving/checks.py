@@ -16,25 +16,34 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
     checked with the data, so that a value out of range is named as such.)"""
     specs = model.inputs
     batch = model.config.max_batch_size
-    entity = model.config.features.entity if model.config.features.table else None
-    for tensor in inputs:
-        spec = next((s for s in specs if s.name == tensor.name), None)
+    for tensor in inputs:  # plain loops: this runs on every request, on the event loop
+        name = tensor.name
+        spec = None
+        for candidate in specs:
+            if candidate.name == name:
+                spec = candidate
+                break
         if spec is None:
-            if tensor.name == entity:
+            features = model.config.features
+            if features.table and name == features.entity:
                 continue
             raise InvalidInput(
-                f"unknown input '{tensor.name[:64]}' for model '{model.name}' (expects "
+                f"unknown input '{name[:64]}' for model '{model.name}' (expects "
                 f"{', '.join(s.name for s in specs)})"
             )
         shape = tensor.shape
-        if len(shape) != len(spec.shape) or any(
-            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
-        ):
+        expected = spec.shape
+        fits = len(shape) == len(expected)
+        if fits:
+            for got, want in zip(shape, expected, strict=True):
+                if want != -1 and got != want:
+                    fits = False
+                    break
+        if not fits:
             raise InvalidInput(
-                f"input '{spec.name}' has shape {list(shape)}, model "
-                f"expects {list(spec.shape)} (-1 = any)"
+                f"input '{name}' has shape {list(shape)}, model expects {list(expected)} (-1 = any)"
             )
         if batch and shape and shape[0] > batch:
             raise InvalidInput(
-                f"input '{spec.name}': batch of {shape[0]} exceeds max_batch_size {batch}"
+                f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
             )
