@@ -17,15 +17,13 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.transports import (
-    GRPC_STATUS,
+from tests.transport_server import (
     TransportServer,
-    WebSocketStream,
-    digits_request,
     telemetry_rows,
     transport_server,
     wait_durable,
 )
+from tests.transports import GRPC_STATUS, WebSocketStream, digits_request
 
 UNKNOWN_COUNTER = "edgeserve_unknown_model_requests_total"
 
@@ -134,7 +132,7 @@ def test_an_odd_version_is_refused_never_500(
     log_start = len(server.log())
     statuses = {**_rest_statuses(server, version), **_grpc_statuses(server, version)}
     assert {k: v for k, v in statuses.items() if v not in allowed} == {}, statuses
-    ws = WebSocketStream(server).infer("digits", version, digits_request())
+    ws = WebSocketStream(server.url).infer("digits", version, digits_request())
     assert ws.refused_handshake and ws.status != 500, ws  # refused before accept, as today
     assert "Traceback" not in server.log()[log_start:]
 
