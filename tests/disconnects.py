@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from tests.transports import RestBinary, RestJson, TransportServer, digits_request, grpc_request
+from tests.transport_server import TransportServer
+from tests.transports import RestBinary, RestJson, digits_request, grpc_request
 
 ROWS = 64  # digits' max_batch_size: the biggest request, the longest time in flight
 IN_FLIGHT = 32  # requests of a gRPC or WebSocket client when it leaves

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -18,17 +19,14 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from tests.disconnects import DISCONNECTS
-from tests.transports import (
-    TRANSPORTS,
-    Transport,
+from tests.transport_server import (
     TransportServer,
-    clients,
-    digits_request,
     settled_rows,
     telemetry_rows,
     transport_server,
     wait_durable,
 )
+from tests.transports import TRANSPORTS, Transport, clients, digits_request
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +37,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransportServer
 
 @pytest.fixture(scope="module")
 def adapters(served: TransportServer) -> Iterator[dict[str, Transport]]:
-    with clients(served) as by_name:
+    with clients(served.url, served.grpc_target) as by_name:
         yield by_name
 
 
@@ -106,6 +104,18 @@ def test_a_killed_model_is_not_ready_and_comes_back(served: TransportServer) -> 
     _switch_digits(served, True)
     assert set(_rest_ready(served).values()) == {(200, True)}
     assert _grpc_ready(served) == (True, True, True)
+
+
+def test_killing_one_model_leaves_the_box_ready_while_another_serves(
+    tmp_path: Path,
+) -> None:
+    """A kill switch must not take the whole box out of its load balancer."""
+    with transport_server(tmp_path, models=("digits", "text")) as other:
+        _switch_digits(other, False)
+        assert httpx.get(f"{other.url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{other.url}/v2/models/digits/ready").status_code == 503
+        assert httpx.get(f"{other.url}/v2/models/text/ready").status_code == 200
+        assert _grpc_ready(other) == (True, False, False)
 
 
 # -- unknown names -------------------------------------------------------------------

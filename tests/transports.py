@@ -12,12 +12,9 @@ is classified by its words (the stream has no status field; see `stream_status`)
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -29,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.serving import MODELS
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].astype(np.float32)
 TIMEOUT_S = 30.0
@@ -103,42 +100,6 @@ class Outcome:
         return str(self.doc.get("error", ""))
 
 
-@dataclass
-class TransportServer:
-    """A real edgeserve process with HTTP and gRPC on loopback."""
-
-    http: RunningServer
-    grpc_target: str
-
-    @property
-    def url(self) -> str:
-        return self.http.url
-
-    @property
-    def state_dir(self) -> Path:
-        return self.http.config_path.parent / "state"
-
-    def log(self) -> str:
-        return self.http.log()
-
-
-@contextmanager
-def transport_server(tmp: Path, *, auth: bool = False) -> Iterator[TransportServer]:
-    """One server on the committed digits model (versions 1 and 2), gRPC on; auth off
-    unless asked (then with the failed-auth limiter off, so refusals stay 401s)."""
-    grpc_port = free_port()
-    auth_toml = "enabled = false\n" if not auth else "failed_auth_burst = 0\n"
-    config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
-        f'state_dir = "{tmp / "state"}"\n'
-        f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
-        f"[auth]\n{auth_toml}"
-        "[telemetry]\nwrite_interval_ms = 20.0\n"
-    )
-    with run_server(tmp, config_text=config) as running:
-        yield TransportServer(running, f"127.0.0.1:{grpc_port}")
-
-
 def digits_request(rows: int = 1, **fields: Any) -> dict[str, Any]:
     """A V2 request for digits: `rows` copies of one held-out image."""
     data = np.repeat(ROW[None, :], rows, axis=0)
@@ -180,8 +141,8 @@ class RestJson:
 
     name = "rest-json"
 
-    def __init__(self, server: TransportServer, client: httpx.Client) -> None:
-        self._server = server
+    def __init__(self, url: str, client: httpx.Client) -> None:
+        self._url = url
         self._client = client
 
     @staticmethod
@@ -201,7 +162,7 @@ class RestJson:
     ) -> Outcome:
         path, sent_headers, body = self.encode(model, version, doc)
         reply = self._client.post(
-            self._server.url + path, content=body, headers={**sent_headers, **(headers or {})}
+            self._url + path, content=body, headers={**sent_headers, **(headers or {})}
         )
         return Outcome(reply.status_code, _json_or_error(reply.content), dict(reply.headers))
 
@@ -213,8 +174,8 @@ class RestBinary:
 
     name = "rest-binary"
 
-    def __init__(self, server: TransportServer, client: httpx.Client) -> None:
-        self._server = server
+    def __init__(self, url: str, client: httpx.Client) -> None:
+        self._url = url
         self._client = client
 
     @staticmethod
@@ -248,7 +209,7 @@ class RestBinary:
     ) -> Outcome:
         path, sent_headers, body = self.encode(model, version, doc)
         reply = self._client.post(
-            self._server.url + path, content=body, headers={**sent_headers, **(headers or {})}
+            self._url + path, content=body, headers={**sent_headers, **(headers or {})}
         )
         return Outcome(reply.status_code, _binary_response(reply), dict(reply.headers))
 
@@ -382,12 +343,12 @@ class WebSocketStream:
 
     name = "websocket"
 
-    def __init__(self, server: TransportServer) -> None:
-        self._server = server
+    def __init__(self, url: str) -> None:
+        self._url = url
 
     def url(self, model: str, version: str | None) -> str:
         query = "?" + urlencode({"version": version}) if version is not None else ""
-        base = self._server.url.replace("http://", "ws://")
+        base = self._url.replace("http://", "ws://")
         return f"{base}/api/stream/{quote(model, safe='')}{query}"
 
     def infer(
@@ -420,52 +381,19 @@ TRANSPORTS = ("rest-json", "rest-binary", "grpc", "grpc-stream", "websocket")
 
 
 @contextmanager
-def clients(server: TransportServer) -> Iterator[dict[str, Transport]]:
-    """All five adapters, sharing one HTTP client and one gRPC channel."""
+def clients(url: str, grpc_target: str) -> Iterator[dict[str, Transport]]:
+    """All five adapters for the server at `url` (HTTP) and `grpc_target`, sharing one
+    HTTP client and one gRPC channel."""
     options = [("grpc.max_receive_message_length", 64 * 2**20)]
     with (
         httpx.Client(timeout=TIMEOUT_S) as http,
-        grpc.insecure_channel(server.grpc_target, options=options) as channel,
+        grpc.insecure_channel(grpc_target, options=options) as channel,
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         yield {
-            "rest-json": RestJson(server, http),
-            "rest-binary": RestBinary(server, http),
+            "rest-json": RestJson(url, http),
+            "rest-binary": RestBinary(url, http),
             "grpc": GrpcUnary(stub),
             "grpc-stream": GrpcStream(stub),
-            "websocket": WebSocketStream(server),
+            "websocket": WebSocketStream(url),
         }
-
-
-def wait_durable(server: TransportServer, timeout_s: float = 15.0) -> None:
-    """Wait until every telemetry record queued so far is in telemetry.db.
-
-    A REST inference made now is queued after every record of the replies already
-    received (each transport queues its record before it answers); its sequence number
-    (`x-telemetry-seq`) is durable once `durable_seq` reaches it.
-    """
-    reply = httpx.post(server.url + "/v2/models/digits/infer", json=digits_request())
-    seq = int(reply.headers["x-telemetry-seq"])
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(server.url + "/api/telemetry/status").json()["durable_seq"] < seq:
-        assert time.monotonic() < deadline, "telemetry did not reach the database"
-        time.sleep(0.02)
-
-
-def telemetry_rows(server: TransportServer, sql: str, *args: object) -> list[tuple]:
-    """Rows of the server's real telemetry database."""
-    with sqlite3.connect(server.state_dir / "telemetry.db") as db:
-        return db.execute(sql, args).fetchall()
-
-
-def settled_rows(server: TransportServer, sql: str, *args: object) -> list[tuple]:
-    """The query's rows once two flushes in a row (`wait_durable`) leave them unchanged:
-    what the server records of a client that left, once it has finished with it."""
-    previous: list[tuple] | None = None
-    for _ in range(50):
-        wait_durable(server)
-        rows = telemetry_rows(server, sql, *args)
-        if rows == previous:
-            return rows
-        previous = rows
-    raise AssertionError(f"telemetry rows kept changing: {previous}")
