@@ -38,6 +38,7 @@ from edgeserve.protocol.rest import ROUTES as V2_ROUTES
 from edgeserve.registry import Registry
 from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
+from edgeserve.serving.pipeline import UNKNOWN_MODEL_COUNTER, DataPlane
 from edgeserve.streaming import ROUTES as STREAM_ROUTES
 from edgeserve.telemetry.metrics import ReadCounter
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
@@ -184,6 +185,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.telemetry = None
     app.state.experiments = None
     app.state.audit = None
+    app.state.pipeline = DataPlane(app.state)
     app.state.authenticator = build_authenticator(
         settings.auth, settings.server.state_dir, settings.server.host
     )
@@ -286,6 +288,15 @@ def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> 
             "answered before routing, auth and the body read (they leave no telemetry record)",
             ["model"],
             registry.shed_counts,
+        )
+    )
+    telemetry.metrics.register(
+        ReadCounter(
+            UNKNOWN_MODEL_COUNTER,
+            "Inference requests naming a model or version that does not exist (one "
+            "unlabelled series: the names are the client's text, never labels or rows)",
+            [],
+            app.state.pipeline.unknown_counts,
         )
     )
     telemetry.metrics.gauge(

@@ -62,6 +62,12 @@ class Overloaded(EdgeserveError):
     status = 429
 
 
+class ClientClosed(EdgeserveError):
+    """The client went away before its answer (nginx's 499): not a server error."""
+
+    status = 499
+
+
 class ModelNotReady(EdgeserveError):
     status = 503
 

@@ -2,7 +2,10 @@
 
 The client sends one V2 infer request (the JSON body of `POST .../infer`) per message
 and receives one V2 response per message, in the order sent; a message that fails
-gets `{"error": "...", "id": ...}` in its place and the stream goes on.
+gets `{"error": "...", "status": <HTTP-style status>, "id": ...}` in its place and the
+stream goes on. Each message goes through the data plane (edgeserve/serving/pipeline.py)
+like any other inference; messages still being computed when the client goes away are
+recorded as 499 (client closed request).
 
 Backpressure: at most `[jobs] stream_window` messages are in flight (received, being
 computed, or computed and waiting to be sent). When the client stops reading, sends
@@ -17,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -26,12 +28,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from edgeserve.auth.guard import requires
 from edgeserve.errors import EdgeserveError
-from edgeserve.features import with_features
 from edgeserve.protocol.codec import decode_request, encode_response
-from edgeserve.protocol.types import InferOutput, InferResponse
-from edgeserve.request_ids import new_request_id
-from edgeserve.scheduling import RunResult
-from edgeserve.telemetry.records import InferenceRecord
+from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
     state = websocket.app.state
     name = websocket.path_params["model"]
     version = websocket.query_params.get("version")
-    state.registry.get(name, version)  # unknown or loading: refused before accept
+    state.pipeline.resolve(name, version)  # unknown or loading: refused before accept
     await websocket.accept()
     settings = state.settings.jobs
     pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(settings.stream_window)
@@ -102,10 +100,13 @@ async def _read(
 
     The end of input is queued for the writer (after what is in flight), except when
     the writer gave up and cancelled us: nobody would take it from the full window."""
+    running: set[asyncio.Task[bytes]] = set()
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                for task in running:  # nobody will read their answers: 499, not computed
+                    task.cancel()
                 break
             data = message.get("bytes")
             if data is None:
@@ -114,6 +115,8 @@ async def _read(
                 await websocket.close(code=CLOSE_TOO_BIG, reason="message too large")
                 break
             task = asyncio.create_task(_infer_one(websocket, name, version, data))
+            running.add(task)
+            task.add_done_callback(running.discard)
             await pending.put(task)
     except asyncio.CancelledError:
         raise
@@ -134,7 +137,12 @@ async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float)
         task = await pending.get()
         if task is None:
             return
-        reply = await task
+        try:
+            reply = await task
+        except asyncio.CancelledError:
+            if task.cancelled():  # the client went away (see _read)
+                return
+            raise
         try:
             await asyncio.wait_for(websocket.send_text(reply.decode()), timeout_s)
         except asyncio.TimeoutError:
@@ -144,70 +152,43 @@ async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float)
             return
 
 
+class _Message:
+    """One message's body, decoded when the data plane asks; keeps the decoded request
+    so that an error document can carry the message's id."""
+
+    __slots__ = ("data", "decoded", "limits")
+
+    def __init__(self, data: bytes, limits: Any) -> None:
+        self.data = data
+        self.limits = limits
+        self.decoded: InferRequest | None = None
+
+    async def __call__(self) -> InferRequest:
+        self.decoded = decode_request(self.data, None, self.limits)
+        return self.decoded
+
+
 async def _infer_one(websocket: WebSocket, name: str, version: str | None, data: bytes) -> bytes:
-    """One message's reply (a V2 response, or an error document); always recorded."""
-    started = time.perf_counter()
+    """One message's reply: a V2 response, or an error document with its status."""
     state = websocket.app.state
-    request_id: str | None = None
-    result: RunResult | None = None
-    served_version = version or ""
-    status = 200
+    message = _Message(data, state.decode_limits)
     try:
-        decoded = decode_request(data, None, state.decode_limits)
-        request_id = decoded.id
-        model = state.registry.get(name, version)
-        served_version = str(model.version)
-        named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
-        named = await with_features(
-            state, model.config.features, model.inputs, named, decoded.parameters
+        served = await state.pipeline.serve(
+            name, version, message, websocket.headers, getattr(websocket.state, "principal", None)
         )
-        feed = model.check_inputs(named)
-        requested = [o.name for o in decoded.outputs] if decoded.outputs else None
-        model.check_outputs(requested)
-        result = await model.infer(feed, requested, deadline=None)
-        outputs = [InferOutput(n, a, False) for n, a in result.outputs.items()]
-        body, _ = encode_response(InferResponse(model.name, served_version, request_id, outputs))
+        model = served.model
+        outputs = [InferOutput(n, a, False) for n, a in served.outputs.items()]
+        response = InferResponse(model.name, str(model.version), message.decoded.id, outputs)
+        body, _ = encode_response(response)
         return body
     except EdgeserveError as exc:
-        status = exc.status
-        doc: dict[str, Any] = {"error": exc.message}
+        doc: dict[str, Any] = {"error": exc.message, "status": exc.status}
     except Exception:
-        status = 500
         log.exception("stream message failed model=%s", name)
-        doc = {"error": "internal error"}
-    finally:
-        _record(websocket, request_id, name, served_version, status, result, started)
-    if request_id is not None:
-        doc["id"] = request_id
+        doc = {"error": "internal error", "status": 500}
+    if message.decoded is not None and message.decoded.id is not None:
+        doc["id"] = message.decoded.id
     return orjson.dumps(doc)
-
-
-def _record(
-    websocket: WebSocket,
-    request_id: str | None,
-    model: str,
-    version: str,
-    status: int,
-    result: RunResult | None,
-    started: float,
-) -> None:
-    """Each streamed message is an inference like any other for telemetry."""
-    recorder = getattr(websocket.app.state, "recorder", None)
-    if recorder is None:
-        return
-    header = getattr(websocket.app.state, "subject_header", None)
-    subject = websocket.headers.get(header) if header else None
-    recorder.record_inference(
-        InferenceRecord.ended(
-            request_id or new_request_id(),
-            model,
-            version,
-            status,
-            started,
-            result,
-            subject_hash=recorder.subject_hash(subject) if subject else None,
-        )
-    )
 
 
 ROUTES = [WebSocketRoute("/api/stream/{model:str}", stream)]

@@ -42,6 +42,28 @@ RULES = {
     "edgeserve.registry": ["edgeserve.protocol", "edgeserve.web", "starlette"],
     "edgeserve.batching": ["edgeserve.protocol", "edgeserve.web", "starlette"],
     "edgeserve.scheduling": ["edgeserve.protocol", "edgeserve.web", "starlette"],
+    # the data plane is transport-free: adapters call it, it never calls them
+    "edgeserve.serving": [
+        "edgeserve.web",
+        "edgeserve.streaming",
+        "edgeserve.protocol.rest",
+        "edgeserve.protocol.grpc_service",
+        "edgeserve.protocol.grpc_stream",
+        "edgeserve.protocol.grpc_codec",
+        "starlette",
+        "grpc",
+        "tritonclient",
+    ],
+    # codecs are pure: no web framework, no registry, no data plane
+    **{
+        f"edgeserve.protocol.{codec}": [
+            "starlette",
+            "edgeserve.registry",
+            "edgeserve.serving",
+            "edgeserve.web",
+        ]
+        for codec in ("codec", "grpc_codec", "types", "limits", "integers")
+    },
     "edgeserve.protocol.integers": ["edgeserve", "starlette", "numpy"],
 }
 # Pure leaves (they import nothing of ours, by the rule above) that every layer may use:
@@ -89,6 +111,23 @@ def test_module_imports_follow_the_layering(module: str, path: Path) -> None:
         name for name in _imports(path) - LEAVES for bad in forbidden if _matches(name, bad)
     )
     assert not wrong, f"{module} imports {wrong}, against the layering in DESIGN.md"
+
+
+def test_only_the_data_plane_runs_a_model() -> None:
+    """Every transport infers through edgeserve/serving/pipeline.py (issue 17): a
+    `.infer(...)` call anywhere else in the server is a copy of the path that will drift
+    (the runtimes' own backend calls are below the batcher and do not count)."""
+    callers = []
+    for module, path in _modules():
+        if module == "edgeserve.serving.pipeline" or module.startswith(
+            ("edgeserve.runtime", "updater")
+        ):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            call = node.func if isinstance(node, ast.Call) else None
+            if isinstance(call, ast.Attribute) and call.attr == "infer":
+                callers.append(f"{module}:{node.lineno}")
+    assert not callers, f"model.infer called outside the data plane: {callers}"
 
 
 def test_no_module_is_named_after_nothing() -> None:

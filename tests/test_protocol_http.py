@@ -151,18 +151,19 @@ BAD_TENSORS = [
     ("float dimension", {"shape": [1.5, 64]}, 400, "non-negative integers"),
     ("data not a list", {"data": "abc"}, 400, "'data' must be a list"),
     ("ragged nesting", {"data": [[0.0] * 64, [0.0]]}, 400, "do not match shape"),
-    # Integer data is range-checked while decoding, before the model's datatype is looked at.
-    ("INT8 value 300", {"datatype": "INT8", "shape": [1], "data": [300]}, 400, "out of range"),
-    ("UINT8 value -1", {"datatype": "UINT8", "shape": [1], "data": [-1]}, 400, "out of range"),
+    # Integer data is range-checked while decoding, before the model's datatype is looked
+    # at; the declared shape fits the model, which is checked first (before any decoding).
+    ("INT8 value 300", {"datatype": "INT8", "data": [300] + [0] * 63}, 400, "out of range"),
+    ("UINT8 value -1", {"datatype": "UINT8", "data": [-1] + [0] * 63}, 400, "out of range"),
     (
         "INT64 value 2**64-1",
-        {"datatype": "INT64", "shape": [1], "data": [2**64 - 1]},
+        {"datatype": "INT64", "data": [2**64 - 1] * 64},
         400,
         "out of range",
     ),
     (
         "fraction for INT32",
-        {"datatype": "INT32", "shape": [1], "data": [1.5]},
+        {"datatype": "INT32", "data": [1.5] + [0] * 63},
         400,
         "must be integers",
     ),

@@ -1,7 +1,9 @@
 """V2 request decoding and response encoding: JSON tensors and the binary tensor extension.
 
-JSON tensor data goes straight into numpy; the binary extension
-(`Inference-Header-Content-Length`) is read with `np.frombuffer`, no copy.
+`decode_request` reads the envelope and each tensor's declared header only; its
+`data()` (`decode_input_data` per input) then turns JSON tensor data straight into
+numpy, and reads the binary extension (`Inference-Header-Content-Length`) with
+`np.frombuffer`, no copy. Between the two the caller checks the declared shapes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ _NUMBER_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float"}
 
 
 def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits) -> InferRequest:
-    """Parse a V2 infer request body (JSON, optionally followed by binary tensor data)."""
+    """Parse a V2 infer request body (JSON, optionally followed by binary tensor data):
+    the envelope and tensor headers, with each tensor's data left in wire form."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise InvalidInput("Inference-Header-Content-Length is larger than the body")
@@ -66,6 +69,8 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         outputs=_decode_outputs(doc.get("outputs")),
         parameters=parameters,
         binary_output=parameters.get("binary_data_output") is True,
+        decoder=decode_input_data,
+        limits=limits,
     )
 
 
@@ -84,6 +89,7 @@ def _check_depth(doc: Any, limit: int) -> None:
 
 
 def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[InferInput, int]:
+    """One input's header (its data stays a JSON list or a slice of the binary part)."""
     if not isinstance(raw, dict):
         raise InvalidInput("each input must be a JSON object")
     name = raw.get("name")
@@ -101,26 +107,34 @@ def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[I
             raise InvalidInput(f"input '{name}': binary_data_size is outside the body")
         if "data" in raw:
             raise InvalidInput(f"input '{name}': has both 'data' and binary_data_size")
-        chunk = binary[:size]
-        if datatype == "BYTES":
-            array = _bytes_from_binary(chunk, count, name, limits)
-        else:
-            if size != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"input '{name}': {size} bytes do not hold shape {list(shape)} of {datatype}"
-                )
-            array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
-        return InferInput(name, datatype, shape, array.reshape(shape)), size
+        if datatype != "BYTES" and size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"input '{name}': {size} bytes do not hold shape {list(shape)} of {datatype}"
+            )
+        return InferInput(name, datatype, shape, count, binary[:size]), size
     data = raw.get("data")
     if not isinstance(data, list):
         raise InvalidInput(f"input '{name}': 'data' must be a list")
-    array = _array_from_json(data, datatype, dtype, name, limits)
-    if array.size != count:
+    return InferInput(name, datatype, shape, count, data), 0
+
+
+def decode_input_data(tensor: InferInput, limits: DecodeLimits) -> np.ndarray:
+    """The input's data as an array of its declared shape (JSON list or binary slice)."""
+    dtype = V2_TO_NUMPY[tensor.datatype]
+    raw = tensor.raw
+    if isinstance(raw, memoryview):
+        if tensor.datatype == "BYTES":
+            array = _bytes_from_binary(raw, tensor.count, tensor.name, limits)
+        else:
+            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+        return array.reshape(tensor.shape)
+    array = _array_from_json(raw, tensor.datatype, dtype, tensor.name, limits)
+    if array.size != tensor.count:
         raise InvalidInput(
-            f"input '{name}': {array.size} elements do not match shape "
-            f"{list(shape)} ({count} elements)"
+            f"input '{tensor.name}': {array.size} elements do not match shape "
+            f"{list(tensor.shape)} ({tensor.count} elements)"
         )
-    return InferInput(name, datatype, shape, array.reshape(shape)), 0
+    return array.reshape(tensor.shape)
 
 
 def _array_from_json(

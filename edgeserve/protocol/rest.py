@@ -3,34 +3,22 @@ repository extensions so that `tritonclient.http` works unchanged."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
-from edgeserve.errors import (
-    EdgeserveError,
-    InvalidInput,
-    ModelNotReady,
-    Overloaded,
-    UnsupportedMediaType,
-)
-from edgeserve.experiments.serving import launch_shadow
-from edgeserve.experiments.serving import route as experiment_route
-from edgeserve.features import with_features
+from edgeserve.errors import InvalidInput, UnsupportedMediaType
 from edgeserve.protocol import documents
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
-from edgeserve.protocol.types import InferOutput, InferResponse
+from edgeserve.protocol.integers import parse_uint
+from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
 from edgeserve.registry import Registry
-from edgeserve.request_ids import new_request_id
-from edgeserve.scheduling import RETRY_AFTER, RunResult, request_deadline
-from edgeserve.telemetry.records import InferenceRecord
+from edgeserve.serving.pipeline import DataPlane
 from edgeserve.web.body import read_body
 
 JSON = "application/json"
@@ -44,12 +32,16 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def _pipeline(request: Request) -> DataPlane:
+    return request.app.state.pipeline
+
+
 async def server_live(request: Request) -> Response:
     return json_response({"live": True})
 
 
 async def server_ready(request: Request) -> Response:
-    ready = _registry(request).ready
+    ready = _pipeline(request).server_ready()
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
@@ -73,11 +65,8 @@ async def model_metadata(request: Request) -> Response:
 
 @requires("read")
 async def model_ready(request: Request) -> Response:
-    registry = _registry(request)
     name = request.path_params["model"]
-    try:
-        registry.get(name, _version_param(request))
-    except ModelNotReady:
+    if not _pipeline(request).model_ready(name, _version_param(request)):
         return json_response({"name": name, "ready": False}, 503)
     return json_response({"name": name, "ready": True})
 
@@ -91,153 +80,52 @@ async def model_config(request: Request) -> Response:
 
 @requires("infer")
 async def infer(request: Request) -> Response:
-    """Run one inference and leave a telemetry record of it, whatever the outcome."""
-    started = time.perf_counter()
-    trace = InferTrace(
-        request.headers.get("x-request-id") or new_request_id(),
-        request.path_params["model"],
-        _version_param(request) or "",
+    """One inference through the data plane (edgeserve/serving/pipeline.py), which reads
+    the body only once the model is known and leaves the telemetry record."""
+    params = request.path_params
+    served = await _pipeline(request).serve(
+        params["model"],
+        params.get("version"),
+        partial(_read_request, request),
+        request.headers,
+        getattr(request.state, "principal", None),
     )
-    try:
-        response = await _infer(request, trace)
-    except EdgeserveError as exc:
-        _record(request, trace, exc.status, started)
-        raise
-    except Exception:
-        _record(request, trace, 500, started)
-        raise
-    seq = _record(request, trace, 200, started)
-    if seq:  # appended: the response has no such header, so there is nothing to replace
-        response.raw_headers.append((b"x-telemetry-seq", str(seq).encode()))
+    decoded = served.request
+    assert decoded is not None
+    model = served.model
+    binary = {o.name: o.binary for o in decoded.outputs or ()}
+    outputs = [
+        InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in served.outputs.items()
+    ]
+    body_out, header_length = encode_response(
+        InferResponse(model.name, str(model.version), decoded.id, outputs)
+    )
+    headers = {"x-request-id": served.request_id}
+    if served.experiment:
+        headers["x-edgeserve-variant"] = f"{served.experiment}/{served.variant}"
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        response = Response(body_out, media_type="application/octet-stream", headers=headers)
+    else:
+        response = Response(body_out, media_type=JSON, headers=headers)
+    if served.seq:  # appended: the response has no such header, so there is nothing to replace
+        response.raw_headers.append((b"x-telemetry-seq", str(served.seq).encode()))
     return response
 
 
-@dataclass(slots=True)
-class InferTrace:
-    """What the telemetry record of a request needs, filled in as the request proceeds."""
-
-    request_id: str
-    model: str
-    version: str
-    result: RunResult | None = None
-    top_score: float | None = None
-    prediction: str | None = None
-    experiment: str | None = None
-    variant: str | None = None
-
-
-def _record(request: Request, trace: InferTrace, status: int, started: float) -> int:
-    recorder = getattr(request.app.state, "recorder", None)
-    if recorder is None:
-        return 0
-    subject = request.headers.get(request.app.state.subject_header)
-    return recorder.record_inference(
-        InferenceRecord.ended(
-            trace.request_id,
-            trace.model,
-            trace.version,
-            status,
-            started,
-            trace.result,
-            top_score=trace.top_score,
-            subject_hash=recorder.subject_hash(subject) if subject else None,
-            experiment=trace.experiment,
-            variant=trace.variant,
-            prediction=trace.prediction,
-        )
-    )
-
-
-def _prediction(outputs: dict[str, np.ndarray]) -> tuple[str | None, float | None]:
-    """(predicted class of a one-row request, mean top score) from a classifier's outputs.
-
-    The class is an integer output with one element, else the argmax of the first
-    [rows, classes] float output; the score is that output's mean row maximum. A one-row
-    answer, the common case, costs one argmax.
-    """
-    label: str | None = None
-    score: float | None = None
-    for array in outputs.values():
-        if array.dtype.kind in "iu" and array.size == 1 and label is None:
-            label = str(array.reshape(-1)[0])
-        elif array.ndim == 2 and array.dtype.kind == "f" and array.size and score is None:
-            if array.shape[0] == 1:
-                top = int(array[0].argmax())
-                score = float(array[0, top])
-                label = label if label is not None else str(top)
-            else:
-                score = float(array.max(axis=1).mean())
-    return label, score
-
-
-async def _infer(request: Request, trace: InferTrace) -> Response:
-    settings = request.app.state.settings
-    registry = _registry(request)
-    name = request.path_params["model"]
-    version = _version_param(request)
-    registry.get(name, version)  # unknown or loading models are refused before the body is read
+async def _read_request(request: Request) -> InferRequest:
+    """The body's envelope and tensor headers (JSON, or the binary tensor extension)."""
     _check_content_type(request)
-    body = await read_body(
-        request, settings.limits.max_body_bytes, settings.limits.accept_compressed
-    )
-    if getattr(registry.get(name, version).scheduler, "full", False):
-        # Refused before decoding: under overload the JSON parse is the cost worth saving.
-        raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
+    state = request.app.state
+    limits = state.settings.limits
+    body = await read_body(request, limits.max_body_bytes, limits.accept_compressed)
     header = request.headers.get(HEADER_LENGTH)
-    if header is not None and not header.isdigit():
-        raise InvalidInput("Inference-Header-Content-Length is not a number")
-    decoded = decode_request(
-        body, int(header) if header is not None else None, request.app.state.decode_limits
-    )
-    if decoded.id:
-        trace.request_id = decoded.id[:128]
-    routing = experiment_route(request, name, trace.request_id) if version is None else None
-    if routing is not None and routing.version is not None:
-        version = str(routing.version)
-        trace.experiment, trace.variant = routing.experiment, routing.variant
-    model = registry.get(name, version)  # again: a hot swap may have happened meanwhile
-    named = {t.name: (t.datatype, t.data) for t in decoded.inputs}
-    named = await with_features(  # inputs a model.toml [features] table takes from the store
-        request.app.state, model.config.features, model.inputs, named, decoded.parameters
-    )
-    feed = model.check_inputs(named)
-    requested = [o.name for o in decoded.outputs] if decoded.outputs else None
-    model.check_outputs(requested)
-    deadline = request_deadline(
-        request.headers.get("x-request-timeout-ms"), decoded.parameters.get("timeout")
-    )
-    trace.version = str(model.version)
-    result = await model.infer(feed, requested, deadline=deadline)
-    trace.result = result
-    trace.prediction, trace.top_score = _prediction(result.outputs)
-    binary = {o.name: o.binary for o in decoded.outputs or ()}
-    outputs = [
-        InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in result.outputs.items()
-    ]
-    response_id = decoded.id
-    body_out, header_length = encode_response(
-        InferResponse(model.name, str(model.version), response_id, outputs)
-    )
-    headers = {"x-request-id": trace.request_id}
-    if trace.experiment:
-        headers["x-edgeserve-variant"] = f"{trace.experiment}/{trace.variant}"
-    if routing is not None and routing.shadow is not None:
-        subject = request.headers.get(request.app.state.subject_header)
-        recorder = request.app.state.recorder
-        launch_shadow(
-            request,
-            name,
-            routing,
-            feed,
-            requested,
-            trace.request_id,
-            recorder.subject_hash(subject) if subject and recorder else None,
-            _prediction,
-        )
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-        return Response(body_out, media_type="application/octet-stream", headers=headers)
-    return Response(body_out, media_type=JSON, headers=headers)
+    length = None
+    if header is not None:
+        length = parse_uint(header)
+        if length is None:
+            raise InvalidInput("Inference-Header-Content-Length is not a number")
+    return decode_request(body, length, state.decode_limits)
 
 
 @requires("read")

@@ -1,7 +1,13 @@
-"""Typed inference requests and responses, independent of the wire format."""
+"""Typed inference requests and responses, independent of the wire format.
+
+A request is decoded in two steps: its envelope (ids, declared tensor headers, outputs,
+parameters) first, which is cheap, and each tensor's data only once the headers have
+been checked against the model, so a request the model would refuse costs no numpy.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,16 +16,24 @@ import numpy as np
 
 @dataclass(slots=True)
 class InferInput:
+    """One input tensor as declared: its data is still in wire form (`raw`) until
+    `InferRequest.data` turns it into numpy."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: np.ndarray
+    count: int  # elements the shape holds
+    raw: Any  # the wire form of the data (a JSON list, a memoryview, a protobuf tensor)
 
 
 @dataclass(slots=True)
 class RequestedOutput:
     name: str
     binary: bool
+
+
+# (the input, the request's decode limits) -> its data as an array of the declared shape
+DataDecoder = Callable[[InferInput, Any], np.ndarray]
 
 
 @dataclass(slots=True)
@@ -29,6 +43,19 @@ class InferRequest:
     outputs: list[RequestedOutput] | None  # None = every output
     parameters: dict[str, Any] = field(default_factory=dict)
     binary_output: bool = False  # the default for outputs not named in `outputs`
+    decoder: DataDecoder | None = None  # how this wire format turns `raw` into numpy
+    limits: Any = None  # the DecodeLimits the envelope was read under
+
+    def data(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Every input's (datatype, array), decoded now: call after the cheap checks."""
+        decode = self.decoder
+        if decode is None:
+            raise TypeError("this request has no data decoder")
+        return {t.name: (t.datatype, decode(t, self.limits)) for t in self.inputs}
+
+    def requested(self) -> list[str] | None:
+        """The names of the requested outputs, None for every output."""
+        return [o.name for o in self.outputs] if self.outputs else None
 
 
 @dataclass(slots=True)

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from edgeserve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from edgeserve.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from edgeserve.protocol.integers import parse_uint
 
 
 async def read_body(request: Request, max_bytes: int, accept_compressed: bool = False) -> bytes:
-    """The whole body, refusing it as soon as it is known to exceed `max_bytes`."""
+    """The whole body, refusing it as soon as it is known to exceed `max_bytes`; a
+    client that disconnects meanwhile is `ClientClosed` (499), not a server error."""
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding not in ("identity", "") and not accept_compressed:
         raise UnsupportedMediaType(f"compressed request bodies ({encoding[:20]}) are not accepted")
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        length = parse_uint(declared)
+        if length is None:
             raise InvalidInput("Content-Length is not a number")
-        if int(declared) > max_bytes:
+        if length > max_bytes:
             raise PayloadTooLarge(
                 f"request body of {declared} bytes exceeds the limit of {max_bytes}"
             )
     chunks = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosed("the client disconnected before its request body was read") from None
     return b"".join(chunks)

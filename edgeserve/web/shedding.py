@@ -22,6 +22,7 @@ import re
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeserve.errors import EdgeserveError
+from edgeserve.protocol.integers import parse_uint
 from edgeserve.web.headers import SECURITY_HEADERS
 
 # Set in an infer request's ASGI scope once the parser has made the shed test, so that
@@ -90,8 +91,11 @@ def shed(path: str, app: object, scope: Scope) -> bytes | None:
     registry = getattr(state, "registry", None)
     if match is None or registry is None or ADMITTED_BY in scope:
         return None
+    version = match.group(2)
+    if version is not None and parse_uint(version) is None:
+        return None  # not a version number: the endpoint answers 404
     try:
-        model = registry.get(match.group(1), match.group(2))
+        model = registry.get(match.group(1), version)
     except EdgeserveError:  # unknown or loading: the endpoint gives the proper answer
         return None
     if getattr(model.scheduler, "full", False):

@@ -1,0 +1,49 @@
+"""Cheap checks of a request's declared tensor headers against the model, made before
+any tensor data is turned into numpy (a request the model would refuse costs nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edgeserve.errors import InvalidInput
+from edgeserve.protocol.types import InferInput
+from edgeserve.registry import ModelVersion
+
+
+def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
+    """Refuse (400) an input the model does not take (unless it is the [features] entity
+    key), or one whose declared rank, fixed dims or batch do not fit. (The datatype is
+    checked with the data, so that a value out of range is named as such.)"""
+    specs = model.inputs
+    batch = model.config.max_batch_size
+    for tensor in inputs:  # plain loops: this runs on every request, on the event loop
+        name = tensor.name
+        spec = None
+        for candidate in specs:
+            if candidate.name == name:
+                spec = candidate
+                break
+        if spec is None:
+            features = model.config.features
+            if features.table and name == features.entity:
+                continue
+            raise InvalidInput(
+                f"unknown input '{name[:64]}' for model '{model.name}' (expects "
+                f"{', '.join(s.name for s in specs)})"
+            )
+        shape = tensor.shape
+        expected = spec.shape
+        fits = len(shape) == len(expected)
+        if fits:
+            for got, want in zip(shape, expected, strict=True):
+                if want != -1 and got != want:
+                    fits = False
+                    break
+        if not fits:
+            raise InvalidInput(
+                f"input '{name}' has shape {list(shape)}, model expects {list(expected)} (-1 = any)"
+            )
+        if batch and shape and shape[0] > batch:
+            raise InvalidInput(
+                f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
+            )
