@@ -188,6 +188,10 @@ def test_experiment_routing_is_sticky_and_the_same_over_every_transport(
         if transport.startswith("rest"):
             variants = {o.headers.get("x-edgeserve-variant") for o in served_versions.values()}
             assert variants == {f"{exp_id}/control", f"{exp_id}/candidate"}
+    for user, version in reference.items():  # a named version is served as named
+        named = "2" if version == "1" else "1"
+        outcome = client.infer("digits", named, digits_request(), {"x-user-id": user})
+        assert (outcome.status, outcome.model_version) == (200, named), (user, outcome)
 
 
 # -- deadlines -----------------------------------------------------------------------
