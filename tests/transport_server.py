@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.serving import MODELS, RunningServer, free_port, run_server
-from tests.transports import digits_request
+from tests.transports import digits_request, post
 
 
 @dataclass
@@ -62,7 +62,8 @@ def wait_durable(server: TransportServer, timeout_s: float = 15.0) -> None:
     received (each transport queues its record before it answers); its sequence number
     (`x-telemetry-seq`) is durable once `durable_seq` reaches it.
     """
-    reply = httpx.post(server.url + "/v2/models/digits/infer", json=digits_request())
+    with httpx.Client(timeout=30) as client:
+        reply = post(client, server.url + "/v2/models/digits/infer", json=digits_request())
     seq = int(reply.headers["x-telemetry-seq"])
     deadline = time.monotonic() + timeout_s
     while httpx.get(server.url + "/api/telemetry/status").json()["durable_seq"] < seq:
