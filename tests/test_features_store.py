@@ -232,7 +232,11 @@ def test_streamed_requests_look_up_features_too(server: RunningServer) -> None:
             )
         found, missing = json.loads(ws.recv(timeout=10)), json.loads(ws.recv(timeout=10))
     assert {o["name"]: o["data"] for o in found["outputs"]}["label"] == direct["label"]
-    assert missing == {"error": "no features for entity '99999' in 'digit_images'", "id": "99999"}
+    assert missing == {
+        "error": "no features for entity '99999' in 'digit_images'",
+        "status": 404,
+        "id": "99999",
+    }
 
 
 def test_a_server_job_looks_up_features_by_entity_column(server: RunningServer) -> None:

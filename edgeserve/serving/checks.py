@@ -28,8 +28,7 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
             if features.table and name == features.entity:
                 continue
             raise InvalidInput(
-                f"unknown input '{name[:64]}' for model '{model.name}' (expects "
-                f"{', '.join(s.name for s in specs)})"
+                f"unknown input '{name[:64]}' for model '{model.name}' ({_expected(model)})"
             )
         shape = tensor.shape
         expected = spec.shape
@@ -47,3 +46,14 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
             raise InvalidInput(
                 f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
             )
+
+
+def _expected(model: ModelVersion) -> str:
+    """What a client should send instead: for a model with a [features] table, the entity
+    key and the inputs the store does not fill; else the model's inputs."""
+    features = model.config.features
+    own = [s.name for s in model.inputs if not features.table or s.name not in features.inputs]
+    if not features.table:
+        return f"expects {', '.join(own)}"
+    rest = f", and {', '.join(own)}" if own else ""
+    return f"send parameter or input '{features.entity}'{rest}"
