@@ -216,6 +216,25 @@ def test_file_with_more_keys_than_the_cap_keeps_the_first(tmp_path: Path) -> Non
     assert keys.kids == {"k0", "k1", "k2"}
 
 
+def test_generation_moves_only_when_the_trusted_keys_change(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    a = TestKey.ed25519("a")
+    write_jwks(path, a)
+    keys = file_keyset(path)
+    keys.get("a")
+    first = keys.generation
+    write_jwks(path, a)  # a new file, the same keys: nothing verified with them is stale
+    keys.get("a")
+    assert keys.fetches == 2 and keys.generation == first
+    write_jwks(path, a, TestKey.ed25519("b"))
+    keys.get("a")
+    assert keys.generation > first
+    moved = keys.generation
+    write_jwks(path, TestKey.ed25519("a"), TestKey.ed25519("b"))  # new material, same kids
+    keys.get("a")
+    assert keys.generation > moved
+
+
 # --- a JWKS URL --------------------------------------------------------------------------
 
 

@@ -231,6 +231,9 @@ class KeySet:
         self.max_age_s = max_age_s
         self.clock = clock
         self.fetches = 0  # reads of the source, successful or not (for tests and metrics)
+        # Moves whenever the trusted keys change (added, removed, or new material under a
+        # known kid): what was verified under another generation is no longer vouched for.
+        self.generation = 0
         self._keys: dict[str, VerificationKey] = {}
         self._seen_version: object = _NEVER
         self._last_attempt: float | None = None
@@ -281,7 +284,10 @@ class KeySet:
                 )
                 return
             added, removed = keys.keys() - self._keys.keys(), self._keys.keys() - keys.keys()
+            changed = keys != self._keys  # VerificationKey equality compares key material
             self._keys = keys
+            if changed:  # after the keys: whoever sees the new generation sees the new keys
+                self.generation += 1
             self._last_success = self._last_attempt
             if added or removed:
                 log.info(
