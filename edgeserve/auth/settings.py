@@ -37,6 +37,7 @@ class AuthSettings:
     failed_auth_burst: int = setting(20, min=0, max=100000)  # 0 = no limit
     subject_rate_per_s: float = setting(100.0, min=0.001, max=1e6)
     subject_burst: int = setting(0, min=0, max=1_000_000)  # 0 = no limit per subject
+    token_cache_max_entries: int = setting(4096, min=0, max=100_000)  # 0 = no cache
 
     def __post_init__(self) -> None:
         if not self.issuer:
