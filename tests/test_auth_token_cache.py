@@ -41,8 +41,9 @@ from tests.serving import RunningServer, free_port, run_server
 from tests.test_batch_support import digits_rows, v2_request
 
 LAN_CLIENT = ("198.51.100.7", 40000)
-# No failed-auth limit: these tests send many refused tokens on purpose.
-SETTINGS = AuthSettings(failed_auth_burst=0)
+# No failed-auth limit: these tests send many refused tokens on purpose. The JWKS file is
+# looked at on every request here; the shipped once-a-second check has its own test.
+SETTINGS = AuthSettings(failed_auth_burst=0, jwks_file_check_interval_s=0)
 
 
 class FakeClock:
@@ -249,7 +250,10 @@ def run_keys(config: Path, *args: str) -> None:
 def local_issuer(tmp_path: Path) -> Path:
     """A config whose local issuer keys were made by the real `edgeserve keys init`."""
     config = tmp_path / "edgeserve.toml"
-    config.write_text('[server]\nstate_dir = "state"\n[auth]\nfailed_auth_burst = 0\n')
+    config.write_text(
+        '[server]\nstate_dir = "state"\n'
+        "[auth]\nfailed_auth_burst = 0\njwks_file_check_interval_s = 0\n"
+    )
     run_keys(config, "init")
     return config
 
@@ -302,6 +306,28 @@ def test_the_same_kid_with_new_key_material_refuses_cached_tokens(tmp_path: Path
     assert status(client, token) == 200
     write_jwks(jwks, new)
     assert status(client, token) == 401
+
+
+def test_with_the_shipped_interval_a_revoked_key_is_refused_within_a_second(
+    key: TestKey, tmp_path: Path
+) -> None:
+    """One stat of the JWKS file per interval, not per request: until the interval has
+    passed a cached token is still served; from then on it is refused."""
+    shipped = AuthSettings().jwks_file_check_interval_s
+    settings = replace(SETTINGS, jwks_file_check_interval_s=shipped)
+    authenticator = authenticator_for(tmp_path, settings)
+    keyset_clock = FakeClock()
+    authenticator.keyset.clock = keyset_clock
+    client = client_of(authenticator)
+    token = make_token(key)
+    assert status(client, token) == 200
+    assert status(client, token) == 200
+    write_jwks(tmp_path / "keys" / "jwks.json", TestKey.ed25519("other"))  # key revoked
+    keyset_clock.advance(settings.jwks_file_check_interval_s / 2)
+    assert status(client, token) == 200  # not looked at yet
+    keyset_clock.advance(settings.jwks_file_check_interval_s / 2)
+    assert status(client, token) == 401
+    assert len(authenticator.cache) == 0
 
 
 def test_rewriting_the_same_keys_keeps_the_cache(key: TestKey, tmp_path: Path) -> None:
@@ -388,6 +414,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
         f'[models]\nrepository = "{Path(__file__).resolve().parent.parent / "models"}"\n'
         'load = ["digits"]\n'
         # leeway 0: a token is refused from its exp on, so the test waits at most its ttl.
+        # The JWKS file check keeps its shipped interval.
         "[auth]\nfailed_auth_burst = 0\nleeway_s = 0\n"
     )
     with run_server(folder, config_text=config) as server:
@@ -460,9 +487,11 @@ def test_revoking_the_key_refuses_cached_tokens_on_every_transport(
         assert http_status(server, token) == 200
         assert grpc_ok(grpc_url, token)
         assert websocket_ok(server, token)
-    config = server.config_path
-    run_keys(config, "rotate-signing-key", "--keep-previous", "0")
-    assert http_status(server, token) == 401
+    run_keys(server.config_path, "rotate-signing-key", "--keep-previous", "0")
+    deadline = time.monotonic() + 30  # the server looks at the JWKS file once a second
+    while http_status(server, token) != 401:
+        assert time.monotonic() < deadline, "a token of a revoked key was still accepted"
+        time.sleep(0.1)  # polling interval, not synchronisation
     assert not grpc_ok(grpc_url, token)
     assert not websocket_ok(server, token)
     fresh = new_token(state_dir)

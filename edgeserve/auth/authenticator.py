@@ -3,6 +3,7 @@
 The web layer calls `authenticate(request)` through `edgeserve.auth.guard.requires`;
 `authenticate_async`, when an implementation has it, does the same but fetches a remote
 JWKS in a worker thread so that a slow identity provider never stalls the event loop.
+A token that verified is remembered (`token_cache.py`), so its signature is checked once.
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def build_authenticator(settings: AuthSettings, state_dir: Path, host: str) -> A
         max_keys=settings.max_keys,
         cooldown_s=settings.jwks_cooldown_s,
         max_age_s=settings.jwks_max_age_s,
+        file_check_interval_s=settings.jwks_file_check_interval_s,
     )
     if not source.remote:
         keyset.refresh()  # a missing or broken file is logged now, at start-up

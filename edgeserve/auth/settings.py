@@ -27,6 +27,7 @@ class AuthSettings:
     jwks_max_age_s: float = setting(3600.0, min=10.0, max=7 * 86400.0)
     jwks_timeout_s: float = setting(5.0, min=0.1, max=60.0)
     jwks_max_bytes: int = setting(256 * 1024, min=1024, max=16 * 1024 * 1024)
+    jwks_file_check_interval_s: float = setting(1.0, min=0.0, max=60.0)
     max_keys: int = setting(16, min=1, max=256)
     leeway_s: int = setting(30, min=0, max=300)
     require_typ: str = "at+jwt"  # empty = any typ

@@ -4,7 +4,7 @@ A client sends the same token with each call, and pyjwt's EdDSA verify costs mor
 rest of an inference. Modelled on Envoy's `jwt_authn` cache: a bounded LRU holding the
 verified Principal until the earlier of `exp - leeway` and a change of the trusted key set.
 
-- Keyed by a keyed BLAKE2b digest of the token (the key is random per process), so the
+- Keyed by a keyed BLAKE2b digest of the token (the key is random per cache), so the
   tokens themselves are never kept where a memory or dict dump would show them.
 - Only tokens that passed verification are put in: a flood of bad tokens neither grows it
   nor evicts good ones.
