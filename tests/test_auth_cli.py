@@ -33,6 +33,8 @@ def config(tmp_path: Path) -> Path:
     path.write_text(
         '[server]\nstate_dir = "state"\n'
         '[auth]\nissuer = "https://box.shop.lan"\naudience = "pos"\nfailed_auth_burst = 0\n'
+        # Key changes are seen at the next request, not within the shipped one second.
+        "jwks_file_check_interval_s = 0\n"
     )
     return path
 

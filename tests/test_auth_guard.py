@@ -362,6 +362,11 @@ BROKEN = [
     ("jwks_cooldown_s = 0", "auth.jwks_cooldown_s: must be >= 1.0"),
     ("failed_auth_rate_per_s = 0", "auth.failed_auth_rate_per_s: must be >="),
     ('enabled = "no"', "auth.enabled: must be true or false"),
+    ("token_cache_max_entries = -1", "auth.token_cache_max_entries: must be >= 0"),
+    ("jwks_file_check_interval_s = -1", "auth.jwks_file_check_interval_s: must be >= 0.0"),
+    ("jwks_file_check_interval_s = 61", "auth.jwks_file_check_interval_s: must be <= 60.0"),
+    ("token_cache_max_entries = 100001", "auth.token_cache_max_entries: must be <= 100000"),
+    ("token_cache_max_entries = 1.5", "auth.token_cache_max_entries: must be an integer"),
     ('issur = "x"', "auth.issur: unknown key"),
 ]
 

@@ -215,6 +215,47 @@ def test_file_with_more_keys_than_the_cap_keeps_the_first(tmp_path: Path) -> Non
     assert keys.kids == {"k0", "k1", "k2"}
 
 
+def test_generation_moves_only_when_the_trusted_keys_change(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    a = TestKey.ed25519("a")
+    write_jwks(path, a)
+    keys = file_keyset(path)
+    keys.get("a")
+    first = keys.generation
+    write_jwks(path, a)  # a new file, the same keys: nothing verified with them is stale
+    keys.get("a")
+    assert keys.fetches == 2 and keys.generation == first
+    write_jwks(path, a, TestKey.ed25519("b"))
+    keys.get("a")
+    assert keys.generation > first
+    moved = keys.generation
+    write_jwks(path, TestKey.ed25519("a"), TestKey.ed25519("b"))  # new material, same kids
+    keys.get("a")
+    assert keys.generation > moved
+
+
+def test_file_is_looked_at_once_per_check_interval(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    write_jwks(path, TestKey.ed25519("a"))
+    clock = FakeClock()
+    keys = KeySet(
+        FileSource(path, max_bytes=64 * 1024),
+        algorithms=ALL,
+        max_keys=16,
+        cooldown_s=30.0,
+        max_age_s=3600.0,
+        file_check_interval_s=1.0,
+        clock=clock,
+    )
+    assert keys.get("a") is not None
+    write_jwks(path, TestKey.ed25519("b"))
+    clock.advance(0.5)
+    assert keys.get("b") is None and keys.get("a") is not None  # not looked at yet
+    clock.advance(0.5)
+    assert keys.get("b") is not None and keys.get("a") is None
+    assert keys.fetches == 2
+
+
 # --- a JWKS URL --------------------------------------------------------------------------
 
 

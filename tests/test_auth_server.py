@@ -107,15 +107,26 @@ def test_bad_tokens_over_the_wire_are_401_never_500(live: tuple[RunningServer, P
         assert value not in response.text
 
 
+def wait_for_status(
+    server: RunningServer, path: str, token: str, status: int, timeout_s: float = 30.0
+) -> None:
+    """Poll until `path` answers `status`: the JWKS file is looked at once a second."""
+    deadline = time.monotonic() + timeout_s
+    while (got := get(server, path, token).status_code) != status:
+        assert time.monotonic() < deadline, f"still {got}, want {status}"
+        time.sleep(0.1)  # polling interval, not synchronisation
+
+
 def test_rotation_is_picked_up_without_a_restart(live: tuple[RunningServer, Path]) -> None:
     server, state_dir = live
     old = token_for(state_dir, "read")
+    assert get(server, "/v2", old).status_code == 200  # verified once, then cached
     issuer.rotate_signing_key(state_dir, keep_previous=1)
     new = token_for(state_dir, "read")
-    assert get(server, "/v2", new).status_code == 200
+    wait_for_status(server, "/v2", new, 200)
     assert get(server, "/v2", old).status_code == 200
     issuer.rotate_signing_key(state_dir, keep_previous=0)
-    assert get(server, "/v2", old).status_code == 401
+    wait_for_status(server, "/v2", old, 401)
     assert get(server, "/v2", new).status_code == 401
     assert get(server, "/v2", token_for(state_dir, "read")).status_code == 200
 

@@ -335,7 +335,8 @@ def test_token_signed_by_a_removed_key_is_refused_after_rotation(tmp_path: Path)
     jwks = tmp_path / "keys" / "jwks.json"
     jwks.parent.mkdir()
     write_jwks(jwks, old)
-    client = TestClient(guarded_app(build_authenticator(SETTINGS, tmp_path, "127.0.0.1")))
+    settings = replace(SETTINGS, jwks_file_check_interval_s=0)  # look at the file every time
+    client = TestClient(guarded_app(build_authenticator(settings, tmp_path, "127.0.0.1")))
     old_token, new_token = make_token(old), make_token(new)
     assert client.get("/infer", headers=bearer(old_token)).status_code == 200
     assert client.get("/infer", headers=bearer(new_token)).status_code == 401

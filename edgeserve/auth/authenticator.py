@@ -3,6 +3,7 @@
 The web layer calls `authenticate(request)` through `edgeserve.auth.guard.requires`;
 `authenticate_async`, when an implementation has it, does the same but fetches a remote
 JWKS in a worker thread so that a slow identity provider never stalls the event loop.
+A token that verified is remembered (`token_cache.py`), so its signature is checked once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgeserve.auth.keyset import FileSource, KeySet, URLSource
 from edgeserve.auth.principal import ALL_SCOPES, ANONYMOUS, SCOPE_METRICS, Principal
 from edgeserve.auth.ratelimit import TokenBucketLimiter
 from edgeserve.auth.settings import AuthSettings
+from edgeserve.auth.token_cache import VerifiedTokenCache
 from edgeserve.auth.verify import InvalidToken, TokenHeader, TokenVerifier
 from edgeserve.errors import Unauthorized
 from edgeserve.settings_schema import ConfigError
@@ -66,6 +68,7 @@ class JWTAuthenticator:
         self.settings = settings
         self.keyset = keyset
         self.verifier = TokenVerifier(settings, keyset)
+        self.cache = VerifiedTokenCache(settings.token_cache_max_entries, settings.leeway_s)
         self.failures = TokenBucketLimiter(
             settings.failed_auth_rate_per_s,
             settings.failed_auth_burst,
@@ -79,24 +82,50 @@ class JWTAuthenticator:
 
     def authenticate(self, request: Request) -> Principal:
         client = client_address(request)
-        found = self._token(request, client)
+        found = self._bearer(request, client)
         if isinstance(found, Principal):
             return found
-        token, header = found
-        return self._verify(client, token, header)
+        key = self.cache.key(found)
+        if key in self.cache and self.keyset.refresh_due():  # changed keys empty the cache
+            self.keyset.refresh()
+        principal = self.cache.get(key, self.keyset.generation)
+        if principal is None:
+            header = self._header(client, found)
+            if self.keyset.refresh_due(header.kid):
+                self.keyset.refresh(header.kid)
+            principal = self._verify(client, found, header, key)
+        self.subjects.take(principal.subject)
+        return principal
 
     async def authenticate_async(self, request: Request) -> Principal:
         client = client_address(request)
-        found = self._token(request, client)
+        found = self._bearer(request, client)
         if isinstance(found, Principal):
             return found
-        token, header = found
-        if self.keyset.source.remote and self.keyset.refresh_due(header.kid):
-            await anyio.to_thread.run_sync(self.keyset.refresh, header.kid)
-        return self._verify(client, token, header)
+        # A hit costs a digest, dict lookups and the key set's freshness check (a stat of
+        # the JWKS file); pyjwt runs only on a miss. Only a cached token can make the key
+        # set refresh here: garbage goes on to the header checks first, as without a cache.
+        key = self.cache.key(found)
+        if key in self.cache and self.keyset.refresh_due():  # changed keys empty the cache
+            await self._refresh(None)
+        principal = self.cache.get(key, self.keyset.generation)
+        if principal is None:
+            header = self._header(client, found)
+            if self.keyset.refresh_due(header.kid):
+                await self._refresh(header.kid)
+            principal = self._verify(client, found, header, key)
+        self.subjects.take(principal.subject)
+        return principal
 
-    def _token(self, request: Request, client: str) -> Principal | tuple[str, TokenHeader]:
-        """The bearer token and its vetted header, or a Principal for an opened endpoint."""
+    async def _refresh(self, kid: str | None) -> None:
+        """Re-read the key set; a remote one in a worker thread, off the event loop."""
+        if self.keyset.source.remote:
+            await anyio.to_thread.run_sync(self.keyset.refresh, kid)
+        else:
+            self.keyset.refresh(kid)
+
+    def _bearer(self, request: Request, client: str) -> Principal | str:
+        """The bearer token, unparsed, or a Principal for an opened endpoint."""
         self.failures.check(client)
         values = request.headers.getlist("authorization")
         if not values:
@@ -112,17 +141,22 @@ class JWTAuthenticator:
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token or " " in token:
             self._refuse(client, "malformed Authorization header (want: Bearer <token>)")
+        return token
+
+    def _header(self, client: str, token: str) -> TokenHeader:
         try:
-            return token, self.verifier.read_header(token)
+            return self.verifier.read_header(token)
         except InvalidToken as exc:
             self._refuse(client, exc.reason)
 
-    def _verify(self, client: str, token: str, header: TokenHeader) -> Principal:
+    def _verify(self, client: str, token: str, header: TokenHeader, key: bytes) -> Principal:
+        """Check the token with pyjwt; remember it if valid, refuse it (uncached) if not."""
+        generation = self.keyset.generation  # the keys this verification uses
         try:
             principal = self.verifier.verify(token, header)
         except InvalidToken as exc:
             self._refuse(client, exc.reason)
-        self.subjects.take(principal.subject)
+        self.cache.put(key, principal, generation)
         return principal
 
     def _refuse(
@@ -199,6 +233,7 @@ def build_authenticator(settings: AuthSettings, state_dir: Path, host: str) -> A
         max_keys=settings.max_keys,
         cooldown_s=settings.jwks_cooldown_s,
         max_age_s=settings.jwks_max_age_s,
+        file_check_interval_s=settings.jwks_file_check_interval_s,
     )
     if not source.remote:
         keyset.refresh()  # a missing or broken file is logged now, at start-up

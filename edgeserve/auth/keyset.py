@@ -222,6 +222,7 @@ class KeySet:
         max_keys: int,
         cooldown_s: float,
         max_age_s: float,
+        file_check_interval_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
@@ -229,12 +230,18 @@ class KeySet:
         self.max_keys = max_keys
         self.cooldown_s = cooldown_s
         self.max_age_s = max_age_s
+        self.file_check_interval_s = file_check_interval_s
         self.clock = clock
         self.fetches = 0  # reads of the source, successful or not (for tests and metrics)
+        # Moves whenever the trusted keys change (added, removed, or new material under a
+        # known kid): what was verified under another generation is no longer vouched for.
+        self.generation = 0
         self._keys: dict[str, VerificationKey] = {}
         self._seen_version: object = _NEVER
         self._last_attempt: float | None = None
         self._last_success: float | None = None
+        self._checked_at: float | None = None  # last stat of a file source
+        self._changed = False  # that stat saw a new file, not read yet
         self._lock = threading.Lock()
 
     @property
@@ -251,13 +258,26 @@ class KeySet:
     def refresh_due(self, kid: str | None = None) -> bool:
         """Whether `get(kid)` would read the source now (cheap; no I/O for URLs)."""
         if not self.source.remote:
-            return self.source.version() != self._seen_version
+            return self._file_changed()
         now = self.clock()
         if self._last_attempt is not None and now - self._last_attempt < self.cooldown_s:
             return False
         if self._last_success is None or now - self._last_success >= self.max_age_s:
             return True
         return kid is not None and kid not in self._keys
+
+    def _file_changed(self) -> bool:
+        """Whether the file's stat signature moved, looking at most once per interval: a
+        stat releases the GIL, and under load getting it back costs the event loop tens of
+        microseconds, which the token cache would otherwise pay on every request."""
+        if self._changed:
+            return True
+        now = self.clock()
+        if self._checked_at is not None and now - self._checked_at < self.file_check_interval_s:
+            return False
+        self._checked_at = now
+        self._changed = self.source.version() != self._seen_version
+        return self._changed
 
     def refresh(self, kid: str | None = None) -> None:
         """Read the source if still due; on any failure keep the keys we had."""
@@ -266,6 +286,7 @@ class KeySet:
                 return
             version = self.source.version()
             self._seen_version = version
+            self._changed = False
             self._last_attempt = self.clock()
             self.fetches += 1
             try:
@@ -281,7 +302,10 @@ class KeySet:
                 )
                 return
             added, removed = keys.keys() - self._keys.keys(), self._keys.keys() - keys.keys()
+            changed = keys != self._keys  # VerificationKey equality compares key material
             self._keys = keys
+            if changed:  # after the keys: whoever sees the new generation sees the new keys
+                self.generation += 1
             self._last_success = self._last_attempt
             if added or removed:
                 log.info(

@@ -27,6 +27,7 @@ class AuthSettings:
     jwks_max_age_s: float = setting(3600.0, min=10.0, max=7 * 86400.0)
     jwks_timeout_s: float = setting(5.0, min=0.1, max=60.0)
     jwks_max_bytes: int = setting(256 * 1024, min=1024, max=16 * 1024 * 1024)
+    jwks_file_check_interval_s: float = setting(1.0, min=0.0, max=60.0)
     max_keys: int = setting(16, min=1, max=256)
     leeway_s: int = setting(30, min=0, max=300)
     require_typ: str = "at+jwt"  # empty = any typ
@@ -37,6 +38,7 @@ class AuthSettings:
     failed_auth_burst: int = setting(20, min=0, max=100000)  # 0 = no limit
     subject_rate_per_s: float = setting(100.0, min=0.001, max=1e6)
     subject_burst: int = setting(0, min=0, max=1_000_000)  # 0 = no limit per subject
+    token_cache_max_entries: int = setting(4096, min=0, max=100_000)  # 0 = no cache
 
     def __post_init__(self) -> None:
         if not self.issuer:
