@@ -299,6 +299,16 @@ def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> 
             app.state.pipeline.unknown_counts,
         )
     )
+    token_cache = getattr(app.state.authenticator, "cache", None)
+    if token_cache is not None:
+        telemetry.metrics.register(
+            ReadCounter(
+                "edgeserve_auth_token_cache_lookups",
+                "Verified-token cache lookups by result (a hit skips the signature check)",
+                ["result"],
+                token_cache.lookups,
+            )
+        )
     telemetry.metrics.gauge(
         "edgeserve_models_loaded",
         "Model versions loaded and ready",

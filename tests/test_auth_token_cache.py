@@ -497,3 +497,23 @@ def test_revoking_the_key_refuses_cached_tokens_on_every_transport(
     fresh = new_token(state_dir)
     assert http_status(server, fresh) == 200
     assert grpc_ok(grpc_url, fresh)
+
+
+def test_cache_hits_and_misses_are_counted_on_metrics(
+    live: tuple[RunningServer, str, Path],
+) -> None:
+    server, _, state_dir = live
+
+    def lookups(result: str) -> float:
+        scraper = issuer.create_token(
+            state_dir, ["metrics"], 300, "m", "edgeserve-local", "edgeserve"
+        )
+        text = httpx.get(f"{server.url}/metrics", headers=bearer(scraper), timeout=10).text
+        line = f'edgeserve_auth_token_cache_lookups_total{{result="{result}"}} '
+        return float(next(s for s in text.splitlines() if s.startswith(line)).split()[1])
+
+    hits = lookups("hit")
+    token = new_token(state_dir)
+    for _ in range(3):
+        assert http_status(server, token) == 200
+    assert lookups("hit") >= hits + 2  # the first of the three was a miss
