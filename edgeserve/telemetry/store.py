@@ -150,8 +150,8 @@ def create_schema(path: Path) -> None:
             db[table].create_index(["synced", "seq"], if_not_exists=True)  # type: ignore[union-attr]
         if "prediction" not in db["inferences"].columns_dict:  # a buffer from before 0.1
             db["inferences"].add_column("prediction", str)  # type: ignore[union-attr]
-        db["inferences"].create_index(["experiment", "variant"], if_not_exists=True)  # type: ignore[union-attr]
-        db["inferences"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
+        for name, sql in PARTIAL_INDEXES.items():
+            _ensure_index(conn, name, sql)
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
@@ -162,6 +162,33 @@ def create_schema(path: Path) -> None:
         )
     finally:
         conn.close()
+
+
+# Most inferences have no experiment and no subject: an index entry for each of those
+# NULL rows cost about a fifth of an insert (0.8 of 4.5 us a row here). The readers look
+# these columns up with "= ?", which implies NOT NULL, so SQLite uses the partial index.
+PARTIAL_INDEXES = {
+    "idx_inferences_experiment_variant": (
+        "CREATE INDEX idx_inferences_experiment_variant ON inferences (experiment, variant) "
+        "WHERE experiment IS NOT NULL"
+    ),
+    "idx_inferences_subject_hash": (
+        "CREATE INDEX idx_inferences_subject_hash ON inferences (subject_hash) "
+        "WHERE subject_hash IS NOT NULL"
+    ),
+}
+
+
+def _ensure_index(conn: sqlite3.Connection, name: str, sql: str) -> None:
+    """Create index `name` as `sql`, replacing one of that name defined otherwise (the
+    full indexes of buffers written before they were partial)."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+    current = row.fetchone()
+    if current is not None and current[0] == sql:
+        return
+    if current is not None:
+        conn.execute(f"DROP INDEX {name}")
+    conn.execute(sql)
 
 
 def quarantine(path: Path) -> Path:
