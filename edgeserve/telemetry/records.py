@@ -4,7 +4,7 @@ Fields are declared in the order of their table's columns (the writer inserts th
 record's values as they are), so a new field is one line here and one in the schema.
 
 An inference record is what the request path hands over, so it is a plain tuple (a
-NamedTuple: about a fifth of a frozen dataclass's cost to build) and every text field
+NamedTuple: about a third of a frozen dataclass's cost to build) and every text field
 has a bound (`bounded`), applied before it is queued: a client's 1 MB request id must
 not sit in memory, in SQLite or upstream at full length.
 """
