@@ -23,6 +23,8 @@ the CLI) use their own connections, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import operator
 import os
@@ -202,9 +204,30 @@ def quarantine(path: Path) -> Path:
     return aside
 
 
-def _insert_sql(table: str) -> str:
+# Rows per INSERT statement. The sqlite3 module releases the GIL around every statement
+# step, so executemany hands the GIL back and forth with the busy event loop once per
+# row (a futex wake and a context switch each); one statement of many rows does it once.
+# Powers of two down to 1 insert any count with a handful of cached statements; 32 rows
+# of the widest table stay under SQLite's oldest limit of 999 parameters.
+ROWS_PER_INSERT = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: str, rows: int = 1) -> str:
     names = ["record_id", *_COLUMNS[table], "data_region", *_EXTRA.get(table, {})]
-    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    one = f"({', '.join('?' * len(names))})"
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES {', '.join([one] * rows)}"
+
+
+def _insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> None:
+    """Insert `values` in a few multi-row statements (see ROWS_PER_INSERT)."""
+    done, size = 0, ROWS_PER_INSERT
+    while done < len(values):
+        while len(values) - done < size:
+            size //= 2
+        part = values[done : done + size]
+        conn.execute(_insert_sql(table, size), tuple(itertools.chain.from_iterable(part)))
+        done += size
 
 
 class TelemetryStore:
@@ -412,7 +435,7 @@ class TelemetryStore:
             table, row, head = self._row(seq, record, head)
             rows.setdefault(table, []).append(row)
         for table, values in rows.items():
-            conn.executemany(_insert_sql(table), values)
+            _insert_rows(conn, table, values)
         return head
 
     def _insert_each(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> str:
