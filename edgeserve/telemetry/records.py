@@ -1,14 +1,24 @@
 """What telemetry records: one row per inference, feedback label, KPI event, alert, audit entry.
 
-Fields are declared in the order of their table's columns (the writer inserts
-`astuple(record)` as is), so a new field is one line here and one in the schema.
+Fields are declared in the order of their table's columns (the writer inserts the
+record's values as they are), so a new field is one line here and one in the schema.
+
+An inference record is what the request path hands over, so it is a plain tuple (a
+NamedTuple: about a third of a frozen dataclass's cost to build) and every text field
+has a bound (`bounded`), applied before it is queued: a client's 1 MB request id must
+not sit in memory, in SQLite or upstream at full length.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+REQUEST_ID_CHARS = 128
+LABEL_CHARS = 128  # model, version, experiment, variant, prediction
+ERROR_CHARS = 512
+SUBJECT_HASH_CHARS = 32  # the keyed hash is 32 hex digits (service.hash_subject)
 
 
 class Timing(Protocol):
@@ -19,8 +29,7 @@ class Timing(Protocol):
     batch_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class InferenceRecord:
+class InferenceRecord(NamedTuple):
     """One inference request as it ended. No payload: only what operators and experiments need."""
 
     request_id: str
@@ -52,19 +61,76 @@ class InferenceRecord:
         **labels: Any,
     ) -> InferenceRecord:
         """The record of a request that began at `time.perf_counter()` == `started` and
-        ends now; queue/compute split and batch size from `run` (None: it never ran)."""
+        ends now; queue/compute split and batch size from `run` (None: it never ran).
+        Bounds are applied by the recorder (`bounded`), which every record passes."""
+        total_s = time.perf_counter() - started
+        if run is None:
+            return cls(
+                request_id, model, version, status, total_s, 0.0, 0.0, 0, time.time(), **labels
+            )
         return cls(
-            request_id=request_id,
-            model=model,
-            version=version,
-            status=status,
-            total_s=time.perf_counter() - started,
-            queue_s=run.queue_s if run else 0.0,
-            compute_s=run.compute_s if run else 0.0,
-            batch_size=run.batch_size if run else 0,
-            time_unix=time.time(),
+            request_id,
+            model,
+            version,
+            status,
+            total_s,
+            run.queue_s,
+            run.compute_s,
+            run.batch_size,
+            time.time(),
             **labels,
         )
+
+
+# (field index, most characters) of each text field of an InferenceRecord.
+_TEXT_BOUNDS = (
+    (0, REQUEST_ID_CHARS),
+    (1, LABEL_CHARS),
+    (2, LABEL_CHARS),
+    (9, LABEL_CHARS),
+    (10, LABEL_CHARS),
+    (12, SUBJECT_HASH_CHARS),
+    (14, ERROR_CHARS),
+    (15, LABEL_CHARS),
+)
+# The byte cap of one inference row: UTF-8 takes at most 4 bytes a character, and the
+# other eight fields are numbers (8 bytes each in SQLite).
+MAX_INFERENCE_RECORD_BYTES = 4 * sum(limit for _, limit in _TEXT_BOUNDS) + 8 * 8
+
+
+def bounded(record: InferenceRecord) -> InferenceRecord:
+    """`record` itself when every text field is a str within its bound (the common case:
+    a few `len` calls, no copy), else a copy with each one cut to its bound."""
+    r = record
+    if (
+        type(r[0]) is str
+        and len(r[0]) <= REQUEST_ID_CHARS
+        and type(r[1]) is str
+        and len(r[1]) <= LABEL_CHARS
+        and type(r[2]) is str
+        and len(r[2]) <= LABEL_CHARS
+        and (r[9] is None or (type(r[9]) is str and len(r[9]) <= LABEL_CHARS))
+        and (r[10] is None or (type(r[10]) is str and len(r[10]) <= LABEL_CHARS))
+        and (r[12] is None or (type(r[12]) is str and len(r[12]) <= SUBJECT_HASH_CHARS))
+        and (r[14] is None or (type(r[14]) is str and len(r[14]) <= ERROR_CHARS))
+        and (r[15] is None or (type(r[15]) is str and len(r[15]) <= LABEL_CHARS))
+    ):
+        return r
+    values = list(r)
+    for index, limit in _TEXT_BOUNDS:
+        value = values[index]
+        if value is not None:
+            values[index] = (value if type(value) is str else _text(value))[:limit]
+    return InferenceRecord._make(values)
+
+
+def _text(value: object) -> str:
+    """A non-str where text belongs (a caller's bug, never a client's) as text, so the
+    record is still written; the caller cuts it to its bound."""
+    try:
+        return str(value)
+    except Exception:
+        return type(value).__name__
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,12 @@ from starlette.routing import Route
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, ModelNotReady
 from edgeserve.telemetry.maintenance import drop_counts
-from edgeserve.telemetry.records import EventRecord, FeedbackRecord
+from edgeserve.telemetry.records import (
+    LABEL_CHARS,
+    REQUEST_ID_CHARS,
+    EventRecord,
+    FeedbackRecord,
+)
 from edgeserve.telemetry.service import Telemetry
 from edgeserve.web.body import read_body
 
@@ -71,8 +76,15 @@ async def feedback(request: Request) -> Response:
         raise InvalidInput("'correct' must be true or false")
     if label is None and correct is None:
         raise InvalidInput("give 'label' or 'correct'")
+    # Cut as an inference's request id and prediction are, so that the two still join
+    # and compare however long the client's text.
     seq = _telemetry(request).record_feedback(
-        FeedbackRecord(str(request_id), None if label is None else str(label), correct, time.time())
+        FeedbackRecord(
+            str(request_id)[:REQUEST_ID_CHARS],
+            None if label is None else str(label)[:LABEL_CHARS],
+            correct,
+            time.time(),
+        )
     )
     return _ok({"accepted": bool(seq), "seq": seq}, 202)
 
