@@ -261,7 +261,7 @@ install_config() {
         mv "$tmp" "$conf"
         say "created $conf"
     fi
-    "$prefix/venv/bin/python" -c 'import sys; from edgeserve.config import load_settings
+    "$prefix/venv/bin/python" -c 'import sys; from edgeserve.config.loader import load_settings
 load_settings(sys.argv[1])' "$conf" || die "$conf does not load (see above); fix it and re-run"
 }
 
@@ -342,7 +342,7 @@ install_unit() {
 }
 
 wait_ready() {
-    url=$("$prefix/venv/bin/python" -c 'import sys; from edgeserve.config import load_settings
+    url=$("$prefix/venv/bin/python" -c 'import sys; from edgeserve.config.loader import load_settings
 s = load_settings(sys.argv[1]).server
 host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(s.host, s.host)
 host = f"[{host}]" if ":" in host else host

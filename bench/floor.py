@@ -24,11 +24,11 @@ import orjson
 import uvloop
 
 from edgeserve.app import build_app
-from edgeserve.config import load_settings
+from edgeserve.config.loader import load_settings
 from edgeserve.protocol.codec import encode_response
 from edgeserve.protocol.types import InferOutput, InferResponse
-from edgeserve.registry import Registry
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.serving.registry import Registry
 
 READY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n" + (
     b'{"ready":true}'

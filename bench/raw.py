@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.repository import ModelSource, read_model
 from edgeserve.runtime import ThreadPlan, create_runtime
+from edgeserve.serving.repository import ModelSource, read_model
 
 BEST_CANDIDATES = 3  # the sweep's best points measured again
 BEST_RERUNS = 3  # runs of each

@@ -37,7 +37,7 @@ import psutil
 from bench import loadgen, openloop, servers, synthetic, threadcpu, workload
 from bench.headline import FLOOR, HEAVY_CONNECTIONS, SMALL_CONNECTIONS
 from bench.report import render
-from edgeserve.repository import read_model
+from edgeserve.serving.repository import read_model
 
 MODELS = servers.ROOT / "models"
 # The venv models/README.md builds MiniLM with (torch is for the export only).

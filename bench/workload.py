@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from edgeserve.repository import read_model
 from edgeserve.runtime import TensorSpec, ThreadPlan, create_runtime
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.serving.repository import read_model
 
 SENTENCES = [
     "The delivery arrived two days late and the box was damaged.",

@@ -1,5 +1,5 @@
 """`python -m edgeserve` runs the CLI."""
 
-from edgeserve.cli import main
+from edgeserve.cli.group import main
 
 main()

@@ -19,37 +19,37 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from edgeserve import systemd_notify
 from edgeserve.audit.log import AuditLog
 from edgeserve.audit.routes import ROUTES as AUDIT_ROUTES
 from edgeserve.audit.routes import AuditMiddleware
 from edgeserve.auth.guard import build_authenticator
-from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.config.loader import ConfigError, Settings, load_settings
 from edgeserve.dashboard.routes import ROUTES as DASHBOARD_ROUTES
 from edgeserve.experiments.routes import ROUTES as EXPERIMENT_ROUTES
 from edgeserve.experiments.service import ExperimentService
-from edgeserve.gc_pauses import HeapSettler
+from edgeserve.http.dispatch import EdgeserveApp
+from edgeserve.http.errors import EXCEPTION_HANDLERS
+from edgeserve.http.headers import HeaderGuard
+from edgeserve.http.routes import ROUTES as V2_ROUTES
+from edgeserve.http.shedding import ShedMiddleware
+from edgeserve.http.streaming import ROUTES as STREAM_ROUTES
 from edgeserve.jobs import start_jobs
 from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
-from edgeserve.loop_lag import LoopLagMonitor
-from edgeserve.model_sync import sync_repository
+from edgeserve.process import systemd_notify
+from edgeserve.process.gc_pauses import HeapSettler
 from edgeserve.protocol.limits import DecodeLimits
-from edgeserve.protocol.rest import ROUTES as V2_ROUTES
-from edgeserve.registry import Registry
-from edgeserve.repository import scan_repository
 from edgeserve.runtime import ThreadPlan
+from edgeserve.serving.admission import LoopLagMonitor
+from edgeserve.serving.model_sync import sync_repository
 from edgeserve.serving.pipeline import UNKNOWN_MODEL_COUNTER, DataPlane
-from edgeserve.streaming import ROUTES as STREAM_ROUTES
+from edgeserve.serving.registry import Registry
+from edgeserve.serving.repository import scan_repository
 from edgeserve.telemetry.metrics import ReadCounter
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
 from edgeserve.telemetry.service import Telemetry
-from edgeserve.updates import UpdateManager, build_update_manager
 from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
-from edgeserve.updates.service import Audit
-from edgeserve.web.errors import EXCEPTION_HANDLERS
-from edgeserve.web.headers import HeaderGuard
-from edgeserve.web.infer_dispatch import EdgeserveApp
-from edgeserve.web.shedding import ShedMiddleware
+from edgeserve.updates.service import Audit, UpdateManager
+from edgeserve.updates.startup import build_update_manager
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def build_app(settings: Settings) -> Starlette:
         registry.on_change = settler.changed
         loop_lag = LoopLagMonitor(settings.server.loop_lag_target_ms / 1000)
         loop_lag.start()
-        app.state.loop_gate = loop_lag  # web/shedding.py refuses what it does not admit
+        app.state.loop_gate = loop_lag  # http/shedding.py refuses what it does not admit
         telemetry = _start_telemetry(app, settings, registry)
         if telemetry is not None:
             await telemetry.start()
@@ -109,7 +109,7 @@ def build_app(settings: Settings) -> Starlette:
         app.state.jobs = start_jobs(settings, registry)
         grpc_server = None
         if settings.server.grpc_port:
-            from edgeserve.protocol.grpc_service import start_grpc_server  # the grpc extra
+            from edgeserve.grpc.service import start_grpc_server  # the grpc extra
 
             grpc_server = await start_grpc_server(app, settings)
         try:
@@ -181,7 +181,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)
     app.state.subject_header = settings.telemetry.subject_header
     app.state.recorder = None
-    app.state.loop_gate = None  # set by the lifespan (edgeserve/loop_lag.py)
+    app.state.loop_gate = None  # set by the lifespan (edgeserve/serving/admission.py)
     app.state.telemetry = None
     app.state.experiments = None
     app.state.audit = None

@@ -17,9 +17,9 @@ from typing import Any
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
-from edgeserve import systemd_notify
 from edgeserve.app import build_app
-from edgeserve.config import ConfigError, Settings
+from edgeserve.config.loader import ConfigError, Settings
+from edgeserve.process import systemd_notify
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _guarded_httptools(settings: Settings) -> type:
     trickling a byte just inside the read timeout cannot hold a connection for long."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from edgeserve.web.shedding import shedding_protocol
+    from edgeserve.http.shedding import shedding_protocol
 
     max_head_bytes = settings.limits.max_header_bytes
     read_timeout_s = settings.server.read_timeout_s

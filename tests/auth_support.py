@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
-from edgeserve.web.errors import EXCEPTION_HANDLERS
+from edgeserve.http.errors import EXCEPTION_HANDLERS
 
 ISSUER = "edgeserve-local"
 AUDIENCE = "edgeserve"

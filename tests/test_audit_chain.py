@@ -15,7 +15,7 @@ import pytest
 from edgeserve.audit import chain
 from edgeserve.audit.log import AuditLog, read_entries, record_now
 from edgeserve.audit.settings import AuditSettings
-from edgeserve.cli import run
+from edgeserve.cli.group import run
 
 
 @pytest.fixture

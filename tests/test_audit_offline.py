@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from edgeserve.audit import chain
-from edgeserve.cli import main
+from edgeserve.cli.group import main
 
 
 def run(*args: str) -> Result:

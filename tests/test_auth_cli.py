@@ -23,7 +23,7 @@ from edgeserve.auth import build_authenticator, issuer
 from edgeserve.auth.cli import keys, parse_ttl, token
 from edgeserve.auth.keyset import parse_jwks
 from edgeserve.auth.settings import SUPPORTED_ALGORITHMS
-from edgeserve.config import Settings, load_settings
+from edgeserve.config.loader import Settings, load_settings
 from tests.auth_support import guarded_app
 
 

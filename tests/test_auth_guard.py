@@ -27,7 +27,7 @@ from edgeserve.auth import (
     requires,
 )
 from edgeserve.auth.keyset import KeySet
-from edgeserve.config import ConfigError, load_settings
+from edgeserve.config.loader import ConfigError, load_settings
 from edgeserve.errors import Forbidden, Overloaded
 from tests.auth_support import (
     TestKey,
@@ -408,7 +408,7 @@ def test_every_auth_key_is_documented_with_its_default() -> None:
 def load_settings_text(text: str) -> AuthSettings:
     import tomllib
 
-    from edgeserve.settings_schema import parse_section
+    from edgeserve.config.schema import parse_section
 
     return parse_section(AuthSettings, tomllib.loads(text)["auth"], "auth")
 

@@ -23,7 +23,7 @@ from edgeserve.auth.keyset import (
 )
 from edgeserve.auth.settings import SUPPORTED_ALGORITHMS
 from edgeserve.auth.tls import create_self_signed
-from edgeserve.config import ConfigError
+from edgeserve.config.loader import ConfigError
 from tests.auth_support import (
     CountingServer,
     TestKey,

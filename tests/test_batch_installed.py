@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner, Result
 
-from edgeserve.batch.model import load_model
-from edgeserve.cli import main
+from edgeserve.cli.group import main
+from edgeserve.offline.model import load_model
 from tests.test_batch_support import digits_rows
 from tests.test_updates_kit import DIGITS
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from edgeserve.batch.run import RunState, run_chunks
-from edgeserve.batch.scoring import ScoredChunk
-from edgeserve.batch.tables import TextWriter, open_writer
+from edgeserve.offline.run import RunState, run_chunks
+from edgeserve.offline.scoring import ScoredChunk
+from edgeserve.offline.tables import TextWriter, open_writer
 
 
 class Crash(Exception):

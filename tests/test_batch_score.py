@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from edgeserve.cli import run
+from edgeserve.cli.group import run
 from tests.serving import run_server
 from tests.test_batch_support import digits_rows, model_repository, served_outputs, server_config
 
@@ -42,7 +42,7 @@ def read_output(path: Path) -> pa.Table:
 
 
 def expected_labels(repo: Path, x: np.ndarray) -> np.ndarray:
-    from edgeserve.batch.model import load_model
+    from edgeserve.offline.model import load_model
 
     return load_model(repo, "digits").runtime.run({"input": x}, ["label"])["label"]
 
@@ -224,7 +224,7 @@ def test_a_million_rows_match_the_servers_answers(repo: Path, tmp_path: Path) ->
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 @pytest.mark.parametrize("skip", [0, 1, 6, 7, 50, 99, 100])
 def test_chunks_resume_exactly_after_the_skipped_rows(tmp_path: Path, fmt: str, skip: int) -> None:
-    from edgeserve.batch.tables import read_chunks
+    from edgeserve.offline.tables import read_chunks
 
     table = pa.table({"a": list(range(100))})
     path = tmp_path / f"t.{fmt}"
@@ -247,8 +247,8 @@ def test_a_leftover_checkpoint_needs_resume_or_removal(
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"input": r.tolist()}) + "\n" for r in x[:10]))
     output = tmp_path / "out.jsonl"
-    from edgeserve.batch.model import load_model
-    from edgeserve.batch.run import FileCheckpoint, RunState
+    from edgeserve.offline.model import load_model
+    from edgeserve.offline.run import FileCheckpoint, RunState
 
     version = load_model(repo, "digits").version
     FileCheckpoint.for_output(output, source, "digits", version).save(RunState())

@@ -28,7 +28,7 @@ from bench.servers import (
     write_repository,
 )
 from bench.threadcpu import ThreadCpu, parse_stat, per_request_us, sample
-from edgeserve.config import load_settings
+from edgeserve.config.loader import load_settings
 from tests.serving import MODELS
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080

@@ -1,6 +1,6 @@
 """The overload wait budget: a model offered clearly more rows than it computes keeps its
 queue short (overload_queue_wait_ms), while a closed loop of clients, however long the
-queue it keeps, is never refused for it (edgeserve/offered_load.py)."""
+queue it keeps, is never refused for it (edgeserve/serving/offered_load.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgeserve.batching import BatchPolicy, DynamicBatcher
 from edgeserve.errors import Overloaded
-from edgeserve.offered_load import OVERLOAD_FACTOR, TIME_CONSTANT_S, OfferedLoad
-from edgeserve.scheduling import RunResult
+from edgeserve.serving.batcher import BatchPolicy, DynamicBatcher
+from edgeserve.serving.offered_load import OVERLOAD_FACTOR, TIME_CONSTANT_S, OfferedLoad
+from edgeserve.serving.scheduler import RunResult
 
 CALL_S = 0.005  # every runtime call takes this long, whatever its rows
 

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgeserve.batching import BatchPolicy, DynamicBatcher, batch_rows_limit, build_scheduler
 from edgeserve.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from edgeserve.serving.batcher import BatchPolicy, DynamicBatcher, batch_rows_limit, build_scheduler
 
 
 class FakeRuntime:
@@ -166,7 +166,7 @@ def test_a_slot_that_fails_to_take_a_batch_is_given_back_so_the_model_keeps_serv
     executor, monkeypatch, caplog
 ) -> None:
     """A bug while taking a batch must not keep the slot counted as busy forever."""
-    from edgeserve import batching
+    from edgeserve.serving import batcher as batching
 
     real_take_batch = batching.take_batch
     failures = iter([RuntimeError("a bug")])
@@ -199,7 +199,7 @@ def test_a_slot_that_fails_to_take_a_batch_is_given_back_so_the_model_keeps_serv
 def test_a_busy_model_lets_other_models_use_the_shared_executor_between_turns(
     monkeypatch,
 ) -> None:
-    monkeypatch.setattr("edgeserve.batching.SLOT_TURN_S", 0.0)
+    monkeypatch.setattr("edgeserve.serving.batcher.SLOT_TURN_S", 0.0)
     order: list[str] = []
     busy, other = FakeRuntime(), FakeRuntime()
 
@@ -429,7 +429,7 @@ def test_an_event_loop_too_busy_to_take_results_refuses_newcomers_until_it_catch
 def test_an_event_loop_running_late_refuses_newcomers_until_it_runs_on_time(executor) -> None:
     """A loop saturated by requests makes them wait in socket buffers, where no queue
     sees them; its own lateness is the signal."""
-    from edgeserve import loop_lag
+    from edgeserve.serving import admission as loop_lag
 
     runtime = FakeRuntime()
     batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_wait_s=0.06))
@@ -565,7 +565,7 @@ def lone_requests_threads(
     beside `others_in_flight` others, each sent once the last one's slot has let go (the
     result reaches the loop just before the slot finds the queue empty and releases):
     (the event loop's thread id, each call's thread)."""
-    from edgeserve.loop_lag import LoopLagMonitor
+    from edgeserve.serving.admission import LoopLagMonitor
 
     async def scenario() -> int:
         gate = LoopLagMonitor(0.01)
@@ -629,7 +629,7 @@ def test_without_a_front_door_count_every_request_goes_to_a_slot(executor) -> No
 
 
 def test_a_failing_inline_call_is_a_500_and_a_bad_input_its_own_error() -> None:
-    from edgeserve.loop_lag import LoopLagMonitor
+    from edgeserve.serving.admission import LoopLagMonitor
 
     class Breaks(ThreadRecordingRuntime):
         def run(self, inputs, outputs):  # type: ignore[override]

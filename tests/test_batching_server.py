@@ -211,8 +211,8 @@ def test_per_model_threads_and_one_batch_at_a_time(server: RunningServer) -> Non
     ],
 )
 def test_model_toml_refuses_bad_batching_cache_and_thread_keys(text: str, problem: str) -> None:
-    from edgeserve.repository import parse_model_config
-    from edgeserve.settings_schema import ConfigError
+    from edgeserve.config.schema import ConfigError
+    from edgeserve.serving.repository import parse_model_config
 
     with pytest.raises(ConfigError, match=problem):
         parse_model_config("max_batch_size = 8\n" + text, "m/model.toml")

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from edgeserve.batching import DynamicBatcher
-from edgeserve.cache import CachedScheduler, ResponseCache, request_key
+from edgeserve.serving.batcher import DynamicBatcher
+from edgeserve.serving.cache import CachedScheduler, ResponseCache, request_key
 from tests.test_batching_scheduler import FakeRuntime, policy, row
 
 

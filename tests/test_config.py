@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.cli import run
-from edgeserve.config import ConfigError, Settings, load_settings
+from edgeserve.cli.group import run
+from edgeserve.config.loader import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = ROOT / "edgeserve.toml"

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pytest
 
-from edgeserve.cli import main
+from edgeserve.cli.group import main
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

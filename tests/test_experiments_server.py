@@ -300,7 +300,7 @@ def test_the_experiment_command_manages_a_running_server(
 ) -> None:
     from click.testing import CliRunner
 
-    from edgeserve.cli import main
+    from edgeserve.cli.group import main
 
     definition = tmp_path / "exp.json"
     definition.write_text(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.config import ConfigError, load_settings
+from edgeserve.config.loader import ConfigError, load_settings
 from edgeserve.errors import InvalidInput
 from edgeserve.experiments.model import experiment_from_json, parse_definition
 

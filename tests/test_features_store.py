@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from edgeserve.cli import run
+from edgeserve.cli.group import run
 from tests.serving import RunningServer, run_server
 from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
 
@@ -129,8 +129,8 @@ def test_missing_or_misplaced_entities_are_refused_clearly(
 
 
 def test_a_request_parameter_can_carry_the_entity_ids() -> None:
-    from edgeserve.features import request_entities
-    from edgeserve.repository import FeatureConfig
+    from edgeserve.serving.features import request_entities
+    from edgeserve.serving.repository import FeatureConfig
 
     config = FeatureConfig(table="t", entity="image_id", inputs=["input"])
     assert request_entities(config, {}, {"image_id": 3}) == ["3"]
@@ -187,7 +187,7 @@ def test_a_failed_load_leaves_the_previous_table_whole(tmp_path: Path) -> None:
     lines[150] = lines[150].replace(",", ",oops,", 1).rsplit(",", 1)[0]  # text in a number column
     broken.write_text("\n".join(lines) + "\n")
     from edgeserve.errors import InvalidInput
-    from edgeserve.features import load_features
+    from edgeserve.serving.features import load_features
 
     with pytest.raises(InvalidInput, match="not a number"):  # found in the second chunk
         load_features(database, broken, "digit_images", "image_id", chunk_rows=100)

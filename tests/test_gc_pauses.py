@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeserve.gc_pauses import HeapSettler, settle
+from edgeserve.process.gc_pauses import HeapSettler, settle
 from tests.serving import MODELS, RunningServer, run_server
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
@@ -70,7 +70,7 @@ def test_settler_runs_once_after_a_burst_of_changes(caplog: pytest.LogCaptureFix
         assert gc.get_freeze_count() == 0
 
     gc.unfreeze()
-    with caplog.at_level(logging.INFO, logger="edgeserve.gc_pauses"):
+    with caplog.at_level(logging.INFO, logger="edgeserve.process.gc_pauses"):
         asyncio.run(burst())
     assert [r.getMessage().split()[0:2] for r in caplog.records] == [["heap", "settled"]]
 

@@ -1,4 +1,4 @@
-"""Inference requests skip Starlette's middleware stack (edgeserve/web/infer_dispatch.py);
+"""Inference requests skip Starlette's middleware stack (edgeserve/http/dispatch.py);
 on a real server they must still get everything the stack gave them: security headers,
 the audit row of a 403, the same error bodies, and CORS when it is configured."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgeserve.auth.issuer import create_token, init_keys
-from edgeserve.web.headers import SECURITY_HEADERS
+from edgeserve.http.headers import SECURITY_HEADERS
 from tests.serving import MODELS, RunningServer, run_server
 from tests.test_audit_server import wait_for
 

@@ -69,7 +69,7 @@ def wait_for(url: str, job_id: str, timeout_s: float = 60.0) -> dict:
 
 
 def raw_labels(repo: Path, x: np.ndarray) -> np.ndarray:
-    from edgeserve.batch.model import load_model
+    from edgeserve.offline.model import load_model
 
     return load_model(repo, "digits").runtime.run({"input": x}, ["label"])["label"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 
-from edgeserve.batch.model import load_model
+from edgeserve.offline.model import load_model
 from tests.serving import run_server
 from tests.test_batch_installed import install_digits_bundle
 from tests.test_batch_support import digits_rows, model_repository

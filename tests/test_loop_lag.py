@@ -1,5 +1,5 @@
 """The event loop's lag gate: which share of inference requests the front door refuses so
-that the loop keeps answering in time (edgeserve/loop_lag.py)."""
+that the loop keeps answering in time (edgeserve/serving/admission.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from edgeserve import loop_lag
-from edgeserve.loop_lag import LagShedder, LoopLagMonitor
+from edgeserve.serving import admission as loop_lag
+from edgeserve.serving.admission import LagShedder, LoopLagMonitor
 
 TARGET_S = 0.01
 TICK_S = loop_lag.TICK_S

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 
-from edgeserve.repository import parse_model_config
 from edgeserve.runtime.datatypes import ONNX_TYPE_TO_V2
+from edgeserve.serving.repository import parse_model_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 BUILD = MODELS / "build.py"

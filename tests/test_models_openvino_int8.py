@@ -11,8 +11,8 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 
-from edgeserve.repository import read_model
 from edgeserve.runtime import ThreadPlan, create_runtime
+from edgeserve.serving.repository import read_model
 from edgeserve.updates.validation import make_validator, record_samples
 from tests.serving import MODELS
 from updater import (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.config import load_settings
+from edgeserve.config.loader import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERFILE = ROOT / "packaging" / "Containerfile"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edgeserve.config import Settings, load_settings
+from edgeserve.config.loader import Settings, load_settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (dev extra)")
 kubernetes_validate = pytest.importorskip(

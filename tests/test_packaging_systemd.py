@@ -91,7 +91,7 @@ def test_memory_limit_is_set_and_disabled_options_say_why() -> None:
 
 
 def test_credential_name_matches_the_updater_default() -> None:
-    from edgeserve.updater_settings import UpdaterSettings
+    from edgeserve.updates.settings import UpdaterSettings
 
     credential = directives(UNIT.read_text())["LoadCredential"][0].split(":", 1)[0]
     assert credential == UpdaterSettings().master_key_credential

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve import systemd_notify
+from edgeserve.process import systemd_notify
 
 
 @pytest.fixture(params=["path", "abstract"])

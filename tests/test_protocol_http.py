@@ -273,10 +273,10 @@ def test_model_that_is_loading_answers_503(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     from edgeserve.app import build_app
-    from edgeserve.config import load_settings
-    from edgeserve.registry import Registry
-    from edgeserve.repository import read_model
+    from edgeserve.config.loader import load_settings
     from edgeserve.runtime import ThreadPlan
+    from edgeserve.serving.registry import Registry
+    from edgeserve.serving.repository import read_model
 
     config = tmp_path / "edgeserve.toml"
     config.write_text(f'[models]\nrepository = "{MODELS}"\n[auth]\nenabled = false\n')

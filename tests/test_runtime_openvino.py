@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edgeserve.registry import Registry
-from edgeserve.repository import BatchingConfig, ThreadConfig, read_model
 from edgeserve.runtime import ThreadPlan, create_runtime
 from edgeserve.runtime.openvino import OpenVinoRuntime
+from edgeserve.serving.registry import Registry
+from edgeserve.serving.repository import BatchingConfig, ThreadConfig, read_model
 from tests.serving import MODELS
 
 DIGITS = read_model(MODELS / "digits")

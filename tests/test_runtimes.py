@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from edgeserve.errors import InferenceFailed
-from edgeserve.repository import read_model
 from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runtime
 from edgeserve.runtime.select import time_calls
+from edgeserve.serving.repository import read_model
 from tests.serving import MODELS
 
 DIGITS = read_model(MODELS / "digits")
@@ -160,7 +160,7 @@ def test_openvino_usage_telemetry_is_switched_off() -> None:
     code = (
         "import sys\n"
         "from edgeserve.runtime import create_runtime, ThreadPlan\n"
-        "from edgeserve.repository import read_model\n"
+        "from edgeserve.serving.repository import read_model\n"
         "from tests.serving import MODELS\n"
         "files = read_model(MODELS / 'digits').read_files(1)\n"
         "r = create_runtime('openvino', files, ThreadPlan())\n"

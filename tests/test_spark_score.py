@@ -1,4 +1,4 @@
-"""edgeserve.spark on local-mode PySpark: scores a DataFrame and matches the server."""
+"""edgeserve.offline.spark on local-mode PySpark: scores a DataFrame and matches the server."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def spark() -> Iterator:
 def test_a_dataframe_scored_on_spark_matches_the_server(spark, tmp_path: Path) -> None:
     from pyspark.sql import types as T
 
-    from edgeserve.spark import score_dataframe
+    from edgeserve.offline.spark import score_dataframe
 
     repo = model_repository(tmp_path)
     x, _ = digits_rows()
@@ -72,7 +72,7 @@ def test_a_dataframe_scored_on_spark_matches_the_server(spark, tmp_path: Path) -
 
 
 def test_the_model_loads_once_per_process(tmp_path: Path) -> None:
-    from edgeserve.spark import cached_model
+    from edgeserve.offline.spark import cached_model
 
     repo = model_repository(tmp_path)
     first = cached_model(str(repo / "digits"))
@@ -85,7 +85,7 @@ def test_an_encrypted_model_is_opened_on_the_executors_with_the_jobs_key(
     """The seam for bundles: the job passes a key and an opener; plaintext stays in memory."""
     from pyspark.sql import types as T
 
-    from edgeserve.spark import score_dataframe
+    from edgeserve.offline.spark import score_dataframe
 
     repo = model_repository(tmp_path)
     folder = repo / "digits"
@@ -106,7 +106,7 @@ def test_an_encrypted_model_is_opened_on_the_executors_with_the_jobs_key(
     df = spark.createDataFrame([([float(v) for v in r],) for r in x[:200]], schema)
     scored = score_dataframe(df, str(sealed), key=key, bundle_opener=opener)
     labels = [r["label"] for r in scored.collect()]
-    from edgeserve.batch.model import load_model
+    from edgeserve.offline.model import load_model
 
     expected = load_model(repo, f"digits:{version}").runtime.run({"input": x[:200]}, ["label"])
     assert labels == expected["label"].tolist()
@@ -116,8 +116,8 @@ def test_a_signed_bundle_is_verified_and_decrypted_on_the_executors(spark, tmp_p
     import tomllib
     from pyspark.sql import types as T
 
-    from edgeserve.batch.model import load_model
-    from edgeserve.spark import SignedBundleOpener, score_dataframe
+    from edgeserve.offline.model import load_model
+    from edgeserve.offline.spark import SignedBundleOpener, score_dataframe
     from tests.test_batch_installed import install_digits_bundle
 
     config = install_digits_bundle(tmp_path)  # also leaves the bundle and its fleet key

@@ -64,7 +64,7 @@ def message(x: np.ndarray, i: int) -> str:
 def test_ten_thousand_inputs_come_back_in_order_over_one_connection(
     server: RunningServer, repo: Path
 ) -> None:
-    from edgeserve.batch.model import load_model
+    from edgeserve.offline.model import load_model
 
     x, _ = digits_rows()
     count = 10_000

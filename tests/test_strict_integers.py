@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeserve.cli import run
-from edgeserve.repository import read_model
+from edgeserve.cli.group import run
+from edgeserve.serving.repository import read_model
 from tests.serving import MODELS, RunningServer, run_server
 
 ODD_VERSIONS = ["²", "٣", "1²", "9" * 19, "1e3", "-1", "+1"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgeserve.config import load_settings
+from edgeserve.config.loader import load_settings
 from edgeserve.telemetry.cli import telemetry as telemetry_cli
 from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
 from edgeserve.telemetry.service import build_telemetry

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeserve.settings_schema import ConfigError, parse_section
+from edgeserve.config.schema import ConfigError, parse_section
 from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
 from edgeserve.telemetry.service import build_telemetry

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgeserve.settings_schema import parse_section
+from edgeserve.config.schema import parse_section
 from edgeserve.telemetry.records import InferenceRecord
 from edgeserve.telemetry.settings import TelemetrySettings, UpstreamSettings
 from edgeserve.telemetry.store import TelemetryStore

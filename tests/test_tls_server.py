@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeserve.auth import issuer
-from edgeserve.cli import run
+from edgeserve.cli.group import run
 from tests.serving import MODELS, RunningServer, run_server
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeserve.config import ConfigError, load_settings
+from edgeserve.config.loader import ConfigError, load_settings
 from updater import TrustedKeys, public_key_text
 
 

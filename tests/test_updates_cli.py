@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from edgeserve.cli import main
+from edgeserve.cli.group import main
 from tests.test_updates_kit import DIGITS
 from updater import file_key_id
 

@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgeserve.errors import InferenceFailed, Overloaded
-from edgeserve.scheduling import RunResult
+from edgeserve.serving.scheduler import RunResult
 from edgeserve.updates.validation import record_samples
 from edgeserve.updates.watch import ObservedScheduler
 from tests.serving import MODELS

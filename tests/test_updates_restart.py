@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from edgeserve.auth.issuer import create_token, init_keys
-from edgeserve.config import load_settings
+from edgeserve.config.loader import load_settings
 from tests.serving import free_port, run_server, write_config
 from tests.test_updates_kit import (
     DIGITS,

@@ -20,10 +20,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from edgeserve import loop_lag
 from edgeserve.errors import ModelNotFound
-from edgeserve.loop_lag import LagShedder
-from edgeserve.web.shedding import ShedMiddleware
+from edgeserve.http.shedding import ShedMiddleware
+from edgeserve.serving import admission as loop_lag
+from edgeserve.serving.admission import LagShedder
 from tests.serving import run_server
 
 # One digits row as JSON, and the keep-alive HTTP/1.1 request carrying it.
@@ -99,7 +99,7 @@ def test_requests_the_middleware_is_not_sure_about_reach_the_endpoint(
 
 
 def late_gate(share: float) -> LagShedder:
-    """The loop's gate (edgeserve/loop_lag.py) after enough late, busy ticks to refuse
+    """The loop's gate (edgeserve/serving/admission.py) after enough late, busy ticks to refuse
     `share` of newcomers once crowded."""
     shedder = LagShedder(0.01)
     while shedder.share < share:
@@ -327,7 +327,7 @@ def test_grpc_inferences_pass_the_same_loop_gate(tmp_path: Path) -> None:
     from tritonclient.utils import InferenceServerException
 
     from edgeserve.app import build_app
-    from edgeserve.config import load_settings
+    from edgeserve.config.loader import load_settings
     from tests.serving import MODELS, free_port
 
     grpc_port = free_port()

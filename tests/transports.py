@@ -32,7 +32,7 @@ from tests.serving import MODELS
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].astype(np.float32)
 TIMEOUT_S = 30.0
 
-# gRPC codes back to the HTTP statuses they stand for (edgeserve/protocol/grpc_service.py).
+# gRPC codes back to the HTTP statuses they stand for (edgeserve/grpc/service.py).
 GRPC_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,

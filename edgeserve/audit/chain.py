@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from edgeserve.secret_files import read_or_create_secret
+from edgeserve.auth.secret_files import read_or_create_secret
 
 GENESIS = "0" * 64
 DB_NAME = "audit.db"

@@ -11,7 +11,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.log import read_entries
-from edgeserve.cli import CONFIG_OPTION, load_or_exit  # defined before cli.py imports this
+from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
 
 
 @click.group("audit")

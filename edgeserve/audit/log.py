@@ -24,7 +24,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.settings import AuditSettings
-from edgeserve.settings_schema import ConfigError
+from edgeserve.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

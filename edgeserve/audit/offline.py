@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from edgeserve.audit.log import record_now
-from edgeserve.config import ConfigError, Settings
+from edgeserve.config.loader import ConfigError, Settings
 
 
 def audit_command(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeserve.settings_schema import setting
+from edgeserve.config.schema import setting
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from edgeserve.auth.ratelimit import TokenBucketLimiter
 from edgeserve.auth.settings import AuthSettings
 from edgeserve.auth.token_cache import VerifiedTokenCache
 from edgeserve.auth.verify import InvalidToken, TokenHeader, TokenVerifier
+from edgeserve.config.schema import ConfigError
 from edgeserve.errors import Unauthorized
-from edgeserve.settings_schema import ConfigError
 
 log = logging.getLogger(__name__)
 

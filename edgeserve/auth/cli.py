@@ -1,5 +1,5 @@
 """`edgeserve keys ...` and `edgeserve token ...`: the local issuer and TLS for a box
-without an identity provider or a PKI. Registered in edgeserve/cli.py.
+without an identity provider or a PKI. Registered in edgeserve/cli/group.py.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error.
 """
@@ -17,8 +17,8 @@ from edgeserve.audit.offline import audit_command
 from edgeserve.auth import issuer, tls
 from edgeserve.auth.authenticator import jwks_path
 from edgeserve.auth.principal import ALL_SCOPES
-from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
-from edgeserve.config import Settings
+from edgeserve.cli.options import CONFIG_OPTION, fail, load_or_exit
+from edgeserve.config.loader import Settings
 from edgeserve.errors import EdgeserveError
 
 TTL_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -6,7 +6,7 @@ import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
-from edgeserve.settings_schema import ConfigError, setting
+from edgeserve.config.schema import ConfigError, setting
 
 # The only signature algorithms a token may use; HMAC and `none` are never accepted,
 # because an HMAC "key" would be the public key everyone can read.

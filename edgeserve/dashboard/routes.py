@@ -19,7 +19,7 @@ from starlette.routing import Route
 from edgeserve.auth.guard import authenticate
 from edgeserve.dashboard import render
 from edgeserve.errors import EdgeserveError, Forbidden, Unauthorized
-from edgeserve.web.body import read_body
+from edgeserve.http.body import read_body
 
 COOKIE = "edgeserve_dashboard"
 STATIC = Path(__file__).with_name("static")

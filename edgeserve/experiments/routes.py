@@ -12,7 +12,7 @@ from starlette.routing import Route
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, ModelNotReady
 from edgeserve.experiments.service import ExperimentService
-from edgeserve.web.body import read_body
+from edgeserve.http.body import read_body
 
 MAX_BODY_BYTES = 64 * 1024
 

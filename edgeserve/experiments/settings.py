@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgeserve.config.schema import ConfigError, setting
 from edgeserve.errors import InvalidInput
 from edgeserve.experiments.flags import flag_from_json
 from edgeserve.experiments.model import parse_definition
-from edgeserve.settings_schema import ConfigError, setting
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgeserve.config import Settings
+    from edgeserve.config.loader import Settings
     from edgeserve.jobs.runner import JobRunner
-    from edgeserve.registry import Registry
+    from edgeserve.serving.registry import Registry
 
 
 def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:

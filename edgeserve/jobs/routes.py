@@ -24,7 +24,6 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
-from edgeserve.batch.plan import parse_map_options, plan_inputs
 from edgeserve.errors import (
     Conflict,
     Forbidden,
@@ -43,6 +42,7 @@ from edgeserve.jobs.store import (
     input_fingerprint,
     new_job_id,
 )
+from edgeserve.offline.plan import parse_map_options, plan_inputs
 from edgeserve.protocol.integers import parse_uint
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ async def create_job(request: Request) -> Response:
 
 def _validated_job(request: Request, job_id: str, spec: dict, source: Path, fmt: str) -> Job:
     """Refuse a job whose columns cannot feed the model now, not an hour later."""
-    from edgeserve.batch.tables import columns_of
+    from edgeserve.offline.tables import columns_of
 
     model = request.app.state.registry.get(str(spec["model"]), spec.get("version"))
     mapping = parse_map_options(spec.get("map", []))
@@ -225,7 +225,7 @@ def _spec_from_json(body: bytes) -> dict[str, Any]:
 
 
 def _allowed_path(raw: Any, roots: list[Path], fmt: str | None) -> tuple[Path, str]:
-    from edgeserve.batch.tables import format_of
+    from edgeserve.offline.tables import format_of
 
     if not isinstance(raw, str) or not raw:
         raise InvalidInput("the job spec needs 'path' (or upload the file as the body)")

@@ -6,7 +6,7 @@ Live requests keep their latency because the runner
   front of, live requests in the shared executor;
 - is paced before every (small) chunk by `pacing.LivePacer`: a bounded share of the
   time while live requests are being served, and only when their queue is empty.
-Each chunk is a checkpoint (see `edgeserve.batch.run`): a restart resumes the job
+Each chunk is a checkpoint (see `edgeserve.offline.run`): a restart resumes the job
 with no row lost or written twice.
 """
 
@@ -23,15 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from edgeserve.batch.run import RunState, run_chunks
-from edgeserve.batch.scoring import ChunkScorer
-from edgeserve.batch.tables import (
-    TextWriter,
-    columns_of,
-    estimate_rows,
-    open_writer,
-    read_chunks,
-)
+from edgeserve.config.schema import ConfigError
 from edgeserve.errors import EdgeserveError, ModelNotReady
 from edgeserve.jobs.pacing import LivePacer
 from edgeserve.jobs.store import (
@@ -43,9 +35,17 @@ from edgeserve.jobs.store import (
     JobStore,
     input_fingerprint,
 )
-from edgeserve.repository import ModelConfig, read_model
+from edgeserve.offline.run import RunState, run_chunks
+from edgeserve.offline.scoring import ChunkScorer
+from edgeserve.offline.tables import (
+    TextWriter,
+    columns_of,
+    estimate_rows,
+    open_writer,
+    read_chunks,
+)
 from edgeserve.runtime import Runtime, RuntimeLoadError, ThreadPlan, create_runtime
-from edgeserve.settings_schema import ConfigError
+from edgeserve.serving.repository import ModelConfig, read_model
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from edgeserve.batch.run import RunState
+from edgeserve.offline.run import RunState
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)

@@ -1,1 +1,2 @@
-"""Open Inference Protocol (KServe V2): codecs and endpoints."""
+"""Open Inference Protocol (KServe V2) codecs: JSON and binary tensors, gRPC messages,
+limits, strict integers. Pure: no web framework, no transport, no registry."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeserve.config import LimitSettings
+from edgeserve.config.loader import LimitSettings
 from edgeserve.errors import InvalidInput, PayloadTooLarge
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeserve.errors import InvalidInput
 from edgeserve.protocol.types import InferInput
-from edgeserve.registry import ModelVersion
+from edgeserve.serving.registry import ModelVersion
 
 
 def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:

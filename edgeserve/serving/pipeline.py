@@ -37,14 +37,14 @@ from edgeserve.errors import (
 from edgeserve.experiments.flags import model_flag
 from edgeserve.experiments.model import Variant
 from edgeserve.experiments.router import Routing
-from edgeserve.features import with_features
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferRequest
-from edgeserve.registry import ModelVersion
-from edgeserve.request_ids import new_request_id
-from edgeserve.scheduling import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.serving.checks import check_declared
+from edgeserve.serving.features import with_features
 from edgeserve.serving.prediction import prediction_of
+from edgeserve.serving.registry import ModelVersion
+from edgeserve.serving.request_ids import new_request_id
+from edgeserve.serving.scheduler import RETRY_AFTER, RunResult, request_deadline
 from edgeserve.telemetry.records import InferenceRecord
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class DataPlane:
 
         `meta` is the transport's headers or metadata (the experiment unit, the subject,
         `x-request-id`, `x-request-timeout-ms`); `timeout_ms` a transport deadline (gRPC's);
-        `gated` passes the event loop's gate (edgeserve/loop_lag.py) for transports whose
+        `gated` passes the event loop's gate (edgeserve/serving/admission.py) for transports whose
         requests do not pass it in the HTTP parser."""
         started = time.perf_counter()
         state = self._state

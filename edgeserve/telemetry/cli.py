@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from edgeserve.cli_options import CONFIG_OPTION, JSON_OPTION, load_or_exit
-from edgeserve.config import Settings
+from edgeserve.cli.options import CONFIG_OPTION, JSON_OPTION, load_or_exit
+from edgeserve.config.loader import Settings
 from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.service import hash_subject
 from edgeserve.telemetry.store import LOCAL_ONLY, TABLES, connect

@@ -22,7 +22,7 @@ SUBJECT_HASH_CHARS = 32  # the keyed hash is 32 hex digits (service.hash_subject
 
 
 class Timing(Protocol):
-    """What the batcher reports of one request's run (edgeserve.scheduling.RunResult)."""
+    """What the batcher reports of one request's run (edgeserve.serving.scheduler.RunResult)."""
 
     queue_s: float
     compute_s: float

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, ModelNotReady
+from edgeserve.http.body import read_body
 from edgeserve.telemetry.maintenance import drop_counts
 from edgeserve.telemetry.records import (
     LABEL_CHARS,
@@ -21,7 +22,6 @@ from edgeserve.telemetry.records import (
     FeedbackRecord,
 )
 from edgeserve.telemetry.service import Telemetry
-from edgeserve.web.body import read_body
 
 MAX_BODY_BYTES = 64 * 1024
 

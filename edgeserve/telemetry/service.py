@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import orjson
 
-from edgeserve.secret_files import read_or_create_secret
+from edgeserve.auth.secret_files import read_or_create_secret
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.metrics import Metrics

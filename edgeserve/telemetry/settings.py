@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass, field
 
-from edgeserve.settings_schema import ConfigError, setting
+from edgeserve.config.schema import ConfigError, setting
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 
+from edgeserve.config.schema import ConfigError
 from edgeserve.protocol.integers import parse_uint
-from edgeserve.settings_schema import ConfigError
 from edgeserve.telemetry import otlp
 from edgeserve.telemetry.maintenance import mark_synced
 from edgeserve.telemetry.metrics import Metrics

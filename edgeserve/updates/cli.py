@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from edgeserve.audit.offline import audit_command
-from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
+from edgeserve.cli.options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.runtime import ThreadPlan
 from edgeserve.updates.keyring import open_store
 from edgeserve.updates.validation import make_validator, record_samples

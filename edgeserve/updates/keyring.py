@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from edgeserve.config import Settings
+from edgeserve.config.loader import Settings
 from updater import (
     BundlePolicy,
     MasterKey,

@@ -1,4 +1,4 @@
-"""Update keys, added to the auth colleague's `edgeserve keys` group (see edgeserve/cli.py).
+"""Update keys, added to the auth colleague's `edgeserve keys` group (see edgeserve/cli/group.py).
 
 - `keys bundle-signing-key PATH`: the author's Ed25519 key; prints the trusted_keys line.
 - `keys fleet-key PATH`: a shared fleet key that bundles are encrypted for.
@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from edgeserve.audit.offline import audit_command
-from edgeserve.cli_options import CONFIG_OPTION, fail, load_or_exit
+from edgeserve.cli.options import CONFIG_OPTION, fail, load_or_exit
 from edgeserve.updates.keyring import (
     bundle_policy,
     device_key_path,

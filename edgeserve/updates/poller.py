@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from edgeserve.updater_settings import LOCAL_HTTP
+from edgeserve.updates.settings import LOCAL_HTTP
 from updater import BundleRejected
 from updater.manifest import MODEL_NAME
 

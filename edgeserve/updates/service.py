@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgeserve.config import Settings
-from edgeserve.registry import Registry
-from edgeserve.repository import ModelConfig
+from edgeserve.config.loader import Settings
 from edgeserve.runtime import ThreadPlan
+from edgeserve.serving.registry import Registry
+from edgeserve.serving.repository import ModelConfig
 from edgeserve.updates.poller import BundlePoller
 from edgeserve.updates.validation import bundle_config, make_validator
 from edgeserve.updates.watch import Probation

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeserve.repository import MODEL_FILES, ModelConfig, parse_model_config
 from edgeserve.runtime import Runtime, ThreadPlan, create_runtime
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.serving.repository import MODEL_FILES, ModelConfig, parse_model_config
 from updater import Manifest, SampleTensor, ValidationSample, Validator, run_samples
 
 log = logging.getLogger(__name__)

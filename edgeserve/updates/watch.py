@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from edgeserve.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded
-from edgeserve.registry import ModelVersion
-from edgeserve.scheduling import RunResult, Scheduler
+from edgeserve.serving.registry import ModelVersion
+from edgeserve.serving.scheduler import RunResult, Scheduler
 from updater import HealthWatch, Manifest
 
 NOT_THE_MODELS_FAULT = (Overloaded, DeadlineExceeded, InvalidInput, ModelNotReady)

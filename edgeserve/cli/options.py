@@ -1,0 +1,36 @@
+"""What every `edgeserve` subcommand shares: the --config and --json options, loading the
+config with one-line errors (exit 2), and failing with one line (exit 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from edgeserve.config.loader import ConfigError, Settings, load_settings
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="EDGESERVE_CONFIG",
+    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
+)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def load_or_exit(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings, or one line naming the bad key and exit code 2."""
+    try:
+        return load_settings(path, overrides)
+    except ConfigError as exc:
+        click.echo(f"edgeserve: config error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 1."""
+    click.echo(f"edgeserve: {message}", err=True)
+    raise SystemExit(1)

@@ -1,0 +1,1 @@
+"""The gRPC transport: `inference.GRPCInferenceService` and its bidirectional stream."""

@@ -1,0 +1,185 @@
+"""Open Inference Protocol (KServe V2) REST endpoints, plus Triton's statistics and
+repository extensions so that `tritonclient.http` works unchanged."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edgeserve.auth.guard import requires
+from edgeserve.errors import InvalidInput, UnsupportedMediaType
+from edgeserve.http.body import read_body
+from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
+from edgeserve.protocol.integers import parse_uint
+from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
+from edgeserve.serving import documents
+from edgeserve.serving.pipeline import DataPlane
+from edgeserve.serving.registry import Registry
+
+JSON = "application/json"
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type=JSON, headers=headers)
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _pipeline(request: Request) -> DataPlane:
+    return request.app.state.pipeline
+
+
+async def server_live(request: Request) -> Response:
+    return json_response({"live": True})
+
+
+async def server_ready(request: Request) -> Response:
+    ready = _pipeline(request).server_ready()
+    return json_response({"ready": ready}, 200 if ready else 503)
+
+
+@requires("read")
+async def server_metadata(request: Request) -> Response:
+    return json_response(documents.server_metadata())
+
+
+def _version_param(request: Request) -> str | None:
+    return request.path_params.get("version")
+
+
+@requires("read")
+async def model_metadata(request: Request) -> Response:
+    return json_response(
+        documents.model_metadata(
+            _registry(request), request.path_params["model"], _version_param(request)
+        )
+    )
+
+
+@requires("read")
+async def model_ready(request: Request) -> Response:
+    name = request.path_params["model"]
+    if not _pipeline(request).model_ready(name, _version_param(request)):
+        return json_response({"name": name, "ready": False}, 503)
+    return json_response({"name": name, "ready": True})
+
+
+@requires("read")
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration, for clients that ask for it."""
+    model = _registry(request).get(request.path_params["model"], _version_param(request))
+    return json_response(documents.model_config(model))
+
+
+@requires("infer")
+async def infer(request: Request) -> Response:
+    """One inference through the data plane (edgeserve/serving/pipeline.py), which reads
+    the body only once the model is known and leaves the telemetry record."""
+    params = request.path_params
+    served = await _pipeline(request).serve(
+        params["model"],
+        params.get("version"),
+        partial(_read_request, request),
+        request.headers,
+        getattr(request.state, "principal", None),
+    )
+    decoded = served.request
+    assert decoded is not None
+    model = served.model
+    binary = {o.name: o.binary for o in decoded.outputs or ()}
+    outputs = [
+        InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in served.outputs.items()
+    ]
+    body_out, header_length = encode_response(
+        InferResponse(model.name, str(model.version), decoded.id, outputs)
+    )
+    headers = {"x-request-id": served.request_id}
+    if served.experiment:
+        headers["x-edgeserve-variant"] = f"{served.experiment}/{served.variant}"
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        response = Response(body_out, media_type="application/octet-stream", headers=headers)
+    else:
+        response = Response(body_out, media_type=JSON, headers=headers)
+    if served.seq:  # appended: the response has no such header, so there is nothing to replace
+        response.raw_headers.append((b"x-telemetry-seq", str(served.seq).encode()))
+    return response
+
+
+async def _read_request(request: Request) -> InferRequest:
+    """The body's envelope and tensor headers (JSON, or the binary tensor extension)."""
+    _check_content_type(request)
+    state = request.app.state
+    limits = state.settings.limits
+    body = await read_body(request, limits.max_body_bytes, limits.accept_compressed)
+    header = request.headers.get(HEADER_LENGTH)
+    length = None
+    if header is not None:
+        length = parse_uint(header)
+        if length is None:
+            raise InvalidInput("Inference-Header-Content-Length is not a number")
+    return decode_request(body, length, state.decode_limits)
+
+
+@requires("read")
+async def model_statistics(request: Request) -> Response:
+    return json_response(
+        documents.model_statistics(
+            _registry(request), request.path_params.get("model"), _version_param(request)
+        )
+    )
+
+
+@requires("read")
+async def repository_index(request: Request) -> Response:
+    registry = _registry(request)
+    body = await read_body(request, 64 * 1024)
+    ready_only = False
+    if body.strip():
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("request body is not valid JSON") from None
+        ready_only = isinstance(doc, dict) and doc.get("ready") is True
+    return json_response(documents.repository_index(registry, ready_only))
+
+
+_BODY_TYPES = ("", "application/json", "application/octet-stream")
+
+
+def _check_content_type(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in _BODY_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {media[:40]!r} is not accepted; send application/json "
+            "(or application/octet-stream with Inference-Header-Content-Length)"
+        )
+
+
+_MODEL = "/v2/models/{model:str}"
+_VERSION = "/v2/models/{model:str}/versions/{version:str}"
+
+# The infer routes come first: the router tries routes in order, and they carry the traffic.
+ROUTES = [
+    Route(_MODEL + "/infer", infer, methods=["POST"]),
+    Route(_VERSION + "/infer", infer, methods=["POST"]),
+    Route("/v2/health/live", server_live, methods=["GET"]),
+    Route("/v2/health/ready", server_ready, methods=["GET"]),
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/models/stats", model_statistics, methods=["GET"]),
+    Route("/v2/repository/index", repository_index, methods=["POST"]),
+]
+for _prefix in (_MODEL, _VERSION):
+    ROUTES += [
+        Route(_prefix, model_metadata, methods=["GET"]),
+        Route(_prefix + "/ready", model_ready, methods=["GET"]),
+        Route(_prefix + "/config", model_config, methods=["GET"]),
+        Route(_prefix + "/stats", model_statistics, methods=["GET"]),
+    ]

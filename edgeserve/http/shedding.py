@@ -1,0 +1,186 @@
+"""Refuse inference requests before any other work is done: when the model's queue is
+full, or when the event loop is too late to answer more.
+
+Under overload most requests are refused. Refused the ordinary way (routing, auth, body
+read, error handler, telemetry record) a refusal cost about three quarters of serving
+the small demo model (bench/RESULTS.md), so at 4x capacity refusing alone would take the
+whole event loop and accepted requests would wait behind it. This pure-ASGI middleware
+answers 429 + Retry-After from a fixed body when the target version's scheduler says it
+is full (the same test `http/routes.py` makes again after reading the body), or when
+the loop's lag monitor (edgeserve/serving/admission.py) refuses its share of newcomers.
+
+It runs before auth: an overloaded model answers 429 to anyone, which tells no more than
+that the model exists. Shed requests leave no telemetry record (writing one per refusal
+is part of the cost being saved); the client sees the 429.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgeserve.errors import EdgeserveError
+from edgeserve.http.headers import SECURITY_HEADERS
+from edgeserve.protocol.integers import parse_uint
+
+# Set in an infer request's ASGI scope once the parser has made the shed test, so that
+# edgeserve/http/dispatch.py does not make it again a few microseconds later.
+SHED_TESTED = "edgeserve.shed_tested"
+# The loop gate that admitted the request, kept in its scope until `leave` says it is
+# answered (the gate keeps a few requests in flight whatever the loop's lateness).
+ADMITTED_BY = "edgeserve.admitted_by"
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+MODEL_FULL = b'{"error": "the model\'s queue is full; retry later"}'
+SERVER_BUSY_MESSAGE = "the server is too busy to answer in time; retry later"
+SERVER_BUSY = json.dumps({"error": SERVER_BUSY_MESSAGE}).encode()
+
+
+def headers_for(body: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of a shed request's 429 with `body`."""
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        *SECURITY_HEADERS,  # the parser-level 429 never passes HeaderGuard
+    ]
+
+
+class ShedMiddleware:
+    """429 at once for POST .../infer when that model version's queue is full, or the
+    event loop is refusing its share of newcomers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].endswith("/infer")
+            and scope.get("method") == "POST"
+            and not scope.get(SHED_TESTED)
+        ):
+            body = shed(scope["path"], scope.get("app"), scope)
+            if body is not None:
+                await send_shed(send, body)
+                return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            leave(scope)
+
+
+async def send_shed(send: Send, body: bytes) -> None:
+    """The 429 + Retry-After of a shed request, as ASGI messages."""
+    await send({"type": "http.response.start", "status": 429, "headers": headers_for(body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def shed(path: str, app: object, scope: Scope) -> bytes | None:
+    """The body of the 429 that refuses a POST to `path` now, or None to let it in.
+
+    Only requests for a loaded model version are refused here (anything else gets the
+    endpoint's proper answer), and each refusal is counted in that version's stats,
+    since shed requests leave no telemetry record. Called once per request: the loop's
+    gate spends its admission credit on each call, and what it admits is marked in
+    `scope` for `leave` once answered.
+    """
+    state = getattr(app, "state", None)
+    match = INFER_PATH.fullmatch(path)
+    registry = getattr(state, "registry", None)
+    if match is None or registry is None or ADMITTED_BY in scope:
+        return None
+    version = match.group(2)
+    if version is not None and parse_uint(version) is None:
+        return None  # not a version number: the endpoint answers 404
+    try:
+        model = registry.get(match.group(1), version)
+    except EdgeserveError:  # unknown or loading: the endpoint gives the proper answer
+        return None
+    if getattr(model.scheduler, "full", False):
+        body = MODEL_FULL
+    else:
+        gate = getattr(state, "loop_gate", None)
+        if gate is None:
+            return None
+        if gate.admit():
+            scope[ADMITTED_BY] = gate
+            return None
+        body = SERVER_BUSY
+    stats = getattr(model, "stats", None)
+    if stats is not None:
+        stats.shed += 1
+    return body
+
+
+def leave(scope: Scope) -> None:
+    """Tell the gate that admitted this request (if one did) that it is answered; safe
+    to call more than once."""
+    gate = scope.pop(ADMITTED_BY, None)
+    if gate is not None:
+        gate.leave()
+
+
+def shedding_protocol(base: type) -> type:
+    """Uvicorn's httptools protocol `base`, answering the same 429s without any ASGI work.
+
+    The middleware above still costs a request task, the Starlette call and the outer
+    middlewares: about a third of serving the small model. Here the refusal is written
+    from the parser callbacks (no task, no scope handed to the app), several times
+    cheaper, which is what lets the event loop refuse 4x its serving capacity. Only a
+    POST .../infer with no earlier response pending on the connection, no
+    `Expect: 100-continue` and no `Upgrade` is shed; everything else takes the normal
+    way.
+    """
+    canned = {
+        body: b"HTTP/1.1 429 Too Many Requests\r\n"
+        + b"".join(k + b": " + v + b"\r\n" for k, v in headers_for(body))
+        + b"\r\n"
+        + body
+        for body in (MODEL_FULL, SERVER_BUSY)
+    }
+
+    class SheddingProtocol(base):  # type: ignore[misc, valid-type]
+        _shedding: bytes | None = None  # the canned 429 of the request being shed
+
+        def on_headers_complete(self) -> None:
+            if (
+                self.url.endswith(b"/infer")
+                and (self.cycle is None or self.cycle.response_complete)
+                and not self.expect_100_continue
+                and not self.parser.should_upgrade()  # uvicorn may never call the app
+                and self.parser.get_method() == b"POST"
+            ):
+                path = self.url.split(b"?", 1)[0].decode("latin-1")
+                body = shed(path, self.app, self.scope)  # the scope the app is called with
+                if body is not None:
+                    self._shedding = canned[body]
+                    head_done = getattr(self, "_head_done", None)  # server.py's head deadline
+                    if head_done is not None:
+                        head_done()
+                    return
+                if b"%" not in self.url:  # the path tested is the one the app will route
+                    self.scope[SHED_TESTED] = True  # type: ignore[literal-required]
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._shedding is None:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            response = self._shedding
+            if response is None:
+                super().on_message_complete()
+                return
+            self._shedding = None
+            disarm = getattr(self, "_disarm", None)  # server.py's read-timeout guard
+            if disarm is not None:
+                disarm()
+            self.transport.write(response)
+            if self.parser.should_keep_alive():
+                self.on_response_complete()  # keep-alive timer, flow control, counters
+            else:
+                self.transport.close()
+
+    return SheddingProtocol

@@ -1,0 +1,53 @@
+"""The [updater] section of edgeserve.toml: who may sign bundles, limits, health watch.
+
+The updater package itself never imports edgeserve; the server turns these settings
+into `updater.BundlePolicy` / `updater.SlotStore` arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeserve.config.schema import setting
+from updater.signing import parse_public_key
+
+LOCAL_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+
+
+@dataclass(frozen=True)
+class UpdaterSettings:
+    """Trusted keys, limits, health watch and key sources for model updates (issues 4, 5)."""
+
+    enabled: bool = True
+    # Ed25519 public keys allowed to sign bundles: base64 of the raw 32 bytes, or PEM.
+    trusted_keys: list[str] = setting([])
+    # Keys this box decrypts bundles with: files holding `fleet:<b64>` or `x25519:<b64>`.
+    bundle_key_files: list[Path] = setting([])
+    max_bundle_bytes: int = setting(1024**3, min=1024)
+    max_file_bytes: int = setting(1024**3, min=1024)
+    # Health watch after a flip: judged over this window, once min_requests were seen.
+    watch_window_s: float = setting(300.0, min=0.0, max=7 * 86400.0)
+    min_requests: int = setting(50, min=1)
+    max_error_rate: float = setting(0.05, min=0.0, max=1.0)
+    max_p99_ms: float = setting(1000.0, min=0.1)
+    # Starts on probation without a confirmation before the previous slot is restored.
+    max_unconfirmed_boots: int = setting(3, min=0, max=100)
+    # At-rest master key sources, in order of preference; unset file = <state_dir>/keys/master.key.
+    master_key_file: Path | None = None
+    master_key_credential: str = "edgeserve-master-key"
+    master_key_env: str = "EDGESERVE_MASTER_KEY"
+    # Upstream bundle index (static JSON over HTTPS); empty = no polling.
+    poll_url: str = ""
+    poll_interval_s: float = setting(3600.0, min=10.0, max=7 * 86400.0)
+
+    def __post_init__(self) -> None:
+        for i, text in enumerate(self.trusted_keys):
+            try:
+                parse_public_key(text)
+            except ValueError as exc:
+                raise ValueError(f"trusted_keys[{i}]: {exc}") from None
+        if self.poll_url and not (
+            self.poll_url.startswith("https://") or self.poll_url.startswith(LOCAL_HTTP)
+        ):
+            raise ValueError("poll_url: must be an https:// URL (plain http only on loopback)")

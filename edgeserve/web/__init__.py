@@ -1,1 +1,0 @@
-"""The HTTP edge: error mapping, body limits and response headers shared by every route."""
