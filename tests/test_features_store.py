@@ -118,6 +118,15 @@ def test_an_entity_id_input_gives_the_same_answer_as_sending_the_features(
             400,
             "send parameter or input 'image_id'",
         ),
+        (  # a huge dimension beside a zero: no elements, yet numpy cannot shape it (a 500)
+            {
+                "inputs": [
+                    {"name": "image_id", "datatype": "BYTES", "shape": [0, 2**62], "data": []}
+                ]
+            },
+            413,
+            "exceeds the limit",
+        ),
     ],
 )
 def test_missing_or_misplaced_entities_are_refused_clearly(

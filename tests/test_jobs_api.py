@@ -144,6 +144,21 @@ def test_bad_job_submissions_are_refused_at_once(
     assert message in reply.json()["error"]
 
 
+def test_a_killed_model_takes_no_new_jobs(server: RunningServer) -> None:
+    """The kill switch holds for batch jobs too: 503 at once, like an inference."""
+    x, _ = digits_rows()
+    flag = f"{server.url}/api/flags/model.digits"
+    assert httpx.put(flag, json={"enabled": False}).status_code == 200
+    try:
+        reply = httpx.post(
+            f"{server.url}/api/jobs?model=digits", content=jsonl_body(x[:2]), headers=JSONL
+        )
+    finally:
+        assert httpx.put(flag, json={"enabled": True}).status_code == 200
+    assert reply.status_code == 503, reply.text
+    assert "switched off" in reply.json()["error"]
+
+
 @pytest.mark.parametrize("path", ["/etc/passwd", "../../etc/passwd"])
 def test_paths_outside_the_allowed_folders_are_forbidden(server: RunningServer, path: str) -> None:
     reply = httpx.post(f"{server.url}/api/jobs", json={"model": "digits", "path": path})

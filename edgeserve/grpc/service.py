@@ -36,6 +36,8 @@ from edgeserve.serving.registry import Registry
 
 log = logging.getLogger(__name__)
 
+MAX_DEADLINE_MS = 1e11  # about three years
+
 T = TypeVar("T")
 M = TypeVar("M")  # a protobuf message
 
@@ -183,13 +185,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(status_code_for(exc.status), exc.message)
 
         def infer_one(request: Any, context: Any) -> Awaitable[pb.ModelInferResponse]:
-            return self.infer_one(request, context, principal)
+            return self.infer_one(request, context, principal, stream=True)
 
         async for reply in stream_replies(infer_one, request_iterator, context):
             yield reply
 
     async def infer_one(
-        self, request: Any, context: Any, principal: Principal | None = None
+        self, request: Any, context: Any, principal: Principal | None = None, stream: bool = False
     ) -> pb.ModelInferResponse:
         """One ModelInferRequest through the data plane (caller checked): the same steps
         and telemetry record as over HTTP.
@@ -205,8 +207,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             partial(_decoded, request, self._limits),
             _metadata(context),
             principal,
-            timeout_ms=remaining * 1000 if remaining is not None else None,
+            # a deadline decades away is no deadline (and stays inside the float range)
+            timeout_ms=min(remaining * 1000, MAX_DEADLINE_MS) if remaining is not None else None,
             gated=True,
+            stream=stream,
         )
         model = served.model
         return encode_response(model.name, str(model.version), request.id, served.outputs)

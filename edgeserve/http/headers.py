@@ -3,6 +3,8 @@ way out, header count and size limits on the way in (431 before any routing)."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SECURITY_HEADERS = [
@@ -15,6 +17,18 @@ DASHBOARD_CSP = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+
+
+# Visible ASCII but '%': what a client's text may keep in a header value as it is.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def header_text(value: str) -> str:
+    """`value` as a header value: itself when it is visible ASCII, else percent-encoded
+    (UTF-8), so that a client's id can never break or forge the response's headers."""
+    if value.isascii() and value.isprintable() and " " not in value:
+        return value
+    return quote(value, safe=_HEADER_SAFE)
 
 
 def headers_fit(headers: list[tuple[bytes, bytes]], max_headers: int, max_bytes: int) -> bool:

@@ -14,6 +14,7 @@ from starlette.routing import Route
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, UnsupportedMediaType
 from edgeserve.http.body import read_body
+from edgeserve.http.headers import header_text
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
@@ -100,7 +101,7 @@ async def infer(request: Request) -> Response:
     body_out, header_length = encode_response(
         InferResponse(model.name, str(model.version), decoded.id, outputs)
     )
-    headers = {"x-request-id": served.request_id}
+    headers = {"x-request-id": header_text(served.request_id)}
     if served.experiment:
         headers["x-edgeserve-variant"] = f"{served.experiment}/{served.variant}"
     if header_length is not None:

@@ -6,7 +6,7 @@ read, error handler, telemetry record) a refusal cost about three quarters of se
 the small demo model (bench/RESULTS.md), so at 4x capacity refusing alone would take the
 whole event loop and accepted requests would wait behind it. This pure-ASGI middleware
 answers 429 + Retry-After from a fixed body when the target version's scheduler says it
-is full (the same test `http/routes.py` makes again after reading the body), or when
+is full (the same test `serving/pipeline.py` makes again before decoding), or when
 the loop's lag monitor (edgeserve/serving/admission.py) refuses its share of newcomers.
 
 It runs before auth: an overloaded model answers 429 to anyone, which tells no more than
@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgeserve.errors import EdgeserveError
 from edgeserve.http.headers import SECURITY_HEADERS
 from edgeserve.protocol.integers import parse_uint
+from edgeserve.serving.admission import SERVER_BUSY_MESSAGE
 
 # Set in an infer request's ASGI scope once the parser has made the shed test, so that
 # edgeserve/http/dispatch.py does not make it again a few microseconds later.
@@ -33,7 +34,6 @@ SHED_TESTED = "edgeserve.shed_tested"
 ADMITTED_BY = "edgeserve.admitted_by"
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 MODEL_FULL = b'{"error": "the model\'s queue is full; retry later"}'
-SERVER_BUSY_MESSAGE = "the server is too busy to answer in time; retry later"
 SERVER_BUSY = json.dumps({"error": SERVER_BUSY_MESSAGE}).encode()
 
 

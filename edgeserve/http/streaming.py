@@ -174,7 +174,12 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
     message = _Message(data, state.decode_limits)
     try:
         served = await state.pipeline.serve(
-            name, version, message, websocket.headers, getattr(websocket.state, "principal", None)
+            name,
+            version,
+            message,
+            websocket.headers,
+            getattr(websocket.state, "principal", None),
+            stream=True,
         )
         model = served.model
         outputs = [InferOutput(n, a, False) for n, a in served.outputs.items()]

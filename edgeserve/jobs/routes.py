@@ -160,7 +160,9 @@ def _validated_job(request: Request, job_id: str, spec: dict, source: Path, fmt:
     """Refuse a job whose columns cannot feed the model now, not an hour later."""
     from edgeserve.offline.tables import columns_of
 
-    model = request.app.state.registry.get(str(spec["model"]), spec.get("version"))
+    pipeline = request.app.state.pipeline
+    model = pipeline.resolve(str(spec["model"]), spec.get("version"), count=False)
+    pipeline.refuse_killed(model.name)  # the kill switch holds for batch jobs too
     mapping = parse_map_options(spec.get("map", []))
     skip = model.config.features.inputs if model.config.features.table else []
     try:

@@ -40,7 +40,8 @@ def checked_shape(raw: object, name: str, limits: DecodeLimits) -> tuple[tuple[i
         if type(d) is not int or d < 0:
             raise InvalidInput(f"input '{name}': shape must hold non-negative integers")
         count *= d
-        if count > limits.max_tensor_elements:
+        # each dimension too: beside a 0 the count stays 0 whatever the others say
+        if count > limits.max_tensor_elements or d > limits.max_tensor_elements:
             raise PayloadTooLarge(
                 f"input '{name}': shape {raw} exceeds the limit of "
                 f"{limits.max_tensor_elements} elements"

@@ -28,6 +28,8 @@ import asyncio
 import math
 import time
 
+# What a request refused to keep the loop on time is told (HTTP 429, gRPC RESOURCE_EXHAUSTED).
+SERVER_BUSY_MESSAGE = "the server is too busy to answer in time; retry later"
 TICK_S = 0.02
 # Per late tick the admitted share is multiplied by exp(GAIN * (1 - lateness in targets)),
 # x0.41 at LAG_CAP targets late or more (one long stall counts no more than that), but

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from edgeserve.errors import (
+    ClientClosed,
     DeadlineExceeded,
     EdgeserveError,
+    InvalidInput,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
@@ -39,19 +41,18 @@ from edgeserve.experiments.model import Variant
 from edgeserve.experiments.router import Routing
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferRequest
+from edgeserve.serving.admission import SERVER_BUSY_MESSAGE
 from edgeserve.serving.checks import check_declared
 from edgeserve.serving.features import with_features
 from edgeserve.serving.prediction import prediction_of
 from edgeserve.serving.registry import ModelVersion
 from edgeserve.serving.request_ids import new_request_id
 from edgeserve.serving.scheduler import RETRY_AFTER, RunResult, request_deadline
-from edgeserve.telemetry.records import InferenceRecord
+from edgeserve.telemetry.records import REQUEST_ID_CHARS, InferenceRecord
 
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED = 499  # nginx's "client closed request": the caller went away, not an error
-MAX_ID_CHARS = 128  # a request id as stored and sent back in x-request-id
-SERVER_BUSY_MESSAGE = "the server is too busy to answer in time; retry later"
+CLIENT_CLOSED = ClientClosed.status  # the caller went away: not an error
 UNKNOWN_MODEL_COUNTER = "edgeserve_unknown_model_requests"
 
 # The request, decoded already (gRPC, WebSocket) or read on demand (REST reads its body
@@ -65,7 +66,7 @@ class Served:
 
     model: ModelVersion
     request: InferRequest | None = None
-    request_id: str = ""  # at most MAX_ID_CHARS: what telemetry stores
+    request_id: str = ""  # at most REQUEST_ID_CHARS: what telemetry stores
     result: RunResult | None = None
     experiment: str | None = None
     variant: str | None = None
@@ -123,6 +124,11 @@ class DataPlane:
         flag = service.router.flags.get(model_flag(name))
         return flag is not None and (not flag.enabled or flag.rollout_percent <= 0)
 
+    def refuse_killed(self, name: str) -> None:
+        """Raise the kill switch's 503 when the model is switched off for everyone."""
+        if self.killed(name):
+            raise _switched_off(name)
+
     def model_ready(self, name: str, version: str | None) -> bool:
         """Ready = loaded and not switched off; an unknown name raises ModelNotFound."""
         try:
@@ -150,13 +156,15 @@ class DataPlane:
         *,
         timeout_ms: float | None = None,
         gated: bool = False,
+        stream: bool = False,
     ) -> Served:
         """Serve one request (the steps in the module doc) and leave its telemetry record.
 
         `meta` is the transport's headers or metadata (the experiment unit, the subject,
         `x-request-id`, `x-request-timeout-ms`); `timeout_ms` a transport deadline (gRPC's);
         `gated` passes the event loop's gate (edgeserve/serving/admission.py) for transports whose
-        requests do not pass it in the HTTP parser."""
+        requests do not pass it in the HTTP parser; `stream` says `meta` belongs to a
+        connection carrying many requests, so its `x-request-id` names none of them."""
         started = time.perf_counter()
         state = self._state
         try:
@@ -165,7 +173,7 @@ class DataPlane:
             number = parse_uint(version) if version is not None else None
             loading = _LoadingModel(name, "" if number is None else str(number))
             served = Served(loading)  # type: ignore[arg-type]
-            served.request_id = _bounded(meta.get("x-request-id"))
+            served.request_id = _bounded(None if stream else meta.get("x-request-id"))
             served.seq = self._record(served, exc.status, started, meta)
             raise
         served = Served(model)
@@ -178,13 +186,17 @@ class DataPlane:
                     gate = None
                     model.stats.shed += 1
                     raise Overloaded(SERVER_BUSY_MESSAGE)
+            self.refuse_killed(model.name)  # before the body: a killed model costs no read
             request = source if isinstance(source, InferRequest) else await source()
             served.request = request
-            served.request_id = _bounded(request.id or meta.get("x-request-id"))
-            deadline = request_deadline(
-                timeout_ms if timeout_ms is not None else meta.get("x-request-timeout-ms"),
-                request.parameters.get("timeout"),
+            served.request_id = _bounded(
+                request.id or (None if stream else meta.get("x-request-id"))
             )
+            if timeout_ms is None:
+                timeout_ms = _timeout_header(meta.get("x-request-timeout-ms"))
+            elif timeout_ms <= 0:  # a transport deadline (gRPC's) already passed
+                raise DeadlineExceeded("the request's deadline passed before it could run")
+            deadline = request_deadline(timeout_ms, request.parameters.get("timeout"))
             routing = self._route(served, version, meta, principal)
             model = served.model
             if getattr(model.scheduler, "full", False):
@@ -232,7 +244,7 @@ class DataPlane:
         router = service.router
         name = served.model.name
         if not router.model_allowed(name, meta.get("x-user-id") or served.request_id):
-            raise ModelNotReady(f"model '{name}' is switched off by flag 'model.{name}'")
+            raise _switched_off(name)  # a partial rollout: this unit is not in it
         if version is not None:
             return None
         routing = router.route(name, _unit_reader(meta, principal, served.request_id))
@@ -357,9 +369,23 @@ class _LoadingModel:
     version: str
 
 
+def _switched_off(name: str) -> ModelNotReady:
+    return ModelNotReady(f"model '{name}' is switched off by flag '{model_flag(name)}'")
+
+
+def _timeout_header(value: str | None) -> int | None:
+    """X-Request-Timeout-Ms: whole milliseconds, 1-18 ASCII digits (0 is refused later)."""
+    if value is None:
+        return None
+    milliseconds = parse_uint(value)
+    if milliseconds is None:
+        raise InvalidInput("X-Request-Timeout-Ms must be whole milliseconds (ASCII digits)")
+    return milliseconds
+
+
 def _bounded(request_id: str | None) -> str:
-    """The request id as stored: the client's, cut to MAX_ID_CHARS, or a new one."""
-    return request_id[:MAX_ID_CHARS] if request_id else new_request_id()
+    """The request id as stored: the client's, cut to REQUEST_ID_CHARS, or a new one."""
+    return request_id[:REQUEST_ID_CHARS] if request_id else new_request_id()
 
 
 def _unit_reader(
