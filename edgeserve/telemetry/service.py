@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -25,6 +26,7 @@ import orjson
 from edgeserve.auth.secret_files import read_or_create_secret
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
+from edgeserve.telemetry.feedback import label_refusal
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.records import (
     SUBJECT_HASH_CHARS,
@@ -54,6 +56,7 @@ class Telemetry:
         queue_fill: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.settings = settings
+        self._feedback_lock = asyncio.Lock()  # one label checked and queued at a time
         self.metrics = Metrics()
         self.store = TelemetryStore(
             state_dir / "telemetry.db",
@@ -104,7 +107,26 @@ class Telemetry:
         return seq
 
     def record_feedback(self, record: FeedbackRecord) -> int:
+        """Queue a label without any check (trusted callers: tests, imports)."""
         return self.store.add(record)
+
+    async def accept_feedback(self, record: FeedbackRecord, owner_hash: str | None) -> int:
+        """Queue a label from a client once `feedback.label_refusal` allows it (raises
+        its error otherwise); its sequence number, 0 if the queue dropped it.
+
+        One label at a time: each check runs after the previous label is committed,
+        so two copies sent at once cannot both pass the one-label rule."""
+        async with self._feedback_lock:
+            refusal = await asyncio.wrap_future(
+                self.store.submit(
+                    functools.partial(
+                        label_refusal, request_id=record.request_id, owner_hash=owner_hash
+                    )
+                )
+            )
+            if refusal is not None:
+                raise refusal
+            return self.store.add(record)
 
     def record_event(self, record: EventRecord) -> int:
         return self.store.add(record)
