@@ -24,6 +24,7 @@ import httpx
 import orjson
 
 from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.errors import Overloaded
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.feedback import label_refusal
@@ -41,6 +42,9 @@ from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import TelemetryStore
 from edgeserve.telemetry.sync import UpstreamSync
 
+# Labels that may wait for the one-label check (each is an open request).
+MAX_FEEDBACK_WAITING = 256
+
 log = logging.getLogger(__name__)
 
 CAP_CHUNKS_PER_STEP = 8  # size-cap work per writer turn, so record batches interleave
@@ -57,6 +61,7 @@ class Telemetry:
     ) -> None:
         self.settings = settings
         self._feedback_lock = asyncio.Lock()  # one label checked and queued at a time
+        self._feedback_waiting = 0
         self.metrics = Metrics()
         self.store = TelemetryStore(
             state_dir / "telemetry.db",
@@ -115,8 +120,18 @@ class Telemetry:
         its error otherwise); its sequence number, 0 if the queue dropped it.
 
         One label at a time: each check runs after the previous label is committed,
-        so two copies sent at once cannot both pass the one-label rule."""
-        async with self._feedback_lock:
+        so two copies sent at once cannot both pass the one-label rule. The line of
+        labels waiting for their turn is bounded: past it the answer is 429 at once."""
+        if self._feedback_waiting >= MAX_FEEDBACK_WAITING:
+            raise Overloaded(
+                "too many labels waiting to be checked; retry later", headers={"Retry-After": "1"}
+            )
+        self._feedback_waiting += 1
+        try:
+            await self._feedback_lock.acquire()
+        finally:
+            self._feedback_waiting -= 1
+        try:
             refusal = await asyncio.wrap_future(
                 self.store.submit(
                     functools.partial(
@@ -127,6 +142,8 @@ class Telemetry:
             if refusal is not None:
                 raise refusal
             return self.store.add(record)
+        finally:
+            self._feedback_lock.release()
 
     def record_event(self, record: EventRecord) -> int:
         return self.store.add(record)
