@@ -112,11 +112,11 @@ def test_only_the_caller_that_made_a_request_may_label_it(
     server, state_dir = live
     alice = bearer(state_dir, "alice", "infer")
     mallory = bearer(state_dir, "mallory", "infer")
-    labeller = bearer(state_dir, "labeller", "feedback")
-    admin = bearer(state_dir, "operator", "admin")
     with httpx.Client(base_url=server.url, timeout=30) as client:
         ids = [infer(client, alice, i, "u").headers["x-request-id"] for i in range(4)]
         assert label(client, mallory, ids[0], label=str(Y[0])) == 403
+        labeller = bearer(state_dir, "labeller", "feedback")
+        admin = bearer(state_dir, "operator", "admin")
         assert label(client, alice, ids[0], label=str(Y[0])) == 202
         assert label(client, alice, ids[0], label="3") == 409  # the first label stands
         assert label(client, labeller, ids[1], label=str(Y[1])) == 202
