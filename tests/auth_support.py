@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
+from edgeserve.auth.principal import ALL_SCOPES
 from edgeserve.http.errors import EXCEPTION_HANDLERS
 
 ISSUER = "edgeserve-local"
@@ -141,7 +142,7 @@ def guarded_app(authenticator: Any) -> Starlette:
 
     routes = [
         Route(f"/{scope}", requires(scope)(echo), name=scope, methods=["GET", "POST"])
-        for scope in ("infer", "read", "admin", "metrics")
+        for scope in sorted(ALL_SCOPES)
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
     app.state.authenticator = authenticator

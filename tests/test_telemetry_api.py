@@ -92,6 +92,7 @@ def test_failed_requests_are_recorded_with_their_status(server: RunningServer) -
     [
         ({"request_id": "r1", "label": "3"}, 202),
         ({"request_id": "r1", "correct": True}, 202),
+        ({"request_id": "never-served", "label": "3"}, 404),
         ({"request_id": "r1"}, 400),
         ({"label": "3"}, 400),
         ({"request_id": "r1", "correct": "yes"}, 400),
@@ -99,8 +100,30 @@ def test_failed_requests_are_recorded_with_their_status(server: RunningServer) -
         ([1, 2], 400),
     ],
 )
-def test_feedback_validates_its_body(server: RunningServer, body: object, status: int) -> None:
+def test_feedback_validates_its_body(
+    server: RunningServer, body: object, status: int, request: pytest.FixtureRequest
+) -> None:
+    if isinstance(body, dict) and body.get("request_id") == "r1":  # a request served here
+        served = f"fb-{request.node.callspec.id}"
+        reply = httpx.post(f"{server.url}/v2/models/digits/infer", json={**BODY, "id": served})
+        assert reply.status_code == 200
+        body = {**body, "request_id": served}
     assert httpx.post(f"{server.url}/api/feedback", json=body).status_code == status
+
+
+def test_a_request_is_labelled_once_and_the_first_label_stands(server: RunningServer) -> None:
+    reply = httpx.post(f"{server.url}/v2/models/digits/infer", json={**BODY, "id": "fb-once"})
+    assert reply.status_code == 200
+    labels = [
+        httpx.post(f"{server.url}/api/feedback", json={"request_id": "fb-once", "label": label})
+        for label in ("3", "4")
+    ]
+    assert [r.status_code for r in labels] == [202, 409]
+    assert "already labelled" in labels[1].json()["error"]
+    _wait_durable(server, labels[0].json()["seq"])
+    with _db(server) as db:
+        rows = db.execute("SELECT label FROM feedback WHERE request_id = 'fb-once'").fetchall()
+    assert rows == [("3",)]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from edgeserve.auth.keyset import KeySet, VerificationKey
 from edgeserve.auth.principal import (
     ALL_SCOPES,
     SCOPE_ADMIN,
+    SCOPE_FEEDBACK,
     SCOPE_INFER,
     SCOPE_METRICS,
     SCOPE_READ,
@@ -23,6 +24,7 @@ from edgeserve.auth.settings import AuthSettings
 __all__ = [
     "ALL_SCOPES",
     "SCOPE_ADMIN",
+    "SCOPE_FEEDBACK",
     "SCOPE_INFER",
     "SCOPE_METRICS",
     "SCOPE_READ",

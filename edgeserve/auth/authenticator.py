@@ -126,7 +126,6 @@ class JWTAuthenticator:
 
     def _bearer(self, request: Request, client: str) -> Principal | str:
         """The bearer token, unparsed, or a Principal for an opened endpoint."""
-        self.failures.check(client)
         values = request.headers.getlist("authorization")
         if not values:
             if self.settings.metrics_open_on_loopback and is_loopback(client):
@@ -162,7 +161,10 @@ class JWTAuthenticator:
     def _refuse(
         self, client: str, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
     ) -> NoReturn:
-        self.failures.spend(client)
+        # The failure limiter is consulted here, on the failure path only: a flood from an
+        # address shared with honest clients (NAT, proxy, same host) is answered 429 without
+        # logging or auditing each one, but a valid token from there is never refused.
+        self.failures.take(client)
         log.info("auth refused client=%s reason=%r", client, reason)
         if self.on_refused is not None:
             try:

@@ -156,7 +156,7 @@ def token() -> None:
     multiple=True,
     required=True,
     type=click.Choice(sorted(ALL_SCOPES)),
-    help="A scope the token grants (repeatable): infer, read, admin, metrics.",
+    help="A scope the token grants (repeatable): infer, read, admin, metrics, feedback.",
 )
 @click.option(
     "--ttl",

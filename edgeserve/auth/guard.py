@@ -30,11 +30,13 @@ async def authenticate(request: Request) -> Principal:
     return authenticator.authenticate(request)
 
 
-def requires(scope: str) -> Callable[[Endpoint], Endpoint]:
+def requires(scope: str, *alternatives: str) -> Callable[[Endpoint], Endpoint]:
     """Decorator for a Starlette endpoint `async def f(request)`: authenticate the caller,
-    check `scope`, store `request.state.principal`, then call `f`."""
-    if scope not in ALL_SCOPES:
-        raise ValueError(f"unknown scope {scope!r} (known: {', '.join(sorted(ALL_SCOPES))})")
+    check `scope` (or one of `alternatives`), store `request.state.principal`, call `f`."""
+    accepted = (scope, *alternatives)
+    for name in accepted:
+        if name not in ALL_SCOPES:
+            raise ValueError(f"unknown scope {name!r} (known: {', '.join(sorted(ALL_SCOPES))})")
 
     def decorate(endpoint: Endpoint) -> Endpoint:
         @functools.wraps(endpoint)
@@ -44,7 +46,8 @@ def requires(scope: str) -> Callable[[Endpoint], Endpoint]:
                 # Only some endpoints are open without a token; this one needs one.
                 raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
             request.state.principal = principal  # known even on a 403, for the audit log
-            principal.require(scope)
+            if not any(principal.holds(name) for name in alternatives):
+                principal.require(scope)
             return await endpoint(request)
 
         guarded.required_scope = scope  # type: ignore[attr-defined]

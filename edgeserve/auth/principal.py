@@ -8,11 +8,16 @@ from typing import Any
 
 from edgeserve.errors import Forbidden
 
-SCOPE_INFER = "infer"  # inference and feedback
+SCOPE_INFER = "infer"  # inference, and feedback on one's own requests
 SCOPE_READ = "read"  # metadata, statistics, reports, dashboard
 SCOPE_ADMIN = "admin"  # updates, experiments, flags, keys
 SCOPE_METRICS = "metrics"  # Prometheus scrape
-ALL_SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_READ, SCOPE_ADMIN, SCOPE_METRICS})
+SCOPE_FEEDBACK = "feedback"  # label any caller's requests (a labelling service)
+ALL_SCOPES: frozenset[str] = frozenset(
+    {SCOPE_INFER, SCOPE_READ, SCOPE_ADMIN, SCOPE_METRICS, SCOPE_FEEDBACK}
+)
+# Scopes a token holds because it holds another one.
+IMPLIED_SCOPES: dict[str, frozenset[str]] = {SCOPE_ADMIN: frozenset({SCOPE_FEEDBACK})}
 
 # Subject of a principal that presented no token (auth off, or metrics opened on loopback).
 ANONYMOUS = ""
@@ -31,9 +36,15 @@ class Principal:
         """True when no token was presented (auth disabled, or an opened endpoint)."""
         return self.subject == ANONYMOUS
 
+    def holds(self, scope: str) -> bool:
+        """True if the token grants `scope`, directly or through one that implies it."""
+        return scope in self.scopes or any(
+            scope in IMPLIED_SCOPES.get(held, ()) for held in self.scopes
+        )
+
     def require(self, scope: str) -> None:
         """Raise 403 insufficient_scope (RFC 6750 §3.1) unless this caller holds `scope`."""
-        if scope not in self.scopes:
+        if not self.holds(scope):
             raise Forbidden(
                 f"insufficient_scope: this endpoint needs scope {scope!r}",
                 headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},

@@ -1,7 +1,8 @@
 """Token buckets per key (a client address, a token subject), answering 429 with Retry-After.
 
-Used twice by the authenticator: failed authentications per client address, checked
-before the token is even parsed so a flood of bad tokens costs almost nothing; and
+Used twice by the authenticator: failed authentications per client address, taken only
+once a token has been refused, so that a flood of bad or missing tokens from an address
+gets a cheap 429 while a valid token from that same address is still served; and
 requests per token subject, so one caller cannot take the whole box. Each bucket
 refills at `rate_per_s` up to `burst`. Memory is bounded: past `max_keys` the least
 recently used key is forgotten.

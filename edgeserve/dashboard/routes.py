@@ -35,6 +35,8 @@ async def _principal_from(request: Request, token: str | None) -> Any:
 
 async def _viewer(request: Request) -> Any | None:
     """The principal allowed to read, from the header or the session cookie; None if none."""
+    if "authorization" not in request.headers and not request.cookies.get(COOKIE):
+        return None  # the login page: no credential was offered, so none failed
     for token in (None, request.cookies.get(COOKIE)):
         if token is None and "authorization" not in request.headers and request.cookies.get(COOKIE):
             continue  # a browser with a cookie: skip the header-less attempt

@@ -77,11 +77,16 @@ def _fill(db: sqlite3.Connection, exp: Experiment, obs: Observations) -> None:
         data = np.array([(r[0], np.nan if r[1] is None else r[1]) for r in rows], dtype=float)
         obs.latencies_s = data[:, 0]
         obs.confidence = data[:, 1][~np.isnan(data[:, 1])]
+    # One label per request id, the first (min seq: SQLite takes the bare columns from
+    # that row), however many rows share the id: a client that repeats its label or its
+    # request id still counts once.
     obs.labelled, obs.correct = db.execute(
-        f"""SELECT count(*), coalesce(sum(CASE WHEN f.correct IS NOT NULL THEN f.correct
-                                   ELSE f.label = i.prediction END), 0)
-            FROM inferences i JOIN feedback f ON f.request_id = i.request_id
-            WHERE i.{where.replace(" AND ", " AND i.")} AND i.status = 200""",
+        f"""SELECT count(*), coalesce(sum(ok), 0) FROM (
+                SELECT min(f.seq), CASE WHEN f.correct IS NOT NULL THEN f.correct
+                                   ELSE f.label = i.prediction END AS ok
+                FROM inferences i JOIN feedback f ON f.request_id = i.request_id
+                WHERE i.{where.replace(" AND ", " AND i.")} AND i.status = 200
+                GROUP BY f.request_id)""",
         args,
     ).fetchone()
     metric = exp.primary_metric

@@ -174,7 +174,7 @@ class DataPlane:
             loading = _LoadingModel(name, "" if number is None else str(number))
             served = Served(loading)  # type: ignore[arg-type]
             served.request_id = _bounded(None if stream else meta.get("x-request-id"))
-            served.seq = self._record(served, exc.status, started, meta)
+            served.seq = self._record(served, exc.status, started, meta, principal)
             raise
         served = Served(model)
         status = 500
@@ -231,7 +231,7 @@ class DataPlane:
         finally:
             if gate is not None:
                 gate.leave()
-            served.seq = self._record(served, status, started, meta)
+            served.seq = self._record(served, status, started, meta, principal)
 
     def _route(
         self, served: Served, version: str | None, meta: Mapping[str, str], principal: Any
@@ -254,7 +254,14 @@ class DataPlane:
         return routing
 
     # -- telemetry -----------------------------------------------------------------
-    def _record(self, served: Served, status: int, started: float, meta: Mapping[str, str]) -> int:
+    def _record(
+        self,
+        served: Served,
+        status: int,
+        started: float,
+        meta: Mapping[str, str],
+        principal: Any = None,
+    ) -> int:
         recorder = self._state.recorder
         if recorder is None:
             return 0
@@ -274,6 +281,7 @@ class DataPlane:
                 experiment=served.experiment,
                 variant=served.variant,
                 prediction=served.prediction,
+                owner_hash=_owner_hash(recorder, principal),
             )
         )
 
@@ -403,3 +411,10 @@ def _unit_reader(
         return str(value) if value is not None else None
 
     return read
+
+
+def _owner_hash(recorder: Any, principal: Any) -> str | None:
+    """Keyed hash of the token subject that made a request (None without a token): the
+    one caller allowed to label it without scope `feedback`."""
+    subject = getattr(principal, "subject", None)
+    return recorder.subject_hash(subject) if subject else None

@@ -48,6 +48,8 @@ class InferenceRecord(NamedTuple):
     shadow: bool = False
     error: str | None = None
     prediction: str | None = None  # the top class of a one-row classification, for accuracy
+    # Keyed hash of the token subject that made the request: only it may label it.
+    owner_hash: str | None = None
 
     @classmethod
     def ended(

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
+from edgeserve.auth.principal import SCOPE_FEEDBACK
 from edgeserve.errors import InvalidInput, ModelNotReady
 from edgeserve.http.body import read_body
 from edgeserve.telemetry.maintenance import drop_counts
@@ -63,9 +64,10 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@requires("infer")
+@requires("infer", SCOPE_FEEDBACK)
 async def feedback(request: Request) -> Response:
-    """Ground truth for an earlier request: {"request_id", "label"} or {"request_id", "correct"}."""
+    """Ground truth for an earlier request: {"request_id", "label"} or {"request_id", "correct"};
+    one label per request id, from the caller that made it (or scope `feedback`)."""
     doc = await _json_object(request)
     request_id = _text(doc, "request_id")
     label = doc.get("label")
@@ -76,15 +78,21 @@ async def feedback(request: Request) -> Response:
         raise InvalidInput("'correct' must be true or false")
     if label is None and correct is None:
         raise InvalidInput("give 'label' or 'correct'")
+    telemetry = _telemetry(request)
+    principal = request.state.principal
+    # A labelling service (scope `feedback`) may label any request; anyone else only
+    # the requests their own token subject made (edgeserve/telemetry/feedback.py).
+    owner = None if principal.holds(SCOPE_FEEDBACK) else telemetry.subject_hash(principal.subject)
     # Cut as an inference's request id and prediction are, so that the two still join
     # and compare however long the client's text.
-    seq = _telemetry(request).record_feedback(
+    seq = await telemetry.accept_feedback(
         FeedbackRecord(
             str(request_id)[:REQUEST_ID_CHARS],
             None if label is None else str(label)[:LABEL_CHARS],
             correct,
             time.time(),
-        )
+        ),
+        owner,
     )
     return _ok({"accepted": bool(seq), "seq": seq}, 202)
 

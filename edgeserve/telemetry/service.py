@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -23,8 +24,10 @@ import httpx
 import orjson
 
 from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.errors import Overloaded
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
+from edgeserve.telemetry.feedback import label_refusal
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.records import (
     SUBJECT_HASH_CHARS,
@@ -38,6 +41,9 @@ from edgeserve.telemetry.records import (
 from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import TelemetryStore
 from edgeserve.telemetry.sync import UpstreamSync
+
+# Labels that may wait for the one-label check (each is an open request).
+MAX_FEEDBACK_WAITING = 256
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class Telemetry:
         queue_fill: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.settings = settings
+        self._feedback_lock = asyncio.Lock()  # one label checked and queued at a time
+        self._feedback_waiting = 0
         self.metrics = Metrics()
         self.store = TelemetryStore(
             state_dir / "telemetry.db",
@@ -104,7 +112,38 @@ class Telemetry:
         return seq
 
     def record_feedback(self, record: FeedbackRecord) -> int:
+        """Queue a label without any check (trusted callers: tests, imports)."""
         return self.store.add(record)
+
+    async def accept_feedback(self, record: FeedbackRecord, owner_hash: str | None) -> int:
+        """Queue a label from a client once `feedback.label_refusal` allows it (raises
+        its error otherwise); its sequence number, 0 if the queue dropped it.
+
+        One label at a time: each check runs after the previous label is committed,
+        so two copies sent at once cannot both pass the one-label rule. The line of
+        labels waiting for their turn is bounded: past it the answer is 429 at once."""
+        if self._feedback_waiting >= MAX_FEEDBACK_WAITING:
+            raise Overloaded(
+                "too many labels waiting to be checked; retry later", headers={"Retry-After": "1"}
+            )
+        self._feedback_waiting += 1
+        try:
+            await self._feedback_lock.acquire()
+        finally:
+            self._feedback_waiting -= 1
+        try:
+            refusal = await asyncio.wrap_future(
+                self.store.submit(
+                    functools.partial(
+                        label_refusal, request_id=record.request_id, owner_hash=owner_hash
+                    )
+                )
+            )
+            if refusal is not None:
+                raise refusal
+            return self.store.add(record)
+        finally:
+            self._feedback_lock.release()
 
     def record_event(self, record: EventRecord) -> int:
         return self.store.add(record)

@@ -78,6 +78,7 @@ _COLUMNS: dict[str, dict[str, type]] = {
         "shadow": int,
         "error": str,
         "prediction": str,
+        "owner_hash": str,
     },
     "payloads": {
         "request_id": str,
@@ -152,10 +153,13 @@ def create_schema(path: Path) -> None:
             db[table].create_index(["synced", "seq"], if_not_exists=True)  # type: ignore[union-attr]
         if "prediction" not in db["inferences"].columns_dict:  # a buffer from before 0.1
             db["inferences"].add_column("prediction", str)  # type: ignore[union-attr]
+        if "owner_hash" not in db["inferences"].columns_dict:  # a buffer from before 0.2
+            db["inferences"].add_column("owner_hash", str)  # type: ignore[union-attr]
         for name, sql in PARTIAL_INDEXES.items():
             _ensure_index(conn, name, sql)
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
+        db["feedback"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]
