@@ -211,7 +211,7 @@ def _dataclass_shaped(manifest_raw: bytes) -> bytes:
 
 
 def document_cost(parses: int) -> dict[str, dict[str, float]]:
-    """µs per document: today's hand validators, and each library decoding into the dataclass."""
+    """µs per document: edgeserve's parsers, and each library decoding into the dataclass."""
     import pydantic
 
     from edgeserve.experiments.model import Experiment, parse_definition
@@ -222,7 +222,7 @@ def document_cost(parses: int) -> dict[str, dict[str, float]]:
     exp_adapter = pydantic.TypeAdapter(Experiment)
     man_adapter = pydantic.TypeAdapter(Manifest)
     jobs = {
-        "hand-written (today)": (
+        "edgeserve parsers": (
             lambda: parse_definition(json.loads(exp_raw)),
             lambda: parse_manifest(man_raw),
         ),
