@@ -263,6 +263,10 @@ def test_bad_experiment_definitions_are_refused(server: RunningServer) -> None:
         ({**base, "stages": [50, 10]}, "'stages'"),
         ({**base, "bogus": 1}, "unknown experiment field 'bogus'"),
         ({**base, "id": "../x"}, "'id'"),
+        ({**base, "id": "x\n"}, "'id'"),
+        ({**base, "running_p": 1}, "'running_p' has an invalid value"),
+        ({**base, "running_p": [[1, 2]]}, "'running_p' has an invalid value"),
+        ({**base, "history": 7}, "'history' has an invalid value"),
     ]
     with httpx.Client(timeout=10) as client:
         for doc, message in cases:

@@ -93,6 +93,12 @@ def _dup_key(raw: bytes) -> bytes:
         (edit_json(lambda d: d.update(version=True)), "bad_manifest", "version"),
         (edit_json(lambda d: d.update(version=0)), "bad_manifest", "version"),
         (edit_json(lambda d: d.update(model="../etc")), "bad_manifest", "model"),
+        (edit_json(lambda d: d.update(model="digits\n")), "bad_manifest", "model"),
+        (
+            edit_json(lambda d: d.update(version=-1)),
+            "bad_manifest",
+            "version: must be >= 1, got -1",
+        ),
         (edit_json(lambda d: d.update(created="yesterday")), "bad_manifest", "created"),
         (edit_json(lambda d: d.update(created="2026-01-01T00:00:00")), "bad_manifest", "zone"),
         (edit_json(lambda d: d["files"][0].update(sha256="AB" * 32)), "bad_manifest", "sha256"),
