@@ -1,0 +1,103 @@
+"""A deadline on every request body, with a minimum data rate (slowloris on the body).
+
+`read_timeout_s` only bounds the silence between two packets, so a client that sends a
+byte every few seconds could hold a request, and its connection, for as long as it
+liked. This pure-ASGI middleware gives each body a deadline that moves with the data:
+`body_rate_grace_s` plus one second per `min_body_bytes_per_s` received, and never
+later than `body_timeout_s` after the request reached the application (as Kestrel's
+MinRequestBodyDataRate). A body that misses it is refused with 408 and the connection
+is closed, whatever route was reading it. Time spent by the application between two
+reads does not count against the client: only waits inside `receive` are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgeserve.errors import EdgeserveError
+from edgeserve.http.bounds import BODY_DEADLINE, BoundsHit
+
+if sys.version_info >= (3, 11):
+
+    async def _receive_by(receive: Receive, deadline: float) -> Message:
+        async with asyncio.timeout_at(deadline):  # one timer, no extra task
+            return await receive()
+
+else:  # pragma: no cover
+
+    async def _receive_by(receive: Receive, deadline: float) -> Message:
+        remaining = deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(receive(), max(0.0, remaining))
+
+
+class BodyTooSlow(EdgeserveError):
+    """The body did not arrive in time; the connection is closed with the answer."""
+
+    status = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"connection": "close"})
+
+
+class BodyDeadline:
+    """Wrap `receive` so that each body read waits no later than the body's deadline."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        bounds: BoundsHit,
+        *,
+        timeout_s: float,
+        grace_s: float,
+        min_bytes_per_s: int,
+    ) -> None:
+        self.app = app
+        self.bounds = bounds
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.min_bytes_per_s = min_bytes_per_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        received = 0
+        complete = False
+        timed_out = False
+
+        async def timed_receive() -> Message:
+            nonlocal received, complete, timed_out
+            if complete:  # after the body only a disconnect can come: not bounded here
+                return await receive()
+            deadline = start + self.timeout_s
+            if self.min_bytes_per_s:
+                deadline = min(deadline, start + self.grace_s + received / self.min_bytes_per_s)
+            try:
+                message = await _receive_by(receive, deadline)
+            except asyncio.TimeoutError:
+                timed_out = True
+                self.bounds.hit(BODY_DEADLINE)
+                raise BodyTooSlow(
+                    f"request body too slow: {received} bytes received in "
+                    f"{loop.time() - start:.0f}s (at least {self.min_bytes_per_s} bytes/s "
+                    f"after {self.grace_s:g}s, all within {self.timeout_s:g}s)"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            return message
+
+        async def closing_send(message: Message) -> None:
+            # A route may answer a refused body its own way: the connection still closes,
+            # or the rest of the slow body would be read as the next request.
+            if timed_out and message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, timed_receive, closing_send)
