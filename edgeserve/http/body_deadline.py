@@ -55,6 +55,9 @@ class BodyDeadline:
         min_bytes_per_s: int,
     ) -> None:
         self.app = app
+        # The parser-level shedding (edgeserve/http/shedding.py) finds the registry and
+        # the loop gate on the served app's state: this wrapper is the served app.
+        self.state = getattr(app, "state", None)
         self.bounds = bounds
         self.timeout_s = timeout_s
         self.grace_s = grace_s
