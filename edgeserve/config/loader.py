@@ -58,7 +58,7 @@ class ServerSettings:
     # Open HTTP connections (uvicorn engine): beyond either cap a new one gets 503 and is
     # closed. The total is also kept 64 below the process's open-file limit.
     max_connections: int = setting(1024, min=1, max=1_000_000)
-    max_connections_per_client: int = setting(128, min=1, max=1_000_000)
+    max_connections_per_client: int = setting(512, min=1, max=1_000_000)
     loop_lag_target_ms: float = setting(10.0, min=0, max=10_000)  # 0 = off
     graceful_timeout_s: float = setting(10.0, min=0, max=3600)
     log_level: str = setting("info", choices=("debug", "info", "warning", "error"))
