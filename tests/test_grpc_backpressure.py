@@ -23,7 +23,7 @@ from tests.serving import MODELS, free_port, run_server
 
 ROWS = 64  # digits' max_batch_size: the largest reply one request can ask for
 SEND_FOR_S = 10.0  # how long the client keeps trying to send (a deadline, not an assert)
-RSS_BOUND_MIB = 100  # growth allowed while the client sends and never reads
+RSS_BOUND_MIB = 50  # growth allowed while the client sends and never reads
 
 
 def rss_mib(pid: int) -> float:
