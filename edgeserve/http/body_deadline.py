@@ -3,11 +3,11 @@
 `read_timeout_s` only bounds the silence between two packets, so a client that sends a
 byte every few seconds could hold a request, and its connection, for as long as it
 liked. This pure-ASGI middleware gives each body a deadline that moves with the data:
-`body_rate_grace_s` plus one second per `min_body_bytes_per_s` received, and never
-later than `body_timeout_s` after the request reached the application (as Kestrel's
-MinRequestBodyDataRate). A body that misses it is refused with 408 and the connection
-is closed, whatever route was reading it. Time spent by the application between two
-reads does not count against the client: only waits inside `receive` are bounded.
+`body_rate_grace_s` plus one second per `min_body_bytes_per_s` received, never more
+than `body_timeout_s` (as Kestrel's MinRequestBodyDataRate). A body that misses it is
+refused with 408 and the connection is closed, whatever route was reading it. Only the
+time the application spends waiting inside `receive` counts: a route that is slow to
+read (auth first, a disk write per chunk) does not use up the client's allowance.
 """
 
 from __future__ import annotations
@@ -68,28 +68,31 @@ class BodyDeadline:
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        waited = 0.0  # seconds spent inside `receive`: the client's time, not the app's
         received = 0
         complete = False
         timed_out = False
 
         async def timed_receive() -> Message:
-            nonlocal received, complete, timed_out
+            nonlocal waited, received, complete, timed_out
             if complete:  # after the body only a disconnect can come: not bounded here
                 return await receive()
-            deadline = start + self.timeout_s
+            allowed = self.timeout_s
             if self.min_bytes_per_s:
-                deadline = min(deadline, start + self.grace_s + received / self.min_bytes_per_s)
+                allowed = min(allowed, self.grace_s + received / self.min_bytes_per_s)
+            began = loop.time()
             try:
-                message = await _receive_by(receive, deadline)
+                message = await _receive_by(receive, began + allowed - waited)
             except asyncio.TimeoutError:
                 timed_out = True
                 self.bounds.hit(BODY_DEADLINE)
                 raise BodyTooSlow(
                     f"request body too slow: {received} bytes received in "
-                    f"{loop.time() - start:.0f}s (at least {self.min_bytes_per_s} bytes/s "
-                    f"after {self.grace_s:g}s, all within {self.timeout_s:g}s)"
+                    f"{waited + loop.time() - began:.0f}s (at least {self.min_bytes_per_s} "
+                    f"bytes/s after {self.grace_s:g}s, all within {self.timeout_s:g}s)"
                 ) from None
+            finally:
+                waited += loop.time() - began
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
