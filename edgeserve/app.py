@@ -299,6 +299,17 @@ def _start_telemetry(app: Starlette, settings: Settings, registry: Registry) -> 
             app.state.pipeline.unknown_counts,
         )
     )
+    bounds = getattr(app.state, "bounds", None)  # set by edgeserve/server.py
+    if bounds is not None:
+        telemetry.metrics.register(
+            ReadCounter(
+                "edgeserve_bounds_hit",
+                "Connections and request bodies refused by a bound (connection caps: 503 "
+                "and close; body deadline: 408 and close)",
+                ["bound"],
+                bounds.counts,
+            )
+        )
     token_cache = getattr(app.state.authenticator, "cache", None)
     if token_cache is not None:
         telemetry.metrics.register(

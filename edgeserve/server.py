@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import ssl
 from collections.abc import Callable, Coroutine
@@ -19,9 +20,23 @@ from hypercorn.config import Config as HypercornConfig
 
 from edgeserve.app import build_app
 from edgeserve.config.loader import ConfigError, Settings
+from edgeserve.http.body_deadline import BodyDeadline
+from edgeserve.http.bounds import CONNECTIONS, CONNECTIONS_PER_CLIENT, BoundsHit
 from edgeserve.process import systemd_notify
 
 log = logging.getLogger(__name__)
+
+# Descriptors kept free of client connections for the process's own files (models,
+# SQLite, logs, gRPC): the connection cap stays this far below `ulimit -n`.
+FD_RESERVE = 64
+_BUSY_BODY = b'{"error": "too many open connections; retry later"}'
+REFUSED_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+    + str(len(_BUSY_BODY)).encode()
+    + b"\r\n\r\n"
+    + _BUSY_BODY
+)
 
 # TLS 1.2 suites: forward-secret key exchange and AEAD only (1.3's suites all are). ChaCha20
 # for ARM boxes without AES instructions.
@@ -57,7 +72,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.h2_max_header_list_size = settings.limits.max_header_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.ssl_handshake_timeout = 5.0
+    config.ssl_handshake_timeout = s.tls_handshake_timeout_s
     if s.tls_cert is not None and s.tls_key is not None:
         config.certfile = str(s.tls_cert)
         config.keyfile = str(s.tls_key)
@@ -86,6 +101,16 @@ def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None
 async def run_server(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT."""
     app = build_app(settings)
+    bounds = BoundsHit()
+    app.state.bounds = bounds  # exported by the telemetry metrics (edgeserve/app.py)
+    limits = settings.limits
+    served = BodyDeadline(
+        app,
+        bounds,
+        timeout_s=limits.body_timeout_s,
+        grace_s=limits.body_rate_grace_s,
+        min_bytes_per_s=limits.min_body_bytes_per_s,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,9 +135,9 @@ async def run_server(settings: Settings) -> None:
     announce = asyncio.ensure_future(_announce_ready(app, settings))
     try:
         if settings.server.engine == "uvicorn":
-            await serve_uvicorn(app, settings, stop)
+            await serve_uvicorn(served, settings, stop, bounds)
         else:
-            await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            await serve(served, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         announce.cancel()
         watchdog.cancel()
@@ -136,7 +161,17 @@ async def _announce_ready(app: object, settings: Settings) -> None:
         await asyncio.sleep(0.1)
 
 
-async def serve_uvicorn(app: object, settings: Settings, stop: asyncio.Event) -> None:
+def connection_cap(requested: int) -> int:
+    """`requested`, lowered to keep FD_RESERVE descriptors below the open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - FD_RESERVE))
+
+
+async def serve_uvicorn(
+    app: object, settings: Settings, stop: asyncio.Event, bounds: BoundsHit | None = None
+) -> None:
     """Serve with Uvicorn + httptools (HTTP/1.1 only) until `stop` is set.
 
     Faster per request than Hypercorn on small models (see bench/RESULTS.md); Hypercorn's
@@ -149,7 +184,7 @@ async def serve_uvicorn(app: object, settings: Settings, stop: asyncio.Event) ->
         app,  # type: ignore[arg-type]
         host=s.host,
         port=s.port,
-        http=_guarded_httptools(settings),  # type: ignore[arg-type]
+        http=_guarded_httptools(settings, bounds or BoundsHit()),  # type: ignore[arg-type]
         ws="wsproto",  # already installed for Hypercorn
         lifespan="on",
         access_log=False,
@@ -166,7 +201,7 @@ async def serve_uvicorn(app: object, settings: Settings, stop: asyncio.Event) ->
     config.load()  # builds the SSL context now, so it can be hardened before serving
     if config.ssl is not None:
         harden_tls(config.ssl)
-    server = uvicorn.Server(config)
+    server = _uvicorn_server_class()(config, s.tls_handshake_timeout_s)
 
     async def stop_when_asked() -> None:
         await stop.wait()
@@ -179,16 +214,68 @@ async def serve_uvicorn(app: object, settings: Settings, stop: asyncio.Event) ->
         watcher.cancel()
 
 
+def _uvicorn_server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Uvicorn's server with a TLS handshake timeout: uvicorn passes none to
+        `create_server`, so asyncio's default of 60 s let an idle handshake hold a socket
+        for a minute. Only the host/port listener (the one `serve_uvicorn` uses) differs."""
+
+        def __init__(self, config: uvicorn.Config, handshake_timeout_s: float) -> None:
+            super().__init__(config)
+            self.handshake_timeout_s = handshake_timeout_s
+
+        async def startup(self, sockets: list | None = None) -> None:
+            config = self.config
+            if sockets is not None or config.ssl is None or config.uds or config.fd:
+                await super().startup(sockets)
+                return
+            await self.lifespan.startup()
+            if self.lifespan.should_exit:
+                raise SystemExit(3)  # uvicorn's STARTUP_FAILURE
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config,
+                    server_state=self.server_state,
+                    app_state=self.lifespan.state,
+                    _loop=_loop,
+                )
+
+            loop = asyncio.get_running_loop()
+            try:
+                server = await loop.create_server(
+                    create_protocol,
+                    host=config.host,
+                    port=config.port,
+                    ssl=config.ssl,
+                    backlog=config.backlog,
+                    ssl_handshake_timeout=self.handshake_timeout_s,
+                )
+            except OSError as exc:
+                log.error("cannot listen: %s", exc)
+                await self.lifespan.shutdown()
+                raise SystemExit(3) from None
+            self.servers = [server]
+            self._log_started_message(server.sockets)
+            self.started = True
+
+    return Server
+
+
 class _HeadersTooLarge(Exception):
     pass
 
 
-def _guarded_httptools(settings: Settings) -> type:
+def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
     bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
     first one) closes the connection; and one neither has: a request's line and headers
     must be complete within `request_head_timeout_s` of its first byte, so a client
-    trickling a byte just inside the read timeout cannot hold a connection for long."""
+    trickling a byte just inside the read timeout cannot hold a connection for long;
+    and caps on open connections, per client address (503 and close) and in all (the
+    longest-idle connection is closed for a newcomer; 503 when none is idle)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from edgeserve.http.shedding import shedding_protocol
@@ -196,6 +283,14 @@ def _guarded_httptools(settings: Settings) -> type:
     max_head_bytes = settings.limits.max_header_bytes
     read_timeout_s = settings.server.read_timeout_s
     head_timeout_s = settings.server.request_head_timeout_s
+    max_total = connection_cap(settings.server.max_connections)
+    max_per_client = settings.server.max_connections_per_client
+    log.info("connection caps total=%d per_client=%d", max_total, max_per_client)
+    open_by_client: dict[str, int] = {}  # client address -> open connections (no zeros)
+    open_total = [0]
+    # Connections between requests or still waiting for a request's head, oldest first:
+    # the ones a newcomer may displace when the total cap is reached.
+    idle: dict[Any, None] = {}
 
     class GuardedHttpTools(HttpToolsProtocol):
         _head_bytes = 0
@@ -207,12 +302,72 @@ def _guarded_httptools(settings: Settings) -> type:
         _read_deadline = 0.0  # the next bytes of a request must arrive by then
         _head_deadline = 0.0  # the request's line and headers must be complete by then
         _deadline_timer: asyncio.TimerHandle | None = None
+        _counted_as: str | None = None  # the client address this connection is counted under
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            address = self.client[0] if self.client else ""
+            held = open_by_client.get(address, 0)
+            if held >= max_per_client:
+                self._refuse(CONNECTIONS_PER_CLIENT)
+                return
+            if open_total[0] >= max_total:
+                if not idle:
+                    self._refuse(CONNECTIONS)
+                    return
+                # As nginx reuses idle keep-alive connections: the one idle longest (or
+                # still waiting for its request head) makes room, so slow sockets cannot
+                # lock newcomers such as health checks out.
+                bounds.hit(CONNECTIONS)
+                victim = next(iter(idle))
+                victim._release()
+                victim.transport.close()
+            open_total[0] += 1
+            open_by_client[address] = held + 1
+            self._counted_as = address
+            idle[self] = None
             self._arm()
 
+        def _refuse(self, bound: str) -> None:
+            bounds.hit(bound)
+            self.transport.write(REFUSED_BUSY)
+            self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._counted_as is not None and not self.transport.is_closing():
+                idle[self] = None  # last in the eviction order: idle since now
+
+        def _release(self) -> None:
+            address = self._counted_as
+            if address is None:
+                return
+            self._counted_as = None
+            idle.pop(self, None)
+            open_total[0] -= 1
+            left = open_by_client[address] - 1
+            if left:
+                open_by_client[address] = left
+            else:
+                del open_by_client[address]
+
+        def handle_websocket_upgrade(self) -> None:
+            """The WebSocket protocol takes the transport over (and gets its
+            `connection_lost`): the connection is released when it ends."""
+            idle.pop(self, None)
+            super().handle_websocket_upgrade()
+            upgraded = self.transport.get_protocol()
+            lost = upgraded.connection_lost
+            release = self._release
+
+            def connection_lost(exc: Exception | None) -> None:
+                release()
+                lost(exc)
+
+            upgraded.connection_lost = connection_lost  # type: ignore[method-assign]
+
         def connection_lost(self, exc: Exception | None) -> None:
+            self._release()
             self._read_deadline = self._head_deadline = 0.0
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
@@ -233,6 +388,7 @@ def _guarded_httptools(settings: Settings) -> type:
             self._check_by(min(self._read_deadline, self._head_deadline))
 
         def on_headers_complete(self) -> None:
+            idle.pop(self, None)  # a request is being served: not evicted for a newcomer
             self._head_done()
             super().on_headers_complete()
 

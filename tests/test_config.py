@@ -79,6 +79,18 @@ BROKEN = [
     ('[server]\nevent_loop = "twisted"\n', "server.event_loop: must be one of"),
     ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
     ("[server]\nrequest_head_timeout_s = 0\n", "server.request_head_timeout_s: must be >= 0.1"),
+    ("[server]\ntls_handshake_timeout_s = 0\n", "server.tls_handshake_timeout_s: must be >= 0.1"),
+    ("[server]\nmax_connections = 0\n", "server.max_connections: must be >= 1"),
+    (
+        "[server]\nmax_connections_per_client = 0\n",
+        "server.max_connections_per_client: must be >= 1",
+    ),
+    ("[limits]\nbody_timeout_s = 0\n", "limits.body_timeout_s: must be >= 1"),
+    ("[limits]\nbody_rate_grace_s = -1\n", "limits.body_rate_grace_s: must be >= 0"),
+    (
+        '[limits]\nmin_body_bytes_per_s = "slow"\n',
+        "limits.min_body_bytes_per_s: must be an integer",
+    ),
     ("[server]\nloop_lag_target_ms = -1\n", "server.loop_lag_target_ms: must be >= 0"),
     ('[server]\nloop_lag_target_ms = "fast"\n', "server.loop_lag_target_ms: must be a number"),
     ('[models]\nbackend = "tensorflow"\n', "models.backend: must be one of"),

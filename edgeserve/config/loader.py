@@ -54,6 +54,11 @@ class ServerSettings:
     keep_alive_timeout_s: float = setting(5.0, min=0.1, max=3600)
     read_timeout_s: float = setting(10.0, min=0.1, max=3600)
     request_head_timeout_s: float = setting(30.0, min=0.1, max=3600)
+    tls_handshake_timeout_s: float = setting(5.0, min=0.1, max=600)
+    # Open HTTP connections (uvicorn engine): beyond either cap a new one gets 503 and is
+    # closed. The total is also kept 64 below the process's open-file limit.
+    max_connections: int = setting(1024, min=1, max=1_000_000)
+    max_connections_per_client: int = setting(512, min=1, max=1_000_000)
     loop_lag_target_ms: float = setting(10.0, min=0, max=10_000)  # 0 = off
     graceful_timeout_s: float = setting(10.0, min=0, max=3600)
     log_level: str = setting("info", choices=("debug", "info", "warning", "error"))
@@ -85,6 +90,11 @@ class LimitSettings:
     max_bytes_element: int = setting(1024 * 1024, min=1)
     max_header_bytes: int = setting(16 * 1024, min=1024)
     max_headers: int = setting(64, min=8)
+    # A request body must arrive at `min_body_bytes_per_s` on average once
+    # `body_rate_grace_s` have passed, and whole within `body_timeout_s`; else 408 + close.
+    body_timeout_s: float = setting(900.0, min=1, max=86_400)
+    body_rate_grace_s: float = setting(10.0, min=0, max=3600)
+    min_body_bytes_per_s: int = setting(16 * 1024, min=0, max=1024**3)  # 0 = no rate
     accept_compressed: bool = False
 
 

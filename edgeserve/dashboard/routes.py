@@ -22,6 +22,9 @@ from edgeserve.errors import EdgeserveError, Forbidden, Unauthorized
 from edgeserve.http.body import read_body
 
 COOKIE = "edgeserve_dashboard"
+# The login form holds one token: a few hundred bytes. Anything larger is refused on its
+# Content-Length before a byte of it is read; the body deadline bounds a slow one.
+MAX_LOGIN_BODY_BYTES = 4096
 STATIC = Path(__file__).with_name("static")
 
 
@@ -69,8 +72,13 @@ async def dashboard(request: Request) -> Response:
 
 
 async def open_session(request: Request) -> Response:
-    body = await read_body(request, 16 * 1024)
-    token = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0].strip()
+    """A session from the login form's token, or from the bearer header: a client that
+    sends the header is authenticated before (and without) any body read."""
+    token = _bearer(request)
+    if token is None:
+        body = await read_body(request, MAX_LOGIN_BODY_BYTES)
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        token = form.get("token", [""])[0].strip()
     try:
         principal = await _principal_from(request, token)
         principal.require("read")
@@ -86,6 +94,11 @@ async def open_session(request: Request) -> Response:
         secure=request.url.scheme == "https",
     )
     return response
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 async def close_session(request: Request) -> Response:

@@ -1,8 +1,10 @@
 """`ModelStreamInfer`, Triton's bidirectional gRPC stream: requests are answered as they
 complete, several at once (so a stream feeds the dynamic batcher like concurrent
 calls do), at most `MAX_IN_FLIGHT` per stream so a fast sender cannot queue without
-bound. A failed request answers with `error_message` and the stream goes on, as Triton
-does; only a refused caller ends it.
+bound. A request holds its slot until the writer has taken its reply, so a client that
+sends and never reads stops being read (HTTP/2 flow control then blocks its sends)
+instead of piling replies up in memory, as the WebSocket path does. A failed request
+answers with `error_message` and the stream goes on, as Triton does; only a refused caller ends it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ async def stream_replies(
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
     """One ModelStreamInferResponse per request read from `requests`, in completion order
     (each carries its request's id)."""
-    replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    # Each queued reply still holds its slot, so the queue never holds more than
+    # MAX_IN_FLIGHT replies plus the end marker: `put_nowait` cannot fail.
+    replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(MAX_IN_FLIGHT + 1)
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def answer(request: Any) -> None:
@@ -44,9 +48,7 @@ async def stream_replies(
             reply = pb.ModelStreamInferResponse(
                 error_message="internal error", infer_response=pb.ModelInferResponse(id=request.id)
             )
-        finally:
-            slots.release()
-        await replies.put(reply)
+        replies.put_nowait(reply)  # the slot is released when the writer takes it
 
     async def read() -> None:
         running: set[asyncio.Task] = set()
@@ -63,11 +65,12 @@ async def stream_replies(
                 task.cancel()
             raise
         finally:
-            await replies.put(None)  # the client closed its side, or the stream broke
+            replies.put_nowait(None)  # the client closed its side, or the stream broke
 
     reader = asyncio.ensure_future(read())
     try:
         while (reply := await replies.get()) is not None:
+            slots.release()
             yield reply
     finally:
         reader.cancel()

@@ -11,7 +11,9 @@ Backpressure: at most `[jobs] stream_window` messages are in flight (received, b
 computed, or computed and waiting to be sent). When the client stops reading, sends
 block on the socket, the window fills, the server stops reading the socket, and the
 client's own sends block: memory per connection stays bounded by the window, never by
-how far ahead the client runs. Authenticated with `@requires("infer")` at the
+how far ahead the client runs. Each message passes the event loop's gate
+(edgeserve/serving/admission.py) as HTTP and gRPC inferences do: a refused one gets
+`{"error": ..., "status": 429}`. Authenticated with `@requires("infer")` at the
 handshake (a refused handshake is an HTTP 403).
 """
 
@@ -179,6 +181,7 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
             message,
             websocket.headers,
             getattr(websocket.state, "principal", None),
+            gated=True,  # the HTTP parser's gate never sees a WebSocket message
             stream=True,
         )
         model = served.model
