@@ -14,13 +14,14 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.waiting import wait_until
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -164,17 +165,14 @@ def test_state_dir_and_keys_are_owner_only(installed: Install) -> None:
 
 
 def test_installed_server_answers_ready(installed_server: str) -> None:
-    deadline = time.monotonic() + 60
-    status = None
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         try:
-            status = httpx.get(f"{installed_server}/v2/health/ready", timeout=2).status_code
+            return httpx.get(f"{installed_server}/v2/health/ready", timeout=2).status_code == 200
         except httpx.TransportError:
-            status = None
-        if status == 200:
-            break
-        time.sleep(0.2)
-    assert status == 200
+            return False
+
+    wait_until(ready, 60, "the installed server to be ready", interval_s=0.2)
 
 
 def test_second_run_is_a_no_op_and_keeps_an_edited_config(
