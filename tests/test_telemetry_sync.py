@@ -370,7 +370,8 @@ def _load(server: RunningServer, name: str, stop: threading.Event, answered: lis
                 )
             except httpx.TransportError:
                 return
-            answered.append((int(reply.headers["x-telemetry-seq"]), rid))
+            if reply.status_code == 200:  # a loaded box may shed with 429 (no record then)
+                answered.append((int(reply.headers["x-telemetry-seq"]), rid))
 
 
 @pytest.mark.slow
