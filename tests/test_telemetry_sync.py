@@ -180,6 +180,7 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
         assert await telemetry.flush(10)
 
         def all_sent() -> bool:  # before stop() cuts an upload short
+            nonlocal metrics
             metrics = _state(url)["metrics"]
             return (
                 telemetry.sync.sent_records >= 24  # type: ignore[union-attr]
