@@ -109,26 +109,28 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def installed_server(installed: Install) -> Iterator[str]:
+def installed_server(installed: Install, tmp_path: Path) -> Iterator[str]:
     """The installed program, started from the prefix with the installed config."""
     port = free_port()
-    process = subprocess.Popen(
-        [str(installed.prefix / "bin" / "edgeserve"), "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=installed.state_dir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
+    # Its log goes to a file: a pipe nobody reads was left open (a ResourceWarning) and
+    # would stall the server once full.
+    with (tmp_path / "installed-server.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(installed.prefix / "bin" / "edgeserve"), "serve", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=installed.state_dir,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 pytestmark = pytest.mark.slow
