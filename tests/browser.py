@@ -18,6 +18,7 @@ import httpx
 from websockets.sync.client import connect
 
 from tests.serving import free_port
+from tests.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -82,8 +83,8 @@ class Page:
         self.evaluate("window.__previousDocument = true")
 
     def _wait_new_document(self, timeout_s: float, failure: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def loaded() -> bool:
             try:
                 state = self.evaluate(
                     "window.__previousDocument === true ? 'previous' : document.readyState"
@@ -91,11 +92,10 @@ class Page:
             except RuntimeError as exc:  # evaluated while the document was being replaced
                 if "navigated or closed" not in str(exc) and "context" not in str(exc):
                     raise
-                state = "navigating"
-            if state == "complete":
-                return
-            time.sleep(0.05)
-        raise TimeoutError(failure)
+                return False
+            return state == "complete"
+
+        wait_until(loaded, timeout_s, failure)
 
     def evaluate(self, expression: str) -> Any:
         return self.send("Runtime.evaluate", expression=expression, returnByValue=True)[
@@ -132,18 +132,15 @@ def chromium_page() -> Iterator[Page]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def open_pages() -> list[dict]:
             try:
                 targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=1).json()
-                pages = [t for t in targets if t.get("type") == "page"]
-                if pages:
-                    break
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("chromium did not open its DevTools port")
-            time.sleep(0.1)
+                return []
+            return [t for t in targets if t.get("type") == "page"]
+
+        pages = wait_until(open_pages, 30, "chromium's DevTools port", interval_s=0.1)
         with connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 1024 * 1024) as ws:
             page = Page(ws)
             for domain in ("Page", "Runtime", "Log", "Network"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from edgeserve.auth import issuer
 from tests.serving import RunningServer, run_server
 from tests.test_auth_server import wait_until_live
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,11 @@ def audit_entries(server: RunningServer, admin: str, since: int = 0) -> list[dic
 def wait_for(
     server: RunningServer, admin: str, found: Callable[[list[dict]], bool], timeout_s: float = 20
 ) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def found_entries() -> list[dict] | None:
         entries = audit_entries(server, admin)
-        if found(entries) or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+        return entries if found(entries) else None
+
+    return wait_until(found_entries, timeout_s, "the audit entries", interval_s=0.1)
 
 
 def test_refused_tokens_are_audited_and_aggregated(live: tuple[RunningServer, Path]) -> None:

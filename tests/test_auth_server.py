@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from edgeserve.auth import issuer
 from tests.auth_support import TestKey, b64url, claims, hmac_token, make_token
 from tests.serving import RunningServer, run_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
 
 
 def wait_until_live(server: RunningServer, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def live() -> bool:
         assert server.process.poll() is None, server.log()
         try:
-            if httpx.get(server.url + "/v2/health/live", timeout=1.0).status_code == 200:
-                return
+            return httpx.get(server.url + "/v2/health/live", timeout=1.0).status_code == 200
         except httpx.TransportError:
-            time.sleep(0.05)
-    raise TimeoutError(server.log())
+            return False
+
+    wait_until(live, timeout_s, lambda: f"the server to be live:\n{server.log()}")
 
 
 def token_for(state_dir: Path, *scopes: str, ttl_s: int = 300) -> str:
@@ -111,10 +111,13 @@ def wait_for_status(
     server: RunningServer, path: str, token: str, status: int, timeout_s: float = 30.0
 ) -> None:
     """Poll until `path` answers `status`: the JWKS file is looked at once a second."""
-    deadline = time.monotonic() + timeout_s
-    while (got := get(server, path, token).status_code) != status:
-        assert time.monotonic() < deadline, f"still {got}, want {status}"
-        time.sleep(0.1)  # polling interval, not synchronisation
+    got: list[int] = []
+
+    def answers() -> bool:
+        got.append(get(server, path, token).status_code)
+        return got[-1] == status
+
+    wait_until(answers, timeout_s, lambda: f"{status} (still {got[-1]})", interval_s=0.1)
 
 
 def test_rotation_is_picked_up_without_a_restart(live: tuple[RunningServer, Path]) -> None:

@@ -8,7 +8,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 from edgeserve.cli.group import run
 from tests.serving import run_server
 from tests.test_batch_support import digits_rows, model_repository, served_outputs, server_config
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +162,15 @@ def test_resume_after_sigkill_loses_and_repeats_no_row(repo: Path, tmp_path: Pat
     )
     checkpoint = tmp_path / "out.csv.checkpoint.json"
     proc = subprocess.Popen(args)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if checkpoint.exists() and json.loads(checkpoint.read_text())["state"]["rows_done"] > 5000:
-            break
-        time.sleep(0.002)
+
+    def midway_or_exited() -> bool:
+        if proc.poll() is not None:
+            return True  # the assertion below says it was not interrupted midway
+        if not checkpoint.exists():
+            return False
+        return json.loads(checkpoint.read_text())["state"]["rows_done"] > 5000
+
+    wait_until(midway_or_exited, 60, "5,000 rows checkpointed", interval_s=0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = json.loads(checkpoint.read_text())["state"]["rows_done"]

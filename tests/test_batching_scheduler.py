@@ -14,6 +14,7 @@ import pytest
 
 from edgeserve.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from edgeserve.serving.batcher import BatchPolicy, DynamicBatcher, batch_rows_limit, build_scheduler
+from tests.waiting import wait_until_async
 
 
 class FakeRuntime:
@@ -71,10 +72,7 @@ async def hold_the_slot(
 
 
 async def wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
+    await wait_until_async(condition, timeout_s, "the condition", interval_s=0.001)
 
 
 def test_concurrent_requests_share_a_call_and_each_gets_its_own_rows(executor) -> None:

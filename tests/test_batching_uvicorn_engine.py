@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from tests.serving import RunningServer, run_server
 from tests.test_batching_server import WEIGHTS, WIDTH, body, write_repository
+from tests.waiting import wait_until
 
 
 def uvicorn_config(folder: Path, repo: Path) -> str:
@@ -84,14 +84,14 @@ def test_tls_serves_inference_on_either_engine(tmp_path: Path, engine: str) -> N
     trust = ssl.create_default_context(cafile=str(files.cert))
     with run_server(tmp_path, config_text=config, wait_ready=False) as running:
         url = running.url.replace("http://", "https://")
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             try:
-                if httpx.get(f"{url}/v2/health/ready", verify=trust).status_code == 200:
-                    break
+                return httpx.get(f"{url}/v2/health/ready", verify=trust).status_code == 200
             except httpx.TransportError:
-                assert time.monotonic() < deadline, running.log()
-                time.sleep(0.05)
+                return False
+
+        wait_until(ready, 60, lambda: f"the server to be ready:\n{running.log()}")
         rows = np.ones((1, WIDTH), np.float32)
         reply = httpx.post(f"{url}/v2/models/linear/infer", json=body(rows), verify=trust)
         assert reply.status_code == 200, reply.text

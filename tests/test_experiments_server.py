@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from onnx import helper, load_model_from_string, numpy_helper
 
 from tests.serving import MODELS, RunningServer, run_server, stop
+from tests.waiting import wait_until
 
 HELDOUT = np.load(MODELS / "digits" / "heldout.npz")
 X, Y = HELDOUT["X"], HELDOUT["y"]
@@ -159,12 +159,13 @@ def test_shadow_never_changes_a_response(server: RunningServer) -> None:
         shadowed = [_infer(client, server, i, f"u{i}").json() for i in range(60)]
         for a, b in zip(direct, shadowed, strict=True):
             assert a["outputs"] == b["outputs"] and b["model_version"] == "1"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def counted() -> dict | None:
             report = client.get(f"{server.url}/api/experiments/exp/report").json()
-            if report["variants"][1]["requests"] > 0 and report["variants"][0]["requests"] == 60:
-                break
-            time.sleep(0.2)
+            variants = report["variants"]
+            return report if variants[1]["requests"] > 0 and variants[0]["requests"] == 60 else None
+
+        report = wait_until(counted, 30, "the report to count the shadow copies", interval_s=0.2)
         assert report["variants"][1]["requests"] > 0  # the candidate saw copies
         assert report["variants"][0]["requests"] == 60
 

@@ -8,7 +8,6 @@ import gc
 import logging
 import shutil
 import signal
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from edgeserve.process.gc_pauses import HeapSettler, settle
 from tests.serving import MODELS, RunningServer, run_server
+from tests.waiting import wait_until, wait_until_async
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
 
@@ -61,10 +61,7 @@ def test_settler_runs_once_after_a_burst_of_changes(caplog: pytest.LogCaptureFix
         for _ in range(5):  # each change puts the settle off again
             settler.changed()
         assert gc.get_freeze_count() == 0  # nothing runs before the loop gets a turn
-        deadline = time.monotonic() + 30
-        while gc.get_freeze_count() == 0:
-            assert time.monotonic() < deadline, "the settle never ran"
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: gc.get_freeze_count() > 0, 30, "the settle to run")
         await _after_timers_due_in(0.1)  # any other settle would have run by then
         settler.stop()
         assert gc.get_freeze_count() == 0
@@ -112,7 +109,8 @@ def test_server_settles_after_loading_and_after_a_reload(tmp_path: Path) -> None
 
 
 def _wait_for_log(server: RunningServer, text: str, count: int) -> None:
-    deadline = time.monotonic() + 30
-    while server.log().count(text) < count:
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.05)
+    wait_until(
+        lambda: server.log().count(text) >= count,
+        30,
+        lambda: f"{text!r} x{count} in the log:\n{server.log()[-3000:]}",
+    )

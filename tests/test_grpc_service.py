@@ -5,7 +5,6 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.serving import free_port, run_server
 from tests.test_batching_server import CLASSES, WEIGHTS, WIDTH, write_repository
+from tests.waiting import wait_until
 
 TOMLS = {
     "linear": 'backend = "onnxruntime"\nmax_batch_size = 8\n'
@@ -223,10 +223,8 @@ def test_grpc_inferences_leave_telemetry_records(tmp_path: Path) -> None:
             client.async_stream_infer("linear", [data], request_id="g-stream")
             assert replies.get(timeout=30) is None
             client.stop_stream()
-        rows: dict[str, tuple] = {}
-        deadline = time.monotonic() + 30
-        while len(rows) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)  # the writer thread commits in the background
+
+        def three_rows() -> dict[str, tuple] | None:  # the writer thread commits them
             with sqlite3.connect(tmp_path / "state" / "telemetry.db") as db:
                 rows = {
                     r[0]: r[1:]
@@ -234,6 +232,9 @@ def test_grpc_inferences_leave_telemetry_records(tmp_path: Path) -> None:
                         "SELECT request_id, model, version, status, subject_hash FROM inferences"
                     )
                 }
+            return rows if len(rows) >= 3 else None
+
+        rows = wait_until(three_rows, 30, "three telemetry rows", interval_s=0.2)
     assert rows["g-ok"][:3] == ("linear", "1", 200)
     assert rows["g-ok"][3] and "alice" not in rows["g-ok"][3]
     assert rows["g-bad"][:3] == ("linear", "1", 400)

@@ -14,13 +14,14 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.waiting import wait_until
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -108,26 +109,28 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def installed_server(installed: Install) -> Iterator[str]:
+def installed_server(installed: Install, tmp_path: Path) -> Iterator[str]:
     """The installed program, started from the prefix with the installed config."""
     port = free_port()
-    process = subprocess.Popen(
-        [str(installed.prefix / "bin" / "edgeserve"), "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=installed.state_dir,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
+    # Its log goes to a file: a pipe nobody reads was left open (a ResourceWarning) and
+    # would stall the server once full.
+    with (tmp_path / "installed-server.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(installed.prefix / "bin" / "edgeserve"), "serve", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=installed.state_dir,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 pytestmark = pytest.mark.slow
@@ -164,17 +167,14 @@ def test_state_dir_and_keys_are_owner_only(installed: Install) -> None:
 
 
 def test_installed_server_answers_ready(installed_server: str) -> None:
-    deadline = time.monotonic() + 60
-    status = None
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         try:
-            status = httpx.get(f"{installed_server}/v2/health/ready", timeout=2).status_code
+            return httpx.get(f"{installed_server}/v2/health/ready", timeout=2).status_code == 200
         except httpx.TransportError:
-            status = None
-        if status == 200:
-            break
-        time.sleep(0.2)
-    assert status == 200
+            return False
+
+    wait_until(ready, 60, "the installed server to be ready", interval_s=0.2)
 
 
 def test_second_run_is_a_no_op_and_keeps_an_edited_config(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from tests.serving import RunningServer, run_server, wait_until_ready
 from tests.test_batch_support import digits_rows, model_repository, server_config
+from tests.waiting import wait_until
 
 JSONL = {"content-type": "application/x-ndjson"}
 PARQUET = {"content-type": "application/vnd.apache.parquet"}
@@ -59,13 +59,13 @@ def parquet_body(rows: int) -> bytes:
 
 
 def wait_for(url: str, job_id: str, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        doc = httpx.get(f"{url}/api/jobs/{job_id}", timeout=5).json()
-        if doc["status"] not in ("queued", "running"):
-            return doc
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} still {doc['status']}")
+    seen: list[dict] = [{}]
+
+    def finished() -> dict | None:
+        seen[0] = httpx.get(f"{url}/api/jobs/{job_id}", timeout=5).json()
+        return None if seen[0]["status"] in ("queued", "running") else seen[0]
+
+    return wait_until(finished, timeout_s, lambda: f"job {job_id} to end (still {seen[0]})")
 
 
 def raw_labels(repo: Path, x: np.ndarray) -> np.ndarray:
@@ -192,13 +192,12 @@ def test_a_job_survives_sigkill_and_finishes_after_restart_exactly_once(
             headers=PARQUET,
         )
         job_id = reply.json()["id"]
-        deadline = time.monotonic() + 60
-        done = 0
-        while time.monotonic() < deadline:
+
+        def rows_done() -> int:
             done = httpx.get(f"{first.url}/api/jobs/{job_id}").json()["rows_done"]
-            if done >= 20_000:
-                break
-            time.sleep(0.01)
+            return done if done >= 20_000 else 0
+
+        done = wait_until(rows_done, 60, "20,000 rows done", interval_s=0.01)
         first.process.kill()  # SIGKILL: no shutdown code runs
         first.process.wait()
     assert 0 < done < rows, "the job must be killed midway"
@@ -246,11 +245,11 @@ def test_finished_jobs_are_forgotten_and_too_many_active_jobs_are_refused(
         job_id = big.json()["id"]
         assert wait_for(srv.url, job_id)["status"] == "done"
         folder = tmp_path / "state" / "jobs" / job_id
-        deadline = time.monotonic() + 10
-        while (
-            time.monotonic() < deadline
-            and httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code == 200
-        ):
-            time.sleep(0.1)
+        wait_until(
+            lambda: httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code != 200,
+            10,
+            "the job to be forgotten",
+            interval_s=0.1,
+        )
         assert httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code == 404
         assert not folder.exists()

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.serving import RunningServer, run_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +27,30 @@ BODY = json.dumps(
 
 
 def wait_for_log(server: RunningServer, text: str, count: int = 1, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while server.log().count(text) < count:
-        assert time.monotonic() < deadline, f"no {text!r} x{count} in log:\n{server.log()}"
+
+    def logged() -> bool:
         assert server.process.poll() is None, server.log()
-        time.sleep(0.02)
+        return server.log().count(text) >= count
+
+    wait_until(
+        logged, timeout_s, lambda: f"{text!r} x{count} in log:\n{server.log()}", interval_s=0.02
+    )
 
 
 def refuses_connections(port: int, timeout_s: float = 10) -> bool:
     """True once a connect is refused (the listener closes just after it logs so)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def refused() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         except OSError:
             return True
-        time.sleep(0.02)
-    return False
+        return False
+
+    try:
+        return wait_until(refused, timeout_s, "a refused connection", interval_s=0.02)
+    except AssertionError:
+        return False  # the caller asserts, with the server's log
 
 
 def test_sighup_under_load_fails_no_request(tmp_path: Path) -> None:
@@ -72,11 +80,17 @@ def test_sighup_under_load_fails_no_request(tmp_path: Path) -> None:
     def wait_for_answers(count: int, timeout_s: float = 60) -> None:
         """Load is really running: `count` answers so far (a reload can finish before a
         client has sent anything, and then it proves nothing)."""
-        deadline = time.monotonic() + timeout_s
-        while answered() < count:
-            assert time.monotonic() < deadline, f"only {answered()} answers: {statuses}"
+
+        def enough() -> bool:
             assert server.process.poll() is None, server.log()
-            time.sleep(0.02)
+            return answered() >= count
+
+        wait_until(
+            enough,
+            timeout_s,
+            lambda: f"{count} answers (only {answered()}: {statuses})",
+            interval_s=0.02,
+        )
 
     with run_server(tmp_path, AUTH_OFF) as server:
         workers = [threading.Thread(target=client, args=(server.url,)) for _ in range(4)]

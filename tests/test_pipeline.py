@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.waiting import wait_until
 
 WAIT_S = 15.0
 
@@ -154,9 +154,11 @@ def test_a_client_gone_mid_body_is_counted_as_499(both: tuple[RunningServer, str
     )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head.encode() + b'{"inputs": [')
-    deadline = time.monotonic() + WAIT_S
-    statuses: set[str] = set()
-    while "499" not in statuses and time.monotonic() < deadline:
+
+    def statuses_with_499() -> set[str] | None:
         statuses = {m.group(1) for m in map(line.match, _metrics(server).splitlines()) if m}
+        return statuses if "499" in statuses else None
+
+    statuses = wait_until(statuses_with_499, WAIT_S, "a request counted as 499", interval_s=0)
     assert "499" in statuses and "500" not in statuses, statuses
     assert "Traceback" not in server.log() and "ERROR" not in server.log()

@@ -22,6 +22,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from tests.serving import RunningServer, run_server
 from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +186,12 @@ def test_a_reader_that_pauses_then_resumes_still_gets_every_result_in_order(
 
 def _wait_unread(sock: socket.socket, size: int, timeout_s: float = 60) -> None:
     """Wait until at least `size` bytes have arrived on `sock` and are not yet read."""
-    deadline = time.monotonic() + timeout_s
-    while _unread(sock) < size:
-        assert time.monotonic() < deadline, f"only {_unread(sock)} bytes arrived unread"
-        time.sleep(0.01)
+    wait_until(
+        lambda: _unread(sock) >= size,
+        timeout_s,
+        lambda: f"{size} unread bytes (only {_unread(sock)} arrived)",
+        interval_s=0.01,
+    )
 
 
 def _unread(sock: socket.socket) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import httpx
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.serving import MODELS, RunningServer
+from tests.waiting import wait_until
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]}
@@ -21,10 +21,12 @@ def _db(server: RunningServer) -> sqlite3.Connection:
 
 
 def _wait_durable(server: RunningServer, seq: int) -> None:
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.url}/api/telemetry/status").json()["durable_seq"] < seq:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(
+        lambda: httpx.get(f"{server.url}/api/telemetry/status").json()["durable_seq"] >= seq,
+        10,
+        f"durable_seq >= {seq}",
+        interval_s=0.02,
+    )
 
 
 def test_metrics_follow_prometheus_conventions(server: RunningServer) -> None:
@@ -77,14 +79,12 @@ def test_failed_requests_are_recorded_with_their_status(server: RunningServer) -
         },
     )
     assert reply.status_code == 400
-    deadline = time.monotonic() + 10
-    while True:
+
+    def stored_status() -> tuple | None:
         with _db(server) as db:
-            row = db.execute("SELECT status FROM inferences WHERE request_id = 'bad-1'").fetchone()
-        if row or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert row == (400,)
+            return db.execute("SELECT status FROM inferences WHERE request_id = 'bad-1'").fetchone()
+
+    assert wait_until(stored_status, 10, "the row of request bad-1") == (400,)
 
 
 @pytest.mark.parametrize(

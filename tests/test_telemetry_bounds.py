@@ -31,6 +31,7 @@ from edgeserve.telemetry.records import (
 from edgeserve.telemetry.service import Telemetry, build_telemetry
 from edgeserve.telemetry.settings import TelemetrySettings
 from tests.serving import MODELS, RunningServer
+from tests.waiting import wait_until
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
 INPUTS = [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]
@@ -40,16 +41,15 @@ ONE_MB = 1_000_000
 def _stored_ids(server: RunningServer, prefix: str) -> list[str]:
     """Request ids of the rows that start with `prefix`, once the writer has stored one."""
     path = server.config_path.parent / "state" / "telemetry.db"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def rows() -> list[tuple]:
         with sqlite3.connect(path) as db:
-            rows = db.execute(
+            return db.execute(
                 "SELECT request_id FROM inferences WHERE substr(request_id, 1, ?) = ?",
                 (len(prefix), prefix),
             ).fetchall()
-        if rows or time.monotonic() > deadline:
-            return [r[0] for r in rows]
-        time.sleep(0.05)
+
+    return [r[0] for r in wait_until(rows, 10, f"a stored row with id {prefix}...")]
 
 
 def _infer(server: RunningServer, request_id: str) -> httpx.Response:
@@ -101,16 +101,15 @@ def test_feedback_for_a_long_id_joins_its_inference_and_its_label_is_cut(
     )
     assert sent.status_code == 202, sent.text
     path = server.config_path.parent / "state" / "telemetry.db"
-    deadline = time.monotonic() + 10
-    while True:
+
+    def joined_rows() -> list[tuple]:
         with sqlite3.connect(path) as db:
-            joined = db.execute(
+            return db.execute(
                 "SELECT length(f.label) FROM feedback f JOIN inferences i "
                 "ON f.request_id = i.request_id WHERE substr(i.request_id, 1, 8) = 'fb-long-'"
             ).fetchall()
-        if joined or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+
+    joined = wait_until(joined_rows, 10, "the feedback row joined to its inference")
     assert joined == [(LABEL_CHARS,)]
 
 

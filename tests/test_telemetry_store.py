@@ -237,19 +237,19 @@ CHILD = textwrap.dedent(
 def test_every_record_up_to_the_reported_durable_seq_survives_sigkill(tmp_path: Path) -> None:
     db_path = tmp_path / "telemetry.db"
     for cycle in range(4):
-        child = subprocess.Popen(
+        with subprocess.Popen(  # the with closes the pipe (else a ResourceWarning)
             [sys.executable, "-c", CHILD, str(db_path), f"c{cycle}"],
             stdout=subprocess.PIPE,
             text=True,
-        )
-        assert child.stdout is not None
-        reported = 0
-        for line in child.stdout:  # kill it mid-write, after a few acknowledged batches
-            reported = int(line)
-            if reported >= 2000 * (cycle + 1):
-                break
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        ) as child:
+            assert child.stdout is not None
+            reported = 0
+            for line in child.stdout:  # kill it mid-write, after a few acknowledged batches
+                reported = int(line)
+                if reported >= 2000 * (cycle + 1):
+                    break
+            child.send_signal(signal.SIGKILL)
+            child.wait()
         with sqlite3.connect(db_path) as db:  # opening it recovers the WAL
             stored = {
                 r[0]

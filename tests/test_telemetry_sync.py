@@ -25,6 +25,7 @@ from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRe
 from edgeserve.telemetry.service import build_telemetry
 from edgeserve.telemetry.settings import TelemetrySettings
 from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.waiting import wait_until, wait_until_async
 
 RECEIVER = Path(__file__).with_name("otlp_receiver.py")
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
@@ -36,15 +37,15 @@ def receiver(port: int, ids_file: Path) -> Iterator[str]:
     process = subprocess.Popen([sys.executable, str(RECEIVER), str(port), str(ids_file)])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def answers() -> bool:
             try:
                 httpx.get(url + "/", timeout=1)
-                break
             except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(answers, 20, "the receiver to answer")
         yield url
     finally:
         process.kill()
@@ -87,10 +88,7 @@ def _state(url: str) -> dict:
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    wait_until(condition, timeout_s, what)
 
 
 def _sync_failures(server: RunningServer) -> int:
@@ -180,15 +178,16 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
         telemetry.record_audit("model.update", "digits", "ok")
         await telemetry.forget("someone")
         assert await telemetry.flush(10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            metrics = _state(url)["metrics"]  # before stop() cuts an upload short
-            if (
+
+        def all_sent() -> bool:  # before stop() cuts an upload short
+            nonlocal metrics
+            metrics = _state(url)["metrics"]
+            return (
                 telemetry.sync.sent_records >= 24  # type: ignore[union-attr]
                 and metrics.get("edgeserve.requests") == 20
-            ):
-                break
-            await asyncio.sleep(0.05)
+            )
+
+        await wait_until_async(all_sent, 30, "24 records and the metrics upstream", interval_s=0.05)
         await telemetry.stop()
         with sqlite3.connect(telemetry.store.path) as db:
             return {
@@ -321,9 +320,9 @@ def test_a_record_the_collector_refuses_is_isolated_counted_and_passed_over(
         assert await telemetry.flush(10)
         sync = telemetry.sync
         assert sync is not None
-        deadline = time.monotonic() + 30
-        while sync.sent_records < 39 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: sync.sent_records >= 39, 30, "39 records sent", interval_s=0.05
+        )
         drops = await telemetry._in_writer(maintenance.drop_counts)
         await telemetry.stop()
         return sync.sent_records, drops
@@ -372,7 +371,8 @@ def _load(server: RunningServer, name: str, stop: threading.Event, answered: lis
                 )
             except httpx.TransportError:
                 return
-            answered.append((int(reply.headers["x-telemetry-seq"]), rid))
+            if reply.status_code == 200:  # a loaded box may shed with 429 (no record then)
+                answered.append((int(reply.headers["x-telemetry-seq"]), rid))
 
 
 @pytest.mark.slow

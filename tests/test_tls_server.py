@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
-import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgeserve.auth import issuer
 from edgeserve.cli.group import run
 from tests.serving import MODELS, RunningServer, run_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -130,16 +131,15 @@ def config_text(state_dir: Path, engine: str, cert: Path, key: Path, client_ca: 
 def wait_ready(
     server: RunningServer, url: str, verify: ssl.SSLContext, timeout_s: float = 90
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         assert server.process.poll() is None, server.log()
         try:
-            if httpx.get(url + "/v2/health/ready", verify=verify, timeout=2).status_code == 200:
-                return
+            return httpx.get(url + "/v2/health/ready", verify=verify, timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(server.log())
+            return False
+
+    wait_until(ready, timeout_s, lambda: f"the server to be ready:\n{server.log()}", interval_s=0.1)
 
 
 def make_self_signed_with_cli(tmp: Path) -> tuple[Path, Path, Path]:
@@ -210,8 +210,11 @@ def client_context(
     cert: Path, version: ssl.TLSVersion, ciphers: str | None = None
 ) -> ssl.SSLContext:
     context = trusting(cert)
-    context.minimum_version = version
-    context.maximum_version = version
+    with warnings.catch_warnings():
+        # TLS 1.0 and 1.1 are deprecated in Python; the refusal tests offer them on purpose.
+        warnings.filterwarnings("ignore", r"ssl\.TLSVersion\.TLSv1", DeprecationWarning)
+        context.minimum_version = version
+        context.maximum_version = version
     if ciphers:
         context.set_ciphers(ciphers)
     return context

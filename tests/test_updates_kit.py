@@ -26,6 +26,7 @@ from edgeserve.serving.scheduler import RunResult
 from edgeserve.updates.validation import record_samples
 from edgeserve.updates.watch import ObservedScheduler
 from tests.serving import MODELS
+from tests.waiting import wait_until
 from updater import (
     SampleTensor,
     ValidationSample,
@@ -217,12 +218,7 @@ def served_version(url: str) -> str:
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
+    wait_until(check, timeout_s, what)
 
 
 class Load:

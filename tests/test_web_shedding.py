@@ -25,6 +25,7 @@ from edgeserve.http.shedding import ShedMiddleware
 from edgeserve.serving import admission as loop_lag
 from edgeserve.serving.admission import LagShedder
 from tests.serving import run_server
+from tests.waiting import wait_until
 
 # One digits row as JSON, and the keep-alive HTTP/1.1 request carrying it.
 DIGITS_BODY = (
@@ -208,10 +209,12 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(httpx.post, url, content=body, timeout=30) for _ in range(2)]
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-                reply = b""
-                deadline = time.monotonic() + 10
-                while not reply.startswith(b"HTTP/1.1 429") and time.monotonic() < deadline:
-                    reply = _raw_exchange(sock, request)  # until the queue is full
+
+                def refused() -> bytes | None:  # sent until the queue is full
+                    reply = _raw_exchange(sock, request)
+                    return reply if reply.startswith(b"HTTP/1.1 429") else None
+
+                reply = wait_until(refused, 10, "a 429 from the full queue", interval_s=0)
                 assert reply.startswith(b"HTTP/1.1 429"), reply[:200]
                 assert b"retry-after: 1" in reply.lower()
                 assert b"cache-control: no-store" in reply.lower()  # as every other answer
@@ -271,13 +274,13 @@ def test_a_flood_the_loop_cannot_keep_up_with_is_partly_refused_and_every_reques
         with httpx.Client(timeout=10) as client:  # at once: one at a time is never refused
             one_at_a_time = [client.post(url, content=DIGITS_BODY).status_code for _ in range(20)]
         assert one_at_a_time == [200] * 20
-        deadline = time.monotonic() + 10
         at_once: list[int] = []
-        while time.monotonic() < deadline:  # and the refused share falls back to nothing
-            at_once = asyncio.run(_at_once(url, DIGITS_BODY, 16))
-            if at_once == [200] * 16:
-                break
-        assert at_once == [200] * 16
+
+        def all_answered() -> bool:  # the refused share falls back to nothing
+            at_once[:] = asyncio.run(_at_once(url, DIGITS_BODY, 16))
+            return at_once == [200] * 16
+
+        wait_until(all_answered, 10, lambda: f"16 answers at once (got {at_once})", interval_s=0)
 
 
 async def _at_once(url: str, body: bytes, count: int) -> list[int]:

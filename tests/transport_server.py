@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import httpx
 
 from tests.serving import MODELS, RunningServer, free_port, run_server
 from tests.transports import digits_request, post
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -65,10 +65,12 @@ def wait_durable(server: TransportServer, timeout_s: float = 15.0) -> None:
     with httpx.Client(timeout=30) as client:
         reply = post(client, server.url + "/v2/models/digits/infer", json=digits_request())
     seq = int(reply.headers["x-telemetry-seq"])
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(server.url + "/api/telemetry/status").json()["durable_seq"] < seq:
-        assert time.monotonic() < deadline, "telemetry did not reach the database"
-        time.sleep(0.02)
+    wait_until(
+        lambda: httpx.get(server.url + "/api/telemetry/status").json()["durable_seq"] >= seq,
+        timeout_s,
+        "telemetry to reach the database",
+        interval_s=0.02,
+    )
 
 
 def telemetry_rows(server: TransportServer, sql: str, *args: object) -> list[tuple]:
