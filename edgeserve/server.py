@@ -92,7 +92,7 @@ def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None
     except ImportError:
         if choice == "uvloop":
             raise ConfigError(
-                'server.event_loop = "uvloop" but uvloop is not installed (pip install uvloop)'
+                "server.event_loop", '"uvloop" but uvloop is not installed (pip install uvloop)'
             ) from None
         return asyncio.run
     return uvloop.run

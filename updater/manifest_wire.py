@@ -161,6 +161,15 @@ _TYPES = {
 }
 
 
+_KINDS: dict[type, str] = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
+
+
 def _kind(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    return names.get(type(value), {list: "a list", dict: "an object"}.get(type(value), "null"))
+    return _KINDS.get(type(value), "null")

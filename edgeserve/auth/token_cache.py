@@ -107,6 +107,6 @@ class VerifiedTokenCache:
             self._entries.clear()  # nothing here is vouched for by the new keys
             self._generation = generation
 
-    def lookups(self) -> dict[tuple[str], int]:
+    def lookups(self) -> dict[tuple[str, ...], float]:
         """Hits and misses by label value, the shape a Prometheus read-counter takes."""
         return {("hit",): self.hits, ("miss",): self.misses}

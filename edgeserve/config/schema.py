@@ -45,7 +45,7 @@ def setting(default: Any = dataclasses.MISSING, **checks: Any) -> Any:
 
 def parse_section(cls: type[T], data: Any, key: str) -> T:
     """Build dataclass `cls` from `data`, a mapping from TOML; raise ConfigError on any fault."""
-    model = _model(cls)
+    model = _model(cls)  # type: ignore[arg-type]  # a class is hashable
     try:
         checked = model.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -80,9 +80,9 @@ def _field_type(tp: Any) -> Any:
     if origin is typing.Literal:
         return tp
     if origin in (list, tuple):
-        return list[_field_type(args[0]) if args else Any]
+        return list[_field_type(args[0]) if args else Any]  # type: ignore[misc]  # built at run time
     if origin is dict:
-        return dict[str, _field_type(args[1])]
+        return dict[str, _field_type(args[1])]  # type: ignore[misc]  # built at run time
     if dataclasses.is_dataclass(tp):
         return _model(tp)  # type: ignore[arg-type]
     if tp is Any:
@@ -145,7 +145,11 @@ def _value(tp: Any, value: Any, path: str) -> Any:
         for candidate in args:
             if candidate is type(None):
                 continue
-            if dataclasses.is_dataclass(candidate) and isinstance(value, pydantic.BaseModel):
+            if (
+                isinstance(candidate, type)
+                and dataclasses.is_dataclass(candidate)
+                and isinstance(value, pydantic.BaseModel)
+            ):
                 return _build(candidate, value, path)
             if candidate is Path and isinstance(value, str):
                 return Path(value)
