@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import orjson
 
+from edgeserve.cli.options import CONFIG_OPTION
 from edgeserve.config.schema import ConfigError
 from edgeserve.errors import EdgeserveError
 from edgeserve.runtime import RuntimeLoadError, ThreadPlan
@@ -177,13 +178,7 @@ def features_group() -> None:
     default=None,
     help="SQLite file (default: [features] database from the config).",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    envvar="EDGESERVE_CONFIG",
-)
+@CONFIG_OPTION
 @click.option("--upsert", is_flag=True, help="Update rows by key instead of replacing the table.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None)
 def load_command(
