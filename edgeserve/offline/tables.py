@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from edgeserve.errors import InvalidInput
+from updater.fsync import fsync_dir, fsync_file
 
 FORMATS = ("csv", "jsonl", "parquet")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -255,9 +256,9 @@ class ParquetPartsWriter:
             final = self.parts / f"part-{self._count:08d}.parquet"
             tmp = final.with_suffix(".tmp")
             pq.write_table(table, tmp)
-            _fsync_file(tmp)
+            fsync_file(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.parts)
+            fsync_dir(self.parts)
             self._count += 1
         return self._count
 
@@ -279,9 +280,9 @@ class ParquetPartsWriter:
             pq.write_table(pa.table({"row": pa.array([], pa.int64())}), tmp)
         else:
             writer.close()
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         shutil.rmtree(self.parts)
 
 
@@ -309,19 +310,3 @@ def _flatten_lists(table: pa.Table) -> pa.Table:
         else:
             columns[name] = col
     return pa.table(columns)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
