@@ -1,58 +1,67 @@
 """WebSocket messages pass the event loop's gate like HTTP and gRPC inferences do: a
-stream cannot bypass the refusals that keep the shared loop on time (issue 18)."""
+stream cannot bypass the refusals that keep the shared loop on time (issue 18).
+
+The gate is a real `LoopLagMonitor` primed with real lateness samples (a loop ten
+targets late at full CPU) and holding four admitted requests, so it refuses from the
+first newcomer on: what is tested is that each transport asks it, not how fast a box
+must be loaded before it refuses (that depends on the box; tests/test_loop_lag.py
+covers the shedder's arithmetic)."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-from websockets.sync.client import connect
+from starlette.testclient import TestClient
 
-from edgeserve.serving.admission import SERVER_BUSY_MESSAGE
-from tests.serving import run_server
-from tests.test_batch_support import digits_rows, model_repository, server_config, v2_request
-
-MESSAGES = 1000  # per stream
-STREAMS = 4
-WAIT_S = 120.0
+from edgeserve.app import build_app
+from edgeserve.config.loader import load_settings
+from edgeserve.serving.admission import MIN_IN_FLIGHT, SERVER_BUSY_MESSAGE, LoopLagMonitor
+from tests.test_batch_support import digits_rows, model_repository, v2_request
+from tests.waiting import wait_until
 
 
-def test_stream_messages_are_refused_by_a_late_loop_with_429_documents(tmp_path: Path) -> None:
-    """A loop-lag target no loop can meet (1 us) with a full stream window in flight:
-    the gate refuses a share of the messages, each answered with status 429 in place."""
+def refusing_gate() -> LoopLagMonitor:
+    """A gate whose loop ran ten targets late at full CPU for a second, with enough
+    requests in flight that refusing newcomers helps."""
+    gate = LoopLagMonitor(target_s=0.01)
+    for _ in range(100):
+        gate.shedder.observe(lag_s=0.1, busy=1.0, span_s=1.0)
+    for _ in range(MIN_IN_FLIGHT):
+        assert gate.admit()
+    return gate
+
+
+def test_a_refusing_gate_refuses_stream_messages_and_http_requests_alike(
+    tmp_path: Path,
+) -> None:
     repo = model_repository(tmp_path)
-    config = server_config(
-        repo, "[jobs]\nstream_window = 64\n", server="loop_lag_target_ms = 0.001\n"
+    config = tmp_path / "edgeserve.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[models]\nrepository = "{repo}"\nbackend = "onnxruntime"\n'
+        "[auth]\nenabled = false\n"
     )
     x, _ = digits_rows()
-    rows = np.repeat(x[:1], 64, axis=0)  # decoded on the loop: keeps it busy
-    text = json.dumps(v2_request(rows))
-    with run_server(tmp_path, config_text=config) as server:
-        url = server.url.replace("http://", "ws://") + "/api/stream/digits"
-        counts: list[tuple[int, int]] = []
+    body = v2_request(np.asarray(x[:1]))
+    with TestClient(build_app(load_settings(config))) as client:
+        wait_until(lambda: client.get("/v2/health/ready").is_success, 60.0, "models loaded")
+        with client.websocket_connect("/api/stream/digits") as ws:
+            ws.send_json(body)
+            assert ws.receive_json().get("outputs")  # an idle gate admits
 
-        def one_stream() -> None:
-            refused = received = sent = 0
-            with connect(url, max_size=None) as ws:
-                deadline = time.monotonic() + WAIT_S
-                while received < MESSAGES and time.monotonic() < deadline:
-                    while sent < MESSAGES and sent - received < 64:
-                        ws.send(text)
-                        sent += 1
-                    doc = json.loads(ws.recv(timeout=WAIT_S))
-                    received += 1
-                    if doc.get("status") == 429 and doc.get("error") == SERVER_BUSY_MESSAGE:
-                        refused += 1
-            counts.append((refused, received))
+            client.app.state.loop_gate = gate = refusing_gate()
+            for _ in range(3):
+                ws.send_json(body)
+                doc = ws.receive_json()
+                assert doc["status"] == 429 and doc["error"] == SERVER_BUSY_MESSAGE, doc
+            assert gate.shedder.in_flight == MIN_IN_FLIGHT  # refusals hold no place
 
-        streams = [threading.Thread(target=one_stream) for _ in range(STREAMS)]
-        for thread in streams:
-            thread.start()
-        for thread in streams:
-            thread.join(WAIT_S)
-        refused = sum(r for r, _ in counts)
-        print(f"stream messages refused by the loop gate: {refused} of {sum(n for _, n in counts)}")
-        assert refused > 0
+            reply = client.post("/v2/models/digits/infer", json=body)
+            assert reply.status_code == 429 and reply.json()["error"] == SERVER_BUSY_MESSAGE
+
+            for _ in range(MIN_IN_FLIGHT):  # the loop's work is answered: not crowded
+                gate.leave()
+            ws.send_json(body)
+            assert ws.receive_json().get("outputs")
+            assert client.post("/v2/models/digits/infer", json=body).status_code == 200
