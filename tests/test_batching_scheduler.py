@@ -435,6 +435,8 @@ def test_an_event_loop_running_late_refuses_newcomers_until_it_runs_on_time(exec
     async def scenario() -> None:
         monitor = loop_lag.LoopLagMonitor()
         monitor.start()
+        for _ in range(loop_lag.MIN_IN_FLIGHT):  # enough requests in flight to blame
+            assert monitor.admit()
         try:
             await asyncio.sleep(0.1)
             assert not batcher.full
@@ -451,6 +453,32 @@ def test_an_event_loop_running_late_refuses_newcomers_until_it_runs_on_time(exec
 
     asyncio.run(scenario())
     assert loop_lag.lag_s() == 0.0
+
+
+def test_a_late_loop_never_refuses_a_request_when_too_few_are_in_flight_to_blame(
+    executor,
+) -> None:
+    """A loop made late by something else (another process on the CPU, a collection)
+    with fewer than MIN_IN_FLIGHT requests in flight: refusing them would make it no
+    sooner, so a client sending one request at a time is served (issue 17, noted in 23)."""
+    from edgeserve.serving import admission as loop_lag
+
+    runtime = FakeRuntime()
+    batcher = DynamicBatcher(runtime.run, executor, policy(max_queue_wait_s=0.06))
+
+    async def scenario() -> None:
+        monitor = loop_lag.LoopLagMonitor()
+        monitor.start()
+        try:
+            assert monitor.admit()  # the one request this client has out
+            time.sleep(0.2)  # the loop is held up: its next lag tick runs 200 ms late
+            await wait_for(lambda: loop_lag.lag_s() > 0.1)
+            result = await batcher.submit(row(1), None, None)
+            assert result.outputs["sum"].tolist() == [3.0]
+        finally:
+            monitor.stop()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from edgeserve.errors import (
     ModelNotReady,
     Overloaded,
 )
+from edgeserve.serving.admission import MIN_IN_FLIGHT
 from edgeserve.serving.admission import in_flight as front_door_in_flight
 from edgeserve.serving.admission import lag_s as loop_lag_s
 from edgeserve.serving.offered_load import OfferedLoad
@@ -252,9 +253,11 @@ class DynamicBatcher:
         Yes when the oldest queued request has already waited that long (beyond the
         max_queue_delay_s it may be held for company by design), when the event loop
         took the results of the last batch still out that late, or when the loop itself
-        runs that late (edgeserve/serving/admission.py): all measured, so they also catch an event
-        loop too busy answering other clients (for a small model the loop, not the
-        runtime, is what saturates). Else the estimate: queued rows over the measured
+        runs that late (edgeserve/serving/admission.py) with enough requests in flight to
+        be what makes it late: all measured, so they also catch an event loop too busy
+        answering other clients (for a small model the loop, not the runtime, is what
+        saturates), and a client sending one request at a time on a box loaded by
+        something else is never refused. Else the estimate: queued rows over the measured
         speed of all slots, which reacts before the queue has aged; until a batch has
         been timed there is none and only max_queue_size applies.
         """
@@ -263,8 +266,8 @@ class DynamicBatcher:
             return False
         if self._running_requests and self._delivery_lag_s > wait_s:
             return True
-        if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S):
-            return True
+        if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S) and front_door_in_flight() >= MIN_IN_FLIGHT:
+            return True  # fewer in flight cannot be what makes the loop late
         try:
             age_s = time.perf_counter() - self._queue[0].enqueued
         except IndexError:  # empty, or a slot took the last request meanwhile
