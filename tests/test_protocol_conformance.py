@@ -379,3 +379,20 @@ def test_unimplemented_grpc_method_is_one_info_line(
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "SystemSharedMemoryStatus" in line]
     assert len(lines) == 1 and "level=INFO" in lines[0], lines
+
+
+def test_unknown_grpc_method_is_unimplemented_with_one_info_line(
+    served: tuple[RunningServer, str],
+) -> None:
+    import grpc as grpc_lib
+
+    server, grpc_url = served
+    with grpc_lib.insecure_channel(grpc_url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+        with pytest.raises(grpc_lib.RpcError) as refused:
+            call(b"", timeout=30)
+    assert refused.value.code() == grpc_lib.StatusCode.UNIMPLEMENTED
+    log = server.log()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "NoSuchMethod" in line]
+    assert len(lines) == 1 and "level=INFO" in lines[0], lines
