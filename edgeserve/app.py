@@ -234,7 +234,8 @@ async def _load_models(
     """Installed versions first (they are the defaults), then the plain repository."""
     if updates is not None:
         await updates.load(installed)
-    await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
+    async with registry.changing:  # not beside an explicit load or unload
+        await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
 
 
 def _start_experiments(
@@ -348,7 +349,8 @@ async def _reload(app: Starlette, registry: Registry) -> None:
             log.warning("reload section=%s changed; restart to apply it", section)
     log.info("reloading models=%d", len(sources))
     updates: UpdateManager | None = app.state.updates
-    await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
+    async with registry.changing:  # not beside an explicit load or unload
+        await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
     if updates is not None:
         await updates.sync_from_store()  # after `edgeserve update apply|rollback`
     log.info("reload done")

@@ -118,3 +118,22 @@ def test_stream_needs_the_infer_scope(secured: tuple[str, Path], scope: str | No
     else:
         expected = "UNAUTHENTICATED" if scope is None else "PERMISSION_DENIED"
         assert result is None and expected in str(error.status())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [" Bearer {token}", "Bearer {token} ", "  Bearer {token}  "],
+    ids=["perf-analyzer", "trailing", "both"],
+)
+def test_authorization_metadata_with_surrounding_blanks_is_accepted(
+    secured: tuple[str, Path], value: str
+) -> None:
+    """perf_analyzer's `-H "authorization: Bearer X"` splits at the colon and sends the
+    metadata value " Bearer X" (src/command_line_parser.cc, case 'H'); HTTP parsers drop
+    such blanks, so gRPC does too."""
+    url, state_dir = secured
+    metadata = {"authorization": value.format(token=token_for(state_dir, "infer"))}
+    data = triton.InferInput("input", [1, WIDTH], "FP32")
+    data.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+    with triton.InferenceServerClient(url) as client:
+        assert client.infer("linear", [data], headers=metadata).as_numpy("label").shape == (1,)

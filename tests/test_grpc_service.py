@@ -141,6 +141,11 @@ def test_statistics_and_repository_index(client: triton.InferenceServerClient) -
     assert stats.inference_stats.success.count >= 2
     assert stats.inference_stats.cache_hit.count >= 1
     assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
+    # a cache hit computes nothing: in none of the compute counters, which stay equal
+    # (perf_analyzer refuses counts that differ), as in Triton
+    s = stats.inference_stats
+    assert s.compute_input.count == s.compute_infer.count == s.compute_output.count
+    assert s.compute_infer.count == s.success.count - s.cache_hit.count
     index = client.get_model_repository_index()
     assert {(m.name, m.version, m.state) for m in index.models} >= {
         ("linear", "1", "READY"),

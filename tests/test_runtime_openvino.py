@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edgeserve.runtime import ThreadPlan, create_runtime
+from edgeserve.runtime import RuntimeLoadError, ThreadPlan, create_runtime
 from edgeserve.runtime.openvino import OpenVinoRuntime
 from edgeserve.serving.registry import Registry
 from edgeserve.serving.repository import BatchingConfig, ThreadConfig, read_model
@@ -117,3 +117,28 @@ def test_per_model_intra_op_threads_keep_the_servers_precision() -> None:
         1, ThreadPlan(intra_op=1, precision="bf16"), threads=ThreadConfig(intra_op_threads=2)
     )
     assert (plan.intra_op, plan.precision, plan.streams) == (2, "bf16", 1)
+
+
+def test_fallback_reason_is_openvinos_message_not_its_source_location(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The text model has string ops OpenVINO cannot convert: `auto` falls back to ONNX
+    Runtime, and the logged reason is OpenVINO's message, not `Exception from
+    src/inference/src/cpp/core.cpp:105:` (the first line of its exception text)."""
+    files = read_model(MODELS / "text").read_files(1)
+    with caplog.at_level("INFO", logger="edgeserve.runtime.select"):
+        runtime = create_runtime("auto", files, ThreadPlan(1, 1), model="text")
+    assert runtime.backend == "onnxruntime"
+    [fallback] = [r.getMessage() for r in caplog.records if "backend fallback" in r.getMessage()]
+    reason = fallback.split("reason=", 1)[1]
+    assert "core.cpp" not in reason and "Exception from" not in reason
+    assert "OpConversionFailure" in reason
+    assert "No conversion rule found for operations: StringNormalizer-20" in reason
+
+
+def test_unreadable_model_names_openvinos_reason() -> None:
+    with pytest.raises(RuntimeLoadError) as refused:
+        create_runtime("openvino", {"model.onnx": b"not a model"}, ThreadPlan(1, 1))
+    message = str(refused.value)
+    assert message.startswith("openvino could not load the model: Unable to read the model.")
+    assert "cpp:" not in message

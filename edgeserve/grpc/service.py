@@ -4,7 +4,8 @@ It shares the registry, the batchers and the authenticator with the HTTP side, s
 request takes the same way through either door. The message classes are the ones
 `tritonclient[grpc]` ships (generated from Triton's `grpc_service.proto`), which keeps
 the wire format identical to what `tritonclient.grpc` expects. Domain errors become gRPC
-status codes in `_abort`; RPCs not listed here answer UNIMPLEMENTED.
+status codes in `_call`; RPCs not offered here (shared memory, tracing) and unknown
+methods answer UNIMPLEMENTED with one INFO line.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE
 from edgeserve.auth.guard import authenticate
 from edgeserve.auth.principal import Principal
 from edgeserve.config.loader import Settings
-from edgeserve.errors import EdgeserveError, Unauthorized
+from edgeserve.errors import EdgeserveError, InvalidInput, Unauthorized
 from edgeserve.grpc.stream import stream_replies
 from edgeserve.protocol.grpc_codec import decode_request, encode_response
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.types import InferRequest
-from edgeserve.serving import documents
+from edgeserve.serving import documents, model_control
 from edgeserve.serving.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """The HTTP authenticator, fed the `authorization` metadata through a request shim."""
         if scope is None:
             return None
-        headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
+        headers = [  # every value: two of them are refused as over HTTP
+            (k.encode("latin-1"), v.strip(" \t").encode("latin-1"))
             for k, v in (context.invocation_metadata() or ())
             if k == "authorization" and isinstance(v, str)
         ]
@@ -168,6 +169,29 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call(context, "read", work)
 
+    # -- explicit model control (admin) ---------------------------------------------
+    async def RepositoryModelLoad(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        async def work(_principal: Principal | None) -> pb.RepositoryModelLoadResponse:
+            _one_repository(request.repository_name)
+            params = _repository_parameters(request.parameters)
+            await model_control.load_model(self._app.state, request.model_name, params)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call(context, "admin", work)
+
+    async def RepositoryModelUnload(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        async def work(_principal: Principal | None) -> pb.RepositoryModelUnloadResponse:
+            _one_repository(request.repository_name)
+            params = _repository_parameters(request.parameters)
+            await model_control.unload_model(self._app.state, request.model_name, params)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._call(context, "admin", work)
+
     # -- inference -----------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         return await self._call(
@@ -216,13 +240,66 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(model.name, str(model.version), request.id, served.outputs)
 
 
+def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:
+    """A V2 RPC this server does not offer (shared memory, tracing, logging settings):
+    UNIMPLEMENTED with one INFO line, not the generated stub's traceback."""
+
+    async def refuse(self: Any, request: Any, context: Any) -> Any:
+        await _refuse_unimplemented(method, context)
+
+    refuse.__name__ = method
+    return refuse
+
+
+async def _refuse_unimplemented(method: str, context: Any) -> None:
+    log.info("grpc method not implemented method=%s peer=%s", method[:100], context.peer())
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method[:100]} is not implemented")
+
+
+for _method in dir(pb_grpc.GRPCInferenceServiceServicer):
+    if not _method.startswith("_") and _method not in vars(InferenceService):
+        setattr(InferenceService, _method, _unimplemented(_method))
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    """Any other method (another service, a newer RPC): the same UNIMPLEMENTED answer."""
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)
+
+        async def refuse(request: Any, context: Any) -> None:
+            await _refuse_unimplemented(method, context)
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise InvalidInput("repository_name: this server has one model repository; leave it empty")
+
+
+def _repository_parameters(params: Any) -> dict[str, Any]:
+    """`ModelRepositoryParameter`s as plain values."""
+    if len(params) > model_control.MAX_PARAMETERS:
+        raise InvalidInput(f"more than {model_control.MAX_PARAMETERS} parameters")
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        out[key] = getattr(param, choice) if choice is not None else None
+    return out
+
+
 async def _decoded(request: Any, limits: DecodeLimits) -> InferRequest:
     return decode_request(request, limits)
 
 
 def _metadata(context: Any) -> dict[str, str]:
-    """The call's text metadata, by lower-case key (gRPC sends keys in lower case)."""
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    """The call's text metadata, by lower-case key (gRPC sends keys in lower case), each
+    value without surrounding blanks, as an HTTP parser gives a header: perf_analyzer's
+    `-H "authorization: Bearer X"` arrives as the value " Bearer X"."""
+    return {
+        k: v.strip(" \t") for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+    }
 
 
 def _message(doc: dict[str, Any], message: M) -> M:
@@ -252,6 +329,7 @@ async def start_grpc_server(app: Starlette, settings: Settings) -> grpc.aio.Serv
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
+    server.add_generic_rpc_handlers((_UnknownMethods(),))  # consulted after the service
     host = f"[{s.host}]" if ":" in s.host else s.host
     address = f"{host}:{s.grpc_port}"
     if s.tls_cert is not None and s.tls_key is not None:

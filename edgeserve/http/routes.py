@@ -1,5 +1,6 @@
-"""Open Inference Protocol (KServe V2) REST endpoints, plus Triton's statistics and
-repository extensions so that `tritonclient.http` works unchanged."""
+"""Open Inference Protocol (KServe V2) REST endpoints, plus Triton's statistics,
+repository and explicit model control extensions so that `tritonclient.http` works
+unchanged."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from edgeserve.http.headers import header_text
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
-from edgeserve.serving import documents
+from edgeserve.serving import documents, model_control
 from edgeserve.serving.pipeline import DataPlane
 from edgeserve.serving.registry import Registry
 
@@ -94,7 +95,7 @@ async def infer(request: Request) -> Response:
     decoded = served.request
     assert decoded is not None
     model = served.model
-    binary = {o.name: o.binary for o in decoded.outputs or ()}
+    binary = {o.name: o.binary for o in decoded.outputs or () if o.binary is not None}
     outputs = [
         InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in served.outputs.items()
     ]
@@ -152,6 +153,39 @@ async def repository_index(request: Request) -> Response:
     return json_response(documents.repository_index(registry, ready_only))
 
 
+@requires("admin")
+async def repository_load(request: Request) -> Response:
+    """Triton's explicit model control: (re)load a model from the repository."""
+    parameters = await _control_parameters(request)
+    await model_control.load_model(request.app.state, request.path_params["model"], parameters)
+    return json_response({})
+
+
+@requires("admin")
+async def repository_unload(request: Request) -> Response:
+    """Triton's explicit model control: stop serving every version of a model."""
+    parameters = await _control_parameters(request)
+    await model_control.unload_model(request.app.state, request.path_params["model"], parameters)
+    return json_response({})
+
+
+async def _control_parameters(request: Request) -> dict[str, Any]:
+    """The `parameters` object of a load/unload body (an empty body has none)."""
+    body = await read_body(request, 64 * 1024)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    return parameters
+
+
 _BODY_TYPES = ("", "application/json", "application/octet-stream")
 
 
@@ -176,6 +210,8 @@ ROUTES = [
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/models/stats", model_statistics, methods=["GET"]),
     Route("/v2/repository/index", repository_index, methods=["POST"]),
+    Route("/v2/repository/models/{model:str}/load", repository_load, methods=["POST"]),
+    Route("/v2/repository/models/{model:str}/unload", repository_unload, methods=["POST"]),
 ]
 for _prefix in (_MODEL, _VERSION):
     ROUTES += [

@@ -15,6 +15,7 @@ import orjson
 
 from edgeserve.errors import InvalidInput
 from edgeserve.protocol.limits import DecodeLimits, checked_shape
+from edgeserve.protocol.output_parameters import class_count, flag
 from edgeserve.protocol.types import (
     InferInput,
     InferRequest,
@@ -68,7 +69,7 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         inputs=inputs,
         outputs=_decode_outputs(doc.get("outputs")),
         parameters=parameters,
-        binary_output=parameters.get("binary_data_output") is True,
+        binary_output=flag(parameters, "binary_data_output", "request") or False,
         decoder=decode_input_data,
         limits=limits,
     )
@@ -227,8 +228,16 @@ def _decode_outputs(raw: Any) -> list[RequestedOutput] | None:
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput("each requested output needs a 'name' string")
-        params = _parameters(item.get("parameters"), f"output '{item['name']}'")
-        outputs.append(RequestedOutput(item["name"], params.get("binary_data") is True))
+        name = item["name"]
+        where = f"output '{name[:64]}'"
+        params = _parameters(item.get("parameters"), where)
+        outputs.append(
+            RequestedOutput(
+                name,
+                flag(params, "binary_data", where),
+                class_count(params, name),
+            )
+        )
     return outputs
 
 

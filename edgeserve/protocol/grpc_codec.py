@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from edgeserve.errors import InvalidInput
 from edgeserve.protocol.limits import DecodeLimits, checked_shape
+from edgeserve.protocol.output_parameters import class_count
 from edgeserve.protocol.types import InferInput, InferRequest, RequestedOutput
 from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
 
@@ -64,7 +65,10 @@ def decode_request(request: pb.ModelInferRequest, limits: DecodeLimits) -> Infer
             inputs.append(InferInput(name, tensor.datatype, shape, count, blob))
         else:
             inputs.append(InferInput(name, tensor.datatype, shape, count, tensor))
-    outputs = [RequestedOutput(o.name, False) for o in request.outputs] or None
+    outputs = [
+        RequestedOutput(o.name, None, class_count(_parameters(o.parameters), o.name))
+        for o in request.outputs
+    ] or None
     return InferRequest(
         request.id,
         inputs,

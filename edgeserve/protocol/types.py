@@ -29,7 +29,8 @@ class InferInput:
 @dataclass(slots=True)
 class RequestedOutput:
     name: str
-    binary: bool
+    binary: bool | None = None  # None = the request's `binary_data_output`
+    classification: int = 0  # top-k classes instead of the tensor (0 = the tensor)
 
 
 # (the input, the request's decode limits) -> its data as an array of the declared shape

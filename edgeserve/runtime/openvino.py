@@ -3,6 +3,7 @@ per call the server may make at once, with a pool of reusable infer requests."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,10 +31,40 @@ def _shared_core() -> ov.Core:
     return _core
 
 
+# OpenVINO prefixes its messages with the source lines that raised them
+# ("Exception from src/inference/src/cpp/core.cpp:105:", "Check 'x' failed at f.cpp:1:").
+_SOURCE_LINE = re.compile(r"^(Exception from|Check '.*' failed at) \S+:\d+:?$")
+MAX_REASON_CHARS = 1000
+
+
+def openvino_reason(exc: BaseException) -> str:
+    """The first line of OpenVINO's own message (past its source-location lines) and,
+    for a failed conversion, the summary's lines that name the operations."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = [line for line in lines if not _SOURCE_LINE.match(line)]
+    if not message:
+        return type(exc).__name__
+    reason = message[0]
+    if "Summary:" in message:
+        summary = message[message.index("Summary:") + 1 :]
+        reason += " " + " ".join(line for line in summary if line.startswith("--"))
+    return reason[:MAX_REASON_CHARS]
+
+
 class OpenVinoRuntime(Runtime):
     backend = "openvino"
 
     def _load(self, files: Mapping[str, bytes]) -> None:
+        try:
+            self._read_and_compile(files)
+        except RuntimeLoadError:
+            raise
+        except Exception as exc:  # OpenVINO's RuntimeError and friends: keep its message
+            raise RuntimeLoadError(
+                f"openvino could not load the model: {openvino_reason(exc)}"
+            ) from exc
+
+    def _read_and_compile(self, files: Mapping[str, bytes]) -> None:
         core = _shared_core()
         if "model.xml" in files:
             weights = np.frombuffer(files.get("model.bin", b""), dtype=np.uint8)

@@ -471,6 +471,7 @@ class DynamicBatcher:
             return _fill(batch, live, [self._run_one(live[0], started)])
         try:
             merged = {n: np.concatenate([p.inputs[n] for p in live]) for n in live[0].inputs}
+            gathered = time.perf_counter()
             outputs = self._run(merged, live[0].outputs)
         except EdgeserveError:
             # One bad request must not fail its neighbours: run each alone to find it.
@@ -480,14 +481,25 @@ class DynamicBatcher:
         if any(a.ndim == 0 or a.shape[0] != total for a in outputs.values()):
             # An output without a batch dimension cannot be split back per request.
             return _fill(batch, live, [self._run_one(p, started) for p in live])
-        results: list[RunResult | BaseException] = []
+        parts = []
         offset = 0
-        for i, p in enumerate(live):
-            part = {n: a[offset : offset + p.rows] for n, a in outputs.items()}
+        for p in live:
+            parts.append({n: a[offset : offset + p.rows] for n, a in outputs.items()})
             offset += p.rows
-            results.append(
-                RunResult(part, started - p.enqueued, done - started, total, 1 if i == 0 else 0)
+        # Like Triton, every request in the batch is charged the batch's whole times.
+        split_s = time.perf_counter() - done
+        results: list[RunResult | BaseException] = [
+            RunResult(
+                part,
+                started - p.enqueued,
+                done - gathered,
+                total,
+                1 if i == 0 else 0,
+                input_s=gathered - started,
+                output_s=split_s,
             )
+            for i, (p, part) in enumerate(zip(live, parts, strict=True))
+        ]
         return _fill(batch, live, results)
 
     def _run_one(self, p: _Pending, started: float) -> RunResult | BaseException:

@@ -119,7 +119,7 @@ class CachedScheduler:
         if found is not None:
             self.cache_stats.hit.count += 1
             self.cache_stats.hit.ns += looked_up - started
-            return RunResult(dict(found), 0.0, 0.0, rows_of(inputs), executions=0)
+            return RunResult(dict(found), 0.0, 0.0, rows_of(inputs), executions=0, cached=True)
         self.cache_stats.miss.count += 1
         result = await self._inner.submit(inputs, outputs, deadline)
         inserted = time.perf_counter_ns()

@@ -14,7 +14,15 @@ from edgeserve import __version__
 from edgeserve.errors import ModelNotFound
 from edgeserve.serving.registry import ModelVersion, Registry, VersionState
 
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_repository", "classification"]
+# Only what works: each is exercised by tests/test_protocol_conformance.py or
+# tests/test_model_control.py (GET /v2/models/{m}/config is model_configuration).
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+]
 
 
 def server_metadata() -> dict[str, Any]:
@@ -113,19 +121,19 @@ def _statistics(m: ModelVersion) -> dict[str, Any]:
             "success": counter(s.success),
             "fail": counter(s.fail),
             "queue": counter(s.queue),
-            "compute_input": zero,
+            "compute_input": counter(s.compute_input),
             "compute_infer": counter(s.compute_infer),
-            "compute_output": zero,
+            "compute_output": counter(s.compute_output),
             "cache_hit": counter(cache.hit) if cache else zero,
             "cache_miss": counter(cache.miss) if cache else zero,
         },
         "batch_stats": [
             {
                 "batch_size": size,
-                "compute_input": zero,
-                "compute_infer": counter(c),
-                "compute_output": zero,
+                "compute_input": counter(b.compute_input),
+                "compute_infer": counter(b.compute_infer),
+                "compute_output": counter(b.compute_output),
             }
-            for size, c in sorted(s.batches.items())
+            for size, b in sorted(s.batches.items())
         ],
     }

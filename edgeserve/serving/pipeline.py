@@ -43,6 +43,7 @@ from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferRequest
 from edgeserve.serving.admission import SERVER_BUSY_MESSAGE
 from edgeserve.serving.checks import check_declared
+from edgeserve.serving.classification import classified
 from edgeserve.serving.features import with_features
 from edgeserve.serving.prediction import prediction_of
 from edgeserve.serving.registry import ModelVersion
@@ -73,9 +74,13 @@ class Served:
     prediction: str | None = None
     top_score: float | None = None
     seq: int = 0  # the telemetry record's sequence number, 0 when none was kept
+    classified: dict[str, np.ndarray] | None = None  # outputs as top-k classes, if asked
 
     @property
     def outputs(self) -> dict[str, np.ndarray]:
+        """What the transport sends: the model's outputs, classified where asked."""
+        if self.classified is not None:
+            return self.classified
         assert self.result is not None
         return self.result.outputs
 
@@ -179,6 +184,7 @@ class DataPlane:
         served = Served(model)
         status = 500
         gate = None
+        checking = computing = False  # the request reached the model / its scheduler
         try:
             if gated:
                 gate = state.loop_gate
@@ -202,19 +208,35 @@ class DataPlane:
             if getattr(model.scheduler, "full", False):
                 # refused before decoding: under overload the tensor data is the cost to save
                 raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
+            checking = True
             check_declared(model, request.inputs)
+            decoding = time.perf_counter()
             named = request.data()
+            input_s = time.perf_counter() - decoding  # Triton's compute_input, with the check
             named = await with_features(  # inputs a model.toml [features] table fills in
                 state, model.config.features, model.inputs, named, request.parameters
             )
+            checked = time.perf_counter()
             feed = model.check_inputs(named)
+            input_s += time.perf_counter() - checked
             requested = request.requested()
             model.check_outputs(requested)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the request's deadline passed before it could run")
-            result = await model.infer(feed, requested, deadline=deadline)
+            computing = True  # from here model.infer counts a failure itself
+            result = await model.infer(feed, requested, deadline=deadline, input_s=input_s)
             served.result = result
+            finishing = time.perf_counter()
             served.prediction, served.top_score = prediction_of(result.outputs)
+            served.classified = classified(
+                result.outputs,
+                request.outputs,
+                model.config.labels,
+                model.config.max_batch_size > 0,
+            )
+            # Triton's compute_output time (its count moved with the other two in infer)
+            if not result.cached:
+                model.stats.compute_output.add(time.perf_counter() - finishing, n=0)
             status = 200
             if routing is not None and routing.shadow is not None:
                 self._launch_shadow(served, routing, routing.shadow, feed, requested, meta)
@@ -223,6 +245,8 @@ class DataPlane:
             status = exc.status
             if status == CLIENT_CLOSED:
                 log.info("client closed request model=%s request_id=%s", name, served.request_id)
+            elif checking and not computing:  # refused by the model's checks: Triton's fail
+                served.model.stats.fail.add(time.perf_counter() - started)
             raise
         except asyncio.CancelledError:  # a cancelled gRPC call, a dropped WebSocket
             status = CLIENT_CLOSED

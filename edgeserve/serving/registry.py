@@ -21,43 +21,23 @@ from edgeserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.runtime import Runtime, RuntimeLoadError, TensorSpec, ThreadPlan, create_runtime
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
+from edgeserve.serving.autocomplete import completed, describe
 from edgeserve.serving.batcher import BatchPolicy, build_scheduler
 from edgeserve.serving.cache import CachedScheduler, ResponseCache
 from edgeserve.serving.repository import ModelConfig
 from edgeserve.serving.scheduler import RunResult, Scheduler
+from edgeserve.serving.statistics import BatchStats, VersionStats
 
 log = logging.getLogger(__name__)
+
+
+UNLOADED = "unloaded"  # the reason of a version unloaded on request, as Triton reports it
 
 
 class VersionState(str, Enum):
     LOADING = "LOADING"
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass
-class Counter:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, seconds: float, n: int = 1) -> None:
-        self.count += n
-        self.ns += int(seconds * 1e9)
-
-
-@dataclass
-class VersionStats:
-    """Per-version statistics in the shape Triton's statistics extension reports."""
-
-    success: Counter = field(default_factory=Counter)
-    fail: Counter = field(default_factory=Counter)
-    queue: Counter = field(default_factory=Counter)
-    compute_infer: Counter = field(default_factory=Counter)
-    inference_count: int = 0  # rows
-    execution_count: int = 0  # runtime calls
-    last_inference_ms: int = 0
-    batches: dict[int, Counter] = field(default_factory=dict)  # runtime calls by batch size
-    shed: int = 0  # refused with 429 before the endpoint ran (http/shedding.py)
 
 
 # (runtime, its config, the shared executor, that executor's thread count)
@@ -156,22 +136,32 @@ class ModelVersion:
         feed: dict[str, np.ndarray],
         outputs: Sequence[str] | None,
         deadline: float | None = None,
+        input_s: float = 0.0,
     ) -> RunResult:
+        """Run one request through the scheduler and count it as Triton's statistics
+        extension does; `input_s` is the caller's time spent decoding the inputs."""
         started = time.perf_counter()
         try:
             result = await self.scheduler.submit(feed, outputs, deadline)
         except Exception:
-            self.stats.fail.add(time.perf_counter() - started)
+            self.stats.fail.add(time.perf_counter() - started + input_s)
             raise
         stats = self.stats
-        stats.success.add(time.perf_counter() - started)
+        stats.success.add(time.perf_counter() - started + input_s)
+        stats.last_inference_ms = int(time.time() * 1000)
+        if result.cached:
+            return result
         stats.queue.add(result.queue_s)
+        stats.compute_input.add(input_s + result.input_s)
         stats.compute_infer.add(result.compute_s)
+        stats.compute_output.add(result.output_s)
         stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
         stats.execution_count += result.executions  # 0 when merged into another's call
-        stats.last_inference_ms = int(time.time() * 1000)
         if result.executions:
-            stats.batches.setdefault(result.batch_size, Counter()).add(result.compute_s)
+            batch = stats.batches.setdefault(result.batch_size, BatchStats())
+            batch.compute_input.add(result.input_s)
+            batch.compute_infer.add(result.compute_s)
+            batch.compute_output.add(result.output_s)
         return result
 
 
@@ -203,6 +193,8 @@ class Registry:
         self._status: dict[str, dict[int, VersionStatus]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._default_override: dict[str, int] = {}
+        self._unloaded: set[str] = set()  # unloaded on request: out of readiness until loaded
+        self.changing = asyncio.Lock()  # one repository change (load, unload, reload) at a time
         # Called after a version is loaded or retired (app.py: the GC heap settler).
         self.on_change: Callable[[], None] | None = None
 
@@ -266,6 +258,8 @@ class Registry:
         if not self._status:
             return False
         for name, statuses in self._status.items():
+            if name in self._unloaded:
+                continue
             if any(s.state is VersionState.LOADING for s in statuses.values()):
                 return False
             try:
@@ -294,12 +288,19 @@ class Registry:
             statuses.setdefault(v, VersionStatus(VersionState.LOADING))
 
     async def load(
-        self, name: str, version: int, config: ModelConfig, files: Mapping[str, bytes]
+        self,
+        name: str,
+        version: int,
+        config: ModelConfig,
+        files: Mapping[str, bytes],
+        *,
+        derive: bool = False,
     ) -> ModelVersion | None:
         """Load, check and warm one version off the event loop, then serve it.
 
         A version that is already serving keeps serving until the new one is ready;
-        the old one is then closed once its in-flight requests have finished.
+        the old one is then closed once its in-flight requests have finished. `derive`
+        completes the configuration from the model file (a folder without model.toml).
         """
         digest = files_digest(files, config)
         current = self._versions.get(name, {}).get(version)
@@ -308,12 +309,16 @@ class Registry:
         self.declare(name, config, [version])
         loop = asyncio.get_running_loop()
         try:
-            runtime = await loop.run_in_executor(self._executor, self._prepare, name, config, files)
+            runtime, config = await loop.run_in_executor(
+                self._executor, self._prepare, name, config, files, derive
+            )
         except (RuntimeLoadError, InvalidInput) as exc:
             log.error("model load failed model=%s version=%s reason=%r", name, version, str(exc))
             if version not in self._versions.get(name, {}):
                 self._status[name][version] = VersionStatus(VersionState.UNAVAILABLE, str(exc))
             return None
+        if derive:
+            log.info("model config derived model=%s version=%s %s", name, version, describe(config))
         loaded = ModelVersion(
             name,
             version,
@@ -331,6 +336,34 @@ class Registry:
             await self._retire(old)
         self._changed()
         return loaded
+
+    def unloaded(self, name: str) -> bool:
+        """Whether `name` was unloaded on request (and not loaded since)."""
+        return name in self._unloaded
+
+    async def unload_model(self, name: str) -> None:
+        """Triton's explicit unload: every version stops serving once its in-flight requests
+        finish, and reports UNAVAILABLE "unloaded" until the model is loaded again."""
+        if name not in self._status:
+            raise ModelNotFound(f"unknown model '{name[:64]}'")
+        self._unloaded.add(name)
+        old = self._versions.pop(name, {})
+        self._status[name] = {
+            v: VersionStatus(VersionState.UNAVAILABLE, UNLOADED) for v in self._status[name]
+        }
+        for version in old.values():
+            await self._retire(version)
+        if old:
+            self._changed()
+
+    def reinstate(self, name: str) -> None:
+        """Before an explicit load: `name` counts for readiness again, and its unloaded
+        versions are forgotten so that the load declares them LOADING afresh."""
+        self._unloaded.discard(name)
+        statuses = self._status.get(name, {})
+        for version, status in list(statuses.items()):
+            if status.reason == UNLOADED:
+                del statuses[version]
 
     async def unload(self, name: str, version: int) -> None:
         old = self._versions.get(name, {}).pop(version, None)
@@ -354,24 +387,34 @@ class Registry:
         await old.scheduler.close()  # waits for in-flight work of the old version
         old.runtime.close()
 
-    def _prepare(self, name: str, config: ModelConfig, files: Mapping[str, bytes]) -> Runtime:
+    def _prepare(
+        self, name: str, config: ModelConfig, files: Mapping[str, bytes], derive: bool
+    ) -> tuple[Runtime, ModelConfig]:
         backend = config.backend if config.backend != "auto" else self._default_backend
+        # a derived config batches with the default max_concurrent_batches: same streams
         threads = replace(self._threads, streams=concurrent_calls(config, self._slots))
         if config.threads.intra_op_threads:  # keeps the server's precision
             threads = replace(threads, intra_op=config.threads.intra_op_threads)
-        batched = config.max_batch_size > 0
 
         def warmup_inputs(runtime: Runtime) -> list[dict[str, np.ndarray]]:
+            settings = completed(config, runtime) if derive else config
+            batched = settings.max_batch_size > 0
             return [_warmup_inputs(runtime, rows, batched) for rows in config.warmup.batch_sizes]
 
         # `auto` times both backends on the warm-up inputs and keeps the faster
         samples = warmup_inputs if self._warmup else None
         runtime = create_runtime(backend, files, threads, model=name, samples=samples)
-        _check_declared(name, config, runtime)
-        if self._warmup:
-            for feed in warmup_inputs(runtime):
-                runtime.run(feed, None)
-        return runtime
+        try:
+            if derive:
+                config = completed(config, runtime)
+            _check_declared(name, config, runtime)
+            if self._warmup:
+                for feed in warmup_inputs(runtime):
+                    runtime.run(feed, None)
+        except Exception:
+            runtime.close()
+            raise
+        return runtime, config
 
 
 def files_digest(files: Mapping[str, bytes], config: ModelConfig) -> str:

@@ -6,6 +6,7 @@ config and, per version, the files as bytes (so a runtime never needs a plaintex
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODEL_FILES = ("model.onnx", "model.xml", "model.bin")
@@ -115,6 +118,7 @@ class ModelSource:
     config: ModelConfig
     versions: tuple[int, ...]
     root: Path
+    derived: bool = False  # no model.toml: the registry completes the config from the model
 
     def read_files(self, version: int) -> dict[str, bytes]:
         """The version's model files as bytes."""
@@ -154,24 +158,63 @@ def scan_repository(root: Path, only: list[str] | None = None) -> list[ModelSour
         raise ConfigError("models.repository", f"{root} is not a folder")
     sources = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if not (folder / "model.toml").is_file():
+        if folder.name.startswith(".") or (only and folder.name not in only):
             continue
-        if only and folder.name not in only:
+        if (folder / "model.toml").is_file():
+            sources.append(read_model(folder))
             continue
-        sources.append(read_model(folder))
+        try:
+            sources.append(bare_model(folder))
+        except ConfigError as exc:
+            log.warning("model folder skipped folder=%s reason=%r", folder, exc.problem)
     missing = set(only or []) - {s.name for s in sources}
     if missing:
         raise ConfigError("models.load", f"no such model in {root}: {', '.join(sorted(missing))}")
     return sources
 
 
+def read_source(folder: Path) -> ModelSource:
+    """One model folder, with or without model.toml (for an explicit load)."""
+    if (folder / "model.toml").is_file():
+        return read_model(folder)
+    return bare_model(folder)
+
+
+def bare_model(folder: Path) -> ModelSource:
+    """A folder without model.toml: served with a configuration derived from the model
+    file at load (edgeserve/serving/autocomplete.py), as Triton's auto-complete does."""
+    _check_name(folder)
+    versions = _versions(folder)
+    if not versions:
+        raise ConfigError(
+            str(folder), "no model.toml and no version folder (1/, 2/, ...) with a model file"
+        )
+    return ModelSource(folder.name, ModelConfig(), versions, folder, derived=True)
+
+
 def read_model(folder: Path) -> ModelSource:
     """Read one model folder."""
     name = folder.name
-    if not MODEL_NAME.match(name):
-        raise ConfigError(str(folder), "model folder names use letters, digits, '_', '.', '-'")
+    _check_name(folder)
     config = parse_model_config((folder / "model.toml").read_text("utf-8"), f"{name}/model.toml")
-    versions = tuple(
+    versions = _versions(folder)
+    if not versions:
+        raise ConfigError(f"{name}", f"{folder} has no version folder with a model file")
+    if config.default_version is not None and config.default_version not in versions:
+        raise ConfigError(
+            f"{name}/model.toml.default_version", f"version {config.default_version} is not on disk"
+        )
+    return ModelSource(name=name, config=config, versions=versions, root=folder)
+
+
+def _check_name(folder: Path) -> None:
+    if not MODEL_NAME.match(folder.name):
+        raise ConfigError(str(folder), "model folder names use letters, digits, '_', '.', '-'")
+
+
+def _versions(folder: Path) -> tuple[int, ...]:
+    """The numbered version folders that hold a model file."""
+    return tuple(
         sorted(
             number
             for p in folder.iterdir()
@@ -180,10 +223,3 @@ def read_model(folder: Path) -> ModelSource:
             and any((p / f).is_file() for f in ("model.onnx", "model.xml"))
         )
     )
-    if not versions:
-        raise ConfigError(f"{name}", f"{folder} has no version folder with a model file")
-    if config.default_version is not None and config.default_version not in versions:
-        raise ConfigError(
-            f"{name}/model.toml.default_version", f"version {config.default_version} is not on disk"
-        )
-    return ModelSource(name=name, config=config, versions=versions, root=folder)

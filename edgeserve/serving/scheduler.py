@@ -28,6 +28,9 @@ class RunResult:
     compute_s: float
     batch_size: int  # rows in the runtime call that computed this request
     executions: int = 1  # runtime calls charged to this request (0 for merged/cached ones)
+    input_s: float = 0.0  # gathering this request's inputs into the runtime call (a batch)
+    output_s: float = 0.0  # taking this request's outputs out of the call's result
+    cached: bool = False  # answered from the response cache: nothing was computed
 
 
 class Scheduler(Protocol):
