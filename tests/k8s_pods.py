@@ -70,7 +70,8 @@ class Cluster:
     """One Secret and one ConfigMap shared by every pod started from it."""
 
     root: Path
-    extra_config: str = ""
+    extra_config: str = ""  # appended to the ConfigMap's edgeserve.toml
+    flags: str = "{}"  # the ConfigMap's [experiments] flags
 
     def __post_init__(self) -> None:
         self.operator = self.root / "operator"  # what stays off-cluster: signing keys
@@ -110,6 +111,7 @@ class Cluster:
             ('host = "0.0.0.0"', 'host = "127.0.0.1"'),
             ("port = 8080", "port = {port}"),
             ("[models]\n", '[models]\nload = ["digits"]\n'),
+            ("flags = {}", f"flags = {self.flags}"),
         ):
             assert old in text, old
             text = text.replace(old, new)
