@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from edgeserve.errors import ModelNotFound
 from edgeserve.runtime import Runtime, ThreadPlan, create_runtime
 from edgeserve.serving.repository import ModelConfig, parse_model_config, read_model
 
@@ -63,6 +64,8 @@ def cached_model(
     if path.is_dir():
         folder = read_model(path)
         chosen = version or folder.config.default_version or max(folder.versions)
+        if chosen not in folder.versions:
+            raise ModelNotFound(f"model '{folder.name}' has no version {chosen} in {path}")
         stamp = _stat_stamp([path / "model.toml", *sorted((path / str(chosen)).iterdir())])
         cache_key: tuple[Any, ...] = ("folder", str(path.resolve()), chosen, backend, stamp)
         return _cached(cache_key, lambda: _load_folder(path, chosen, backend))
