@@ -101,6 +101,7 @@ def build_app(settings: Settings) -> Starlette:
             updates.declare(registry, installed)  # installed versions are the defaults
             if telemetry is not None:
                 updates.on_rollback = telemetry.note_rollback
+                telemetry.expect_rollbacks([source.name for source in sources])
             updates.start()
         loading = asyncio.create_task(_load_models(registry, sources, updates, installed))
         app.state.loading = loading  # server.py tells systemd READY=1 once it is done

@@ -260,3 +260,46 @@ def test_a_leftover_checkpoint_needs_resume_or_removal(
     assert "--resume" in capsys.readouterr().err
     assert score(repo, str(source), "--output", str(output), "--resume") == 0
     assert len(output.read_text().splitlines()) == 10
+
+
+def _labelled_csv(path: Path, rows: int) -> None:
+    x, y = digits_rows()
+    header = ",".join([*(f"input_{i}" for i in range(64)), "label"])
+    lines = [",".join([*(str(v) for v in x[i]), str(y[i])]) for i in range(rows)]
+    path.write_text(header + "\n" + "\n".join(lines) + "\n")
+
+
+def test_keeping_a_column_named_like_an_output_is_refused_naming_it(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--keep label` used to overwrite the user's ground truth with the prediction."""
+    source = tmp_path / "in.csv"
+    _labelled_csv(source, 20)
+    output = tmp_path / "o.csv"
+    assert score(repo, str(source), "--output", str(output), "--keep", "label") == 1
+    err = capsys.readouterr().err
+    assert "column 'label'" in err and "--output-prefix" in err
+    assert not output.exists()
+    args = ["--keep", "label", "--output-prefix", "pred_"]
+    assert score(repo, str(source), "--output", str(output), *args) == 0
+    table = read_output(output)
+    x, y = digits_rows()
+    assert table.column("label").to_pylist() == y[:20].tolist()
+    assert table.column("pred_label").to_pylist() == expected_labels(repo, x[:20]).tolist()
+
+
+def test_scoring_without_tqdm_works_and_leaves_nothing_behind(repo: Path, tmp_path: Path) -> None:
+    """Only `[spark]` installed (pyarrow, no tqdm): the command still scores."""
+    source = tmp_path / "in.csv"
+    _labelled_csv(source, 20)
+    output = tmp_path / "out.parquet"
+    script = (
+        "import sys; sys.modules['tqdm'] = None\n"  # as if tqdm were not installed
+        "from edgeserve.cli.group import run\n"
+        f"sys.exit(run(['batch', 'score', '--model', 'digits', '--repository', {str(repo)!r}, "
+        f"{str(source)!r}, '--output', {str(output)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "backend=" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.parquet"]

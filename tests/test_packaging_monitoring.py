@@ -112,6 +112,7 @@ def test_dashboard_covers_the_operator_metrics() -> None:
     used = set().union(*(metric_names(e) for e in dashboard_exprs()))
     for name in (
         "edgeserve_requests_total",
+        "edgeserve_requests_shed_total",
         "edgeserve_request_duration_seconds_bucket",
         "edgeserve_queue_duration_seconds_bucket",
         "edgeserve_batch_size_sum",
@@ -177,3 +178,147 @@ def test_dashboard_uses_only_exported_metrics(exported_series: set[str]) -> None
     for expr in dashboard_exprs():
         missing = metric_names(expr) - exported_series
         assert not missing, f"{expr} uses {missing}"
+
+
+@pytest.mark.slow
+def test_event_counters_are_exported_at_zero_before_the_first_event(server: RunningServer) -> None:
+    """increase() sees the first rollback or drop only on a series that was there before."""
+    scraped = httpx.get(f"{server.url}/metrics", timeout=30)
+    scraped.raise_for_status()
+    samples = [
+        s
+        for family in text_string_to_metric_families(scraped.text)
+        for s in family.samples
+        if s.name in ("edgeserve_update_rollbacks_total", "edgeserve_telemetry_dropped_total")
+    ]
+    rollbacks = {
+        (s.labels["model"], s.labels["reason"]): s.value
+        for s in samples
+        if s.name == "edgeserve_update_rollbacks_total"
+    }
+    assert rollbacks == {("digits", "health_watch"): 0.0, ("digits", "manual"): 0.0}
+    drops = {
+        (s.labels["table"], s.labels["reason"]): s.value
+        for s in samples
+        if s.name == "edgeserve_telemetry_dropped_total"
+    }
+    assert drops[("inferences", "queue_full")] == 0.0
+    assert drops[("audit", "write_error")] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("health watch: error rate 0.31 over 0.05", "health_watch"),
+        ("operator: bad release 2026-12-07, ticket #4711", "manual"),
+        ("", "manual"),
+    ],
+)
+def test_the_rollback_reason_label_is_an_enum(text: str, label: str) -> None:
+    from edgeserve.telemetry.metrics import ROLLBACK_REASONS, rollback_reason
+
+    assert rollback_reason(text) == label and label in ROLLBACK_REASONS
+
+
+# --- a real Prometheus scraping a real server -----------------------------------------------
+
+SCRAPE_CONFIG = ROOT / "packaging" / "prometheus" / "scrape-config.yml"
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None or shutil.which("promtool") is None,
+    reason="prometheus not installed (Debian package: prometheus)",
+)
+
+
+def _scrape_job_for(target: str, token_file: Path) -> dict[str, Any]:
+    """The shipped job, pointed at one loopback target instead of Kubernetes discovery
+    (Debian's Prometheus is built without it); auth and paths are the shipped ones."""
+    job = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"][0]
+    assert job["job_name"] == "edgeserve" and "kubernetes_sd_configs" in job
+    del job["kubernetes_sd_configs"], job["relabel_configs"]
+    job["static_configs"] = [{"targets": [target]}]
+    job["authorization"]["credentials_file"] = str(token_file)
+    job["scrape_interval"] = "1s"
+    return job
+
+
+@pytest.mark.slow
+@needs_prometheus
+def test_the_scrape_config_scrapes_a_real_server_with_its_token(tmp_path: Path) -> None:
+    from tests.k8s_pods import Cluster
+    from tests.serving import free_port, stop
+    from tests.waiting import wait_until
+
+    cluster = Cluster(tmp_path / "cluster")
+    token = tmp_path / "token"
+    token.write_text(cluster.token("metrics", subject="prometheus") + "\n")
+    with cluster.pod("pod-0") as pod:
+        config = tmp_path / "prometheus.yml"
+        job = _scrape_job_for(f"127.0.0.1:{pod.port}", token)
+        config.write_text(
+            yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": [job]})
+        )
+        checked = promtool("check", "config", str(config))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        port = free_port()
+        log = (tmp_path / "prometheus.log").open("wb")
+        prometheus = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+
+            def scraped() -> dict[str, Any] | None:
+                try:
+                    reply = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2)
+                except httpx.TransportError:
+                    return None
+                targets = reply.json()["data"]["activeTargets"]
+                done = [t for t in targets if t["health"] != "unknown"]
+                return done[0] if done else None
+
+            target = wait_until(scraped, timeout_s=60, what="Prometheus' first scrape")
+            assert target["health"] == "up", target["lastError"]
+            assert target["labels"]["job"] == "edgeserve"  # what alerts.yml selects
+            query = httpx.get(
+                f"http://127.0.0.1:{port}/api/v1/query",
+                params={"query": 'up{job="edgeserve"} * on(instance) edgeserve_models_loaded'},
+                timeout=5,
+            ).json()
+            assert float(query["data"]["result"][0]["value"][1]) >= 1  # up, and serving
+        finally:
+            stop(prometheus)
+            log.close()
+
+
+@needs_promtool
+def test_the_alerts_job_selector_can_be_changed(tmp_path: Path) -> None:
+    script = ROOT / "packaging" / "prometheus" / "alerts-for-job.sh"
+    done = subprocess.run(
+        [str(script), 'job="kubernetes-pods",namespace="ml"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'job="edgeserve"' not in done.stdout
+    assert 'up{job="kubernetes-pods",namespace="ml"}' in done.stdout
+    rendered = tmp_path / "alerts.yml"
+    rendered.write_text(done.stdout)
+    result = promtool("check", "rules", str(rendered))
+    assert result.returncode == 0, result.stdout + result.stderr
+    refused = subprocess.run([str(script), "a|b"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2
+
+
+def test_the_alerts_job_script_is_shellcheck_clean() -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (Debian package: shellcheck)")
+    script = ROOT / "packaging" / "prometheus" / "alerts-for-job.sh"
+    done = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout

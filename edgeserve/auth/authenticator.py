@@ -80,6 +80,18 @@ class JWTAuthenticator:
         # Called as on_refused(client_address, reason) for each 401: the audit log's seam.
         self.on_refused = on_refused
 
+    def unusable_reason(self) -> str | None:
+        """Why no token could pass now (for readiness), else None. A file key set is
+        looked at again when due (a stat); a remote one is judged on what it holds."""
+        if not self.keyset.source.remote and self.keyset.refresh_due():
+            self.keyset.refresh()
+        if not self.keyset.kids:
+            return (
+                "no token signing key is trusted (the JWKS holds no usable key): "
+                "every token would be refused"
+            )
+        return None
+
     def authenticate(self, request: Request) -> Principal:
         client = client_address(request)
         found = self._bearer(request, client)

@@ -71,8 +71,9 @@ class ExperimentService:
                 log.error("saved experiment skipped id=%s reason=%r", doc.get("id"), str(exc))
                 continue
             self.experiments[exp.id] = exp
-        for name, doc in saved.get("flags", {}).items():
-            self.flags.put(flag_from_json(name, doc))
+        if self.settings.runtime_changes:  # else the config's flags stand as declared
+            for name, doc in saved.get("flags", {}).items():
+                self.flags.put(flag_from_json(name, doc))
         for doc in self.settings.define:
             if doc.get("id") not in self.experiments:
                 exp = experiment_from_json(doc, known_models=known)
@@ -146,7 +147,16 @@ class ExperimentService:
             raise NotFound(f"unknown experiment '{exp_id[:64]}'")
         return exp
 
+    def _refuse_if_declared(self, what: str) -> None:
+        if not self.settings.runtime_changes:
+            raise Conflict(
+                f"{what} are declared in the configuration on this server "
+                "([experiments] runtime_changes = false), so that every replica agrees: "
+                "change [experiments] flags or define there (the ConfigMap) and roll out"
+            )
+
     def create(self, doc: Any, subject: str) -> Experiment:
+        self._refuse_if_declared("experiments")
         exp = experiment_from_json(doc, known_models=self._known_models())
         if exp.id in self.experiments:
             raise Conflict(f"experiment '{exp.id}' exists")
@@ -162,6 +172,7 @@ class ExperimentService:
 
     def act(self, exp_id: str, action: str, subject: str) -> Experiment:
         exp = self.get(exp_id)
+        self._refuse_if_declared("experiments")
         if action not in ACTIONS:
             raise NotFound(f"unknown action '{action[:32]}'")
         if exp.status == "concluded":
@@ -180,6 +191,7 @@ class ExperimentService:
 
     def set_weights(self, exp_id: str, weights: Any, subject: str) -> Experiment:
         exp = self.get(exp_id)
+        self._refuse_if_declared("experiments")
         if (
             not isinstance(weights, list)
             or len(weights) != len(exp.variants)
@@ -195,6 +207,7 @@ class ExperimentService:
         return exp
 
     def put_flag(self, name: str, doc: Any, subject: str) -> Flag:
+        self._refuse_if_declared("flags and kill switches")
         flag = flag_from_json(name, doc)
         self.flags.put(flag)
         self._save()

@@ -30,6 +30,10 @@ class ExperimentSettings:
     define: list[dict] = setting([])
     # Flags defined in the config: {name = {enabled = true, rollout_percent = 100}}
     flags: dict[str, dict] = setting({})
+    # false: flags and experiments come from this file only (the config's flags win over
+    # saved ones) and the API refuses to change them, so every replica sharing the file
+    # agrees. true (one box): the API changes them on this server.
+    runtime_changes: bool = True
 
     def __post_init__(self) -> None:
         seen: set[str] = set()

@@ -51,6 +51,11 @@ def batch_group() -> None:
 @click.option("--map", "maps", multiple=True, help="INPUT=COLUMN or INPUT=PREFIX* (repeatable).")
 @click.option("--keep", multiple=True, help="Input column copied to the output (repeatable).")
 @click.option("--outputs", "output_names", multiple=True, help="Model outputs to write.")
+@click.option(
+    "--output-prefix",
+    default="",
+    help="Put in front of every output column's name (when --keep holds one of them).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option(
     "--errors",
@@ -88,6 +93,7 @@ def score_command(
     maps: tuple[str, ...],
     keep: tuple[str, ...],
     output_names: tuple[str, ...],
+    output_prefix: str,
     resume: bool,
     errors_path: Path | None,
     chunk_rows: int,
@@ -103,7 +109,8 @@ def score_command(
 
     Columns feed inputs by name (INPUT, or INPUT_0..INPUT_{n-1}) unless --map says
     otherwise; rows that cannot be scored go to the errors file, not the output.
-    Each output row carries `row`, the input row number from 0.
+    Each output row carries `row`, the input row number from 0. The summary names
+    the backend that scored (`auto` picks as the server does without samples).
 
     Example: edgeserve batch score --model digits data.parquet --output scores.csv
     --map 'input=pixel_*'
@@ -125,6 +132,7 @@ def score_command(
             maps=maps,
             keep=keep,
             output_names=output_names,
+            output_prefix=output_prefix,
             errors_path=errors_path,
             chunk_rows=chunk_rows,
             input_format=input_format,
@@ -149,6 +157,7 @@ def score_command(
     summary = {
         "model": job.model.name,
         "version": job.model.version,
+        "backend": job.model.runtime.backend,
         "rows": state.rows_done,
         "scored": state.scored,
         "failed": state.failed,

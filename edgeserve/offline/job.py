@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgeserve.errors import Conflict
 from edgeserve.offline.model import LoadedModel, SlotLoader, load_model
@@ -49,6 +50,7 @@ class BatchJob:
         maps: Sequence[str] = (),
         keep: Sequence[str] = (),
         output_names: Sequence[str] = (),
+        output_prefix: str = "",
         errors_path: Path | None = None,
         chunk_rows: int = 65536,
         input_format: str | None = None,
@@ -70,6 +72,7 @@ class BatchJob:
             keep,
             output_names or None,
             features_db,
+            output_prefix=output_prefix,
         )
         return cls(
             model,
@@ -93,11 +96,12 @@ class BatchJob:
         if resume and saved is None:
             log.info("no checkpoint output=%s: scoring from the first row", self.output)
         state = saved or RunState()
-        writer = open_writer(self.output, self.output_format, state.output_pos)
-        errors = TextWriter(self.errors_path, "jsonl", state.errors_pos)
+        # before any file is opened: nothing is left behind when it cannot start
         bar = _progress_bar(
             estimate_rows(self.input_path, self.input_format), state.rows_done, progress
         )
+        writer = open_writer(self.output, self.output_format, state.output_pos)
+        errors = TextWriter(self.errors_path, "jsonl", state.errors_pos)
         try:
             state, _ = run_chunks(
                 read_chunks(self.input_path, self.input_format, self.chunk_rows, state.rows_done),
@@ -118,9 +122,23 @@ class BatchJob:
         return state
 
 
-def _progress_bar(total: int | None, done: int, enabled: bool):
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm when it is not installed (`[spark]` without `[batch]`)."""
 
+    def update(self, rows: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int | None, done: int, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if enabled:
+            log.info("no progress bar: tqdm is not installed (pip install 'edgeserve[batch]')")
+        return _NoBar()
     return tqdm(
         total=total,
         initial=done,

@@ -1,7 +1,7 @@
 """Turn a chunk (a pyarrow table) into model tensors along an input plan (see `plan`).
 
-A row with a missing (null), non-numeric or wrongly sized value is marked failed with
-a reason, so the caller reports it as a row error and scores the rest.
+A row with a missing (null), non-numeric, NaN or wrongly sized value is marked failed
+with a reason, so the caller reports it as a row error and scores the rest.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def gather(
                 except (TypeError, ValueError):
                     _fail(ok, errors, int(pos), f"'{source.columns[0]}' holds a non-number")
             return None
+        if _mark_nan(flat.reshape(len(col), -1), ok, errors, f"'{source.columns[0]}' holds NaN"):
+            return None
         return flat.reshape((len(col), *source.row_shape))
     parts = []
     positions = np.nonzero(ok)[0]
@@ -91,8 +93,24 @@ def gather(
                 except (TypeError, ValueError):
                     _fail(ok, errors, int(pos), f"column '{name}' is not a number: {value!r:.40}")
             return None
+    for name, part in zip(source.columns, parts, strict=True):
+        if _mark_nan(part.reshape(len(part), -1), ok, errors, f"column '{name}' is NaN"):
+            return None
     stacked = parts[0].reshape(-1, 1) if len(parts) == 1 else np.column_stack(parts)
     return stacked.reshape((len(stacked), *source.row_shape))
+
+
+def _mark_nan(rows: np.ndarray, ok: np.ndarray, errors: dict[int, str], message: str) -> bool:
+    """Rows holding NaN (not a number: a missing float in Spark and pandas) are failed
+    with `message` rather than scored into garbage; True when any was found."""
+    if rows.dtype.kind != "f" or not len(rows):
+        return False
+    bad = np.isnan(rows).any(axis=1)
+    if not bad.any():
+        return False
+    for pos in np.nonzero(ok)[0][bad]:
+        _fail(ok, errors, int(pos), f"{message} (not a number)")
+    return True
 
 
 def _cast(values: pa.Array, dtype: np.dtype) -> np.ndarray:

@@ -41,6 +41,30 @@ class InputSource:
         return int(np.prod(self.row_shape)) if self.row_shape else 1
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How errors name the mapping and keep options and the table, in the caller's own
+    terms: the CLI's `--map`, Spark's `input_map=`."""
+
+    map_column: str = "--map {input}=COLUMN"
+    map_prefix: str = "--map {input}=PREFIX*"
+    map_option: str = "--map"
+    keep_option: str = "--keep"
+    table: str = "the input file"
+    prefix_option: str = "--output-prefix "
+
+
+CLI_WORDING = Wording()
+SPARK_WORDING = Wording(
+    map_column="input_map={{'{input}': 'COLUMN'}}",
+    map_prefix="input_map={{'{input}': 'PREFIX*'}}",
+    map_option="input_map",
+    keep_option="keep",
+    table="the DataFrame",
+    prefix_option="output_prefix=",
+)
+
+
 def row_shape(spec: TensorSpec) -> tuple[int, ...]:
     """The per-row shape: the signature without its batch dimension."""
     if not spec.shape:
@@ -70,6 +94,7 @@ def plan_inputs(
     columns: Sequence[str],
     explicit: Mapping[str, str] | None = None,
     skip: Sequence[str] = (),
+    wording: Wording = CLI_WORDING,
 ) -> list[InputSource]:
     """Decide the source of every model input not in `skip` (those come from elsewhere,
     e.g. the feature store); the error names the input and the columns it looked for."""
@@ -77,7 +102,9 @@ def plan_inputs(
     known = {s.name for s in specs}
     for name in explicit:
         if name not in known:
-            raise InvalidInput(f"--map names '{name}', which is not an input of the model")
+            raise InvalidInput(
+                f"{wording.map_option} names '{name}', which is not an input of the model"
+            )
     present = set(columns)
     plan = []
     for spec in specs:
@@ -88,11 +115,11 @@ def plan_inputs(
         wanted = explicit.get(spec.name)
         if wanted is not None and wanted.endswith("*"):
             cols = tuple(f"{wanted[:-1]}{i}" for i in range(n))
-            _require(cols, present, spec.name)
+            _require(cols, present, spec.name, wording)
             plan.append(InputSource(spec.name, spec.datatype, shape, cols, False))
             continue
         if wanted is not None:
-            _require((wanted,), present, spec.name)
+            _require((wanted,), present, spec.name, wording)
             plan.append(InputSource(spec.name, spec.datatype, shape, (wanted,), n != 1))
             continue
         if spec.name in present:
@@ -105,12 +132,13 @@ def plan_inputs(
         raise InvalidInput(
             f"no column for input '{spec.name}' ({n} values per row): expected a column "
             f"'{spec.name}' or columns '{spec.name}_0'..'{spec.name}_{n - 1}'; "
-            f"map others with --map {spec.name}=COLUMN or --map {spec.name}=PREFIX*"
+            f"map others with {wording.map_column.format(input=spec.name)} or "
+            f"{wording.map_prefix.format(input=spec.name)}"
         )
     return plan
 
 
-def _require(cols: Sequence[str], present: set[str], name: str) -> None:
+def _require(cols: Sequence[str], present: set[str], name: str, wording: Wording) -> None:
     missing = [c for c in cols if c not in present]
     if missing:
-        raise InvalidInput(f"input '{name}': no column {missing[0]!r} in the input file")
+        raise InvalidInput(f"input '{name}': no column {missing[0]!r} in {wording.table}")

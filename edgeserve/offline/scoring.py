@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from edgeserve.errors import InferenceFailed, InvalidInput
 from edgeserve.offline.mapping import gather, lists_from_text, to_tensor
-from edgeserve.offline.plan import InputSource, plan_inputs
+from edgeserve.offline.plan import CLI_WORDING, InputSource, Wording, plan_inputs
 from edgeserve.runtime import Runtime, TensorSpec
 from edgeserve.runtime.datatypes import V2_TO_NUMPY
 from edgeserve.serving.features import FeatureStore, feature_plan, feature_tensors
@@ -44,6 +44,10 @@ class ChunkScorer:
         keep: Sequence[str] = (),
         outputs: Sequence[str] | None = None,
         feature_store: Path | None = None,
+        *,
+        output_prefix: str = "",
+        added: Sequence[str] = ("row",),
+        wording: Wording = CLI_WORDING,
     ) -> None:
         self.runtime = runtime
         self.config = config
@@ -53,19 +57,23 @@ class ChunkScorer:
             raise InvalidInput(
                 f"the model reads features by entity id: no column '{self.features.entity}'"
             )
-        self.plan: list[InputSource] = plan_inputs(runtime.inputs, columns, explicit_map, skip)
+        self.plan: list[InputSource] = plan_inputs(
+            runtime.inputs, columns, explicit_map, skip, wording
+        )
         self.store = FeatureStore(feature_store) if self.features and feature_store else None
         if self.features and self.store is None:
             raise InvalidInput("the model reads features from the store: pass --features DB")
         for name in keep:
             if name not in columns:
-                raise InvalidInput(f"--keep: no column '{name}' in the input file")
+                raise InvalidInput(f"{wording.keep_option}: no column '{name}' in {wording.table}")
         self.keep = list(keep)
         known = {s.name for s in runtime.outputs}
         for name in outputs or ():
             if name not in known:
                 raise InvalidInput(f"--outputs: the model has no output '{name}'")
         self.outputs = list(outputs) if outputs else [s.name for s in runtime.outputs]
+        self.prefix = output_prefix
+        refuse_collisions(self.keep, [*added, *(output_prefix + n for n in self.outputs)], wording)
         # max_batch_size bounds one request on the server (latency, fairness); offline
         # there is no one to be fair to, so calls are as large as the model allows.
         fixed = {s.shape[0] for s in runtime.inputs if s.shape and s.shape[0] > 0}
@@ -186,8 +194,21 @@ class ChunkScorer:
             columns[name] = table.column(name).filter(mask)
         specs = {s.name: s for s in self.runtime.outputs}
         for name in self.outputs:
-            columns[name] = _column(outputs.get(name), specs[name])
+            columns[self.prefix + name] = _column(outputs.get(name), specs[name])
         return pa.table(columns)
+
+
+def refuse_collisions(kept: Sequence[str], added: Sequence[str], wording: Wording) -> None:
+    """A kept column named like a column scoring adds would be overwritten (or break the
+    output schema): refuse before the first row, naming it."""
+    for name in kept:
+        if name in added:
+            raise InvalidInput(
+                f"column '{name}' in {wording.table} has the name of a column scoring adds "
+                f"({', '.join(added)}); rename or drop it, leave it out of "
+                f"{wording.keep_option}, or prefix the outputs with "
+                f"{wording.prefix_option}'pred_'"
+            )
 
 
 def _column(array: np.ndarray | None, spec: TensorSpec) -> pa.Array:

@@ -3,16 +3,19 @@
     from edgeserve.offline.spark import score_dataframe
     scored = score_dataframe(df, "/models/digits", input_map={"input": "pixel_*"})
 
-Each executor's Python worker loads the model once (a module-level cache keyed by the
-model source) and scores its partitions through `mapInPandas`, with the same column
-mapping and chunk scoring as `edgeserve batch score`, so answers match the server's.
-A row that cannot be scored gets null outputs and a reason in the `error` column.
+The driver opens the model once to check the columns and to settle the backend and
+version; each executor's Python worker then opens the same model (cached per process,
+see `spark_model`), refuses one that differs from the driver's, and scores its
+partitions as Arrow batches (`mapInArrow`) with the same column mapping and chunk
+scoring as `edgeserve batch score`. A row that cannot be scored gets null outputs and
+a reason in the `error` column. Every output field's metadata says which model,
+version and backend scored it (`scored.schema["label"].metadata["edgeserve"]`).
 
 Sources: a model folder (`model.toml` + version folders), or an encrypted bundle file
 opened by `bundle_opener(path, key) -> (model.toml text, {file: bytes})`, normally
 `SignedBundleOpener(trusted_keys)`: the signature is checked and the payload decrypted
 in the executor's memory only, with the key the job passes (e.g. from the cluster's
-secret store). Needs `pip install 'edgeserve[spark]'`.
+secret store). Needs `pip install 'edgeserve[spark]'` on the driver and every executor.
 
     opener = SignedBundleOpener(["<ed25519 public key>"])
     scored = score_dataframe(df, "/shared/digits-7.bundle", key=fleet_key_text,
@@ -21,94 +24,134 @@ secret store). Needs `pip install 'edgeserve[spark]'`.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgeserve.runtime import Runtime, TensorSpec, ThreadPlan, create_runtime
-from edgeserve.serving.repository import ModelConfig, parse_model_config, read_model
+from edgeserve.errors import InvalidInput
+from edgeserve.offline.plan import SPARK_WORDING, plan_inputs
+from edgeserve.offline.spark_model import (
+    BundleFingerprint,
+    BundleOpener,
+    SignedBundleOpener,
+    SparkModel,
+    cached_model,
+)
+from edgeserve.runtime import TensorSpec
 
-BundleOpener = Callable[[str, bytes | None], tuple[str, dict[str, bytes]]]
+__all__ = [
+    "ERROR_COLUMN",
+    "BundleFingerprint",
+    "BundleOpener",
+    "ScoringJob",
+    "SignedBundleOpener",
+    "SparkModel",
+    "cached_model",
+    "score_dataframe",
+]
+
 ERROR_COLUMN = "error"
 
-_MODELS: dict[tuple, tuple[Runtime, ModelConfig]] = {}
-_LOCK = threading.Lock()
+# V2 datatype -> (Spark SQL type name, Arrow type name) of one output value.
+_TYPES = {
+    "BOOL": ("BooleanType", "bool_"),
+    "INT8": ("ByteType", "int8"),
+    "INT16": ("ShortType", "int16"),
+    "INT32": ("IntegerType", "int32"),
+    "INT64": ("LongType", "int64"),
+    "UINT8": ("ShortType", "int16"),
+    "UINT16": ("IntegerType", "int32"),
+    "UINT32": ("LongType", "int64"),
+    "UINT64": ("LongType", "int64"),
+    "FP16": ("FloatType", "float32"),
+    "FP32": ("FloatType", "float32"),
+    "FP64": ("DoubleType", "float64"),
+    "BYTES": ("StringType", "string"),
+}
 
 
-def cached_model(
-    source: str,
-    version: int | None = None,
-    backend: str = "onnxruntime",
-    key: bytes | None = None,
-    bundle_opener: BundleOpener | None = None,
-) -> tuple[Runtime, ModelConfig]:
-    """The model from `source`, loaded at most once per process (executor worker)."""
-    cache_key = (source, version, backend)
-    with _LOCK:
-        if cache_key not in _MODELS:
-            _MODELS[cache_key] = _load(source, version, backend, key, bundle_opener)
-        return _MODELS[cache_key]
+@dataclass(frozen=True)
+class ScoringJob:
+    """What every executor needs to score a batch exactly as the driver planned it.
+    Picklable; `key` is never shown in its repr."""
 
+    source: str
+    version: int | None
+    backend: str  # the backend the driver's open settled on, never `auto`
+    digest: str  # the model the driver opened: executors refuse another
+    key: bytes | None = field(default=None, repr=False)
+    bundle_opener: BundleOpener | None = None
+    input_map: dict[str, str] = field(default_factory=dict)
+    kept: tuple[str, ...] = ()
+    wanted: tuple[str, ...] = ()
+    output_prefix: str = ""
+    many: tuple[bool, ...] = ()  # per wanted output: several values per row
 
-def _load(
-    source: str,
-    version: int | None,
-    backend: str,
-    key: bytes | None,
-    bundle_opener: BundleOpener | None,
-) -> tuple[Runtime, ModelConfig]:
-    path = Path(source)
-    if path.is_dir():
-        model = read_model(path)
-        chosen = version or model.config.default_version or max(model.versions)
-        files = model.read_files(chosen)
-        config = model.config
-    else:
-        if bundle_opener is None:
-            raise ValueError(f"{source} is not a model folder; a bundle needs bundle_opener")
-        toml_text, files = bundle_opener(source, key)
-        config = parse_model_config(toml_text, f"{path.name}/model.toml")
-    if config.backend != "auto":
-        backend = config.backend
-    # one thread per call: Spark already runs one task per executor core
-    return create_runtime(backend, files, ThreadPlan(intra_op=1, inter_op=1)), config
-
-
-class SignedBundleOpener:
-    """Opens an edgeserve bundle on an executor: the signature must verify against one
-    of `trusted_keys` (as in [updater] trusted_keys), and the payload is decrypted in
-    memory with the job's key, the text of a fleet or device key file
-    (`fleet:<base64>` / `x25519:<base64>`). Picklable, so Spark ships it to executors.
-    """
-
-    def __init__(self, trusted_keys: Sequence[str]) -> None:
-        self.trusted_keys = list(trusted_keys)
-
-    def __call__(self, path: str, key: bytes | None) -> tuple[str, dict[str, bytes]]:
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-        from updater.bundle import BundlePolicy, verify_bundle
-        from updater.masterkey import parse_key_material
-        from updater.signing import TrustedKeys
-        from updater.wrapping import DeviceKey, FleetKey
-
-        if key is None:
-            raise ValueError("a bundle needs the job's key (fleet:... or x25519:...)")
-        kind, _, body = key.decode("ascii").strip().partition(":")
-        material = parse_key_material(body.encode(), "the job's key")
-        unwrap = (
-            FleetKey(material)
-            if kind == "fleet"
-            else DeviceKey(X25519PrivateKey.from_private_bytes(material))
+    @classmethod
+    def for_source(cls, source: str, backend: str = "auto", **options: Any) -> ScoringJob:
+        """A job on every output of `source`, keeping no column (benchmarks, tests)."""
+        model = cached_model(source, options.get("version"), backend)
+        wanted = tuple(s.name for s in model.runtime.outputs)
+        return cls(
+            source,
+            model.version,
+            model.runtime.backend,
+            model.digest,
+            wanted=wanted,
+            many=tuple(_many(s) for s in model.runtime.outputs),
+            **options,
         )
-        policy = BundlePolicy(TrustedKeys.from_texts(self.trusted_keys), [unwrap])
-        verified = verify_bundle(Path(path), policy, allow_downgrade=True)
-        manifest = verified.manifest
-        toml_text = manifest.model_config or f'backend = "{manifest.backend}"\n'
-        return toml_text, dict(verified.files)
+
+    def model(self) -> SparkModel:
+        opened = cached_model(self.source, self.version, self.backend, self.key, self.bundle_opener)
+        if opened.digest != self.digest:
+            raise InvalidInput(
+                f"the model at {self.source} changed after the job started (the driver "
+                "opened another one); run the job again"
+            )
+        return opened
+
+    def score_batch(self, batch: Any) -> Any:
+        """Score one Arrow record batch (runs in the executor's Python worker): kept
+        columns as they came, outputs built from the scored arrays, no row loop."""
+        import pyarrow as pa
+
+        from edgeserve.offline.scoring import ChunkScorer
+
+        model = self.model()
+        table = pa.Table.from_batches([batch])
+        scorer = ChunkScorer(
+            model.runtime,
+            model.config,
+            table.column_names,
+            self.input_map,
+            (),
+            list(self.wanted),
+            wording=SPARK_WORDING,
+        )
+        scored = scorer.score(table, 0)
+        n = batch.num_rows
+        rows = scored.table.column("row").to_numpy()
+        take = None
+        if len(rows) != n:  # failed rows get nulls: gather with null indices
+            index = np.full(n, -1, dtype=np.int64)
+            index[rows] = np.arange(len(rows))
+            take = pa.array(index, mask=index < 0)
+        arrays = [batch.column(name) for name in self.kept]
+        specs = {s.name: s for s in model.runtime.outputs}
+        for name, many in zip(self.wanted, self.many, strict=True):
+            value = getattr(pa, _TYPES[specs[name].datatype][1])()
+            column = scored.table.column(name).combine_chunks()
+            column = column.cast(pa.list_(value) if many else value)
+            arrays.append(column if take is None else column.take(take))
+        errors: list[str | None] = [None] * n
+        for entry in scored.errors:
+            errors[entry["row"]] = entry["error"]
+        arrays.append(pa.array(errors, pa.string()))
+        names = [*self.kept, *(self.output_prefix + w for w in self.wanted)]
+        return pa.RecordBatch.from_arrays(arrays, names=[*names, self.output_prefix + ERROR_COLUMN])
 
 
 def score_dataframe(
@@ -119,93 +162,79 @@ def score_dataframe(
     input_map: Mapping[str, str] | None = None,
     outputs: Sequence[str] | None = None,
     keep: Sequence[str] | None = None,
-    backend: str = "onnxruntime",
+    backend: str = "auto",
     key: bytes | None = None,
     bundle_opener: BundleOpener | None = None,
+    output_prefix: str = "",
 ) -> Any:
     """`df` scored by `model` (a model folder or bundle path readable by every executor).
 
     Returns the `keep` columns (default: every column the model does not read), one
     column per model output (arrays for outputs with several values per row), and
-    `error`. Column mapping follows `edgeserve.offline.plan`.
+    `error`, each named with `output_prefix` in front. A kept column named like one of
+    those is refused here, before any task runs. `backend="auto"` chooses as the
+    server does without samples (OpenVINO, else ONNX Runtime), once, on the driver;
+    pin it (here or in model.toml) to match a server that chose otherwise.
     """
-    from edgeserve.offline.plan import plan_inputs
+    from edgeserve.offline.scoring import refuse_collisions
 
-    runtime, _ = cached_model(model, version, backend, key, bundle_opener)
-    plan = plan_inputs(runtime.inputs, df.columns, input_map)
+    opened = cached_model(model, version, backend, key, bundle_opener)
+    runtime = opened.runtime
+    plan = plan_inputs(runtime.inputs, df.columns, input_map, wording=SPARK_WORDING)
     used = {c for source in plan for c in source.columns}
     kept = list(keep) if keep is not None else [c for c in df.columns if c not in used]
-    wanted = list(outputs) if outputs else [s.name for s in runtime.outputs]
-    schema = _output_schema(df.schema, kept, [s for s in runtime.outputs if s.name in wanted])
-    args = (model, version, backend, key, bundle_opener, dict(input_map or {}), kept, wanted)
+    for name in kept:
+        if name not in df.columns:
+            raise InvalidInput(f"keep: no column '{name}' in the DataFrame")
+    known = [s.name for s in runtime.outputs]
+    for name in outputs or ():
+        if name not in known:
+            raise InvalidInput(f"outputs: the model has no output '{name}'")
+    specs = [s for s in runtime.outputs if s.name in (outputs or known)]
+    added = [output_prefix + s.name for s in specs] + [output_prefix + ERROR_COLUMN]
+    refuse_collisions(kept, added, SPARK_WORDING)
+    job = ScoringJob(
+        model,
+        opened.version,
+        runtime.backend,
+        opened.digest,
+        key,
+        bundle_opener,
+        dict(input_map or {}),
+        tuple(kept),
+        tuple(s.name for s in specs),
+        output_prefix,
+        tuple(_many(s) for s in specs),
+    )
+    scored_by = {
+        "model": opened.name,
+        "version": opened.version,
+        "backend": runtime.backend,
+        "digest": opened.digest[:16],
+    }
+    schema = _output_schema(df.schema, kept, specs, output_prefix, scored_by)
 
-    def score_partition(frames: Iterator[Any]) -> Iterator[Any]:
-        for frame in frames:
-            yield score_pandas(frame, *args)
+    def score_partition(batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            yield job.score_batch(batch)
 
-    return df.mapInPandas(score_partition, schema)
+    return df.mapInArrow(score_partition, schema)
 
 
-def score_pandas(
-    frame: Any,
-    model: str,
-    version: int | None,
-    backend: str,
-    key: bytes | None,
-    bundle_opener: BundleOpener | None,
-    input_map: dict[str, str],
-    kept: list[str],
-    wanted: list[str],
+def _many(spec: TensorSpec) -> bool:
+    per_row = spec.shape[1:]
+    return bool(per_row) and int(np.prod([abs(d) for d in per_row])) != 1
+
+
+def _output_schema(
+    source: Any, kept: list[str], specs: list[TensorSpec], prefix: str, scored_by: dict
 ) -> Any:
-    """Score one pandas batch (runs in the executor's Python worker)."""
-    import pandas as pd
-    import pyarrow as pa
-
-    from edgeserve.offline.scoring import ChunkScorer
-
-    runtime, config = cached_model(model, version, backend, key, bundle_opener)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    scorer = ChunkScorer(runtime, config, table.column_names, input_map, (), wanted)
-    scored = scorer.score(table, 0)
-    n = len(frame)
-    result = {name: frame[name].reset_index(drop=True) for name in kept}
-    rows = scored.table.column("row").to_numpy()
-    for name in wanted:
-        column: list[Any] = [None] * n
-        values = scored.table.column(name).to_pylist()
-        for pos, value in zip(rows, values, strict=True):
-            column[int(pos)] = value
-        result[name] = pd.Series(column, dtype=object)
-    errors: list[str | None] = [None] * n
-    for entry in scored.errors:
-        errors[entry["row"]] = entry["error"]
-    result[ERROR_COLUMN] = pd.Series(errors, dtype=object)
-    return pd.DataFrame(result)
-
-
-def _output_schema(source: Any, kept: list[str], specs: list[TensorSpec]) -> Any:
     from pyspark.sql import types as T
 
-    scalar = {
-        "BOOL": T.BooleanType(),
-        "INT8": T.ByteType(),
-        "INT16": T.ShortType(),
-        "INT32": T.IntegerType(),
-        "INT64": T.LongType(),
-        "UINT8": T.ShortType(),
-        "UINT16": T.IntegerType(),
-        "UINT32": T.LongType(),
-        "UINT64": T.LongType(),
-        "FP16": T.FloatType(),
-        "FP32": T.FloatType(),
-        "FP64": T.DoubleType(),
-        "BYTES": T.StringType(),
-    }
     fields = [source[name] for name in kept]
     for spec in specs:
-        per_row = spec.shape[1:]
-        element = scalar[spec.datatype]
-        many = bool(per_row) and int(np.prod([abs(d) for d in per_row])) != 1
-        fields.append(T.StructField(spec.name, T.ArrayType(element) if many else element))
-    fields.append(T.StructField(ERROR_COLUMN, T.StringType()))
+        element = getattr(T, _TYPES[spec.datatype][0])()
+        kind = T.ArrayType(element) if _many(spec) else element
+        fields.append(T.StructField(prefix + spec.name, kind, metadata={"edgeserve": scored_by}))
+    fields.append(T.StructField(prefix + ERROR_COLUMN, T.StringType()))
     return T.StructType(fields)

@@ -212,6 +212,17 @@ class ReadCounter:
         yield counter
 
 
+# Label values of the event counters, exported at 0 from the start: Prometheus'
+# increase() only sees an event on a series that existed before it.
+DROP_REASONS = ("queue_full", "write_error", "retention", "size_cap", "upstream_rejected")
+ROLLBACK_REASONS = ("health_watch", "manual")
+
+
+def rollback_reason(text: str) -> str:
+    """The `reason` label of a rollback (an enum; the free text goes to the alert)."""
+    return "health_watch" if text.startswith("health watch") else "manual"
+
+
 class Metrics:
     """Every metric edgeserve exports, on one registry per application."""
 
@@ -246,6 +257,18 @@ class Metrics:
         )
         r.register(ProcessCollector())  # type: ignore[arg-type]
         self._update_states: dict[str, str] = {}
+
+    def expect_drops(self, tables: Sequence[str]) -> None:
+        """Export every (table, reason) drop counter at 0 before the first drop."""
+        for table in tables:
+            for reason in DROP_REASONS:
+                self.dropped.labels(table, reason)
+
+    def expect_rollbacks(self, models: Sequence[str]) -> None:
+        """Export every (model, reason) rollback counter at 0 before the first one."""
+        for model in models:
+            for reason in ROLLBACK_REASONS:
+                self.rollbacks.labels(model, reason)
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read when scraped (queue depth, backlog, sync lag...)."""

@@ -28,7 +28,7 @@ from edgeserve.errors import Overloaded
 from edgeserve.telemetry import audit, maintenance, payloads
 from edgeserve.telemetry.alerts import AlertChange, AlertRules
 from edgeserve.telemetry.feedback import label_refusal
-from edgeserve.telemetry.metrics import Metrics
+from edgeserve.telemetry.metrics import Metrics, rollback_reason
 from edgeserve.telemetry.records import (
     SUBJECT_HASH_CHARS,
     AlertRecord,
@@ -39,7 +39,7 @@ from edgeserve.telemetry.records import (
     bounded,
 )
 from edgeserve.telemetry.settings import TelemetrySettings
-from edgeserve.telemetry.store import TelemetryStore
+from edgeserve.telemetry.store import RECORD_TABLE, TelemetryStore
 from edgeserve.telemetry.sync import UpstreamSync
 
 # Labels that may wait for the one-label check (each is an open request).
@@ -73,6 +73,7 @@ class Telemetry:
             on_batch=self._observe_batch,
             on_commit=self._keep_under_cap,
         )
+        self.metrics.expect_drops(sorted(set(RECORD_TABLE.values())))
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
@@ -243,8 +244,11 @@ class Telemetry:
     async def verify_audit(self) -> audit.ChainReport:
         return await asyncio.wrap_future(self.store.submit(audit.verify))
 
+    def expect_rollbacks(self, models: Sequence[str]) -> None:
+        self.metrics.expect_rollbacks(models)
+
     async def note_rollback(self, model: str, reason: str) -> None:
-        self.metrics.rollbacks.labels(model, reason[:60]).inc()
+        self.metrics.rollbacks.labels(model, rollback_reason(reason)).inc()
         await self._raise_alerts([self.alerts.note_rollback(model, reason)])
 
     async def maintain_once(self) -> None:
