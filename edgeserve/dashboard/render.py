@@ -91,7 +91,7 @@ def experiment_section(report: dict[str, Any]) -> str:
     decision = report["decision"]
     srm = report["sample_ratio_mismatch"]
     srm_text = (
-        "not applicable (shadow)"
+        ("not applicable (shadow)" if exp["mode"] == "shadow" else "no units in this window yet")
         if srm is None
         else f'<span class="bad">mismatch, p={srm["p_value"]:.2g}</span>'
         if srm["mismatch"]
@@ -143,8 +143,8 @@ def experiment_section(report: dict[str, Any]) -> str:
     return (
         f'<h2>Experiment {escape(exp["id"])} <span class="muted">({escape(exp["model"])}, '
         f"{escape(exp['mode'])}, {escape(exp['status'])})</span></h2>"
-        f'<p class="decision">Decision: {escape(decision["action"])} — '
-        f"{escape(decision['reason'])}</p>"
+        f'<p class="decision">{"Outcome" if decision.get("recorded") else "Decision"}: '
+        f"{escape(decision['action'])} — {escape(decision['reason'])}</p>"
         f"<p>Sample ratio check: {srm_text}. Primary metric: "
         f"{escape(exp['primary_metric'])}.</p>"
         + bar_chart(
@@ -169,7 +169,8 @@ def experiment_section(report: dict[str, Any]) -> str:
             ],
             variants,
         )
-        + "<h3>Differences (candidate − control), 95% always-valid intervals</h3>"
+        + "<h3>Differences (candidate − control), 95% always-valid intervals, "
+        "each on its own scale</h3>"
         + (
             interval_chart(intervals, title="difference with confidence sequence")
             if intervals

@@ -43,6 +43,7 @@ from edgeserve.experiments.stats import (
     two_proportion_ztest,
     welch_ttest,
 )
+from edgeserve.experiments.units import Ratio, ratio_ztest
 
 Action = Literal["continue", "advance", "promote", "rollback"]
 
@@ -89,7 +90,7 @@ class Moments:
         return max((self.total_squares - self.total**2 / self.count) / (self.count - 1), 0.0)
 
 
-Metric = Proportion | Moments
+Metric = Proportion | Moments | Ratio
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,13 @@ def compare(
         return (
             sequential.msprt_means(*args, tau_relative, previous_p),
             welch_ttest(*args),
+        )
+    if isinstance(control, Ratio) and isinstance(candidate, Ratio):
+        if min(control.units, candidate.units) < 2:
+            return None
+        return (
+            sequential.msprt_ratios(control, candidate, alpha, tau_relative, previous_p),
+            ratio_ztest(control, candidate, alpha),
         )
     raise TypeError("control and candidate must be the same kind of metric")
 

@@ -31,6 +31,7 @@ class Experiment:
     primary_metric: str = "accuracy"
     max_error_rate: float = 0.05  # absolute guardrail on a candidate
     max_p99_ms: float = 0.0  # absolute guardrail; 0 = off
+    conversion_window_s: float = 0.0  # KPI events count this long after exposure; 0 = no end
     auto: bool = False
     stages: list[float] = field(default_factory=list)  # candidate % per stage, e.g. 5,25,50,100
     stage: int = 0

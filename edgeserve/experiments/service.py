@@ -56,6 +56,9 @@ class ExperimentService:
         self.shadow_in_flight = 0
         self.shadow_skipped = 0
         self.shadow_tasks: set[asyncio.Task] = set()
+        # Reports of concluded experiments: nothing reaches them any more, so each is
+        # computed once (the dashboard reads every report on every load).
+        self._concluded_reports: dict[str, dict[str, Any]] = {}
 
     # -- state --------------------------------------------------------------------
     def load(self) -> None:
@@ -195,7 +198,9 @@ class ExperimentService:
         return exp
 
     def put_flag(self, name: str, doc: Any, subject: str) -> Flag:
-        flag = flag_from_json(name, doc)
+        """Set a flag; a field left out keeps its current value (disabling a flag keeps
+        its rollout, so enabling it again does not widen it)."""
+        flag = flag_from_json(name, doc, self.flags.get(name))
         self.flags.put(flag)
         self._save()
         self._audit(
@@ -209,9 +214,15 @@ class ExperimentService:
 
     async def report(self, exp_id: str) -> dict[str, Any]:
         exp = self.get(exp_id)
+        cached = self._concluded_reports.get(exp_id)
+        if cached is not None and exp.status == "concluded":
+            return cached
         observations = await asyncio.to_thread(observe, self.telemetry_db, exp)
         s = self.settings
-        return build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+        report = build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+        if exp.status == "concluded":
+            self._concluded_reports[exp_id] = report
+        return report
 
     # -- automatic decisions --------------------------------------------------------
     def start(self) -> None:
@@ -241,10 +252,12 @@ class ExperimentService:
             decision = report["decision"]
             action, reason = decision["action"], decision["reason"]
             if action == "rollback":
+                before = exp.weights  # the window the decision was taken in (its SRM)
                 for v in exp.variants[1:]:
                     v.weight = 0.0
                 exp.status, exp.decision, exp.reason = "concluded", "rolled_back", reason
                 exp.note("rolled_back", reason)
+                exp.history[-1]["weights"] = before
             elif action == "advance":
                 exp.stage += 1
                 exp.set_candidate_share(exp.stages[exp.stage])
