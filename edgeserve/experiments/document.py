@@ -46,6 +46,7 @@ class ExperimentDoc(_Strict):
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
     max_p99_ms: Annotated[float, Field(ge=0)] = 0.0
     conversion_window_s: Annotated[float, Field(ge=0, le=365 * 86400)] = 0.0
+    cuped: bool = True
     auto: bool = False
     stages: list[Annotated[float, Field(gt=0, le=100)]] = []
     stage: Annotated[int, Field(ge=0, lt=2**63)] = 0

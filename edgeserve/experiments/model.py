@@ -32,6 +32,7 @@ class Experiment:
     max_error_rate: float = 0.05  # absolute guardrail on a candidate
     max_p99_ms: float = 0.0  # absolute guardrail; 0 = off
     conversion_window_s: float = 0.0  # KPI events count this long after exposure; 0 = no end
+    cuped: bool = True  # adjust an event: KPI with each unit's events before exposure
     auto: bool = False
     stages: list[float] = field(default_factory=list)  # candidate % per stage, e.g. 5,25,50,100
     stage: int = 0

@@ -34,6 +34,7 @@ class Observations:
     correct: int = 0
     units: int = 0  # distinct units with a request in this variant
     kpi_values: np.ndarray = field(default_factory=lambda: np.empty(0))  # per exposed unit
+    kpi_pre: np.ndarray = field(default_factory=lambda: np.empty(0))  # before exposure, same units
     stage_units: int = 0  # distinct units since the weights last changed: what SRM compares
     per_unit: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -169,19 +170,23 @@ def _fill_labels(db: sqlite3.Connection, exp: Experiment, obs: Observations) -> 
 
 def _fill_kpi(db: sqlite3.Connection, exp: Experiment, obs: Observations, name: str) -> None:
     """KPI events per exposed unit, counted only inside the unit's exposure window: from
-    its first request in this variant, for `conversion_window_s` when that is set."""
+    its first request in this variant, for `conversion_window_s` when that is set. The
+    same unit's events before exposure are its pre-period (the CUPED covariate)."""
     window = exp.conversion_window_s
+    post = "(e.time >= u.t0 AND (? <= 0 OR e.time <= u.t0 + ?))"
     per_unit = db.execute(
-        """SELECT u.h, coalesce(sum(e.value), 0), count(e.seq)
-           FROM (SELECT subject_hash AS h, min(time) AS t0 FROM inferences
-                 WHERE experiment = ? AND variant = ? AND subject_hash IS NOT NULL
-                 GROUP BY subject_hash) u
-           LEFT JOIN events e ON e.subject_hash = u.h AND e.name = ? AND e.time >= u.t0
-                AND (? <= 0 OR e.time <= u.t0 + ?)
-           GROUP BY u.h""",
-        (exp.id, obs.variant, name, window, window),
+        f"""SELECT u.h, coalesce(sum(CASE WHEN {post} THEN e.value END), 0),
+                   count(CASE WHEN {post} THEN 1 END),
+                   coalesce(sum(CASE WHEN e.time < u.t0 THEN e.value END), 0)
+            FROM (SELECT subject_hash AS h, min(time) AS t0 FROM inferences
+                  WHERE experiment = ? AND variant = ? AND subject_hash IS NOT NULL
+                  GROUP BY subject_hash) u
+            LEFT JOIN events e ON e.subject_hash = u.h AND e.name = ?
+            GROUP BY u.h""",
+        (window, window, window, window, exp.id, obs.variant, name),
     ).fetchall()
     if exp.primary_metric.startswith("conversion:"):
         obs.kpi_values = np.array([1.0 if r[2] else 0.0 for r in per_unit])
     else:
         obs.kpi_values = np.array([float(r[1]) for r in per_unit])
+    obs.kpi_pre = np.array([float(r[3]) for r in per_unit])
