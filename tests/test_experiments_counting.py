@@ -264,6 +264,17 @@ def test_a_shadow_gets_credit_only_where_it_answered_as_the_served_version(
     assert control["accuracy"] == 1.0
     assert candidate["labelled"] == len(rows)
     assert candidate["accuracy"] == pytest.approx(agree / len(rows)), candidate
+    # the agreement report a shadow run exists for
+    agreement = report["shadow_agreement"]
+    assert agreement["pairs"] == len(rows) and agreement["units"] == len(rows)
+    assert agreement["agreement_rate"] == pytest.approx(agree / len(rows))
+    low, high = agreement["agreement_ci"]["low"], agreement["agreement_ci"]["high"]
+    assert 0 <= low < agree / len(rows) < high <= 1
+    # only the label was asked for: no top score to compare
+    assert agreement["mean_abs_top_score_difference"] is None
+    confusion = agreement["confusion"]
+    assert sum(n for row in confusion.values() for n in row.values()) == len(rows)
+    assert sum(row.get(c, 0) for c, row in confusion.items()) == agree
 
 
 def test_the_report_and_the_decision_loop_share_latency_in_ms(client: httpx.Client) -> None:

@@ -145,8 +145,9 @@ def experiment_section(report: dict[str, Any]) -> str:
         f"{escape(exp['mode'])}, {escape(exp['status'])})</span></h2>"
         f'<p class="decision">{"Outcome" if decision.get("recorded") else "Decision"}: '
         f"{escape(decision['action'])} — {escape(decision['reason'])}</p>"
-        f"<p>Sample ratio check: {srm_text}. Primary metric: "
+        f"<p>Sample ratio check (units): {srm_text}. Primary metric: "
         f"{escape(exp['primary_metric'])}.</p>"
+        + _extras(report)
         + bar_chart(
             [(v["name"], float(v["requests"])) for v in report["variants"]],
             title="requests per variant",
@@ -191,6 +192,27 @@ def experiment_section(report: dict[str, Any]) -> str:
             comparisons,
         )
     )
+
+
+def _extras(report: dict[str, Any]) -> str:
+    """The shadow agreement and CUPED lines, when the report has them."""
+    out = ""
+    agreement = report.get("shadow_agreement")
+    if agreement:
+        ci = agreement["agreement_ci"]
+        out += (
+            f"<p>Shadow agreement: {_num(agreement['agreement_rate'])} "
+            f"[{_num(ci['low'])}, {_num(ci['high'])}] over {_num(agreement['pairs'])} "
+            f"requests from {_num(agreement['units'])} units; mean |top score difference| "
+            f"{_num(agreement['mean_abs_top_score_difference'])}.</p>"
+        )
+    adjusted = report.get("cuped")
+    if adjusted:
+        out += (
+            f"<p>CUPED: variance reduced by {_num(adjusted['variance_reduction'])} "
+            f"(pre-period correlation {_num(adjusted['correlation'])}).</p>"
+        )
+    return out
 
 
 def flags_section(flags: list[dict[str, Any]]) -> str:

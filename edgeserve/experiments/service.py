@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve.errors import Conflict, InvalidInput, NotFound
+from edgeserve.experiments.agreement import observe_agreement, summarise
 from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
 from edgeserve.experiments.model import Experiment, experiment_from_json
 from edgeserve.experiments.observations import observe
@@ -218,8 +219,10 @@ class ExperimentService:
         if cached is not None and exp.status == "concluded":
             return cached
         observations = await asyncio.to_thread(observe, self.telemetry_db, exp)
+        pairs = await asyncio.to_thread(observe_agreement, self.telemetry_db, exp)
         s = self.settings
         report = build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+        report["shadow_agreement"] = summarise(pairs, s.alpha)
         if exp.status == "concluded":
             self._concluded_reports[exp_id] = report
         return report
