@@ -23,7 +23,12 @@ from edgeserve.experiments.decision import (
 )
 from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.observations import Observations, window_weights
-from edgeserve.experiments.stats import holm, sample_size_proportions
+from edgeserve.experiments.stats import (
+    benjamini_hochberg,
+    holm,
+    sample_ratio_mismatch,
+    sample_size_proportions,
+)
 from edgeserve.experiments.units import Ratio
 
 
@@ -77,12 +82,14 @@ def build_report(
             "variant": t.variant,
             "fixed_horizon": t.fixed_horizon.as_dict(),
             "sequential": t.sequential.as_dict(),
+            "non_inferior": t.non_inferior,
         }
         for t in verdict.tests
     ]
-    adjusted = holm([c["fixed_horizon"]["p_value"] for c in comparisons])
-    for c, p in zip(comparisons, adjusted, strict=True):
+    raw_p = [c["fixed_horizon"]["p_value"] for c in comparisons]
+    for c, p, q in zip(comparisons, holm(raw_p), benjamini_hochberg(raw_p), strict=True):
         c["fixed_horizon"]["holm_adjusted_p_value"] = p
+        c["fixed_horizon"]["bh_adjusted_p_value"] = q
     srm = verdict.srm.as_dict() if verdict.srm is not None else None
     if exp.status == "concluded":  # the outcome that was recorded, not a new decision
         decision = {
@@ -104,6 +111,10 @@ def build_report(
         "analysis_unit": exp.unit,
         "variants": [_variant_doc(exp, o) for o in observations],
         "sample_ratio_mismatch": srm,
+        # the same counts by Pearson's chi-square: valid at one look only, for reference
+        "sample_ratio_mismatch_chi_square": (
+            sample_ratio_mismatch(stage_counts, weights).as_dict() if srm is not None else None
+        ),
         "comparisons": comparisons,
         "power": _power(exp, observations[0]),
         "cuped": None if kpi_cuped is None else kpi_cuped.as_dict(),
@@ -111,10 +122,13 @@ def build_report(
             "difference": "candidate minus control",
             "analysis_unit": "each unit is one sample; per-request metrics are ratios of "
             "per-unit sums with delta-method variances",
-            "sample_ratio_mismatch": "distinct units since the weights last changed",
+            "sample_ratio_mismatch": "distinct units since the weights last changed, "
+            "sequential test (valid at every look)",
+            "non_inferior": "guardrail interval within its margin; None without a margin",
             "sequential": "mixture SPRT (Johari et al.): p-values valid at any look",
             "fixed_horizon": "valid only if looked at once, at the planned sample size",
             "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",
+            "bh_adjusted_p_value": "the same with Benjamini-Hochberg (false discovery rate)",
             "cuped": "an event KPI adjusted with each unit's events before exposure "
             "(Deng et al. 2013); variance_reduction is 1 - var(adjusted)/var(raw)",
         },
