@@ -215,6 +215,28 @@ def _extras(report: dict[str, Any]) -> str:
     return out
 
 
+def drift_section(checks: list[dict[str, Any]]) -> str:
+    """Prediction drift per model version against its first requests."""
+    if not checks:
+        return ""
+    rows = [
+        [
+            escape(c["model"]),
+            escape(c["version"]),
+            '<span class="bad">drifted</span>'
+            if c["drifted"]
+            else '<span class="ok">stable</span>',
+            _num(c["psi_classes"]),
+            _num(c["psi_top_score"]),
+            _num(c["chi_square_p"]),
+            f"{_num(c['live'])} vs {_num(c['baseline'])}",
+        ]
+        for c in checks
+    ]
+    headers = ["model", "version", "predictions", "class PSI", "top-score PSI", "p"]
+    return "<h2>Prediction drift</h2>" + _table([*headers, "live vs baseline requests"], rows)
+
+
 def flags_section(flags: list[dict[str, Any]]) -> str:
     rows = [
         [
@@ -234,11 +256,13 @@ def page(
     traffic: dict[str, Any],
     reports: list[dict[str, Any]],
     flags: list[dict[str, Any]],
+    drift: list[dict[str, Any]] | None = None,
     refresh_s: int = 10,
 ) -> str:
     body = (
         models_section(models)
         + traffic_section(traffic)
+        + drift_section(drift or [])
         + (
             "".join(experiment_section(r) for r in reports)
             or '<h2>Experiments</h2><p class="muted">No experiments.</p>'
