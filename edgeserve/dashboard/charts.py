@@ -12,20 +12,21 @@ def _fmt(value: float) -> str:
 
 
 def interval_chart(
-    rows: Sequence[tuple[str, float, float | None, float | None]],
-    width: int = 560,
+    rows: Sequence[tuple[str, float, float | None, float | None, str]],
+    width: int = 600,
     title: str = "",
 ) -> str:
-    """Estimates with confidence intervals, (label, est, low, high), each row on its own
+    """Estimates with confidence intervals, (label, est, low, high, better_when: "higher"
+    or "lower"; green is the better side, red the worse), each row on its own
     scale centred on zero: a latency in ms and an error rate share no axis, so one wide
     interval cannot shrink the others to dots. A row without a finite interval says so."""
-    left, right, row_h = 170, width - 110, 30
+    left, right, row_h = 170, width - 150, 30
     height = row_h * len(rows) + 16
     parts = [
         f'<svg class="chart" role="img" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}"><title>{escape(title)}</title>'
     ]
-    for i, (label, est, low, high) in enumerate(rows):
+    for i, (label, est, low, high, better) in enumerate(rows):
         y = 18 + i * row_h
         parts.append(f'<text x="5" y="{y + 4}" font-size="12">{escape(label)}</text>')
         if low is None or high is None or not all(isfinite(v) for v in (est, low, high)):
@@ -39,7 +40,8 @@ def interval_chart(
         def x(value: float, span: float = span) -> float:
             return left + (value + span) / (2 * span) * (right - left)
 
-        colour = "#1a7f37" if low > 0 else "#cf222e" if high < 0 else "#57606a"
+        up, down = ("#1a7f37", "#cf222e") if better != "lower" else ("#cf222e", "#1a7f37")
+        colour = up if low > 0 else down if high < 0 else "#57606a"
         parts.append(
             f'<line x1="{x(0):.1f}" y1="{y - 9}" x2="{x(0):.1f}" y2="{y + 9}" '
             'stroke="#888" stroke-dasharray="3,3"/>'
@@ -50,7 +52,7 @@ def interval_chart(
         )
         parts.append(f'<circle cx="{x(est):.1f}" cy="{y}" r="5" fill="{colour}"/>')
         parts.append(
-            f'<text x="{right + 8}" y="{y + 4}" font-size="11">[{_fmt(low)}, {_fmt(high)}]</text>'
+            f'<text x="{right + 8}" y="{y + 4}" font-size="11">[{low:.3g}, {high:.3g}]</text>'
         )
     parts.append("</svg>")
     return "".join(parts)

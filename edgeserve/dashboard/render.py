@@ -138,6 +138,7 @@ def experiment_section(report: dict[str, Any]) -> str:
                 seq["difference"],
                 seq["confidence_sequence"]["low"],
                 seq["confidence_sequence"]["high"],
+                c["better_when"],
             )
         )
     return (

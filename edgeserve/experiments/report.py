@@ -92,9 +92,10 @@ def build_report(
         c["fixed_horizon"]["bh_adjusted_p_value"] = q
     srm = verdict.srm.as_dict() if verdict.srm is not None else None
     if exp.status == "concluded":  # the outcome that was recorded, not a new decision
+        last = next((h for h in reversed(exp.history) if h.get("event") == "conclude"), {})
         decision = {
             "action": exp.decision or "concluded",
-            "reason": exp.reason,
+            "reason": exp.reason or str(last.get("reason", "")),
             "variant": None,
             "recorded": True,
         }

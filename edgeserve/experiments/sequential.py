@@ -18,7 +18,7 @@ deviation of the metric.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from edgeserve.experiments.stats import Interval, json_safe
@@ -115,7 +115,14 @@ def msprt_proportions(
         # tau ~ 0 would make the confidence sequence tens of thousands wide.
         pooled = (successes_c + successes_t + 1) / (trials_c + trials_t + 2)
     tau = tau_relative * math.sqrt(max(pooled * (1 - pooled), 1e-12))
-    return msprt(p_t - p_c, variance, tau, alpha, previous_p)
+    return _within_rates(msprt(p_t - p_c, variance, tau, alpha, previous_p))
+
+
+def _within_rates(result: SequentialResult) -> SequentialResult:
+    """A difference of two rates lies in [-1, 1]: the confidence sequence is cut to it
+    (still valid, and no longer wider than the question on a handful of samples)."""
+    cs = result.confidence_sequence
+    return replace(result, confidence_sequence=Interval(max(cs.low, -1.0), min(cs.high, 1.0)))
 
 
 def msprt_means(
@@ -151,4 +158,5 @@ def msprt_ratios(
         else 0.0
     )
     tau = tau_relative * math.sqrt(max(element, 1e-24))
-    return msprt(candidate.value - control.value, variance, tau, alpha, previous_p)
+    result = msprt(candidate.value - control.value, variance, tau, alpha, previous_p)
+    return _within_rates(result) if control.binary and candidate.binary else result
