@@ -224,8 +224,8 @@ def compare(
     if isinstance(control, Moments) and isinstance(candidate, Moments):
         if min(control.count, candidate.count) < 2:
             return None
-        c, t = control, candidate  # type: ignore[assignment]
-        args = (c.mean, c.variance, c.count, t.mean, t.variance, t.count, alpha)
+        mc, mt = control, candidate
+        args = (mc.mean, mc.variance, mc.count, mt.mean, mt.variance, mt.count, alpha)
         return (
             sequential.msprt_means(*args, tau_relative, previous_p),
             welch_ttest(*args),
@@ -315,9 +315,11 @@ def decide(
     control, candidates = variants[0], list(variants[1:])
     tests = _tests(control, candidates, policy, running_p or {})
     carried = {f"{t.variant}/{t.metric}": t.sequential.always_valid_p_value for t in tests}
-    counts = list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
+    counts: list[int] = (
+        list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
+    )
     srm = None
-    if weights is not None and sum(counts):
+    if weights is not None and any(counts):
         check = (
             sequential_sample_ratio_mismatch
             if policy.srm_test == "sequential"

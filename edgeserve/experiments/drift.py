@@ -46,7 +46,7 @@ class DriftCheck:
         return json_safe(asdict(self))
 
 
-def psi(baseline: Sequence[float], live: Sequence[float]) -> float:
+def psi(baseline: Sequence[float] | np.ndarray, live: Sequence[float] | np.ndarray) -> float:
     """Population stability index of two histograms over the same bins (counts)."""
     b = np.asarray(baseline, dtype=float)
     v = np.asarray(live, dtype=float)
@@ -55,7 +55,9 @@ def psi(baseline: Sequence[float], live: Sequence[float]) -> float:
     return float(np.sum((v - b) * np.log(v / b)))
 
 
-def homogeneity_p(baseline: Sequence[float], live: Sequence[float]) -> float:
+def homogeneity_p(
+    baseline: Sequence[float] | np.ndarray, live: Sequence[float] | np.ndarray
+) -> float:
     """Chi-square test that two histograms come from one distribution (bins empty in
     both are dropped)."""
     table = np.array([baseline, live], dtype=float)

@@ -74,7 +74,7 @@ def build_report(
         stage=exp.stage,
         stage_requests=stage_counts if split else None,
     )
-    comparisons = [
+    comparisons: list[dict[str, Any]] = [
         {
             "metric": t.metric,
             "kind": t.role,
@@ -92,7 +92,9 @@ def build_report(
         c["fixed_horizon"]["bh_adjusted_p_value"] = q
     srm = verdict.srm.as_dict() if verdict.srm is not None else None
     if exp.status == "concluded":  # the outcome that was recorded, not a new decision
-        last = next((h for h in reversed(exp.history) if h.get("event") == "conclude"), {})
+        last: dict[str, Any] = next(
+            (h for h in reversed(exp.history) if h.get("event") == "conclude"), {}
+        )
         decision = {
             "action": exp.decision or "concluded",
             "reason": exp.reason or str(last.get("reason", "")),
