@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
@@ -239,6 +239,17 @@ async def _load_models(
         await sync_repository(registry, sources, updates.pinned if updates else lambda: set())
 
 
+def _alert_path(app: Starlette) -> Callable[[str, str, float, str], Awaitable[None]]:
+    """Telemetry's alert path (stored, exported, webhook) for alerts raised elsewhere."""
+
+    async def alert(rule: str, state: str, value: float, message: str) -> None:
+        telemetry = getattr(app.state, "telemetry", None)
+        if telemetry is not None:
+            await telemetry.raise_alert(rule, state, value, message)
+
+    return alert
+
+
 def _start_experiments(
     app: Starlette, settings: Settings, registry: Registry
 ) -> ExperimentService | None:
@@ -259,6 +270,7 @@ def _start_experiments(
         promote=registry.set_default_version,
         audit=audit,
         installed=lambda model: updates is not None and model in updates.serving,
+        alert=_alert_path(app),
     )
     service.load()
     service.start()

@@ -91,6 +91,10 @@ def test_dashboard_renders_experiment_with_charts_and_no_console_errors(tmp_path
             text = page.evaluate("document.body.innerText")
             charts = page.evaluate("document.querySelectorAll('svg.chart').length")
             circles = page.evaluate("document.querySelectorAll('svg.chart circle').length")
+            widths = page.evaluate(
+                "Array.from(document.querySelectorAll('svg.chart line[stroke-width=\"3\"]'))"
+                ".map(l => l.x2.baseVal.value - l.x1.baseVal.value)"
+            )
             page.drain()
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(ARTIFACTS / "dashboard.png")
@@ -100,6 +104,7 @@ def test_dashboard_renders_experiment_with_charts_and_no_console_errors(tmp_path
     assert "Sample ratio check" in text and "always-valid p" in text
     assert "new-ui" in text and "digits" in text
     assert charts >= 3 and circles >= 2
+    assert widths and min(widths) > 20, widths  # every interval readable, none a dot
     assert errors == [], errors
     (session,) = [c for c in cookie["cookies"] if c["name"] == "edgeserve_dashboard"]
     assert session["httpOnly"] and session["sameSite"] == "Strict"

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeserve.experiments.decision import Proportion, decide, policy_for
+from edgeserve.experiments.decision import decide, policy_for
 from edgeserve.experiments.model import parse_definition
 from edgeserve.experiments.observations import observe
 from edgeserve.experiments.report import build_report, variant_summaries
+from edgeserve.experiments.units import Ratio
 
 
 def _telemetry(
@@ -67,10 +68,10 @@ def test_srm_after_a_stage_advance_compares_the_new_stage_only(tmp_path: Path) -
     _telemetry(path, rows)
     observations = observe(path, exp)
     assert sum(o.requests for o in observations) == 12_000
-    assert sum(o.stage_requests for o in observations) == 4000
+    assert sum(o.stage_units for o in observations) == 4000
     report = build_report(exp, observations, alpha=0.05, tau_relative=0.1, min_samples=200)
     srm = report["sample_ratio_mismatch"]
-    assert srm["observed"] == [o.stage_requests for o in observations]
+    assert srm["observed"] == [o.stage_units for o in observations]
     assert not srm["mismatch"]
     assert "sample ratio mismatch" not in report["decision"]["reason"]
 
@@ -117,8 +118,12 @@ def test_summaries_from_telemetry_drive_the_pure_decision(
     path = tmp_path / "telemetry.db"
     _telemetry(path, rows, correct)
     summaries = variant_summaries(exp, observe(path, exp))
-    assert summaries[0].metrics["accuracy"] == Proportion(
-        sum(v for k, v in correct.items() if int(k[1:]) % 2), 2000
+    accuracy = summaries[0].metrics["accuracy"]  # per unit: here a unit is a request
+    assert isinstance(accuracy, Ratio)
+    assert (accuracy.y, accuracy.x, accuracy.units) == (
+        sum(v for k, v in correct.items() if int(k[1:]) % 2),
+        2000,
+        2000,
     )
     decision = decide(summaries, exp.weights, policy_for(exp, 0.05, 0.1, 200))
     assert decision.action == action, decision.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -322,7 +323,15 @@ def test_the_experiment_command_manages_a_running_server(
     paused = runner.invoke(main, ["experiment", "pause", "cli", *url])
     assert paused.output.strip() == "cli: paused"
     report = runner.invoke(main, ["experiment", "report", "cli", *url])
-    assert '"decision"' in report.output
+    assert report.exit_code == 0, report.output
+    lines = report.output.splitlines()
+    assert lines[0] == "experiment cli: model digits, split, paused, unit request_id"
+    assert lines[2].split()[:4] == ["variant", "version", "weight", "units"]
+    assert any(line.startswith("primary accuracy: ") for line in lines)
+    assert any(line.startswith("decision: continue - ") for line in lines)
+    assert len(lines) < 15 and "{" not in report.output  # a summary, not the JSON
+    full = runner.invoke(main, ["experiment", "report", "cli", "--json", *url])
+    assert json.loads(full.output)["decision"]["action"] == "continue"
     again = runner.invoke(main, ["experiment", "create", str(definition), *url])
     assert again.exit_code == 1 and "409: experiment 'cli' exists" in again.output
     gone = runner.invoke(main, ["experiment", "list", "--url", "http://127.0.0.1:1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from html import escape
+from math import isfinite
 
 
 def _fmt(value: float) -> str:
@@ -11,36 +12,48 @@ def _fmt(value: float) -> str:
 
 
 def interval_chart(
-    rows: Sequence[tuple[str, float, float, float]], width: int = 520, title: str = ""
+    rows: Sequence[tuple[str, float, float | None, float | None, str]],
+    width: int = 600,
+    title: str = "",
 ) -> str:
-    """Estimates with confidence intervals on one axis through zero: (label, est, low, high)."""
-    finite = [v for _, e, lo, hi in rows for v in (e, lo, hi) if abs(v) != float("inf")]
-    span = max([abs(v) for v in finite] + [1e-9]) * 1.15
-    left, right, row_h = 150, width - 20, 28
-    height = row_h * len(rows) + 40
-
-    def x(value: float) -> float:
-        value = max(-span, min(span, value))
-        return left + (value + span) / (2 * span) * (right - left)
-
+    """Estimates with confidence intervals, (label, est, low, high, better_when: "higher"
+    or "lower"; green is the better side, red the worse), each row on its own
+    scale centred on zero: a latency in ms and an error rate share no axis, so one wide
+    interval cannot shrink the others to dots. A row without a finite interval says so."""
+    left, right, row_h = 170, width - 150, 30
+    height = row_h * len(rows) + 16
     parts = [
         f'<svg class="chart" role="img" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}"><title>{escape(title)}</title>',
-        f'<line x1="{x(0):.1f}" y1="10" x2="{x(0):.1f}" y2="{height - 25}" '
-        'stroke="#888" stroke-dasharray="3,3"/>',
+        f'viewBox="0 0 {width} {height}"><title>{escape(title)}</title>'
     ]
-    for i, (label, est, low, high) in enumerate(rows):
-        y = 25 + i * row_h
-        colour = "#1a7f37" if low > 0 else "#cf222e" if high < 0 else "#57606a"
+    for i, (label, est, low, high, better) in enumerate(rows):
+        y = 18 + i * row_h
         parts.append(f'<text x="5" y="{y + 4}" font-size="12">{escape(label)}</text>')
+        if low is None or high is None or not all(isfinite(v) for v in (est, low, high)):
+            parts.append(
+                f'<text x="{left}" y="{y + 4}" font-size="12" fill="#57606a">'
+                "no finite interval yet (too few samples)</text>"
+            )
+            continue
+        span = max(abs(est), abs(low), abs(high), 1e-12) * 1.15
+
+        def x(value: float, span: float = span) -> float:
+            return left + (value + span) / (2 * span) * (right - left)
+
+        up, down = ("#1a7f37", "#cf222e") if better != "lower" else ("#cf222e", "#1a7f37")
+        colour = up if low > 0 else down if high < 0 else "#57606a"
+        parts.append(
+            f'<line x1="{x(0):.1f}" y1="{y - 9}" x2="{x(0):.1f}" y2="{y + 9}" '
+            'stroke="#888" stroke-dasharray="3,3"/>'
+        )
         parts.append(
             f'<line x1="{x(low):.1f}" y1="{y}" x2="{x(high):.1f}" y2="{y}" '
             f'stroke="{colour}" stroke-width="3"/>'
         )
         parts.append(f'<circle cx="{x(est):.1f}" cy="{y}" r="5" fill="{colour}"/>')
-    parts.append(f'<text x="{left}" y="{height - 8}" font-size="11">{_fmt(-span)}</text>')
-    parts.append(f'<text x="{x(0) - 4:.1f}" y="{height - 8}" font-size="11">0</text>')
-    parts.append(f'<text x="{right - 40}" y="{height - 8}" font-size="11">{_fmt(span)}</text>')
+        parts.append(
+            f'<text x="{right + 8}" y="{y + 4}" font-size="11">[{low:.3g}, {high:.3g}]</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 

@@ -91,7 +91,7 @@ def experiment_section(report: dict[str, Any]) -> str:
     decision = report["decision"]
     srm = report["sample_ratio_mismatch"]
     srm_text = (
-        "not applicable (shadow)"
+        ("not applicable (shadow)" if exp["mode"] == "shadow" else "no units in this window yet")
         if srm is None
         else f'<span class="bad">mismatch, p={srm["p_value"]:.2g}</span>'
         if srm["mismatch"]
@@ -138,15 +138,17 @@ def experiment_section(report: dict[str, Any]) -> str:
                 seq["difference"],
                 seq["confidence_sequence"]["low"],
                 seq["confidence_sequence"]["high"],
+                c["better_when"],
             )
         )
     return (
         f'<h2>Experiment {escape(exp["id"])} <span class="muted">({escape(exp["model"])}, '
         f"{escape(exp['mode'])}, {escape(exp['status'])})</span></h2>"
-        f'<p class="decision">Decision: {escape(decision["action"])} — '
-        f"{escape(decision['reason'])}</p>"
-        f"<p>Sample ratio check: {srm_text}. Primary metric: "
+        f'<p class="decision">{"Outcome" if decision.get("recorded") else "Decision"}: '
+        f"{escape(decision['action'])} — {escape(decision['reason'])}</p>"
+        f"<p>Sample ratio check (units): {srm_text}. Primary metric: "
         f"{escape(exp['primary_metric'])}.</p>"
+        + _extras(report)
         + bar_chart(
             [(v["name"], float(v["requests"])) for v in report["variants"]],
             title="requests per variant",
@@ -169,7 +171,8 @@ def experiment_section(report: dict[str, Any]) -> str:
             ],
             variants,
         )
-        + "<h3>Differences (candidate − control), 95% always-valid intervals</h3>"
+        + "<h3>Differences (candidate − control), 95% always-valid intervals, "
+        "each on its own scale</h3>"
         + (
             interval_chart(intervals, title="difference with confidence sequence")
             if intervals
@@ -192,6 +195,49 @@ def experiment_section(report: dict[str, Any]) -> str:
     )
 
 
+def _extras(report: dict[str, Any]) -> str:
+    """The shadow agreement and CUPED lines, when the report has them."""
+    out = ""
+    agreement = report.get("shadow_agreement")
+    if agreement:
+        ci = agreement["agreement_ci"]
+        out += (
+            f"<p>Shadow agreement: {_num(agreement['agreement_rate'])} "
+            f"[{_num(ci['low'])}, {_num(ci['high'])}] over {_num(agreement['pairs'])} "
+            f"requests from {_num(agreement['units'])} units; mean |top score difference| "
+            f"{_num(agreement['mean_abs_top_score_difference'])}.</p>"
+        )
+    adjusted = report.get("cuped")
+    if adjusted:
+        out += (
+            f"<p>CUPED: variance reduced by {_num(adjusted['variance_reduction'])} "
+            f"(pre-period correlation {_num(adjusted['correlation'])}).</p>"
+        )
+    return out
+
+
+def drift_section(checks: list[dict[str, Any]]) -> str:
+    """Prediction drift per model version against its first requests."""
+    if not checks:
+        return ""
+    rows = [
+        [
+            escape(c["model"]),
+            escape(c["version"]),
+            '<span class="bad">drifted</span>'
+            if c["drifted"]
+            else '<span class="ok">stable</span>',
+            _num(c["psi_classes"]),
+            _num(c["psi_top_score"]),
+            _num(c["chi_square_p"]),
+            f"{_num(c['live'])} vs {_num(c['baseline'])}",
+        ]
+        for c in checks
+    ]
+    headers = ["model", "version", "predictions", "class PSI", "top-score PSI", "p"]
+    return "<h2>Prediction drift</h2>" + _table([*headers, "live vs baseline requests"], rows)
+
+
 def flags_section(flags: list[dict[str, Any]]) -> str:
     rows = [
         [
@@ -211,11 +257,13 @@ def page(
     traffic: dict[str, Any],
     reports: list[dict[str, Any]],
     flags: list[dict[str, Any]],
+    drift: list[dict[str, Any]] | None = None,
     refresh_s: int = 10,
 ) -> str:
     body = (
         models_section(models)
         + traffic_section(traffic)
+        + drift_section(drift or [])
         + (
             "".join(experiment_section(r) for r in reports)
             or '<h2>Experiments</h2><p class="muted">No experiments.</p>'

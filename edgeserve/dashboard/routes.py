@@ -68,7 +68,8 @@ async def dashboard(request: Request) -> Response:
             reports.append(await state.experiments.report(exp.id))
     traffic = await asyncio.to_thread(_traffic, state.settings.server.state_dir / "telemetry.db")
     flags = state.experiments.flags.to_json() if state.experiments is not None else []
-    return HTMLResponse(render.page(_models(state.registry), traffic, reports, flags))
+    drift = [c.as_dict() for c in state.experiments.drift] if state.experiments else []
+    return HTMLResponse(render.page(_models(state.registry), traffic, reports, flags, drift))
 
 
 async def open_session(request: Request) -> Response:

@@ -122,8 +122,78 @@ def weights(url: str, token: str, experiment_id: str, weights: tuple[float, ...]
 @experiment.command()
 @URL_OPTION
 @TOKEN_OPTION
+@click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
 @click.argument("experiment_id")
-def report(url: str, token: str, experiment_id: str) -> None:
-    """Print the statistics report as JSON (scope read)."""
-    _show(_call("GET", url, token, f"/api/experiments/{experiment_id}/report"))
+def report(url: str, token: str, experiment_id: str, as_json: bool) -> None:
+    """Print a summary of the report: variants, the primary metric's difference with its
+    interval, the sample ratio check and the decision (scope read).
+
+    Example: edgeserve experiment report int8 --json | jq .comparisons
+    """
+    doc = _call("GET", url, token, f"/api/experiments/{experiment_id}/report")
+    if as_json:
+        _show(doc)
+    else:
+        click.echo(summary(doc))
     sys.stdout.flush()
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A report as a person reads it: a few lines, not a hundred of JSON."""
+    exp = doc["experiment"]
+    lines = [
+        f"experiment {exp['id']}: model {exp['model']}, {exp['mode']}, {exp['status']}, "
+        f"unit {exp['unit']}",
+        "",
+    ]
+    header = ["variant", "version", "weight", "units", "requests", "error rate", "p99 ms"]
+    header += ["labelled", "accuracy", "KPI mean"]
+    rows = [
+        [
+            v["name"],
+            str(v["version"]),
+            _num(v["weight"]),
+            _num(v.get("units")),
+            _num(v["requests"]),
+            _num(v["error_rate"]),
+            _num(v["latency_ms"]["p99"]),
+            _num(v["labelled"]),
+            _num(v["accuracy"]),
+            _num(v["kpi_mean"]),
+        ]
+        for v in doc["variants"]
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    lines.append("")
+    primary = [c for c in doc["comparisons"] if c["kind"] == "primary"]
+    if not primary:
+        lines.append(f"primary {exp['primary_metric']}: not enough data yet")
+    for c in primary:
+        seq = c["sequential"]
+        interval = seq["confidence_sequence"]
+        lines.append(
+            f"primary {c['metric']}: {c['variant']} - control = {_num(seq['difference'])} "
+            f"(95% always-valid interval [{_num(interval['low'])}, {_num(interval['high'])}], "
+            f"p = {_num(seq['always_valid_p_value'])})"
+        )
+    srm = doc["sample_ratio_mismatch"]
+    if srm is None:
+        lines.append("sample ratio: not checked (shadow, or no traffic in this window)")
+    else:
+        verdict = "MISMATCH" if srm["mismatch"] else "ok"
+        observed = "/".join(str(o) for o in srm["observed"])
+        lines.append(f"sample ratio: {verdict} (units {observed}, p = {_num(srm['p_value'])})")
+    decision = doc["decision"]
+    word = "outcome" if decision.get("recorded") else "decision"
+    lines.append(f"{word}: {decision['action']} - {decision['reason']}")
+    return "\n".join(lines)

@@ -9,10 +9,11 @@ before anything else, as Flagger and Argo Rollouts do for canaries:
 2. a guardrail metric significantly worse -> rollback (no multiplicity correction here:
    stopping harm early matters more than a false alarm)
 3. the primary metric significantly worse -> rollback
-4. sample ratio mismatch in this stage's counts -> continue (the data cannot be trusted;
-   no promotion is taken on them)
-5. the primary significantly better (Holm across candidates) after `min_samples` per
-   variant -> advance if stages remain, else promote
+4. sample ratio mismatch in this stage's units (sequential test, valid at every look)
+   -> continue (the data cannot be trusted; no promotion is taken on them)
+5. the primary significantly better (Holm or Benjamini-Hochberg across candidates)
+   after `min_samples` per variant, and every guardrail with a margin shown
+   non-inferior -> advance if stages remain, else promote
 6. a stage that has seen `min_samples_per_stage` candidate requests with nothing wrong
    -> advance (exposure grows while healthy; promotion still needs step 5)
 7. otherwise continue
@@ -37,12 +38,15 @@ from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.stats import (
     ComparisonResult,
     SampleRatioCheck,
+    benjamini_hochberg,
     holm,
     json_safe,
     sample_ratio_mismatch,
+    sequential_sample_ratio_mismatch,
     two_proportion_ztest,
     welch_ttest,
 )
+from edgeserve.experiments.units import Ratio, ratio_ztest
 
 Action = Literal["continue", "advance", "promote", "rollback"]
 
@@ -89,7 +93,7 @@ class Moments:
         return max((self.total_squares - self.total**2 / self.count) / (self.count - 1), 0.0)
 
 
-Metric = Proportion | Moments
+Metric = Proportion | Moments | Ratio
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,13 @@ class Policy:
     min_requests_for_absolute: int = 20  # absolute guardrails act from this many requests
     test: Literal["sequential", "fixed"] = "sequential"
     srm_threshold: float = 0.001
+    # SRM is checked at every look: the sequential test stays valid, chi-square does not
+    srm_test: Literal["sequential", "chi-square"] = "sequential"
+    correction: Literal["holm", "bh"] = "holm"  # across candidates on the primary metric
+    # Non-inferiority margins of guardrails, in the metric's unit (latency_ms: ms,
+    # error_rate: a rate): a promotion waits until each named guardrail's interval shows
+    # the candidate at most this much worse (GrowthBook's safe rollouts).
+    guardrail_margins: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,7 @@ class MetricTest:
     verdict: Literal["better", "worse", "no difference"]
     sequential: sequential.SequentialResult
     fixed_horizon: ComparisonResult
+    non_inferior: bool | None = None  # within the guardrail's margin; None: no margin set
 
 
 @dataclass(frozen=True)
@@ -212,11 +224,18 @@ def compare(
     if isinstance(control, Moments) and isinstance(candidate, Moments):
         if min(control.count, candidate.count) < 2:
             return None
-        c, t = control, candidate  # type: ignore[assignment]
-        args = (c.mean, c.variance, c.count, t.mean, t.variance, t.count, alpha)
+        mc, mt = control, candidate
+        args = (mc.mean, mc.variance, mc.count, mt.mean, mt.variance, mt.count, alpha)
         return (
             sequential.msprt_means(*args, tau_relative, previous_p),
             welch_ttest(*args),
+        )
+    if isinstance(control, Ratio) and isinstance(candidate, Ratio):
+        if min(control.units, candidate.units) < 2:
+            return None
+        return (
+            sequential.msprt_ratios(control, candidate, alpha, tau_relative, previous_p),
+            ratio_ztest(control, candidate, alpha),
         )
     raise TypeError("control and candidate must be the same kind of metric")
 
@@ -238,13 +257,15 @@ def _tests(
             result = compare(c, t, policy.alpha, policy.tau_relative, running_p.get(key, 1.0))
             if result is not None:
                 raw.append((cand.name, spec, role, *result))
-    # Holm across candidates on the primary metric; guardrails stay uncorrected (see above).
+    # Holm (or Benjamini-Hochberg) across candidates on the primary metric; guardrails
+    # stay uncorrected (see above).
+    correct = benjamini_hochberg if policy.correction == "bh" else holm
     primary = [i for i, r in enumerate(raw) if r[2] == "primary"]
     seq_p = [r[3].always_valid_p_value for r in raw]
     fixed_p = [r[4].p_value for r in raw]
-    for index, p in zip(primary, holm([seq_p[i] for i in primary]), strict=True):
+    for index, p in zip(primary, correct([seq_p[i] for i in primary]), strict=True):
         seq_p[index] = p
-    for index, p in zip(primary, holm([fixed_p[i] for i in primary]), strict=True):
+    for index, p in zip(primary, correct([fixed_p[i] for i in primary]), strict=True):
         fixed_p[index] = p
     tests = []
     for (name, spec, role, seq, fixed), sp, fp in zip(raw, seq_p, fixed_p, strict=True):
@@ -254,8 +275,24 @@ def _tests(
         verdict = "no difference"
         if significant:
             verdict = "better" if up == (spec.better == "higher") else "worse"
+        margin = policy.guardrail_margins.get(spec.name) if role == "guardrail" else None
+        non_inferior = None
+        if margin is not None:
+            cs = seq.confidence_sequence
+            non_inferior = cs.high < margin if spec.better == "lower" else cs.low > -margin
         tests.append(
-            MetricTest(name, spec.name, role, spec.better, p, significant, verdict, seq, fixed)  # type: ignore[arg-type]
+            MetricTest(
+                name,
+                spec.name,
+                role,  # type: ignore[arg-type]
+                spec.better,
+                p,
+                significant,
+                verdict,  # type: ignore[arg-type]
+                seq,
+                fixed,
+                non_inferior,
+            )
         )
     return tests
 
@@ -278,10 +315,17 @@ def decide(
     control, candidates = variants[0], list(variants[1:])
     tests = _tests(control, candidates, policy, running_p or {})
     carried = {f"{t.variant}/{t.metric}": t.sequential.always_valid_p_value for t in tests}
-    counts = list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
+    counts: list[int] = (
+        list(stage_requests) if stage_requests is not None else [v.requests for v in variants]
+    )
     srm = None
-    if weights is not None and sum(counts):
-        srm = sample_ratio_mismatch(counts, weights, policy.srm_threshold)
+    if weights is not None and any(counts):
+        check = (
+            sequential_sample_ratio_mismatch
+            if policy.srm_test == "sequential"
+            else sample_ratio_mismatch
+        )
+        srm = check(counts, weights, policy.srm_threshold)
 
     def result(action: Action, reason: str, variant: str | None = None) -> Decision:
         return Decision(action, reason, variant, tuple(tests), srm, carried)
@@ -323,6 +367,19 @@ def decide(
     last = plan is None or plan.is_last(stage)
     if better and have >= policy.min_samples:  # 5.
         best = max(better, key=lambda t: abs(t.sequential.difference))
+        pending = [
+            t
+            for t in tests
+            if t.variant == best.variant and t.role == "guardrail" and t.non_inferior is False
+        ]
+        if pending:
+            t = pending[0]
+            return result(
+                "continue",
+                f"{best.variant}: {best.metric} significantly better, waiting for guardrail "
+                f"{t.metric} to be shown within its margin {policy.guardrail_margins[t.metric]:g}",
+                best.variant,
+            )
         action: Action = "promote" if last else "advance"
         return result(
             action,
@@ -353,6 +410,8 @@ def policy_for(exp: Experiment, alpha: float, tau_relative: float, min_samples: 
         min_samples=min_samples,
         max_error_rate=exp.max_error_rate,
         max_p99_ms=exp.max_p99_ms or None,
+        correction="bh" if exp.correction == "bh" else "holm",
+        guardrail_margins=dict(exp.guardrail_margins),
     )
 
 

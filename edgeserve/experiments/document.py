@@ -45,6 +45,10 @@ class ExperimentDoc(_Strict):
     primary_metric: Annotated[str, Field(pattern=PRIMARY)] = "accuracy"
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
     max_p99_ms: Annotated[float, Field(ge=0)] = 0.0
+    conversion_window_s: Annotated[float, Field(ge=0, le=365 * 86400)] = 0.0
+    cuped: bool = True
+    correction: Literal["holm", "bh"] = "holm"
+    guardrail_margins: dict[Literal["latency_ms", "error_rate"], Annotated[float, Field(ge=0)]] = {}
     auto: bool = False
     stages: list[Annotated[float, Field(gt=0, le=100)]] = []
     stage: Annotated[int, Field(ge=0, lt=2**63)] = 0
@@ -100,4 +104,6 @@ _FIELD = {
     "model": "'model' must be a model name",
     "variants": "'variants' must list 2 to 8 variants (the first is the control)",
     "stages": "'stages' must be increasing percentages in (0, 100]",
+    "correction": '\'correction\' must be "holm" or "bh"',
+    "guardrail_margins": "'guardrail_margins' maps latency_ms or error_rate to a margin >= 0",
 }

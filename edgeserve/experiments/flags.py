@@ -34,13 +34,15 @@ class Flag:
         return self.enabled and in_rollout(f"flag:{self.name}", unit, self.rollout_percent)
 
 
-def flag_from_json(name: str, doc: object) -> Flag:
+def flag_from_json(name: str, doc: object, current: Flag | None = None) -> Flag:
+    """A flag from its JSON; fields left out keep `current`'s values (or the defaults)."""
     if not FLAG_NAME.match(name):
         raise InvalidInput("flag names use 1-64 letters, digits, '_', '.', '-'")
     if not isinstance(doc, dict) or set(doc) - {"enabled", "rollout_percent"}:
         raise InvalidInput('a flag is {"enabled": bool, "rollout_percent": 0..100}')
-    enabled = doc.get("enabled", True)
-    percent = doc.get("rollout_percent", 100.0)
+    base = current or Flag(name)
+    enabled = doc.get("enabled", base.enabled)
+    percent = doc.get("rollout_percent", base.rollout_percent)
     if not isinstance(enabled, bool):
         raise InvalidInput("'enabled' must be true or false")
     if (

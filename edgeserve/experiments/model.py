@@ -31,6 +31,11 @@ class Experiment:
     primary_metric: str = "accuracy"
     max_error_rate: float = 0.05  # absolute guardrail on a candidate
     max_p99_ms: float = 0.0  # absolute guardrail; 0 = off
+    conversion_window_s: float = 0.0  # KPI events count this long after exposure; 0 = no end
+    cuped: bool = True  # adjust an event: KPI with each unit's events before exposure
+    correction: str = "holm"  # "holm" | "bh": multiple candidates on the primary metric
+    # guardrail -> non-inferiority margin in its unit (latency_ms: ms, error_rate: a rate)
+    guardrail_margins: dict[str, float] = field(default_factory=dict)
     auto: bool = False
     stages: list[float] = field(default_factory=list)  # candidate % per stage, e.g. 5,25,50,100
     stage: int = 0

@@ -2,17 +2,18 @@
 and the decision the engine would take now.
 
 Decisions use the sequential test (valid under continuous peeking); the fixed-horizon
-tests are shown next to it, Holm-adjusted across all comparisons of the report.
+tests are shown next to it, Holm-adjusted across all comparisons of the report. The
+comparisons are the decision's own tests, so the report and the loop cannot disagree.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-import numpy as np
-
-from edgeserve.experiments import sequential
+from edgeserve.experiments.cuped import CupedResult, cuped
 from edgeserve.experiments.decision import (
+    Metric,
     Moments,
     Proportion,
     VariantSummary,
@@ -21,60 +22,14 @@ from edgeserve.experiments.decision import (
     policy_for,
 )
 from edgeserve.experiments.model import Experiment
-from edgeserve.experiments.observations import Observations
+from edgeserve.experiments.observations import Observations, window_weights
 from edgeserve.experiments.stats import (
+    benjamini_hochberg,
     holm,
     sample_ratio_mismatch,
     sample_size_proportions,
-    two_proportion_ztest,
-    welch_ttest,
 )
-
-
-def _proportion(
-    metric: str,
-    kind: str,
-    better: str,
-    c: tuple[int, int],
-    t: tuple[int, int],
-    alpha: float,
-    tau: float,
-    prev: float,
-) -> dict[str, Any] | None:
-    (xc, nc), (xt, nt) = c, t
-    if min(nc, nt) < 2:
-        return None
-    return {
-        "metric": metric,
-        "kind": kind,
-        "better_when": better,
-        "fixed_horizon": two_proportion_ztest(xc, nc, xt, nt, alpha).as_dict(),
-        "sequential": sequential.msprt_proportions(xc, nc, xt, nt, alpha, tau, prev).as_dict(),
-    }
-
-
-def _means(
-    metric: str,
-    kind: str,
-    better: str,
-    c: np.ndarray,
-    t: np.ndarray,
-    alpha: float,
-    tau: float,
-    prev: float,
-) -> dict[str, Any] | None:
-    if min(c.size, t.size) < 2:
-        return None
-    mc, vc, mt, vt = float(c.mean()), float(c.var(ddof=1)), float(t.mean()), float(t.var(ddof=1))
-    return {
-        "metric": metric,
-        "kind": kind,
-        "better_when": better,
-        "fixed_horizon": welch_ttest(mc, vc, c.size, mt, vt, t.size, alpha).as_dict(),
-        "sequential": sequential.msprt_means(
-            mc, vc, c.size, mt, vt, t.size, alpha, tau, prev
-        ).as_dict(),
-    }
+from edgeserve.experiments.units import Ratio
 
 
 def _variant_doc(exp: Experiment, o: Observations) -> dict[str, Any]:
@@ -84,13 +39,13 @@ def _variant_doc(exp: Experiment, o: Observations) -> dict[str, Any]:
         "version": o.version,
         "weight": weight,
         "requests": o.requests,
+        "units": o.units,
         "errors": o.errors,
         "error_rate": o.errors / o.requests if o.requests else None,
         "latency_ms": {"p50": o.latency_ms(50), "p95": o.latency_ms(95), "p99": o.latency_ms(99)},
         "mean_confidence": float(o.confidence.mean()) if o.confidence.size else None,
         "labelled": o.labelled,
         "accuracy": o.correct / o.labelled if o.labelled else None,
-        "units": o.units,
         "kpi_mean": float(o.kpi_values.mean()) if o.kpi_values.size else None,
     }
 
@@ -102,118 +57,87 @@ def build_report(
     tau_relative: float,
     min_samples: int,
 ) -> dict[str, Any]:
-    control = observations[0]
-    comparisons: list[dict[str, Any]] = []
-    for cand in observations[1:]:
-        prev = exp.running_p
-        for doc in (
-            _primary(exp, control, cand, alpha, tau_relative, prev),
-            _proportion(
-                "error_rate",
-                "guardrail",
-                "lower",
-                (control.errors, control.requests),
-                (cand.errors, cand.requests),
-                alpha,
-                tau_relative,
-                prev.get(f"{cand.variant}/error_rate", 1.0),
-            ),
-            _means(
-                "latency_s",
-                "guardrail",
-                "lower",
-                control.latencies_s,
-                cand.latencies_s,
-                alpha,
-                tau_relative,
-                prev.get(f"{cand.variant}/latency_s", 1.0),
-            ),
-        ):
-            if doc is not None:
-                doc["variant"] = cand.variant
-                comparisons.append(doc)
-    adjusted = holm([c["fixed_horizon"]["p_value"] for c in comparisons])
-    for c, p in zip(comparisons, adjusted, strict=True):
-        c["fixed_horizon"]["holm_adjusted_p_value"] = p
-    # Traffic to a shadow candidate is a copy, not a split: SRM compares split counts only,
-    # and only those since the weights last changed (a stage advance changes the ratio).
-    stage_counts = [o.stage_requests for o in observations]
-    srm = (
-        sample_ratio_mismatch(stage_counts, exp.weights).as_dict()
-        if exp.mode == "split" and sum(stage_counts)
-        else None
-    )
-    report = {
-        "experiment": exp.to_json(),
-        "variants": [_variant_doc(exp, o) for o in observations],
-        "sample_ratio_mismatch": srm,
-        "comparisons": comparisons,
-        "power": _power(exp, control),
-        "notes": {
-            "difference": "candidate minus control",
-            "sequential": "mixture SPRT (Johari et al.): p-values valid at any look",
-            "fixed_horizon": "valid only if looked at once, at the planned sample size",
-            "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",
-        },
-    }
+    """The report; its comparisons are the very tests the decision loop acts on (same
+    names, units and running minima), with fixed-horizon Holm across all of them."""
     split = exp.mode == "split"
+    # Traffic to a shadow candidate is a copy, not a split: SRM compares split counts only,
+    # in distinct units, and only those since the weights last changed.
+    stage_counts = [o.stage_units for o in observations]
+    weights = window_weights(exp)
+    kpi_cuped = kpi_adjustment(exp, observations)
     verdict = decide(
         variant_summaries(exp, observations),
-        exp.weights if split else None,
+        weights if split else None,
         policy_for(exp, alpha, tau_relative, min_samples),
         running_p=exp.running_p,
         plan=plan_for(exp, min_samples),
         stage=exp.stage,
         stage_requests=stage_counts if split else None,
     )
-    report["decision"] = {
-        "action": verdict.action,
-        "reason": verdict.reason,
-        "variant": verdict.variant,
+    comparisons: list[dict[str, Any]] = [
+        {
+            "metric": t.metric,
+            "kind": t.role,
+            "better_when": t.better_when,
+            "variant": t.variant,
+            "fixed_horizon": t.fixed_horizon.as_dict(),
+            "sequential": t.sequential.as_dict(),
+            "non_inferior": t.non_inferior,
+        }
+        for t in verdict.tests
+    ]
+    raw_p = [c["fixed_horizon"]["p_value"] for c in comparisons]
+    for c, p, q in zip(comparisons, holm(raw_p), benjamini_hochberg(raw_p), strict=True):
+        c["fixed_horizon"]["holm_adjusted_p_value"] = p
+        c["fixed_horizon"]["bh_adjusted_p_value"] = q
+    srm = verdict.srm.as_dict() if verdict.srm is not None else None
+    if exp.status == "concluded":  # the outcome that was recorded, not a new decision
+        last: dict[str, Any] = next(
+            (h for h in reversed(exp.history) if h.get("event") == "conclude"), {}
+        )
+        decision = {
+            "action": exp.decision or "concluded",
+            "reason": exp.reason or str(last.get("reason", "")),
+            "variant": None,
+            "recorded": True,
+        }
+    else:
+        decision = {
+            "action": verdict.action,
+            "reason": verdict.reason,
+            "variant": verdict.variant,
+            "recorded": False,
+        }
+    return {
+        "experiment": exp.to_json(),
+        "computed_at": time.time(),
+        "analysis_unit": exp.unit,
+        "variants": [_variant_doc(exp, o) for o in observations],
+        "sample_ratio_mismatch": srm,
+        # the same counts by Pearson's chi-square: valid at one look only, for reference
+        "sample_ratio_mismatch_chi_square": (
+            sample_ratio_mismatch(stage_counts, weights).as_dict() if srm is not None else None
+        ),
+        "comparisons": comparisons,
+        "power": _power(exp, observations[0]),
+        "cuped": None if kpi_cuped is None else kpi_cuped.as_dict(),
+        "notes": {
+            "difference": "candidate minus control",
+            "analysis_unit": "each unit is one sample; per-request metrics are ratios of "
+            "per-unit sums with delta-method variances",
+            "sample_ratio_mismatch": "distinct units since the weights last changed, "
+            "sequential test (valid at every look)",
+            "non_inferior": "guardrail interval within its margin; None without a margin",
+            "sequential": "mixture SPRT (Johari et al.): p-values valid at any look",
+            "fixed_horizon": "valid only if looked at once, at the planned sample size",
+            "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",
+            "bh_adjusted_p_value": "the same with Benjamini-Hochberg (false discovery rate)",
+            "cuped": "an event KPI adjusted with each unit's events before exposure "
+            "(Deng et al. 2013); variance_reduction is 1 - var(adjusted)/var(raw)",
+        },
+        "decision": decision,
+        "running_p": verdict.running_p,  # the always-valid p-values to carry forward
     }
-    report["running_p"] = verdict.running_p  # the always-valid p-values to carry forward
-    return report
-
-
-def _primary(
-    exp: Experiment,
-    c: Observations,
-    t: Observations,
-    alpha: float,
-    tau: float,
-    prev: dict[str, float],
-) -> dict[str, Any] | None:
-    metric = exp.primary_metric
-    key = f"{t.variant}/{metric}"
-    if metric == "accuracy":
-        return _proportion(
-            metric,
-            "primary",
-            "higher",
-            (c.correct, c.labelled),
-            (t.correct, t.labelled),
-            alpha,
-            tau,
-            prev.get(key, 1.0),
-        )
-    if metric == "confidence":
-        return _means(
-            metric, "primary", "higher", c.confidence, t.confidence, alpha, tau, prev.get(key, 1.0)
-        )
-    if metric.startswith("conversion:"):
-        return _proportion(
-            metric,
-            "primary",
-            "higher",
-            (int(c.kpi_values.sum()), c.kpi_values.size),
-            (int(t.kpi_values.sum()), t.kpi_values.size),
-            alpha,
-            tau,
-            prev.get(key, 1.0),
-        )
-    return _means(
-        metric, "primary", "higher", c.kpi_values, t.kpi_values, alpha, tau, prev.get(key, 1.0)
-    )
 
 
 def _power(exp: Experiment, control: Observations) -> dict[str, Any] | None:
@@ -232,20 +156,32 @@ def _power(exp: Experiment, control: Observations) -> dict[str, Any] | None:
     }
 
 
+def kpi_adjustment(exp: Experiment, observations: list[Observations]) -> CupedResult | None:
+    """CUPED on an `event:` KPI with the units' pre-exposure events, when asked for and
+    there is a pre-period to use."""
+    if not (exp.cuped and exp.primary_metric.startswith("event:")):
+        return None
+    return cuped([o.kpi_values for o in observations], [o.kpi_pre for o in observations])
+
+
 def variant_summaries(exp: Experiment, observations: list[Observations]) -> list[VariantSummary]:
-    """Observations as `decision.decide` takes them: the primary metric under its own
-    name, latency_ms and confidence as moments, error_rate from requests and errors."""
+    """Observations as `decision.decide` takes them: per-request metrics (accuracy,
+    confidence, latency_ms, error_rate) as per-unit ratios, the KPI per exposed unit
+    (CUPED-adjusted when `kpi_adjustment` applies)."""
+    adjusted = kpi_adjustment(exp, observations)
     out = []
-    for o in observations:
-        metrics: dict[str, Proportion | Moments] = {
-            "accuracy": Proportion(o.correct, o.labelled),
-            "confidence": Moments.of(o.confidence),
-            "latency_ms": Moments.of(o.latencies_s * 1000.0),
+    for i, o in enumerate(observations):
+        u = o.unit_sums
+        metrics: dict[str, Metric] = {
+            "accuracy": Ratio.of(u("correct"), u("labelled"), binary=True),
+            "confidence": Ratio.of(u("confidence"), u("scored")),
+            "latency_ms": Ratio.of(u("latency_ms"), u("ok")),
+            "error_rate": Ratio.of(u("errors"), u("requests"), binary=True),
         }
         metric = exp.primary_metric
         if metric.startswith("conversion:"):
             metrics[metric] = Proportion(int(o.kpi_values.sum()), int(o.kpi_values.size))
         elif metric.startswith("event:"):
-            metrics[metric] = Moments.of(o.kpi_values)
+            metrics[metric] = Moments.of(o.kpi_values if adjusted is None else adjusted.adjusted[i])
         out.append(VariantSummary(o.variant, o.requests, o.errors, o.latency_ms(99), metrics))
     return out

@@ -20,6 +20,7 @@ class Routing:
     experiment: str | None = None
     variant: str | None = None
     shadow: Variant | None = None  # a candidate that gets a copy of the request
+    unit: str | None = None  # the experiment's unit id, recorded (hashed) as the subject
 
 
 NO_EXPERIMENT = Routing(None)
@@ -47,8 +48,12 @@ class ExperimentRouter:
         control = exp.variants[0]
         if unit is None:  # no unit id: the control, outside the experiment
             return Routing(control.version)
-        allowed = not exp.flag or self.flags.allows(exp.flag, unit)
-        chosen = assign(exp.salt, unit, exp.weights, exp.mode, allowed)
+        if exp.flag and not self.flags.allows(exp.flag, unit):
+            # held back by the flag: served the control, but not in the experiment (its
+            # control would otherwise hold every unit outside the rollout)
+            return Routing(control.version)
+        chosen = assign(exp.salt, unit, exp.weights, exp.mode)
         served = exp.variants[chosen.serve]
         shadow = exp.variants[chosen.shadow] if chosen.shadow is not None else None
-        return Routing(served.version, exp.id, served.name, shadow)
+        recorded = None if exp.unit == "request_id" else unit
+        return Routing(served.version, exp.id, served.name, shadow, recorded)

@@ -91,6 +91,18 @@ async def put_flag(request: Request) -> Response:
     )
 
 
+@requires("read")
+async def drift_report(request: Request) -> Response:
+    """The latest prediction drift check of every model version."""
+    service = _service(request)
+    return _json(
+        {
+            "checks": [c.as_dict() for c in service.drift],
+            "psi_threshold": service.settings.drift_psi_threshold,
+        }
+    )
+
+
 ROUTES = [
     Route("/api/experiments", list_experiments, methods=["GET"]),
     Route("/api/experiments", create_experiment, methods=["POST"]),
@@ -98,6 +110,7 @@ ROUTES = [
     Route("/api/experiments/{id:str}/report", experiment_report, methods=["GET"]),
     Route("/api/experiments/{id:str}/weights", experiment_weights, methods=["PUT"]),
     Route("/api/experiments/{id:str}/{action:str}", experiment_action, methods=["POST"]),
+    Route("/api/drift", drift_report, methods=["GET"]),
     Route("/api/flags", list_flags, methods=["GET"]),
     Route("/api/flags/{name:str}", put_flag, methods=["PUT"]),
 ]

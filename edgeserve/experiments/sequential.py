@@ -18,10 +18,11 @@ deviation of the metric.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from edgeserve.experiments.stats import Interval, json_safe
+from edgeserve.experiments.units import Ratio
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,19 @@ def msprt_proportions(
     s_c, s_t = (successes_c + 1) / (trials_c + 2), (successes_t + 1) / (trials_t + 2)
     variance = s_c * (1 - s_c) / trials_c + s_t * (1 - s_t) / trials_t
     pooled = (successes_c + successes_t) / (trials_c + trials_t)
+    if pooled in (0.0, 1.0):
+        # No spread yet (no errors on either side): the smoothed rate sets the scale, or
+        # tau ~ 0 would make the confidence sequence tens of thousands wide.
+        pooled = (successes_c + successes_t + 1) / (trials_c + trials_t + 2)
     tau = tau_relative * math.sqrt(max(pooled * (1 - pooled), 1e-12))
-    return msprt(p_t - p_c, variance, tau, alpha, previous_p)
+    return _within_rates(msprt(p_t - p_c, variance, tau, alpha, previous_p))
+
+
+def _within_rates(result: SequentialResult) -> SequentialResult:
+    """A difference of two rates lies in [-1, 1]: the confidence sequence is cut to it
+    (still valid, and no longer wider than the question on a handful of samples)."""
+    cs = result.confidence_sequence
+    return replace(result, confidence_sequence=Interval(max(cs.low, -1.0), min(cs.high, 1.0)))
 
 
 def msprt_means(
@@ -127,3 +139,24 @@ def msprt_means(
     variance = var_c / n_c + var_t / n_t
     sd = math.sqrt(max((var_c * (n_c - 1) + var_t * (n_t - 1)) / max(n_c + n_t - 2, 1), 1e-24))
     return msprt(mean_t - mean_c, variance, tau_relative * sd, alpha, previous_p)
+
+
+def msprt_ratios(
+    control: Ratio,
+    candidate: Ratio,
+    alpha: float = 0.05,
+    tau_relative: float = 0.1,
+    previous_p: float = 1.0,
+) -> SequentialResult:
+    """The test on per-unit ratio metrics (`edgeserve.experiments.units`): delta-method
+    variances, tau from the pooled variance of one request's value."""
+    variance = control.variance + candidate.variance
+    weight = control.x + candidate.x
+    element = (
+        (control.element_variance * control.x + candidate.element_variance * candidate.x) / weight
+        if weight
+        else 0.0
+    )
+    tau = tau_relative * math.sqrt(max(element, 1e-24))
+    result = msprt(candidate.value - control.value, variance, tau, alpha, previous_p)
+    return _within_rates(result) if control.binary and candidate.binary else result

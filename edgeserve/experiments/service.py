@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from edgeserve.errors import Conflict, InvalidInput, NotFound
+from edgeserve.experiments import drift
+from edgeserve.experiments.agreement import observe_agreement, summarise
+from edgeserve.experiments.drift import DriftCheck
 from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
 from edgeserve.experiments.model import Experiment, experiment_from_json
 from edgeserve.experiments.observations import observe
@@ -40,6 +43,7 @@ class ExperimentService:
         promote: Callable[[str, int], None],  # synchronous: start-up restores through it too
         audit: Callable[[str, str, str, str, dict], None] | None = None,
         installed: Callable[[str], bool] = lambda model: False,
+        alert: Callable[[str, str, float, str], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.path = state_dir / "experiments.json"
@@ -56,6 +60,13 @@ class ExperimentService:
         self.shadow_in_flight = 0
         self.shadow_skipped = 0
         self.shadow_tasks: set[asyncio.Task] = set()
+        # Reports of concluded experiments: nothing reaches them any more, so each is
+        # computed once (the dashboard reads every report on every load).
+        self._concluded_reports: dict[str, dict[str, Any]] = {}
+        self._alert = alert  # (rule, "firing" | "resolved", value, message): telemetry's path
+        self.drift: list[DriftCheck] = []  # the latest check of every version
+        self._drifting: set[tuple[str, str]] = set()
+        self._drift_task: asyncio.Task | None = None
 
     # -- state --------------------------------------------------------------------
     def load(self) -> None:
@@ -207,8 +218,10 @@ class ExperimentService:
         return exp
 
     def put_flag(self, name: str, doc: Any, subject: str) -> Flag:
+        """Set a flag; a field left out keeps its current value (disabling a flag keeps
+        its rollout, so enabling it again does not widen it)."""
         self._refuse_if_declared("flags and kill switches")
-        flag = flag_from_json(name, doc)
+        flag = flag_from_json(name, doc, self.flags.get(name))
         self.flags.put(flag)
         self._save()
         self._audit(
@@ -222,19 +235,65 @@ class ExperimentService:
 
     async def report(self, exp_id: str) -> dict[str, Any]:
         exp = self.get(exp_id)
+        cached = self._concluded_reports.get(exp_id)
+        if cached is not None and exp.status == "concluded":
+            return cached
         observations = await asyncio.to_thread(observe, self.telemetry_db, exp)
+        pairs = await asyncio.to_thread(observe_agreement, self.telemetry_db, exp)
         s = self.settings
-        return build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+        report = build_report(exp, observations, s.alpha, s.tau_relative, s.min_samples)
+        report["shadow_agreement"] = summarise(pairs, s.alpha)
+        if exp.status == "concluded":
+            self._concluded_reports[exp_id] = report
+        return report
 
     # -- automatic decisions --------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._decide_forever())
+        if self.settings.drift_enabled:
+            self._drift_task = asyncio.create_task(self._watch_drift_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._drift_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -- prediction drift -----------------------------------------------------------
+    async def check_drift(self) -> list[DriftCheck]:
+        """Check every version now; raise the alert on a version that starts drifting and
+        resolve it when the version is back (one alert rule per model version)."""
+        s = self.settings
+        checks = await asyncio.to_thread(
+            drift.check_all,
+            self.telemetry_db,
+            s.drift_baseline_requests,
+            s.drift_window_requests,
+            s.drift_psi_threshold,
+            min(s.drift_window_requests, 50),
+        )
+        self.drift = checks
+        for check in checks:
+            key = (check.model, check.version)
+            if check.drifted == (key in self._drifting):
+                continue
+            state = "firing" if check.drifted else "resolved"
+            (self._drifting.add if check.drifted else self._drifting.discard)(key)
+            value = max(check.psi_classes, check.psi_top_score or 0.0)
+            log.warning("prediction drift model=%s version=%s state=%s", *key, state)
+            if self._alert is not None:
+                rule = f"prediction_drift:{check.model}/{check.version}"
+                await self._alert(rule, state, value, drift.describe(check))
+        return checks
+
+    async def _watch_drift_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.drift_interval_s)
+            try:
+                await self.check_drift()
+            except Exception as exc:  # drift watching must never stop serving
+                log.error("drift check failed error=%r", str(exc))
 
     async def _decide_forever(self) -> None:
         while True:
@@ -254,10 +313,12 @@ class ExperimentService:
             decision = report["decision"]
             action, reason = decision["action"], decision["reason"]
             if action == "rollback":
+                before = exp.weights  # the window the decision was taken in (its SRM)
                 for v in exp.variants[1:]:
                     v.weight = 0.0
                 exp.status, exp.decision, exp.reason = "concluded", "rolled_back", reason
                 exp.note("rolled_back", reason)
+                exp.history[-1]["weights"] = before
             elif action == "advance":
                 exp.stage += 1
                 exp.set_candidate_share(exp.stages[exp.stage])

@@ -25,6 +25,14 @@ class ExperimentSettings:
     min_samples: int = setting(200, min=10)  # per variant before any automatic decision
     tau_relative: float = setting(0.1, min=0.001, max=10.0)  # mixture scale, in metric SDs
     shadow_max_in_flight: int = setting(4, min=1, max=1024)
+    # Prediction drift per model version (edgeserve/experiments/drift.py): its first
+    # requests are the baseline, its latest ones the live window; PSI over the threshold
+    # (and a chi-square test agreeing) raises the alert prediction_drift.
+    drift_enabled: bool = True
+    drift_interval_s: float = setting(60.0, min=0.05, max=86400.0)
+    drift_baseline_requests: int = setting(500, min=50, max=100_000)
+    drift_window_requests: int = setting(500, min=50, max=100_000)
+    drift_psi_threshold: float = setting(0.2, min=0.01, max=10.0)
     # Experiments defined in the config: [[experiments.define]] tables (or inline tables)
     # with the API's fields; see edgeserve.toml for every key.
     define: list[dict] = setting([])

@@ -161,14 +161,16 @@ class SampleRatioCheck:
     p_value: float
     mismatch: bool  # p < threshold: assignment or logging is broken; do not trust results
     threshold: float
+    test: str = "Pearson chi-square"
 
     FIELDS: ClassVar[dict[str, str]] = {
         "observed": "units (or requests) seen per variant",
         "expected": "what the configured weights predict for the same total",
-        "statistic": "Pearson chi-square",
+        "statistic": "Pearson chi-square, or the log Bayes factor of the sequential test",
         "p_value": "chance of a split at least this far off with correct assignment",
         "mismatch": "p below threshold: assignment or logging is broken, do not trust results",
         "threshold": "p below which a mismatch is flagged",
+        "test": "chi-square (valid at one look) or sequential (valid at every look)",
     }
 
     def as_dict(self) -> dict:
@@ -190,6 +192,47 @@ def sample_ratio_mismatch(
     categories = sum(1 for _, e in pairs if e > 0)
     p = chi_square_p(statistic, categories - 1) if total and categories > 1 else 1.0
     return SampleRatioCheck(list(observed), expected, statistic, p, p < threshold, threshold)
+
+
+def sequential_sample_ratio_mismatch(
+    observed: Sequence[int],
+    weights: Sequence[float],
+    threshold: float = 0.001,
+    concentration: float = 100.0,
+) -> SampleRatioCheck:
+    """SRM that stays valid when checked at every decision interval: the Dirichlet-
+    multinomial mixture Bayes factor of Lindon & Malek ("Anytime-Valid Inference for
+    Multinomial Count Data", NeurIPS 2022; Optimizely's SSRM), prior centred on the
+    weights with `concentration` pseudo-counts. p = 1/BF: by Ville's inequality the
+    chance it ever falls below alpha under correct assignment is at most alpha."""
+    total = sum(observed)
+    wsum = sum(weights)
+    expected = [total * w / wsum for w in weights]
+    if any(o > 0 and w == 0 for o, w in zip(observed, weights, strict=True)):
+        return SampleRatioCheck(
+            list(observed), expected, math.inf, 0.0, True, threshold, "sequential"
+        )
+    pairs = [(o, w / wsum) for o, w in zip(observed, weights, strict=True) if w > 0]
+    alphas = [concentration * p for _, p in pairs]
+    log_bf = math.lgamma(sum(alphas)) - math.lgamma(sum(alphas) + total)
+    for (o, p), a in zip(pairs, alphas, strict=True):
+        log_bf += math.lgamma(a + o) - math.lgamma(a) - o * math.log(p)
+    p_value = min(1.0, math.exp(-log_bf)) if log_bf > -700 else 1.0
+    return SampleRatioCheck(
+        list(observed), expected, log_bf, p_value, p_value < threshold, threshold, "sequential"
+    )
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i], reverse=True)
+    adjusted = [0.0] * m
+    running = 1.0
+    for rank, i in enumerate(order):
+        running = min(running, p_values[i] * m / (m - rank))
+        adjusted[i] = running
+    return adjusted
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -71,6 +71,7 @@ class Served:
     result: RunResult | None = None
     experiment: str | None = None
     variant: str | None = None
+    unit: str | None = None  # the experiment's unit id (header, claim), recorded hashed
     prediction: str | None = None
     top_score: float | None = None
     seq: int = 0  # the telemetry record's sequence number, 0 when none was kept
@@ -274,6 +275,7 @@ class DataPlane:
         routing = router.route(name, _unit_reader(meta, principal, served.request_id))
         if routing.version is not None:
             served.experiment, served.variant = routing.experiment, routing.variant
+            served.unit = routing.unit
             served.model = self._state.registry.get(name, str(routing.version))
         return routing
 
@@ -301,7 +303,7 @@ class DataPlane:
                 started,
                 served.result,
                 top_score=served.top_score,
-                subject_hash=self._subject_hash(recorder, meta),
+                subject_hash=self._subject_hash(recorder, meta, served.unit),
                 experiment=served.experiment,
                 variant=served.variant,
                 prediction=served.prediction,
@@ -309,7 +311,13 @@ class DataPlane:
             )
         )
 
-    def _subject_hash(self, recorder: Any, meta: Mapping[str, str]) -> str | None:
+    def _subject_hash(
+        self, recorder: Any, meta: Mapping[str, str], unit: str | None = None
+    ) -> str | None:
+        """The keyed hash of the request's subject: the experiment's unit when it has one
+        (so the report counts units and joins KPI events on them), else the subject header."""
+        if unit:
+            return recorder.subject_hash(unit)
         header = self._state.subject_header
         subject = meta.get(header.lower()) if header else None
         return recorder.subject_hash(subject) if subject else None
@@ -331,7 +339,9 @@ class DataPlane:
             service.shadow_skipped += 1
             return
         recorder = self._state.recorder
-        subject_hash = self._subject_hash(recorder, meta) if recorder is not None else None
+        subject_hash = (
+            self._subject_hash(recorder, meta, served.unit) if recorder is not None else None
+        )
         service.shadow_in_flight += 1
         task = asyncio.create_task(
             self._shadow(

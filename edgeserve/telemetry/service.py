@@ -251,6 +251,10 @@ class Telemetry:
         self.metrics.rollbacks.labels(model, rollback_reason(reason)).inc()
         await self._raise_alerts([self.alerts.note_rollback(model, reason)])
 
+    async def raise_alert(self, rule: str, state: str, value: float, message: str) -> None:
+        """An alert from outside the rules (prediction drift): stored, exported, posted."""
+        await self._raise_alerts([AlertChange(rule, state, value, message)])
+
     async def maintain_once(self) -> None:
         """Retention, then the size cap in bounded steps, then the unsynced count."""
         s = self.settings
