@@ -27,7 +27,7 @@ def _telemetry(
     db.executescript(
         """CREATE TABLE inferences (seq INTEGER PRIMARY KEY, request_id TEXT, model TEXT,
                version TEXT, status INTEGER, total_s REAL, time REAL, experiment TEXT,
-               variant TEXT, top_score REAL, subject_hash TEXT, shadow INTEGER,
+               variant TEXT, top_score REAL, subject_hash TEXT, unit_hash TEXT, shadow INTEGER,
                prediction TEXT);
            CREATE TABLE feedback (seq INTEGER PRIMARY KEY, request_id TEXT, label TEXT,
                correct INTEGER, time REAL);

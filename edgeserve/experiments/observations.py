@@ -102,7 +102,7 @@ def unit_column(exp: Experiment, table: str = "") -> str:
     t = f"{table}." if table else ""
     if exp.unit == "request_id":
         return f"{t}request_id"
-    return f"coalesce({t}subject_hash, {t}request_id)"
+    return f"coalesce({t}unit_hash, {t}request_id)"
 
 
 def _fill(db: sqlite3.Connection, exp: Experiment, obs: Observations) -> None:
@@ -178,9 +178,9 @@ def _fill_kpi(db: sqlite3.Connection, exp: Experiment, obs: Observations, name: 
         f"""SELECT u.h, coalesce(sum(CASE WHEN {post} THEN e.value END), 0),
                    count(CASE WHEN {post} THEN 1 END),
                    coalesce(sum(CASE WHEN e.time < u.t0 THEN e.value END), 0)
-            FROM (SELECT subject_hash AS h, min(time) AS t0 FROM inferences
-                  WHERE experiment = ? AND variant = ? AND subject_hash IS NOT NULL
-                  GROUP BY subject_hash) u
+            FROM (SELECT unit_hash AS h, min(time) AS t0 FROM inferences
+                  WHERE experiment = ? AND variant = ? AND unit_hash IS NOT NULL
+                  GROUP BY unit_hash) u
             LEFT JOIN events e ON e.subject_hash = u.h AND e.name = ?
             GROUP BY u.h""",
         (window, window, window, window, exp.id, obs.variant, name),

@@ -303,21 +303,17 @@ class DataPlane:
                 started,
                 served.result,
                 top_score=served.top_score,
-                subject_hash=self._subject_hash(recorder, meta, served.unit),
+                subject_hash=self._subject_hash(recorder, meta),
                 experiment=served.experiment,
                 variant=served.variant,
                 prediction=served.prediction,
                 owner_hash=_owner_hash(recorder, principal),
+                unit_hash=recorder.subject_hash(served.unit) if served.unit else None,
             )
         )
 
-    def _subject_hash(
-        self, recorder: Any, meta: Mapping[str, str], unit: str | None = None
-    ) -> str | None:
-        """The keyed hash of the request's subject: the experiment's unit when it has one
-        (so the report counts units and joins KPI events on them), else the subject header."""
-        if unit:
-            return recorder.subject_hash(unit)
+    def _subject_hash(self, recorder: Any, meta: Mapping[str, str]) -> str | None:
+        """The keyed hash of the subject header's value (what `forget` looks for)."""
         header = self._state.subject_header
         subject = meta.get(header.lower()) if header else None
         return recorder.subject_hash(subject) if subject else None
@@ -339,9 +335,8 @@ class DataPlane:
             service.shadow_skipped += 1
             return
         recorder = self._state.recorder
-        subject_hash = (
-            self._subject_hash(recorder, meta, served.unit) if recorder is not None else None
-        )
+        subject_hash = self._subject_hash(recorder, meta) if recorder is not None else None
+        unit_hash = recorder.subject_hash(served.unit) if recorder and served.unit else None
         service.shadow_in_flight += 1
         task = asyncio.create_task(
             self._shadow(
@@ -352,6 +347,7 @@ class DataPlane:
                 requested,
                 served.request_id,
                 subject_hash,
+                unit_hash,
             )
         )
         service.shadow_tasks.add(task)
@@ -366,6 +362,7 @@ class DataPlane:
         requested: Sequence[str] | None,
         request_id: str,
         subject_hash: str | None,
+        unit_hash: str | None,
     ) -> None:
         state = self._state
         started = time.perf_counter()
@@ -397,6 +394,7 @@ class DataPlane:
                     variant=variant.name,
                     top_score=None if prediction is None else prediction[1],
                     subject_hash=subject_hash,
+                    unit_hash=unit_hash,
                     shadow=True,
                     prediction=None if prediction is None else prediction[0],
                 )

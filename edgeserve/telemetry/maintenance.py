@@ -133,17 +133,18 @@ def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region
     """The same on any connection (the CLI works on the file while the server may run)."""
     conn.execute("BEGIN IMMEDIATE")
     # Ground truth and kept payloads of the subject's requests are about the subject too.
+    # A request is the subject's whether the subject header, the token (owner) or an
+    # experiment's unit (a user id header or claim) named them.
+    theirs = "subject_hash = ? OR owner_hash = ? OR unit_hash = ?"
     removed = 0
     for table in ("feedback", "payloads"):
         removed += conn.execute(
             f"DELETE FROM {table} WHERE request_id IN "
-            "(SELECT request_id FROM inferences WHERE subject_hash = ?)",
-            (subject_hash,),
+            f"(SELECT request_id FROM inferences WHERE {theirs})",
+            (subject_hash,) * 3,
         ).rowcount
-    for table in ("inferences", "events"):
-        removed += conn.execute(
-            f"DELETE FROM {table} WHERE subject_hash = ?", (subject_hash,)
-        ).rowcount
+    removed += conn.execute(f"DELETE FROM inferences WHERE {theirs}", (subject_hash,) * 3).rowcount
+    removed += conn.execute("DELETE FROM events WHERE subject_hash = ?", (subject_hash,)).rowcount
     now = time.time()
     conn.execute(
         "INSERT INTO forget_requests (record_id, subject_hash, time, data_region) "

@@ -50,6 +50,9 @@ class InferenceRecord(NamedTuple):
     prediction: str | None = None  # the top class of a one-row classification, for accuracy
     # Keyed hash of the token subject that made the request: only it may label it.
     owner_hash: str | None = None
+    # Keyed hash of the experiment's randomisation unit (a header or claim), when it has
+    # one: kept apart from subject_hash so that `forget` still finds the subject's rows.
+    unit_hash: str | None = None
 
     @classmethod
     def ended(

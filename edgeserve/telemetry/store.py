@@ -79,6 +79,7 @@ _COLUMNS: dict[str, dict[str, type]] = {
         "error": str,
         "prediction": str,
         "owner_hash": str,
+        "unit_hash": str,
     },
     "payloads": {
         "request_id": str,
@@ -155,6 +156,8 @@ def create_schema(path: Path) -> None:
             db["inferences"].add_column("prediction", str)  # type: ignore[union-attr]
         if "owner_hash" not in db["inferences"].columns_dict:  # a buffer from before 0.2
             db["inferences"].add_column("owner_hash", str)  # type: ignore[union-attr]
+        if "unit_hash" not in db["inferences"].columns_dict:  # a buffer from before 0.3
+            db["inferences"].add_column("unit_hash", str)  # type: ignore[union-attr]
         for name, sql in PARTIAL_INDEXES.items():
             _ensure_index(conn, name, sql)
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
