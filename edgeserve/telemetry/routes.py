@@ -23,6 +23,7 @@ from edgeserve.telemetry.records import (
     FeedbackRecord,
 )
 from edgeserve.telemetry.service import Telemetry
+from edgeserve.telemetry.store import durable_marks
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -120,10 +121,14 @@ async def status(request: Request) -> Response:
     telemetry = _telemetry(request)
     store = telemetry.store
     drops = await _in_writer(telemetry, drop_counts)
+    marks = await _in_writer(telemetry, durable_marks)
     sync = telemetry.sync
     return _ok(
         {
+            # x-telemetry-seq "<boot>-<seq>" is durable once durable[<boot>] >= seq.
+            "boot_id": store.boot_id,
             "durable_seq": store.durable_seq,
+            "durable": marks,
             "queued_in_memory": store.backlog_in_memory(),
             "dropped": {f"{t}/{r}": n for (t, r), n in drops.items()},
             "dropped_queue_full": store.dropped,

@@ -111,6 +111,10 @@ class Telemetry:
             self.metrics.inferences.observe_one(record)
         return seq
 
+    def record_id(self, seq: int) -> str:
+        """`<boot>-<seq>`: the record's id and its `x-telemetry-seq` (README, Telemetry)."""
+        return self.store.record_id(seq)
+
     def record_feedback(self, record: FeedbackRecord) -> int:
         """Queue a label without any check (trusted callers: tests, imports)."""
         return self.store.add(record)

@@ -11,6 +11,14 @@ NORMAL would survive only a process kill. One fsync per batch (at most one batch
 per `write_interval_ms` under load) is cheap. Records still in memory when the
 process dies are lost; records that find the queue full are dropped and counted.
 
+Which process: sequence numbers restart at 1 in every process, so a number alone vouches
+for nothing after a restart. Each process start is a row of `boots` (its random boot id,
+persisted before any record is numbered), and its `durable_seq` is updated in the same
+transaction as every batch it commits. A client that kept only `x-telemetry-seq:
+<boot>-<seq>` (the record's id) checks `durable[<boot>] >= seq` in the status; the marks of
+the last `MAX_BOOTS` processes are kept, so a record lost with an earlier process is never
+vouched for by a later one.
+
 Checkpoints: SQLite's automatic checkpoint (every 1000 WAL pages) runs on the
 writer's connection; `journal_size_limit` truncates the WAL back to 8 MiB after
 one, so the WAL cannot grow without bound, and purges end with
@@ -59,6 +67,7 @@ LOCAL_ONLY = frozenset({"payloads"})  # never sent upstream
 SYNCED_TABLES = tuple(t for t in TABLES if t not in LOCAL_ONLY)
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 30_000
+MAX_BOOTS = 64  # processes whose durable marks the status can still show
 
 _COLUMNS: dict[str, dict[str, type]] = {
     "inferences": {
@@ -161,6 +170,11 @@ def create_schema(path: Path) -> None:
         db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["feedback"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
+        db["boots"].create(  # type: ignore[union-attr]
+            {"boot_id": str, "started": float, "durable_seq": int},
+            pk="boot_id",
+            if_not_exists=True,
+        )
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]
             pk=("table_name", "reason"),
@@ -206,6 +220,32 @@ def quarantine(path: Path) -> Path:
         if source.exists():
             os.replace(source, f"{aside}{suffix}")
     return aside
+
+
+def register_boot(path: Path, boot_id: str) -> None:
+    """Persist this process's boot id (durable mark 0) before it numbers any record, and
+    forget all but the last MAX_BOOTS processes."""
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO boots (boot_id, started, durable_seq) VALUES (?, ?, 0)",
+            (boot_id, time.time()),
+        )
+        conn.execute(
+            "DELETE FROM boots WHERE boot_id NOT IN "
+            "(SELECT boot_id FROM boots ORDER BY started DESC, rowid DESC LIMIT ?)",
+            (MAX_BOOTS,),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def durable_marks(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each recent process's durable mark: boot id -> highest committed sequence number."""
+    rows = conn.execute("SELECT boot_id, durable_seq FROM boots ORDER BY started, rowid")
+    return {boot: seq for boot, seq in rows}
 
 
 # Rows per INSERT statement. The sqlite3 module releases the GIL around every statement
@@ -280,10 +320,15 @@ class TelemetryStore:
             log.error("telemetry buffer unreadable error=%r moved_to=%s", str(exc), aside)
             create_schema(path)
         os.chmod(path, 0o600)
+        register_boot(path, self.boot_id)
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def record_id(self, seq: int) -> str:
+        """`<boot>-<seq>`: the record's id, and what `x-telemetry-seq` carries."""
+        return f"{self.boot_id}-{seq}"
 
     # -- any thread -----------------------------------------------------------------
     def add(self, record: Any) -> int:
@@ -409,6 +454,9 @@ class TelemetryStore:
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 head = self._insert_each(conn, chunk)
+            conn.execute(
+                "UPDATE boots SET durable_seq = ? WHERE boot_id = ?", (chunk[-1][0], self.boot_id)
+            )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
