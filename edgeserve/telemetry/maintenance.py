@@ -21,15 +21,26 @@ from pathlib import Path
 
 from edgeserve.telemetry.store import (
     BUSY_TIMEOUT_MS,
+    CHECKPOINT_WAIT_MS,
     LOCAL_ONLY,
     SYNCED_TABLES,
     TABLES,
+    WAL_LIMIT_BYTES,
     TelemetryStore,
 )
 
-CHUNK_ROWS = 2000
-CHECKPOINT_WAIT_MS = 1000
-CAP_TARGET = 0.9  # shrink to 90% of the cap, so the cap is not hit again at once
+SYNCED, UNSYNCED, REJECTED = 1, 0, 2  # the `synced` column: acknowledged, not yet, refused
+CAP_TARGET = 0.95  # shrink to 95% of the cap, so the cap is not hit again at once
+CAP_STEP = 0.03  # one delete removes at most 3% of a table's rows ...
+CAP_STEP_MIN_ROWS = 16  # ... or this many, whichever is more
+# The database and its WAL stay within max_db_bytes * (1 + CAP_MARGIN): the WAL has a
+# budget of a tenth of the cap (store.wal_budget), eviction checkpoints after every step.
+CAP_MARGIN = 0.25
+
+
+def wal_budget(max_bytes: int) -> int:
+    """The WAL's share of the margin over the cap (at most the store's usual 8 MiB)."""
+    return max(64 * 1024, min(WAL_LIMIT_BYTES, max_bytes // 10))
 
 
 def database_bytes(path: Path) -> int:
@@ -95,33 +106,63 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 def enforce_size_cap(
     store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int, max_chunks: int = 1_000_000
 ) -> int:
-    """When the files exceed `max_bytes`, delete rows, oldest first in the stated order,
-    until the data fits in 90% of it; at most `max_chunks` chunks per call. Rows deleted
-    (0 = nothing (more) to do)."""
+    """When the files exceed `max_bytes`, delete rows, oldest first in the stated order
+    (synced, then rejected, then unsynced by table priority), until the data fits in
+    `CAP_TARGET` of it. Each step deletes about as many rows as the excess takes, and
+    at most `CAP_STEP` of the table, then checkpoints, so a trim never empties the
+    buffer and the WAL never holds a whole purge. At most `max_chunks` steps per call;
+    rows deleted (0 = nothing (more) to do)."""
     if database_bytes(store.path) <= max_bytes:
         return 0
     target = int(max_bytes * CAP_TARGET)
     deleted = chunks = 0
-    for synced in (1, 0):
+    all_rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+    per_row = max(1.0, used_bytes(conn) / max(1, all_rows))  # pages a row holds, on average
+    for synced in (SYNCED, REJECTED, UNSYNCED):
         for table in TABLES:
-            while chunks < max_chunks and used_bytes(conn) > target:
-                conn.execute("BEGIN IMMEDIATE")
-                rows = conn.execute(
-                    f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
-                    (synced, CHUNK_ROWS),
-                ).fetchall()
-                if not rows:
-                    conn.execute("COMMIT")
+            while chunks < max_chunks:
+                used = used_bytes(conn)
+                if used <= target:
                     break
-                last = rows[-1][0]
-                conn.execute(f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, last))
-                if not synced:
-                    store.record_drop(conn, table, "size_cap", len(rows))
+                rows = _rows_for(conn, table, synced, (used - target) / per_row)
+                if not rows:
+                    break
+                conn.execute("BEGIN IMMEDIATE")
+                seqs = conn.execute(
+                    f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
+                    (synced, rows),
+                ).fetchall()
+                if seqs:
+                    last = seqs[-1][0]
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, last)
+                    )
+                    if synced == UNSYNCED:
+                        store.record_drop(conn, table, "size_cap", len(seqs))
                 conn.execute("COMMIT")
-                deleted += len(rows)
+                deleted += len(seqs)
                 chunks += 1
+                # Each step's deletes leave the WAL at once (PASSIVE: never waits for a
+                # reader; the last step's TRUNCATE below does).
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if not seqs:
+                    break
     reclaim(conn)  # give the freed pages back and truncate the WAL
     return deleted
+
+
+def _rows_for(conn: sqlite3.Connection, table: str, synced: int, excess_bytes: int) -> int:
+    """Rows of `table` with this `synced` state to delete for `excess_bytes`: the excess
+    over the average row's pages, at most CAP_STEP of those rows (0 = none there)."""
+    present = conn.execute(f"SELECT count(*) FROM {table} WHERE synced = ?", (synced,))
+    count = present.fetchone()[0]
+    if not count:
+        return 0
+    all_rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+    per_row = used_bytes(conn) / max(1, all_rows)
+    wanted = int(excess_bytes / max(per_row, 1.0)) + 1
+    step = max(CAP_STEP_MIN_ROWS, int(count * CAP_STEP))
+    return min(count, wanted, step)
 
 
 def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash: str) -> int:

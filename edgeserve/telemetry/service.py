@@ -72,6 +72,7 @@ class Telemetry:
             on_drop=lambda table, reason, n: self.metrics.dropped.labels(table, reason).inc(n),
             on_batch=self._observe_batch,
             on_commit=self._keep_under_cap,
+            wal_budget_bytes=maintenance.wal_budget(settings.max_db_bytes),
         )
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")

@@ -19,10 +19,12 @@ transaction as every batch it commits. A client that kept only `x-telemetry-seq:
 the last `MAX_BOOTS` processes are kept, so a record lost with an earlier process is never
 vouched for by a later one.
 
-Checkpoints: SQLite's automatic checkpoint (every 1000 WAL pages) runs on the
-writer's connection; `journal_size_limit` truncates the WAL back to 8 MiB after
-one, so the WAL cannot grow without bound, and purges end with
-`wal_checkpoint(TRUNCATE)` so deleted rows do not linger there.
+Checkpoints: the WAL has a budget (`wal_budget_bytes`: a tenth of the size cap, at most
+8 MiB). The writer's automatic checkpoint runs at half of it, `journal_size_limit`
+truncates the WAL back to it, a write chunk holds no more rows than fit in half of it
+(estimated from the WAL's growth per row), and a WAL found over it after a commit is
+checkpointed and truncated at once; purges end with `wal_checkpoint(TRUNCATE)` so deleted
+rows do not linger there. So the files stay within the cap plus `CAP_MARGIN`.
 
 All writes (inserts, marking rows synced, purges) happen on the writer thread, so
 SQLite never sees two writers in this process; readers (the sync task, reports,
@@ -67,6 +69,7 @@ LOCAL_ONLY = frozenset({"payloads"})  # never sent upstream
 SYNCED_TABLES = tuple(t for t in TABLES if t not in LOCAL_ONLY)
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 30_000
+CHECKPOINT_WAIT_MS = 1000  # a checkpoint waits this long for readers, then is retried later
 MAX_BOOTS = 64  # processes whose durable marks the status can still show
 
 _COLUMNS: dict[str, dict[str, type]] = {
@@ -129,14 +132,23 @@ _VALUES = {
 }
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, wal_budget_bytes: int = WAL_LIMIT_BYTES) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    conn.execute(f"PRAGMA journal_size_limit={int(wal_budget_bytes)}")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(8, int(wal_budget_bytes) // (2 * page))}")
     return conn
+
+
+def wal_bytes(path: Path) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
 
 
 def create_schema(path: Path) -> None:
@@ -287,8 +299,11 @@ class TelemetryStore:
         on_drop: Callable[[str, str, int], None] | None = None,
         on_batch: Callable[[Sequence[Any]], None] | None = None,
         on_commit: Callable[[sqlite3.Connection], None] | None = None,
+        wal_budget_bytes: int = WAL_LIMIT_BYTES,
     ) -> None:
         self.path = path
+        self.wal_budget_bytes = wal_budget_bytes
+        self._row_bytes = 1024.0  # WAL bytes a row costs, learnt from each commit
         self.data_region = data_region
         self.capacity = queue_records
         self.batch_records = batch_records
@@ -380,7 +395,7 @@ class TelemetryStore:
 
     # -- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
-        conn = connect(self.path)
+        conn = connect(self.path, self.wal_budget_bytes)
         self._audit_head = audit.last_hash(conn)
         backoff_s = 0.05
         try:
@@ -393,7 +408,8 @@ class TelemetryStore:
                         self._observe(batch)
                     self.observed_seq = batch[-1][0]
                 while batch:
-                    chunk = [batch.popleft() for _ in range(min(len(batch), self.batch_records))]
+                    chunk = [batch.popleft() for _ in range(min(len(batch), self._chunk_rows()))]
+                    wal_before = wal_bytes(self.path)
                     while not self._write(conn, chunk):
                         # Disk full or I/O error: keep the records and retry; maintenance
                         # commands still run (the size cap may free space), new records
@@ -405,6 +421,7 @@ class TelemetryStore:
                         backoff_s = min(backoff_s * 2, 5.0)
                     backoff_s = 0.05
                     self._in_hand = len(batch)
+                    self._keep_wal_in_budget(conn, wal_before, len(chunk))
                     self._after_commit(conn)
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
@@ -421,6 +438,25 @@ class TelemetryStore:
                     self._wake.clear()
         finally:
             conn.close()
+
+    def _chunk_rows(self) -> int:
+        """Rows per transaction: the configured batch, or what fits in half the WAL budget."""
+        return max(1, min(self.batch_records, int(self.wal_budget_bytes / 2 / self._row_bytes)))
+
+    def _keep_wal_in_budget(self, conn: sqlite3.Connection, before: int, rows: int) -> None:
+        """Learn the WAL's growth per row; checkpoint and truncate a WAL over its budget."""
+        after = wal_bytes(self.path)
+        if after > before and rows:
+            self._row_bytes = max(64.0, 0.5 * self._row_bytes + 0.5 * (after - before) / rows)
+        if after <= self.wal_budget_bytes:
+            return
+        conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a reader in the way: the next commit tries again
+            log.info("telemetry checkpoint deferred error=%r", str(exc))
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _observe(self, batch: deque[tuple[int, Any]]) -> None:
         try:
