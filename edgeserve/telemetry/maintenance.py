@@ -91,6 +91,7 @@ def apply_retention(
         store.record_drop(conn, table, "retention", lost)
         conn.execute("COMMIT")
     if removed:
+        prune_dead_letters(conn)
         reclaim(conn)
     return removed
 
@@ -147,6 +148,7 @@ def enforce_size_cap(
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 if not seqs:
                     break
+    prune_dead_letters(conn)
     reclaim(conn)  # give the freed pages back and truncate the WAL
     return deleted
 
@@ -191,15 +193,71 @@ def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region
         "VALUES (?, ?, ?, ?)",
         (f"forget-{subject_hash}-{int(now * 1000)}", subject_hash, now, data_region),
     )
+    prune_dead_letters(conn)
     conn.execute("COMMIT")
     reclaim(conn)
     return removed
 
 
+def dead_letter(
+    store: TelemetryStore,
+    conn: sqlite3.Connection,
+    table: str,
+    row: tuple[int, str],
+    status: int,
+    max_records: int,
+) -> bool:
+    """Mark a record the collector refused for good as rejected (never synced), list it
+    in `dead_letters` and count it dropped (`upstream_rejected`), once: a row already
+    gone (evicted, forgotten) was counted by what removed it. Beyond `max_records` the
+    oldest dead letters and their rows go (already counted). Whether it was marked."""
+    seq, record_id = row
+    conn.execute("BEGIN IMMEDIATE")
+    marked = conn.execute(
+        f"UPDATE {table} SET synced = {REJECTED} WHERE seq = ? AND synced = {UNSYNCED}", (seq,)
+    ).rowcount
+    if marked:
+        conn.execute(
+            "INSERT INTO dead_letters (table_name, record_seq, record_id, status, time) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (table, seq, record_id, status, time.time()),
+        )
+        store.record_drop(conn, table, "upstream_rejected", 1)
+        over = dead_letter_count(conn) - max_records
+        if over > 0:
+            oldest = conn.execute(
+                "SELECT id, table_name, record_seq FROM dead_letters ORDER BY id LIMIT ?", (over,)
+            ).fetchall()
+            for _, name, record_seq in oldest:
+                conn.execute(
+                    f"DELETE FROM {name} WHERE seq = ? AND synced = {REJECTED}", (record_seq,)
+                )
+            conn.execute("DELETE FROM dead_letters WHERE id <= ?", (oldest[-1][0],))
+    conn.execute("COMMIT")
+    return bool(marked)
+
+
+def dead_letter_count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+
+
+def prune_dead_letters(conn: sqlite3.Connection) -> None:
+    """Forget dead letters whose rows are gone (retention, the size cap, forget)."""
+    for table in SYNCED_TABLES:
+        conn.execute(
+            "DELETE FROM dead_letters WHERE table_name = ? AND record_seq NOT IN "
+            f"(SELECT seq FROM {table} WHERE synced = {REJECTED})",
+            (table,),
+        )
+
+
 def mark_synced(conn: sqlite3.Connection, table: str, seqs: list[int]) -> None:
     """Advance the cursor: called only after upstream answered 2xx for these rows."""
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", [(s,) for s in seqs])
+    conn.executemany(
+        f"UPDATE {table} SET synced = {SYNCED} WHERE seq = ? AND synced = {UNSYNCED}",
+        [(s,) for s in seqs],
+    )
     conn.execute("COMMIT")
 
 

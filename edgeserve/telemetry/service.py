@@ -40,7 +40,7 @@ from edgeserve.telemetry.records import (
 )
 from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import TelemetryStore
-from edgeserve.telemetry.sync import UpstreamSync
+from edgeserve.telemetry.sync import REJECTING_RULE, UpstreamSync
 
 # Labels that may wait for the one-label check (each is an open request).
 MAX_FEEDBACK_WAITING = 256
@@ -77,10 +77,18 @@ class Telemetry:
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
-            UpstreamSync(self.store, settings.upstream, instance_id(state_dir), self.metrics)
+            UpstreamSync(
+                self.store,
+                settings.upstream,
+                instance_id(state_dir),
+                self.metrics,
+                on_alert=self._raise_alerts,
+            )
             if settings.upstream.url
             else None
         )
+        self.firing: set[str] = set()  # alert rules firing now (rules and the sync's own)
+        self.dead_letters = 0  # as of the last maintenance or refusal
         self.alerts = AlertRules(settings.alerts, queue_fill, self.backlog_age_s)
         self.unsynced_records = 0
         m = self.metrics
@@ -95,6 +103,16 @@ class Telemetry:
             lambda: self.unsynced_records,
         )
         m.gauge("edgeserve_sync_lag_seconds", "Age of the oldest unsynced row", self.backlog_age_s)
+        m.gauge(
+            "edgeserve_telemetry_dead_letter_records",
+            "Records the collector refused for good, kept in dead_letters (bounded)",
+            lambda: self.dead_letters,
+        )
+        m.gauge(
+            "edgeserve_sync_breaker_open",
+            "1 while uploads are paused after a run of failures or refusals",
+            lambda: float(self.sync is not None and self.sync.breaker_open),
+        )
         m.gauge(
             "edgeserve_telemetry_db_bytes",
             "Size of the telemetry database and its WAL",
@@ -265,6 +283,7 @@ class Telemetry:
         ):
             pass
         self.unsynced_records = await self._in_writer(maintenance.count_unsynced)
+        self.dead_letters = await self._in_writer(maintenance.dead_letter_count)
 
     async def _in_writer(self, command: Callable[[Any], Any]) -> Any:
         return await asyncio.wrap_future(self.store.submit(command))
@@ -294,6 +313,12 @@ class Telemetry:
     async def _raise_alerts(self, changes: list[AlertChange]) -> None:
         for change in changes:
             self.metrics.alerts.labels(change.rule).set(1 if change.state == "firing" else 0)
+            if change.state == "firing":
+                self.firing.add(change.rule)
+            else:
+                self.firing.discard(change.rule)
+            if change.rule == REJECTING_RULE:  # the refusals are in dead_letters now
+                self.dead_letters = await self._in_writer(maintenance.dead_letter_count)
             log.warning(
                 "alert rule=%s state=%s message=%r", change.rule, change.state, change.message
             )

@@ -182,6 +182,18 @@ def create_schema(path: Path) -> None:
         db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["feedback"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
+        db["dead_letters"].create(  # type: ignore[union-attr]
+            {
+                "id": int,
+                "table_name": str,
+                "record_seq": int,
+                "record_id": str,
+                "status": int,
+                "time": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
         db["boots"].create(  # type: ignore[union-attr]
             {"boot_id": str, "started": float, "durable_seq": int},
             pk="boot_id",
