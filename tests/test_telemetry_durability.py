@@ -108,3 +108,30 @@ def test_every_answer_that_leaves_a_record_carries_its_seq(tmp_path: Path) -> No
     sent = {answers[n].headers["x-telemetry-seq"] for n in ("invalid", "not-json")}
     assert {record_id for record_id, _ in rows} == sent  # the header is the record's id
     assert [status for _, status in rows] == [400, 400]
+
+
+def test_a_corrupt_buffer_is_quarantined_with_an_alert_and_its_rows_counted(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 item 7: a buffer whose schema is damaged is moved aside; the unsynced rows
+    left in it are counted as dropped (`corrupt`), the alert fires, /metrics counts it."""
+    config = "[auth]\nenabled = false\n[telemetry]\nwrite_interval_ms = 20.0\n"
+    with run_server(tmp_path, config) as server:
+        answered = _infer(server, 10, "before")
+        wait_until(lambda: vouched(answered[-1][0], _status(server)), 30, "10 durable records")
+    path = tmp_path / "state" / "telemetry.db"
+    raw = path.read_bytes()
+    at = raw.index(b'CREATE TABLE "drops"')  # a damaged schema: nothing opens it as it is
+    path.write_bytes(raw[:at] + b"CREATE TABLX" + raw[at + 12 :])
+    with run_server(tmp_path, config) as server:
+        status = _status(server)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        log = server.log()
+    assert status["dropped"] == {"inferences/corrupt": 10}
+    assert "telemetry_buffer_corrupt" in status["alerts_firing"]
+    assert status["quarantined"]["unsynced_rows"] == 10
+    assert "edgeserve_telemetry_quarantined_total 1.0" in metrics
+    assert 'edgeserve_telemetry_dropped_total{reason="corrupt",table="inferences"} 10.0' in metrics
+    assert "telemetry buffer unreadable" in log
+    (aside,) = (tmp_path / "state").glob("telemetry.db.corrupt-*[0-9]")
+    assert status["quarantined"]["file"] == aside.name

@@ -140,6 +140,9 @@ async def status(request: Request) -> Response:
                 "max_records": telemetry.settings.upstream.dead_letter_max_records,
             },
             "alerts_firing": sorted(telemetry.firing),
+            "quarantined": None
+            if store.quarantined is None
+            else {"file": store.quarantined[0].name, "unsynced_rows": store.quarantined[1]},
             "upstream": None
             if sync is None
             else {

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import orjson
+from prometheus_client import Counter
 
 from edgeserve.auth.secret_files import read_or_create_secret
 from edgeserve.errors import Overloaded
@@ -47,6 +48,7 @@ MAX_FEEDBACK_WAITING = 256
 
 log = logging.getLogger(__name__)
 
+CORRUPT_RULE = "telemetry_buffer_corrupt"
 CAP_CHUNKS_PER_STEP = 8  # size-cap work per writer turn, so record batches interleave
 
 
@@ -88,6 +90,13 @@ class Telemetry:
             else None
         )
         self.firing: set[str] = set()  # alert rules firing now (rules and the sync's own)
+        quarantined = Counter(
+            "edgeserve_telemetry_quarantined",
+            "Telemetry buffers found unreadable at start and moved aside",
+            registry=self.metrics.registry,
+        )
+        if self.store.quarantined is not None:
+            quarantined.inc()
         self.dead_letters = 0  # as of the last maintenance or refusal
         self.alerts = AlertRules(settings.alerts, queue_fill, self.backlog_age_s)
         self.unsynced_records = 0
@@ -237,6 +246,13 @@ class Telemetry:
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         self.store.start()
+        if self.store.quarantined is not None:
+            aside, lost = self.store.quarantined
+            rows = "could not be counted" if lost is None else f"{lost} unsynced rows dropped"
+            message = f"telemetry buffer was unreadable, moved to {aside.name}; {rows}"
+            await self._raise_alerts(
+                [AlertChange(CORRUPT_RULE, "firing", float(lost or 0), message)]
+            )
         self._tasks.append(asyncio.create_task(self._maintain()))
         self._tasks.append(asyncio.create_task(self._evaluate_alerts()))
         if self.sync is not None:

@@ -246,6 +246,30 @@ def quarantine(path: Path) -> Path:
     return aside
 
 
+def count_unsynced_salvaged(path: Path) -> dict[str, int] | None:
+    """Unsynced rows per table of a quarantined buffer, read past a damaged schema
+    (`writable_schema` makes SQLite skip entries it cannot parse); a table that cannot be
+    read is left out; None when nothing can be read at all."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    counts: dict[str, int] = {}
+    try:
+        conn.execute("PRAGMA writable_schema=ON")
+        for table in SYNCED_TABLES:
+            try:
+                row = conn.execute(f"SELECT count(*) FROM {table} WHERE synced = 0").fetchone()
+            except sqlite3.Error:
+                continue
+            counts[table] = row[0]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return counts or None
+
+
 def register_boot(path: Path, boot_id: str) -> None:
     """Persist this process's boot id (durable mark 0) before it numbers any record, and
     forget all but the last MAX_BOOTS processes."""
@@ -340,18 +364,39 @@ class TelemetryStore:
         self._stop = threading.Event()
         self._audit_head = audit.GENESIS
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A buffer found unreadable at start: (file moved aside, unsynced rows left in it or
+        # None when they could not be counted); the rows are counted as dropped (`corrupt`).
+        self.quarantined: tuple[Path, int | None] | None = None
         try:
             create_schema(path)
         except sqlite3.DatabaseError as exc:  # not a database (any more): keep it, start anew
             aside = quarantine(path)
-            log.error("telemetry buffer unreadable error=%r moved_to=%s", str(exc), aside)
+            lost = count_unsynced_salvaged(aside)
+            log.error(
+                "telemetry buffer unreadable error=%r moved_to=%s unsynced_rows=%s",
+                str(exc),
+                aside,
+                "unknown" if lost is None else sum(lost.values()),
+            )
             create_schema(path)
+            self._count_quarantined(lost or {})
+            self.quarantined = (aside, None if lost is None else sum(lost.values()))
         os.chmod(path, 0o600)
         register_boot(path, self.boot_id)
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _count_quarantined(self, lost: dict[str, int]) -> None:
+        conn = connect(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for table, count in lost.items():
+                self.record_drop(conn, table, "corrupt", count)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     def record_id(self, seq: int) -> str:
         """`<boot>-<seq>`: the record's id, and what `x-telemetry-seq` carries."""
