@@ -30,7 +30,9 @@ from edgeserve.telemetry.store import (
 )
 
 SYNCED, UNSYNCED, REJECTED = 1, 0, 2  # the `synced` column: acknowledged, not yet, refused
-CAP_TARGET = 0.95  # shrink to 95% of the cap, so the cap is not hit again at once
+MARK_ROWS = 64  # rows marked synced per transaction
+CAP_TRIGGER = 0.95  # files over 95% of the cap start a trim ...
+CAP_TARGET = 0.9  # ... down to 90% of it, so the cap is not hit again at once
 CAP_STEP = 0.03  # one delete removes at most 3% of a table's rows ...
 CAP_STEP_MIN_ROWS = 16  # ... or this many, whichever is more
 # The database and its WAL stay within max_db_bytes * (1 + CAP_MARGIN): the WAL has a
@@ -40,7 +42,7 @@ CAP_MARGIN = 0.25
 
 def wal_budget(max_bytes: int) -> int:
     """The WAL's share of the margin over the cap (at most the store's usual 8 MiB)."""
-    return max(64 * 1024, min(WAL_LIMIT_BYTES, max_bytes // 10))
+    return max(16 * 1024, min(WAL_LIMIT_BYTES, max_bytes // 10))
 
 
 def database_bytes(path: Path) -> int:
@@ -52,11 +54,22 @@ def database_bytes(path: Path) -> int:
     return total
 
 
-def reclaim(conn: sqlite3.Connection) -> None:
-    """Hand freed pages back to the file system and empty the WAL."""
-    # sqlite3.execute() steps a statement once, and one step of this pragma frees one page;
-    # executescript runs it to completion.
-    conn.executescript("PRAGMA incremental_vacuum;")
+def over_trigger(path: Path, max_bytes: int) -> bool:
+    """Whether the files are over CAP_TRIGGER of the cap (a stat call: after every batch)."""
+    return database_bytes(path) > max_bytes * CAP_TRIGGER
+
+
+def reclaim(conn: sqlite3.Connection, wal_budget_bytes: int = WAL_LIMIT_BYTES) -> None:
+    """Hand freed pages back to the file system and empty the WAL. Vacuum moves pages,
+    and every page moved is written to the WAL: in steps of a quarter of its budget,
+    each checkpointed, so the WAL never holds a whole vacuum."""
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    step = max(8, wal_budget_bytes // page // 4)
+    while conn.execute("PRAGMA freelist_count").fetchone()[0]:
+        # sqlite3.execute() steps a statement once, and one step of this pragma frees one
+        # page; executescript runs it to completion.
+        conn.executescript(f"PRAGMA incremental_vacuum({step});")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     # TRUNCATE waits for readers to leave the WAL; a long report query must not stall the
     # writer for the full busy timeout; a later reclaim finishes the job.
     conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
@@ -92,7 +105,7 @@ def apply_retention(
         conn.execute("COMMIT")
     if removed:
         prune_dead_letters(conn)
-        reclaim(conn)
+        reclaim(conn, store.wal_budget_bytes)
     return removed
 
 
@@ -107,13 +120,14 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 def enforce_size_cap(
     store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int, max_chunks: int = 1_000_000
 ) -> int:
-    """When the files exceed `max_bytes`, delete rows, oldest first in the stated order
-    (synced, then rejected, then unsynced by table priority), until the data fits in
+    """When the files exceed CAP_TRIGGER of `max_bytes`, delete rows, oldest first in the
+    stated order (synced, then rejected, then unsynced by table priority, passing over
+    rows on the wire to the collector), until the data fits in
     `CAP_TARGET` of it. Each step deletes about as many rows as the excess takes, and
     at most `CAP_STEP` of the table, then checkpoints, so a trim never empties the
     buffer and the WAL never holds a whole purge. At most `max_chunks` steps per call;
     rows deleted (0 = nothing (more) to do)."""
-    if database_bytes(store.path) <= max_bytes:
+    if not over_trigger(store.path, max_bytes):
         return 0
     target = int(max_bytes * CAP_TARGET)
     deleted = chunks = 0
@@ -125,21 +139,25 @@ def enforce_size_cap(
                 used = used_bytes(conn)
                 if used <= target:
                     break
-                rows = _rows_for(conn, table, synced, (used - target) / per_row)
+                # Rows on the wire are passed over: their 2xx may be on its way.
+                skip = store.sending.get(table, frozenset()) if synced == UNSYNCED else frozenset()
+                rows = _rows_for(conn, table, synced, (used - target) / per_row, len(skip))
                 if not rows:
                     break
                 conn.execute("BEGIN IMMEDIATE")
-                seqs = conn.execute(
+                found = conn.execute(
                     f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
-                    (synced, rows),
+                    (synced, rows + len(skip)),
                 ).fetchall()
-                if seqs:
-                    last = seqs[-1][0]
+                seqs = [seq for (seq,) in found if seq not in skip][:rows]
+                if seqs and not skip:
                     conn.execute(
-                        f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, last)
+                        f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, seqs[-1])
                     )
-                    if synced == UNSYNCED:
-                        store.record_drop(conn, table, "size_cap", len(seqs))
+                elif seqs:
+                    conn.executemany(f"DELETE FROM {table} WHERE seq = ?", [(q,) for q in seqs])
+                if seqs and synced == UNSYNCED:
+                    store.record_drop(conn, table, "size_cap", len(seqs))
                 conn.execute("COMMIT")
                 deleted += len(seqs)
                 chunks += 1
@@ -149,22 +167,21 @@ def enforce_size_cap(
                 if not seqs:
                     break
     prune_dead_letters(conn)
-    reclaim(conn)  # give the freed pages back and truncate the WAL
+    reclaim(conn, store.wal_budget_bytes)  # give the freed pages back, truncate the WAL
     return deleted
 
 
-def _rows_for(conn: sqlite3.Connection, table: str, synced: int, excess_bytes: int) -> int:
-    """Rows of `table` with this `synced` state to delete for `excess_bytes`: the excess
-    over the average row's pages, at most CAP_STEP of those rows (0 = none there)."""
+def _rows_for(
+    conn: sqlite3.Connection, table: str, synced: int, excess_rows: float, passed_over: int
+) -> int:
+    """Rows of `table` in this `synced` state to delete: the excess in average rows, at
+    most CAP_STEP of those rows, none of the `passed_over` ones (0 = none to delete)."""
     present = conn.execute(f"SELECT count(*) FROM {table} WHERE synced = ?", (synced,))
-    count = present.fetchone()[0]
-    if not count:
+    count = present.fetchone()[0] - passed_over
+    if count <= 0:
         return 0
-    all_rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
-    per_row = used_bytes(conn) / max(1, all_rows)
-    wanted = int(excess_bytes / max(per_row, 1.0)) + 1
     step = max(CAP_STEP_MIN_ROWS, int(count * CAP_STEP))
-    return min(count, wanted, step)
+    return min(count, int(excess_rows) + 1, step)
 
 
 def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash: str) -> int:
@@ -252,13 +269,17 @@ def prune_dead_letters(conn: sqlite3.Connection) -> None:
 
 
 def mark_synced(conn: sqlite3.Connection, table: str, seqs: list[int]) -> None:
-    """Advance the cursor: called only after upstream answered 2xx for these rows."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(
-        f"UPDATE {table} SET synced = {SYNCED} WHERE seq = ? AND synced = {UNSYNCED}",
-        [(s,) for s in seqs],
-    )
-    conn.execute("COMMIT")
+    """Advance the cursor: called only after upstream answered 2xx for these rows. In
+    transactions of MARK_ROWS, each followed by a checkpoint, so that marking a large
+    upload does not pile its pages up in the WAL beyond the cap's margin."""
+    for start in range(0, len(seqs), MARK_ROWS):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            f"UPDATE {table} SET synced = {SYNCED} WHERE seq = ? AND synced = {UNSYNCED}",
+            [(s,) for s in seqs[start : start + MARK_ROWS]],
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def drop_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:

@@ -229,7 +229,7 @@ class Telemetry:
 
     def _keep_under_cap(self, conn: Any) -> None:
         # After every committed batch (a stat call): the cap holds between maintenance runs.
-        if maintenance.database_bytes(self.store.path) > self.settings.max_db_bytes:
+        if maintenance.over_trigger(self.store.path, self.settings.max_db_bytes):
             maintenance.enforce_size_cap(
                 self.store, conn, self.settings.max_db_bytes, CAP_CHUNKS_PER_STEP
             )

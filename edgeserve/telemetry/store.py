@@ -270,6 +270,17 @@ def count_unsynced_salvaged(path: Path) -> dict[str, int] | None:
     return counts or None
 
 
+def _approx_bytes(record: Any) -> int:
+    """About what a record's row stores: its text and bytes, and 8 bytes per number (a
+    malformed record, refused later by `_write`, counts as a small row)."""
+    values = record if type(record) is InferenceRecord else _VALUES.get(type(record))
+    if values is None:
+        return 256
+    if not isinstance(values, tuple):
+        values = values(record)
+    return 64 + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
+
+
 def register_boot(path: Path, boot_id: str) -> None:
     """Persist this process's boot id (durable mark 0) before it numbers any record, and
     forget all but the last MAX_BOOTS processes."""
@@ -339,7 +350,9 @@ class TelemetryStore:
     ) -> None:
         self.path = path
         self.wal_budget_bytes = wal_budget_bytes
-        self._row_bytes = 1024.0  # WAL bytes a row costs, learnt from each commit
+        # Rows on the wire to the collector (table -> seqs), set by the sync task: the
+        # size cap passes over them, so a row cannot be both delivered and counted dropped.
+        self.sending: dict[str, frozenset[int]] = {}
         self.data_region = data_region
         self.capacity = queue_records
         self.batch_records = batch_records
@@ -465,8 +478,7 @@ class TelemetryStore:
                         self._observe(batch)
                     self.observed_seq = batch[-1][0]
                 while batch:
-                    chunk = [batch.popleft() for _ in range(min(len(batch), self._chunk_rows()))]
-                    wal_before = wal_bytes(self.path)
+                    chunk = self._take_chunk(batch)
                     while not self._write(conn, chunk):
                         # Disk full or I/O error: keep the records and retry; maintenance
                         # commands still run (the size cap may free space), new records
@@ -478,7 +490,7 @@ class TelemetryStore:
                         backoff_s = min(backoff_s * 2, 5.0)
                     backoff_s = 0.05
                     self._in_hand = len(batch)
-                    self._keep_wal_in_budget(conn, wal_before, len(chunk))
+                    self._keep_wal_in_budget(conn)
                     self._after_commit(conn)
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
@@ -496,16 +508,24 @@ class TelemetryStore:
         finally:
             conn.close()
 
-    def _chunk_rows(self) -> int:
-        """Rows per transaction: the configured batch, or what fits in half the WAL budget."""
-        return max(1, min(self.batch_records, int(self.wal_budget_bytes / 2 / self._row_bytes)))
+    def _take_chunk(self, batch: deque[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """One transaction's records: up to `batch_records`, and no more than fit in a
+        quarter of the WAL budget (a row's pages with its indexes take about twice its
+        text), so one commit cannot push the files past the cap's margin."""
+        room = self.wal_budget_bytes / 4
+        chunk = [batch.popleft()]
+        room -= _approx_bytes(chunk[0][1])
+        while batch and len(chunk) < self.batch_records:
+            size = _approx_bytes(batch[0][1])
+            if size > room:
+                break
+            room -= size
+            chunk.append(batch.popleft())
+        return chunk
 
-    def _keep_wal_in_budget(self, conn: sqlite3.Connection, before: int, rows: int) -> None:
-        """Learn the WAL's growth per row; checkpoint and truncate a WAL over its budget."""
-        after = wal_bytes(self.path)
-        if after > before and rows:
-            self._row_bytes = max(64.0, 0.5 * self._row_bytes + 0.5 * (after - before) / rows)
-        if after <= self.wal_budget_bytes:
+    def _keep_wal_in_budget(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint and truncate a WAL that grew over its budget."""
+        if wal_bytes(self.path) <= self.wal_budget_bytes:
             return
         conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
         try:
@@ -616,6 +636,7 @@ class TelemetryStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 future.set_exception(exc)
+            self._keep_wal_in_budget(conn)  # marking rows synced writes pages too
 
     def record_drop(self, conn: sqlite3.Connection, table: str, reason: str, count: int) -> None:
         if count <= 0:

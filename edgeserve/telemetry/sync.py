@@ -190,7 +190,19 @@ class UpstreamSync:
         return await self._send(client, rows)
 
     async def _send(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
-        """Send one batch; the seconds to wait before the next attempt (0 after success)."""
+        """Send one batch; the seconds to wait before the next attempt (the pacing pause
+        after success). Until its answer is handled, the size cap passes over its rows:
+        a row delivered must not also be counted as dropped."""
+        sending: dict[str, set[int]] = {}
+        for table, row in rows:
+            sending.setdefault(table, set()).add(row["seq"])
+        self.store.sending = {table: frozenset(seqs) for table, seqs in sending.items()}
+        try:
+            return await self._send_once(client, rows)
+        finally:
+            self.store.sending = {}
+
+    async def _send_once(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
         request = otlp.export_request(rows, self.store.data_region, self.instance)
         # Encoding and gzip of a large batch take milliseconds: off the event loop.
         body, content_type = await asyncio.to_thread(self._body, request)
