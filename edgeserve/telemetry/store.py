@@ -273,11 +273,14 @@ def count_unsynced_salvaged(path: Path) -> dict[str, int] | None:
 def _approx_bytes(record: Any) -> int:
     """About what a record's row stores: its text and bytes, and 8 bytes per number (a
     malformed record, refused later by `_write`, counts as a small row)."""
-    values = record if type(record) is InferenceRecord else _VALUES.get(type(record))
-    if values is None:
-        return 256
-    if not isinstance(values, tuple):
-        values = values(record)
+    values: tuple[Any, ...]
+    if type(record) is InferenceRecord:
+        values = record
+    else:
+        getter = _VALUES.get(type(record))
+        if getter is None:
+            return 256
+        values = getter(record)
     return 64 + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
 
 
