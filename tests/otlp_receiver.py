@@ -7,9 +7,10 @@ JSON or protobuf by Content-Type, gzip by Content-Encoding, and appends each log
 record's `edgeserve.record_id` to STATEFILE (one per line) when it accepts a batch.
 
 POST /control {"mode": ...} switches how /v1/logs answers: "up" (200), "error" (500),
-"throttle" (429 + Retry-After: 1), "slow" (200 after `slow_s`, default 3 s),
-"redirect" (307 to {"location": ...}). A batch holding a record whose request id is
-{"refuse_request_id": ...} is answered 400 whatever the mode. POST /v1/metrics keeps
+"throttle" (429 + Retry-After: `retry_after`, default "1"), "slow" (200 after `slow_s`,
+default 3 s), "redirect" (307 to {"location": ...}), "reject" (400 to every batch). A
+batch holding a record whose request id is {"refuse_request_id": ...} is answered 400
+whatever the mode. POST /v1/metrics keeps
 the totals of the latest ExportMetricsServiceRequest; POST /hook keeps alert webhook
 bodies. GET / returns the state: requests per mode, the last Authorization,
 Content-Type and Content-Encoding, resource attributes, records accepted, and the
@@ -41,6 +42,9 @@ STATE: dict = {
     "accepted_records": 0,
     "in_flight": 0,
     "refuse_request_id": None,
+    "retry_after": "1",
+    "posts": [],  # (records, bytes) of each accepted upload
+    "uid_records": 0,  # records whose log.record.uid equals edgeserve.record_id
     "metrics_uploads": 0,
     "metrics": {},
     "authorization": None,
@@ -103,7 +107,10 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(500)
             return
         if mode == "throttle":
-            self._reply(429, headers={"Retry-After": "1"})
+            self._reply(429, headers={"Retry-After": STATE["retry_after"]})
+            return
+        if mode == "reject":
+            self._reply(400, b'{"message": "rejected"}')
             return
         if mode == "redirect":
             self._reply(307, headers={"Location": STATE["location"]})
@@ -143,7 +150,7 @@ class Handler(BaseHTTPRequestHandler):
             request.ParseFromString(body)
         else:
             json_format.Parse(body, request)  # strict: unknown fields are an error
-        ids, request_ids = [], set()
+        ids, request_ids, uids = [], set(), 0
         resource_attrs: dict = {}
         for resource in request.resource_logs:
             resource_attrs = {a.key: _scalar(a.value) for a in resource.resource.attributes}
@@ -151,6 +158,7 @@ class Handler(BaseHTTPRequestHandler):
                 for record in scope.log_records:
                     attrs = {a.key: _scalar(a.value) for a in record.attributes}
                     ids.append(attrs["edgeserve.record_id"])
+                    uids += attrs.get("log.record.uid") == attrs["edgeserve.record_id"]
                     request_ids.add(attrs.get("edgeserve.request_id"))
         if STATE["refuse_request_id"] and STATE["refuse_request_id"] in request_ids:
             self._reply(400, b'{"message": "refused"}')
@@ -160,6 +168,8 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK, Path(sys.argv[2]).open("a") as out:
             out.writelines(f"{i}\n" for i in ids)
             STATE["accepted_records"] += len(ids)
+            STATE["uid_records"] += uids
+            STATE["posts"].append((len(ids), len(body)))
             STATE["resource"] = resource_attrs if ids else STATE["resource"]
         self._reply(200, b'{"partialSuccess": {}}', {"Content-Type": "application/json"})
 

@@ -56,7 +56,7 @@ def test_an_inference_is_recorded_without_its_payload(server: RunningServer) -> 
         json={**BODY, "id": "rec-1"},
         headers={"x-user-id": "alice@example.com"},
     )
-    _wait_durable(server, int(reply.headers["x-telemetry-seq"]))
+    _wait_durable(server, int(reply.headers["x-telemetry-seq"].rpartition("-")[2]))
     with _db(server) as db:
         row = db.execute(
             "SELECT model, version, status, subject_hash, top_score, data_region "
@@ -146,7 +146,7 @@ def test_forget_removes_a_subject_and_queues_the_request(
         reply = httpx.post(
             f"{server.url}/v2/models/digits/infer", json=BODY, headers={"x-user-id": "bob"}
         )
-    _wait_durable(server, int(reply.headers["x-telemetry-seq"]))
+    _wait_durable(server, int(reply.headers["x-telemetry-seq"].rpartition("-")[2]))
     removed = httpx.post(f"{server.url}/api/telemetry/forget", json={"subject": "bob"}).json()
     assert removed["removed_rows"] >= 3
     with _db(server) as db:

@@ -156,20 +156,34 @@ def test_backoff_grows_with_full_jitter_then_the_circuit_opens(store: TelemetryS
     assert sync.failures == 4
 
 
-def test_retry_after_is_honoured_within_backoff_max(store: TelemetryStore) -> None:
+def test_retry_after_is_honoured_up_to_its_ceiling(store: TelemetryStore) -> None:
     answers = [
         httpx.Response(429, headers={"Retry-After": "30"}),
-        httpx.Response(429, headers={"Retry-After": "3600"}),
+        httpx.Response(429, headers={"Retry-After": "600"}),  # beyond backoff_max_s (60)
+        httpx.Response(429, headers={"Retry-After": "86400"}),
     ]
-    delays, _, _ = _attempts(store, _upstream(), answers)
+    delays, _, _ = _attempts(store, _upstream(retry_after_max_s=3600.0), answers)
     assert delays[0] >= 30
-    assert delays[1] == 60.0  # capped by backoff_max_s
+    assert delays[1] == 600.0
+    assert delays[2] == 3600.0  # capped by retry_after_max_s
 
 
 def test_success_closes_the_circuit(store: TelemetryStore) -> None:
     answers = [httpx.Response(500)] * 3 + [httpx.Response(200)]
-    delays, sync, _ = _attempts(store, _upstream(), answers)
-    assert delays[-1] == 0.0 and sync.failures == 0
+    delays, sync, seen = _attempts(store, _upstream(), answers)
+    assert delays[-1] == sync.pace_s(5, len(seen[-1].content)) and sync.failures == 0
+
+
+def test_each_upload_is_followed_by_the_pause_its_records_and_bytes_take(
+    store: TelemetryStore,
+) -> None:
+    by_records = _upstream(catch_up_records_per_s=2.0)
+    delays, _, _ = _attempts(store, by_records, [httpx.Response(200)])
+    assert delays == [2.5]  # 5 records at 2 a second
+    store.submit(lambda c: c.execute("UPDATE inferences SET synced = 0")).result()
+    by_bytes = _upstream(catch_up_bytes_per_s=1024.0)
+    delays, _, seen = _attempts(store, by_bytes, [httpx.Response(200)])
+    assert delays == [len(seen[0].content) / 1024.0]
 
 
 @pytest.mark.parametrize(
@@ -289,8 +303,8 @@ def test_mutual_tls_to_the_collector(
     delay = asyncio.run(once())
     sync.close()
     if with_client_cert:
-        assert delay == 0.0 and _unsynced(store) == 0
         (upload,) = received()
+        assert delay == sync.pace_s(5, len(upload["body"])) and _unsynced(store) == 0
         assert upload["peer"]["commonName"] == "edge-box-1"
         logs = json.loads(gzip.decompress(upload["body"]))  # gzip by default
         assert len(logs["resourceLogs"][0]["scopeLogs"][0]["logRecords"]) == 5

@@ -64,7 +64,7 @@ def wait_durable(server: TransportServer, timeout_s: float = 15.0) -> None:
     """
     with httpx.Client(timeout=30) as client:
         reply = post(client, server.url + "/v2/models/digits/infer", json=digits_request())
-    seq = int(reply.headers["x-telemetry-seq"])
+    seq = int(reply.headers["x-telemetry-seq"].rpartition("-")[2])
     wait_until(
         lambda: httpx.get(server.url + "/api/telemetry/status").json()["durable_seq"] >= seq,
         timeout_s,

@@ -14,18 +14,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeserve.errors import EdgeserveError
+from edgeserve.http.headers import TELEMETRY_SEQ
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, seq_id: str = ""
+) -> Response:
+    """The V2 error body; `seq_id` is the telemetry record the failed request left, if any."""
     import orjson
 
-    return Response(
+    response = Response(
         orjson.dumps({"error": message}), status_code=status, media_type=JSON, headers=headers
     )
+    if seq_id:
+        response.raw_headers.append((TELEMETRY_SEQ, seq_id.encode()))
+    return response
+
+
+def _seq_id(exc: Exception) -> str:
+    """Set by the data plane on an error whose request left a telemetry record."""
+    value = getattr(exc, "telemetry_seq", "")
+    return value if isinstance(value, str) else ""
 
 
 async def on_edgeserve_error(request: Request, exc: Exception) -> Response:
@@ -34,7 +47,7 @@ async def on_edgeserve_error(request: Request, exc: Exception) -> Response:
         log.warning(
             "request failed path=%s status=%s error=%r", request.url.path, exc.status, exc.message
         )
-    return error_response(exc.status, exc.message, exc.headers)
+    return error_response(exc.status, exc.message, exc.headers, _seq_id(exc))
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
@@ -47,7 +60,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     incident = uuid.uuid4().hex[:12]
     log.error("unhandled error incident=%s path=%s", incident, request.url.path, exc_info=exc)
-    return error_response(500, f"internal error (incident {incident})")
+    return error_response(500, f"internal error (incident {incident})", seq_id=_seq_id(exc))
 
 
 EXCEPTION_HANDLERS = {

@@ -13,6 +13,8 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+# "<boot>-<seq>" of the telemetry record an answer left (success or error alike).
+TELEMETRY_SEQ = b"x-telemetry-seq"
 DASHBOARD_CSP = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"

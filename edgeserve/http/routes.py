@@ -15,7 +15,7 @@ from starlette.routing import Route
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, UnsupportedMediaType
 from edgeserve.http.body import read_body
-from edgeserve.http.headers import header_text
+from edgeserve.http.headers import TELEMETRY_SEQ, header_text
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
@@ -114,8 +114,8 @@ async def infer(request: Request) -> Response:
         response = Response(body_out, media_type="application/octet-stream", headers=headers)
     else:
         response = Response(body_out, media_type=JSON, headers=headers)
-    if served.seq:  # appended: the response has no such header, so there is nothing to replace
-        response.raw_headers.append((b"x-telemetry-seq", str(served.seq).encode()))
+    if served.seq_id:  # appended: the response has no such header, so nothing to replace
+        response.raw_headers.append((TELEMETRY_SEQ, served.seq_id.encode()))
     return response
 
 

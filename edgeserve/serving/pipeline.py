@@ -76,6 +76,7 @@ class Served:
     top_score: float | None = None
     seq: int = 0  # the telemetry record's sequence number, 0 when none was kept
     classified: dict[str, np.ndarray] | None = None  # outputs as top-k classes, if asked
+    seq_id: str = ""  # "<boot>-<seq>": what the client can check (x-telemetry-seq)
 
     @property
     def outputs(self) -> dict[str, np.ndarray]:
@@ -181,11 +182,13 @@ class DataPlane:
             served = Served(loading)  # type: ignore[arg-type]
             served.request_id = _bounded(None if stream else meta.get("x-request-id"))
             served.seq = self._record(served, exc.status, started, meta, principal)
+            exc.telemetry_seq = served.seq_id  # type: ignore[attr-defined]
             raise
         served = Served(model)
         status = 500
         gate = None
         checking = computing = False  # the request reached the model / its scheduler
+        failure: Exception | None = None
         try:
             if gated:
                 gate = state.loop_gate
@@ -244,6 +247,7 @@ class DataPlane:
             return served
         except EdgeserveError as exc:
             status = exc.status
+            failure = exc
             if status == CLIENT_CLOSED:
                 log.info("client closed request model=%s request_id=%s", name, served.request_id)
             elif checking and not computing:  # refused by the model's checks: Triton's fail
@@ -253,10 +257,15 @@ class DataPlane:
             status = CLIENT_CLOSED
             log.info("client closed request model=%s request_id=%s", name, served.request_id)
             raise
+        except Exception as exc:  # answered 500 by the transport: its record says so too
+            failure = exc
+            raise
         finally:
             if gate is not None:
                 gate.leave()
             served.seq = self._record(served, status, started, meta, principal)
+            if failure is not None:  # the error answer carries the record's id as well
+                failure.telemetry_seq = served.seq_id  # type: ignore[attr-defined]
 
     def _route(
         self, served: Served, version: str | None, meta: Mapping[str, str], principal: Any
@@ -294,7 +303,7 @@ class DataPlane:
         if not served.request_id:
             served.request_id = new_request_id()
         model = served.model
-        return recorder.record_inference(
+        seq = recorder.record_inference(
             InferenceRecord.ended(
                 served.request_id,
                 model.name,
@@ -311,6 +320,8 @@ class DataPlane:
                 unit_hash=recorder.subject_hash(served.unit) if served.unit else None,
             )
         )
+        served.seq_id = recorder.record_id(seq) if seq else ""
+        return seq
 
     def _subject_hash(self, recorder: Any, meta: Mapping[str, str]) -> str | None:
         """The keyed hash of the subject header's value (what `forget` looks for)."""

@@ -21,15 +21,28 @@ from pathlib import Path
 
 from edgeserve.telemetry.store import (
     BUSY_TIMEOUT_MS,
+    CHECKPOINT_WAIT_MS,
     LOCAL_ONLY,
     SYNCED_TABLES,
     TABLES,
+    WAL_LIMIT_BYTES,
     TelemetryStore,
 )
 
-CHUNK_ROWS = 2000
-CHECKPOINT_WAIT_MS = 1000
-CAP_TARGET = 0.9  # shrink to 90% of the cap, so the cap is not hit again at once
+SYNCED, UNSYNCED, REJECTED = 1, 0, 2  # the `synced` column: acknowledged, not yet, refused
+MARK_ROWS = 64  # rows marked synced per transaction
+CAP_TRIGGER = 0.95  # files over 95% of the cap start a trim ...
+CAP_TARGET = 0.9  # ... down to 90% of it, so the cap is not hit again at once
+CAP_STEP = 0.03  # one delete removes at most 3% of a table's rows ...
+CAP_STEP_MIN_ROWS = 16  # ... or this many, whichever is more
+# The database and its WAL stay within max_db_bytes * (1 + CAP_MARGIN): the WAL has a
+# budget of a tenth of the cap (store.wal_budget), eviction checkpoints after every step.
+CAP_MARGIN = 0.25
+
+
+def wal_budget(max_bytes: int) -> int:
+    """The WAL's share of the margin over the cap (at most the store's usual 8 MiB)."""
+    return max(16 * 1024, min(WAL_LIMIT_BYTES, max_bytes // 10))
 
 
 def database_bytes(path: Path) -> int:
@@ -41,11 +54,22 @@ def database_bytes(path: Path) -> int:
     return total
 
 
-def reclaim(conn: sqlite3.Connection) -> None:
-    """Hand freed pages back to the file system and empty the WAL."""
-    # sqlite3.execute() steps a statement once, and one step of this pragma frees one page;
-    # executescript runs it to completion.
-    conn.executescript("PRAGMA incremental_vacuum;")
+def over_trigger(path: Path, max_bytes: int) -> bool:
+    """Whether the files are over CAP_TRIGGER of the cap (a stat call: after every batch)."""
+    return database_bytes(path) > max_bytes * CAP_TRIGGER
+
+
+def reclaim(conn: sqlite3.Connection, wal_budget_bytes: int = WAL_LIMIT_BYTES) -> None:
+    """Hand freed pages back to the file system and empty the WAL. Vacuum moves pages,
+    and every page moved is written to the WAL: in steps of a quarter of its budget,
+    each checkpointed, so the WAL never holds a whole vacuum."""
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    step = max(8, wal_budget_bytes // page // 4)
+    while conn.execute("PRAGMA freelist_count").fetchone()[0]:
+        # sqlite3.execute() steps a statement once, and one step of this pragma frees one
+        # page; executescript runs it to completion.
+        conn.executescript(f"PRAGMA incremental_vacuum({step});")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     # TRUNCATE waits for readers to leave the WAL; a long report query must not stall the
     # writer for the full busy timeout; a later reclaim finishes the job.
     conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
@@ -80,7 +104,8 @@ def apply_retention(
         store.record_drop(conn, table, "retention", lost)
         conn.execute("COMMIT")
     if removed:
-        reclaim(conn)
+        prune_dead_letters(conn)
+        reclaim(conn, store.wal_budget_bytes)
     return removed
 
 
@@ -95,33 +120,68 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 def enforce_size_cap(
     store: TelemetryStore, conn: sqlite3.Connection, max_bytes: int, max_chunks: int = 1_000_000
 ) -> int:
-    """When the files exceed `max_bytes`, delete rows, oldest first in the stated order,
-    until the data fits in 90% of it; at most `max_chunks` chunks per call. Rows deleted
-    (0 = nothing (more) to do)."""
-    if database_bytes(store.path) <= max_bytes:
+    """When the files exceed CAP_TRIGGER of `max_bytes`, delete rows, oldest first in the
+    stated order (synced, then rejected, then unsynced by table priority, passing over
+    rows on the wire to the collector), until the data fits in
+    `CAP_TARGET` of it. Each step deletes about as many rows as the excess takes, and
+    at most `CAP_STEP` of the table, then checkpoints, so a trim never empties the
+    buffer and the WAL never holds a whole purge. At most `max_chunks` steps per call;
+    rows deleted (0 = nothing (more) to do)."""
+    if not over_trigger(store.path, max_bytes):
         return 0
     target = int(max_bytes * CAP_TARGET)
     deleted = chunks = 0
-    for synced in (1, 0):
+    all_rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+    per_row = max(1.0, used_bytes(conn) / max(1, all_rows))  # pages a row holds, on average
+    for synced in (SYNCED, REJECTED, UNSYNCED):
         for table in TABLES:
-            while chunks < max_chunks and used_bytes(conn) > target:
-                conn.execute("BEGIN IMMEDIATE")
-                rows = conn.execute(
-                    f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
-                    (synced, CHUNK_ROWS),
-                ).fetchall()
-                if not rows:
-                    conn.execute("COMMIT")
+            while chunks < max_chunks:
+                used = used_bytes(conn)
+                if used <= target:
                     break
-                last = rows[-1][0]
-                conn.execute(f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, last))
-                if not synced:
-                    store.record_drop(conn, table, "size_cap", len(rows))
+                # Rows on the wire are passed over: their 2xx may be on its way.
+                skip = store.sending.get(table, frozenset()) if synced == UNSYNCED else frozenset()
+                rows = _rows_for(conn, table, synced, (used - target) / per_row, len(skip))
+                if not rows:
+                    break
+                conn.execute("BEGIN IMMEDIATE")
+                found = conn.execute(
+                    f"SELECT seq FROM {table} WHERE synced = ? ORDER BY seq LIMIT ?",
+                    (synced, rows + len(skip)),
+                ).fetchall()
+                seqs = [seq for (seq,) in found if seq not in skip][:rows]
+                if seqs and not skip:
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE synced = ? AND seq <= ?", (synced, seqs[-1])
+                    )
+                elif seqs:
+                    conn.executemany(f"DELETE FROM {table} WHERE seq = ?", [(q,) for q in seqs])
+                if seqs and synced == UNSYNCED:
+                    store.record_drop(conn, table, "size_cap", len(seqs))
                 conn.execute("COMMIT")
-                deleted += len(rows)
+                deleted += len(seqs)
                 chunks += 1
-    reclaim(conn)  # give the freed pages back and truncate the WAL
+                # Each step's deletes leave the WAL at once (PASSIVE: never waits for a
+                # reader; the last step's TRUNCATE below does).
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if not seqs:
+                    break
+    prune_dead_letters(conn)
+    reclaim(conn, store.wal_budget_bytes)  # give the freed pages back, truncate the WAL
     return deleted
+
+
+def _rows_for(
+    conn: sqlite3.Connection, table: str, synced: int, excess_rows: float, passed_over: int
+) -> int:
+    """Rows of `table` in this `synced` state to delete: the excess in average rows, at
+    most CAP_STEP of those rows, none of the `passed_over` ones (0 = none to delete)."""
+    present = conn.execute(f"SELECT count(*) FROM {table} WHERE synced = ?", (synced,))
+    count = present.fetchone()[0] - passed_over
+    if count <= 0:
+        return 0
+    step = max(CAP_STEP_MIN_ROWS, int(count * CAP_STEP))
+    return min(count, int(excess_rows) + 1, step)
 
 
 def forget_subject(store: TelemetryStore, conn: sqlite3.Connection, subject_hash: str) -> int:
@@ -151,16 +211,76 @@ def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region
         "VALUES (?, ?, ?, ?)",
         (f"forget-{subject_hash}-{int(now * 1000)}", subject_hash, now, data_region),
     )
+    prune_dead_letters(conn)
     conn.execute("COMMIT")
     reclaim(conn)
     return removed
 
 
-def mark_synced(conn: sqlite3.Connection, table: str, seqs: list[int]) -> None:
-    """Advance the cursor: called only after upstream answered 2xx for these rows."""
+def dead_letter(
+    store: TelemetryStore,
+    conn: sqlite3.Connection,
+    table: str,
+    row: tuple[int, str],
+    status: int,
+    max_records: int,
+) -> bool:
+    """Mark a record the collector refused for good as rejected (never synced), list it
+    in `dead_letters` and count it dropped (`upstream_rejected`), once: a row already
+    gone (evicted, forgotten) was counted by what removed it. Beyond `max_records` the
+    oldest dead letters and their rows go (already counted). Whether it was marked."""
+    seq, record_id = row
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(f"UPDATE {table} SET synced = 1 WHERE seq = ?", [(s,) for s in seqs])
+    marked = conn.execute(
+        f"UPDATE {table} SET synced = {REJECTED} WHERE seq = ? AND synced = {UNSYNCED}", (seq,)
+    ).rowcount
+    if marked:
+        conn.execute(
+            "INSERT INTO dead_letters (table_name, record_seq, record_id, status, time) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (table, seq, record_id, status, time.time()),
+        )
+        store.record_drop(conn, table, "upstream_rejected", 1)
+        over = dead_letter_count(conn) - max_records
+        if over > 0:
+            oldest = conn.execute(
+                "SELECT id, table_name, record_seq FROM dead_letters ORDER BY id LIMIT ?", (over,)
+            ).fetchall()
+            for _, name, record_seq in oldest:
+                conn.execute(
+                    f"DELETE FROM {name} WHERE seq = ? AND synced = {REJECTED}", (record_seq,)
+                )
+            conn.execute("DELETE FROM dead_letters WHERE id <= ?", (oldest[-1][0],))
     conn.execute("COMMIT")
+    return bool(marked)
+
+
+def dead_letter_count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+
+
+def prune_dead_letters(conn: sqlite3.Connection) -> None:
+    """Forget dead letters whose rows are gone (retention, the size cap, forget)."""
+    for table in SYNCED_TABLES:
+        conn.execute(
+            "DELETE FROM dead_letters WHERE table_name = ? AND record_seq NOT IN "
+            f"(SELECT seq FROM {table} WHERE synced = {REJECTED})",
+            (table,),
+        )
+
+
+def mark_synced(conn: sqlite3.Connection, table: str, seqs: list[int]) -> None:
+    """Advance the cursor: called only after upstream answered 2xx for these rows. In
+    transactions of MARK_ROWS, each followed by a checkpoint, so that marking a large
+    upload does not pile its pages up in the WAL beyond the cap's margin."""
+    for start in range(0, len(seqs), MARK_ROWS):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            f"UPDATE {table} SET synced = {SYNCED} WHERE seq = ? AND synced = {UNSYNCED}",
+            [(s,) for s in seqs[start : start + MARK_ROWS]],
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def drop_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:

@@ -1,8 +1,10 @@
 """Telemetry as OTLP: rows as log records (ExportLogsServiceRequest), aggregates as
 metrics (ExportMetricsServiceRequest), in the OTLP JSON mapping.
 
-Each log record carries `edgeserve.record_id`, stable across retries, so a receiver
-can drop duplicates; the resource carries `edgeserve.data_region`. Metrics are
+Each log record carries `log.record.uid` (the OpenTelemetry semantic convention),
+stable across retries, so a receiver can drop duplicates; `edgeserve.record_id` is
+the same id under its old name, kept for one release (removed in the next); the
+resource carries `edgeserve.data_region`. Metrics are
 cumulative sums and histograms since the process started, so a lost upload costs
 nothing: the next one carries the same totals and more.
 """
@@ -40,7 +42,11 @@ def _value(v: Any) -> dict[str, Any]:
 
 def log_record(table: str, row: dict[str, Any]) -> dict[str, Any]:
     skip = {"seq", "synced", "data_region", "time"}
-    attributes = [{"key": "edgeserve.kind", "value": {"stringValue": table}}]
+    attributes = [
+        {"key": "edgeserve.kind", "value": {"stringValue": table}},
+        # The semantic convention's record id: any collector can drop duplicates by it.
+        {"key": "log.record.uid", "value": {"stringValue": str(row["record_id"])}},
+    ]
     attributes += [
         {"key": f"edgeserve.{k}", "value": _value(v)}
         for k, v in row.items()

@@ -201,6 +201,10 @@ class Recorder(Protocol):
         """Queue the record; its sequence number (compare with `durable_seq`), 0 if dropped."""
         ...
 
+    def record_id(self, seq: int) -> str:
+        """`<boot>-<seq>`: the id a client checks against the status's durable marks."""
+        ...
+
     def subject_hash(self, subject: str) -> str: ...
 
 
@@ -209,6 +213,9 @@ class NullRecorder:
 
     def record_inference(self, record: InferenceRecord) -> int:
         return 0
+
+    def record_id(self, seq: int) -> str:
+        return ""
 
     def subject_hash(self, subject: str) -> str:
         return ""

@@ -15,7 +15,7 @@ from edgeserve.auth.guard import requires
 from edgeserve.auth.principal import SCOPE_FEEDBACK
 from edgeserve.errors import InvalidInput, ModelNotReady
 from edgeserve.http.body import read_body
-from edgeserve.telemetry.maintenance import drop_counts
+from edgeserve.telemetry.maintenance import dead_letter_count, drop_counts
 from edgeserve.telemetry.records import (
     LABEL_CHARS,
     REQUEST_ID_CHARS,
@@ -23,6 +23,7 @@ from edgeserve.telemetry.records import (
     FeedbackRecord,
 )
 from edgeserve.telemetry.service import Telemetry
+from edgeserve.telemetry.store import durable_marks
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -120,20 +121,37 @@ async def status(request: Request) -> Response:
     telemetry = _telemetry(request)
     store = telemetry.store
     drops = await _in_writer(telemetry, drop_counts)
+    marks = await _in_writer(telemetry, durable_marks)
+    dead = await _in_writer(telemetry, dead_letter_count)
     sync = telemetry.sync
     return _ok(
         {
+            # x-telemetry-seq "<boot>-<seq>" is durable once durable[<boot>] >= seq.
+            "boot_id": store.boot_id,
             "durable_seq": store.durable_seq,
+            "durable": marks,
             "queued_in_memory": store.backlog_in_memory(),
             "dropped": {f"{t}/{r}": n for (t, r), n in drops.items()},
             "dropped_queue_full": store.dropped,
             "write_errors": store.write_errors,
             "unsynced_records": telemetry.unsynced_records,
+            "dead_letters": {
+                "records": dead,
+                "max_records": telemetry.settings.upstream.dead_letter_max_records,
+            },
+            "alerts_firing": sorted(telemetry.firing),
+            "quarantined": None
+            if store.quarantined is None
+            else {"file": store.quarantined[0].name, "unsynced_rows": store.quarantined[1]},
             "upstream": None
             if sync is None
             else {
                 "sent_records": sync.sent_records,
                 "failures": sync.failures,
+                "rejected_in_row": sync.rejected_in_row,
+                "breaker_open": sync.breaker_open,
+                "retry_in_s": sync.retry_in_s,
+                "paced_s": sync.paced_s,
                 "lag_s": sync.lag_s,
             },
             "data_region": store.data_region,

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import orjson
+from prometheus_client import Counter
 
 from edgeserve.auth.secret_files import read_or_create_secret
 from edgeserve.errors import Overloaded
@@ -40,13 +41,14 @@ from edgeserve.telemetry.records import (
 )
 from edgeserve.telemetry.settings import TelemetrySettings
 from edgeserve.telemetry.store import RECORD_TABLE, TelemetryStore
-from edgeserve.telemetry.sync import UpstreamSync
+from edgeserve.telemetry.sync import REJECTING_RULE, UpstreamSync
 
 # Labels that may wait for the one-label check (each is an open request).
 MAX_FEEDBACK_WAITING = 256
 
 log = logging.getLogger(__name__)
 
+CORRUPT_RULE = "telemetry_buffer_corrupt"
 CAP_CHUNKS_PER_STEP = 8  # size-cap work per writer turn, so record batches interleave
 
 
@@ -72,15 +74,31 @@ class Telemetry:
             on_drop=lambda table, reason, n: self.metrics.dropped.labels(table, reason).inc(n),
             on_batch=self._observe_batch,
             on_commit=self._keep_under_cap,
+            wal_budget_bytes=maintenance.wal_budget(settings.max_db_bytes),
         )
         self.metrics.expect_drops(sorted(set(RECORD_TABLE.values())))
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
-            UpstreamSync(self.store, settings.upstream, instance_id(state_dir), self.metrics)
+            UpstreamSync(
+                self.store,
+                settings.upstream,
+                instance_id(state_dir),
+                self.metrics,
+                on_alert=self._raise_alerts,
+            )
             if settings.upstream.url
             else None
         )
+        self.firing: set[str] = set()  # alert rules firing now (rules and the sync's own)
+        quarantined = Counter(
+            "edgeserve_telemetry_quarantined",
+            "Telemetry buffers found unreadable at start and moved aside",
+            registry=self.metrics.registry,
+        )
+        if self.store.quarantined is not None:
+            quarantined.inc()
+        self.dead_letters = 0  # as of the last maintenance or refusal
         self.alerts = AlertRules(settings.alerts, queue_fill, self.backlog_age_s)
         self.unsynced_records = 0
         m = self.metrics
@@ -95,6 +113,16 @@ class Telemetry:
             lambda: self.unsynced_records,
         )
         m.gauge("edgeserve_sync_lag_seconds", "Age of the oldest unsynced row", self.backlog_age_s)
+        m.gauge(
+            "edgeserve_telemetry_dead_letter_records",
+            "Records the collector refused for good, kept in dead_letters (bounded)",
+            lambda: self.dead_letters,
+        )
+        m.gauge(
+            "edgeserve_sync_breaker_open",
+            "1 while uploads are paused after a run of failures or refusals",
+            lambda: float(self.sync is not None and self.sync.breaker_open),
+        )
         m.gauge(
             "edgeserve_telemetry_db_bytes",
             "Size of the telemetry database and its WAL",
@@ -111,6 +139,10 @@ class Telemetry:
         if not seq:  # dropped: still counted in the request metrics
             self.metrics.inferences.observe_one(record)
         return seq
+
+    def record_id(self, seq: int) -> str:
+        """`<boot>-<seq>`: the record's id and its `x-telemetry-seq` (README, Telemetry)."""
+        return self.store.record_id(seq)
 
     def record_feedback(self, record: FeedbackRecord) -> int:
         """Queue a label without any check (trusted callers: tests, imports)."""
@@ -198,7 +230,7 @@ class Telemetry:
 
     def _keep_under_cap(self, conn: Any) -> None:
         # After every committed batch (a stat call): the cap holds between maintenance runs.
-        if maintenance.database_bytes(self.store.path) > self.settings.max_db_bytes:
+        if maintenance.over_trigger(self.store.path, self.settings.max_db_bytes):
             maintenance.enforce_size_cap(
                 self.store, conn, self.settings.max_db_bytes, CAP_CHUNKS_PER_STEP
             )
@@ -215,6 +247,13 @@ class Telemetry:
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         self.store.start()
+        if self.store.quarantined is not None:
+            aside, lost = self.store.quarantined
+            rows = "could not be counted" if lost is None else f"{lost} unsynced rows dropped"
+            message = f"telemetry buffer was unreadable, moved to {aside.name}; {rows}"
+            await self._raise_alerts(
+                [AlertChange(CORRUPT_RULE, "firing", float(lost or 0), message)]
+            )
         self._tasks.append(asyncio.create_task(self._maintain()))
         self._tasks.append(asyncio.create_task(self._evaluate_alerts()))
         if self.sync is not None:
@@ -268,6 +307,7 @@ class Telemetry:
         ):
             pass
         self.unsynced_records = await self._in_writer(maintenance.count_unsynced)
+        self.dead_letters = await self._in_writer(maintenance.dead_letter_count)
 
     async def _in_writer(self, command: Callable[[Any], Any]) -> Any:
         return await asyncio.wrap_future(self.store.submit(command))
@@ -297,6 +337,12 @@ class Telemetry:
     async def _raise_alerts(self, changes: list[AlertChange]) -> None:
         for change in changes:
             self.metrics.alerts.labels(change.rule).set(1 if change.state == "firing" else 0)
+            if change.state == "firing":
+                self.firing.add(change.rule)
+            else:
+                self.firing.discard(change.rule)
+            if change.rule == REJECTING_RULE:  # the refusals are in dead_letters now
+                self.dead_letters = await self._in_writer(maintenance.dead_letter_count)
             log.warning(
                 "alert rule=%s state=%s message=%r", change.rule, change.state, change.message
             )

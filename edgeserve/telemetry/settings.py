@@ -26,6 +26,14 @@ class UpstreamSettings:
     backoff_max_s: float = setting(300.0, min=0.1, max=86400.0)
     breaker_failures: int = setting(5, min=1, max=1000)
     breaker_open_s: float = setting(60.0, min=0.1, max=86400.0)
+    # A collector's Retry-After is honoured up to this, even beyond backoff_max_s.
+    retry_after_max_s: float = setting(3600.0, min=1.0, max=86400.0)
+    # Upload pace, whichever bound is tighter: a fleet reconnecting after an outage must
+    # not flatten the collector, nor a box its own uplink (bytes as sent, compressed).
+    catch_up_records_per_s: float = setting(2000.0, min=1.0, max=1_000_000.0)
+    catch_up_bytes_per_s: float = setting(1024.0 * 1024.0, min=1024.0, max=1e10)
+    # Records the collector refused for good (400/413/422), kept for inspection.
+    dead_letter_max_records: int = setting(10_000, min=1, max=1_000_000)
     metrics_interval_s: float = setting(60.0, min=0.0, max=86400.0)  # 0 = no OTLP metrics
     metrics_url: str = ""  # default: `url` with /v1/logs replaced by /v1/metrics
 

@@ -11,10 +11,20 @@ NORMAL would survive only a process kill. One fsync per batch (at most one batch
 per `write_interval_ms` under load) is cheap. Records still in memory when the
 process dies are lost; records that find the queue full are dropped and counted.
 
-Checkpoints: SQLite's automatic checkpoint (every 1000 WAL pages) runs on the
-writer's connection; `journal_size_limit` truncates the WAL back to 8 MiB after
-one, so the WAL cannot grow without bound, and purges end with
-`wal_checkpoint(TRUNCATE)` so deleted rows do not linger there.
+Which process: sequence numbers restart at 1 in every process, so a number alone vouches
+for nothing after a restart. Each process start is a row of `boots` (its random boot id,
+persisted before any record is numbered), and its `durable_seq` is updated in the same
+transaction as every batch it commits. A client that kept only `x-telemetry-seq:
+<boot>-<seq>` (the record's id) checks `durable[<boot>] >= seq` in the status; the marks of
+the last `MAX_BOOTS` processes are kept, so a record lost with an earlier process is never
+vouched for by a later one.
+
+Checkpoints: the WAL has a budget (`wal_budget_bytes`: a tenth of the size cap, at most
+8 MiB). The writer's automatic checkpoint runs at half of it, `journal_size_limit`
+truncates the WAL back to it, a write chunk holds no more rows than fit in half of it
+(estimated from the WAL's growth per row), and a WAL found over it after a commit is
+checkpointed and truncated at once; purges end with `wal_checkpoint(TRUNCATE)` so deleted
+rows do not linger there. So the files stay within the cap plus `CAP_MARGIN`.
 
 All writes (inserts, marking rows synced, purges) happen on the writer thread, so
 SQLite never sees two writers in this process; readers (the sync task, reports,
@@ -59,6 +69,8 @@ LOCAL_ONLY = frozenset({"payloads"})  # never sent upstream
 SYNCED_TABLES = tuple(t for t in TABLES if t not in LOCAL_ONLY)
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 30_000
+CHECKPOINT_WAIT_MS = 1000  # a checkpoint waits this long for readers, then is retried later
+MAX_BOOTS = 64  # processes whose durable marks the status can still show
 
 _COLUMNS: dict[str, dict[str, type]] = {
     "inferences": {
@@ -121,14 +133,23 @@ _VALUES = {
 }
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, wal_budget_bytes: int = WAL_LIMIT_BYTES) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    conn.execute(f"PRAGMA journal_size_limit={int(wal_budget_bytes)}")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(8, int(wal_budget_bytes) // (2 * page))}")
     return conn
+
+
+def wal_bytes(path: Path) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
 
 
 def create_schema(path: Path) -> None:
@@ -164,6 +185,23 @@ def create_schema(path: Path) -> None:
         db["payloads"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["feedback"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
         db["events"].create_index(["subject_hash"], if_not_exists=True)  # type: ignore[union-attr]
+        db["dead_letters"].create(  # type: ignore[union-attr]
+            {
+                "id": int,
+                "table_name": str,
+                "record_seq": int,
+                "record_id": str,
+                "status": int,
+                "time": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        db["boots"].create(  # type: ignore[union-attr]
+            {"boot_id": str, "started": float, "durable_seq": int},
+            pk="boot_id",
+            if_not_exists=True,
+        )
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]
             pk=("table_name", "reason"),
@@ -211,6 +249,70 @@ def quarantine(path: Path) -> Path:
     return aside
 
 
+def count_unsynced_salvaged(path: Path) -> dict[str, int] | None:
+    """Unsynced rows per table of a quarantined buffer, read past a damaged schema
+    (`writable_schema` makes SQLite skip entries it cannot parse); a table that cannot be
+    read is left out; None when nothing can be read at all."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    counts: dict[str, int] = {}
+    try:
+        conn.execute("PRAGMA writable_schema=ON")
+        for table in SYNCED_TABLES:
+            try:
+                row = conn.execute(f"SELECT count(*) FROM {table} WHERE synced = 0").fetchone()
+            except sqlite3.Error:
+                continue
+            counts[table] = row[0]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return counts or None
+
+
+def _approx_bytes(record: Any) -> int:
+    """About what a record's row stores: its text and bytes, and 8 bytes per number (a
+    malformed record, refused later by `_write`, counts as a small row)."""
+    values: tuple[Any, ...]
+    if type(record) is InferenceRecord:
+        values = record
+    else:
+        getter = _VALUES.get(type(record))
+        if getter is None:
+            return 256
+        values = getter(record)
+    return 64 + sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in values)
+
+
+def register_boot(path: Path, boot_id: str) -> None:
+    """Persist this process's boot id (durable mark 0) before it numbers any record, and
+    forget all but the last MAX_BOOTS processes."""
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO boots (boot_id, started, durable_seq) VALUES (?, ?, 0)",
+            (boot_id, time.time()),
+        )
+        conn.execute(
+            "DELETE FROM boots WHERE boot_id NOT IN "
+            "(SELECT boot_id FROM boots ORDER BY started DESC, rowid DESC LIMIT ?)",
+            (MAX_BOOTS,),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def durable_marks(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each recent process's durable mark: boot id -> highest committed sequence number."""
+    rows = conn.execute("SELECT boot_id, durable_seq FROM boots ORDER BY started, rowid")
+    return {boot: seq for boot, seq in rows}
+
+
 # Rows per INSERT statement. The sqlite3 module releases the GIL around every statement
 # step, so executemany hands the GIL back and forth with the busy event loop once per
 # row (a futex wake and a context switch each); one statement of many rows does it once.
@@ -250,8 +352,13 @@ class TelemetryStore:
         on_drop: Callable[[str, str, int], None] | None = None,
         on_batch: Callable[[Sequence[Any]], None] | None = None,
         on_commit: Callable[[sqlite3.Connection], None] | None = None,
+        wal_budget_bytes: int = WAL_LIMIT_BYTES,
     ) -> None:
         self.path = path
+        self.wal_budget_bytes = wal_budget_bytes
+        # Rows on the wire to the collector (table -> seqs), set by the sync task: the
+        # size cap passes over them, so a row cannot be both delivered and counted dropped.
+        self.sending: dict[str, frozenset[int]] = {}
         self.data_region = data_region
         self.capacity = queue_records
         self.batch_records = batch_records
@@ -276,17 +383,43 @@ class TelemetryStore:
         self._stop = threading.Event()
         self._audit_head = audit.GENESIS
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A buffer found unreadable at start: (file moved aside, unsynced rows left in it or
+        # None when they could not be counted); the rows are counted as dropped (`corrupt`).
+        self.quarantined: tuple[Path, int | None] | None = None
         try:
             create_schema(path)
         except sqlite3.DatabaseError as exc:  # not a database (any more): keep it, start anew
             aside = quarantine(path)
-            log.error("telemetry buffer unreadable error=%r moved_to=%s", str(exc), aside)
+            lost = count_unsynced_salvaged(aside)
+            log.error(
+                "telemetry buffer unreadable error=%r moved_to=%s unsynced_rows=%s",
+                str(exc),
+                aside,
+                "unknown" if lost is None else sum(lost.values()),
+            )
             create_schema(path)
+            self._count_quarantined(lost or {})
+            self.quarantined = (aside, None if lost is None else sum(lost.values()))
         os.chmod(path, 0o600)
+        register_boot(path, self.boot_id)
         self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _count_quarantined(self, lost: dict[str, int]) -> None:
+        conn = connect(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for table, count in lost.items():
+                self.record_drop(conn, table, "corrupt", count)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def record_id(self, seq: int) -> str:
+        """`<boot>-<seq>`: the record's id, and what `x-telemetry-seq` carries."""
+        return f"{self.boot_id}-{seq}"
 
     # -- any thread -----------------------------------------------------------------
     def add(self, record: Any) -> int:
@@ -338,7 +471,7 @@ class TelemetryStore:
 
     # -- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
-        conn = connect(self.path)
+        conn = connect(self.path, self.wal_budget_bytes)
         self._audit_head = audit.last_hash(conn)
         backoff_s = 0.05
         try:
@@ -351,7 +484,7 @@ class TelemetryStore:
                         self._observe(batch)
                     self.observed_seq = batch[-1][0]
                 while batch:
-                    chunk = [batch.popleft() for _ in range(min(len(batch), self.batch_records))]
+                    chunk = self._take_chunk(batch)
                     while not self._write(conn, chunk):
                         # Disk full or I/O error: keep the records and retry; maintenance
                         # commands still run (the size cap may free space), new records
@@ -363,6 +496,7 @@ class TelemetryStore:
                         backoff_s = min(backoff_s * 2, 5.0)
                     backoff_s = 0.05
                     self._in_hand = len(batch)
+                    self._keep_wal_in_budget(conn)
                     self._after_commit(conn)
                 self._run_commands(conn)
                 if self._stop.is_set() and not self._pending and not self._commands:
@@ -379,6 +513,33 @@ class TelemetryStore:
                     self._wake.clear()
         finally:
             conn.close()
+
+    def _take_chunk(self, batch: deque[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """One transaction's records: up to `batch_records`, and no more than fit in a
+        quarter of the WAL budget (a row's pages with its indexes take about twice its
+        text), so one commit cannot push the files past the cap's margin."""
+        room = self.wal_budget_bytes / 4
+        chunk = [batch.popleft()]
+        room -= _approx_bytes(chunk[0][1])
+        while batch and len(chunk) < self.batch_records:
+            size = _approx_bytes(batch[0][1])
+            if size > room:
+                break
+            room -= size
+            chunk.append(batch.popleft())
+        return chunk
+
+    def _keep_wal_in_budget(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint and truncate a WAL that grew over its budget."""
+        if wal_bytes(self.path) <= self.wal_budget_bytes:
+            return
+        conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a reader in the way: the next commit tries again
+            log.info("telemetry checkpoint deferred error=%r", str(exc))
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _observe(self, batch: deque[tuple[int, Any]]) -> None:
         try:
@@ -412,6 +573,9 @@ class TelemetryStore:
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 head = self._insert_each(conn, chunk)
+            conn.execute(
+                "UPDATE boots SET durable_seq = ? WHERE boot_id = ?", (chunk[-1][0], self.boot_id)
+            )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -478,6 +642,7 @@ class TelemetryStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 future.set_exception(exc)
+            self._keep_wal_in_budget(conn)  # marking rows synced writes pages too
 
     def record_drop(self, conn: sqlite3.Connection, table: str, reason: str, count: int) -> None:
         if count <= 0:

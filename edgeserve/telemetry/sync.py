@@ -2,12 +2,17 @@
 
 The cursor (`synced = 1`) advances only after a 2xx for exactly the rows sent. A
 collector that refuses a payload outright (400/413/422) gets smaller batches until
-the one refused record is found; that record is passed over and counted as dropped
-(`upstream_rejected`), so one bad row cannot stall the buffer.
-Failures back off exponentially with full jitter and honour Retry-After; after
-`breaker_failures` failures in a row the circuit opens and nothing is sent for
-`breaker_open_s`. Redirects are never followed: a collector that redirects is
-treated as failing, so data cannot be steered off the allow-listed hosts.
+the one refused record is found; that record is marked rejected (`synced = 2`, never
+synced), listed in the bounded `dead_letters` table and counted as dropped
+(`upstream_rejected`), so one bad row cannot stall the buffer. `breaker_failures`
+records refused in a row mean the collector refuses everything: the circuit opens and
+the `upstream_rejecting` alert fires, instead of the buffer draining into it.
+Failures back off exponentially with full jitter and honour Retry-After up to
+`retry_after_max_s` (even beyond `backoff_max_s`); after `breaker_failures` failures
+in a row the circuit opens and nothing is sent for `breaker_open_s`. Uploads are paced
+(`catch_up_records_per_s`, `catch_up_bytes_per_s`), so a backlog after an outage goes
+at a steady rate. Redirects are never followed: a collector that redirects is treated
+as failing, so data cannot be steered off the allow-listed hosts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sqlite3
 import ssl
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,8 @@ import httpx
 from edgeserve.config.schema import ConfigError
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.telemetry import otlp
-from edgeserve.telemetry.maintenance import mark_synced
+from edgeserve.telemetry.alerts import AlertChange
+from edgeserve.telemetry.maintenance import dead_letter, mark_synced
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.settings import UpstreamSettings
 from edgeserve.telemetry.store import SYNCED_TABLES, TABLES, TelemetryStore, connect
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SEND_ORDER = tuple(reversed(SYNCED_TABLES))  # highest priority first; payloads stay here
 PERMANENT_STATUSES = frozenset({400, 413, 422})  # OTLP: do not retry the same payload
+REJECTING_RULE = "upstream_rejecting"
 
 
 class UpstreamSync:
@@ -51,14 +59,21 @@ class UpstreamSync:
         settings: UpstreamSettings,
         instance: str,
         metrics: Metrics | None = None,
+        on_alert: Callable[[list[AlertChange]], Awaitable[None]] | None = None,
     ) -> None:
         check_upstream(settings)
         self.store = store
         self.settings = settings
         self.instance = instance
         self.metrics = metrics
+        self._on_alert = on_alert
         self.failures = 0
+        self.rejected_in_row = 0  # single records refused for good, since the last 2xx
+        self.rejecting = False  # the upstream_rejecting alert is firing
         self.sent_records = 0
+        self.dead_lettered = 0
+        self.paced_s = 0.0  # seconds of upload pacing scheduled so far
+        self._next_attempt = 0.0  # time.monotonic() of the next upload; in the past = now
         self._oldest_unsynced: float | None = None
         self._limit = settings.batch_records  # shrinks while isolating a refused record
         self._started_ns = time.time_ns()
@@ -74,6 +89,18 @@ class UpstreamSync:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def retry_in_s(self) -> float:
+        """Seconds until the next upload may go (0 = now)."""
+        return max(0.0, self._next_attempt - time.monotonic())
+
+    @property
+    def breaker_open(self) -> bool:
+        """Nothing is sent until the pause after a run of failures or refusals is over."""
+        s = self.settings
+        tripped = self.failures >= s.breaker_failures or self.rejected_in_row >= s.breaker_failures
+        return tripped and self.retry_in_s > 0
 
     def _client(self) -> httpx.AsyncClient:
         """No redirects, no proxies from the environment, TLS 1.2+, optional client cert."""
@@ -147,6 +174,7 @@ class UpstreamSync:
             except Exception:  # the sync task must outlive any one bad batch
                 log.exception("upstream sync step failed")
                 delay = self.settings.backoff_max_s
+            self._next_attempt = time.monotonic() + delay
             if delay:
                 await asyncio.sleep(delay)
 
@@ -162,7 +190,19 @@ class UpstreamSync:
         return await self._send(client, rows)
 
     async def _send(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
-        """Send one batch; the seconds to wait before the next attempt (0 after success)."""
+        """Send one batch; the seconds to wait before the next attempt (the pacing pause
+        after success). Until its answer is handled, the size cap passes over its rows:
+        a row delivered must not also be counted as dropped."""
+        sending: dict[str, set[int]] = {}
+        for table, row in rows:
+            sending.setdefault(table, set()).add(row["seq"])
+        self.store.sending = {table: frozenset(seqs) for table, seqs in sending.items()}
+        try:
+            return await self._send_once(client, rows)
+        finally:
+            self.store.sending = {}
+
+    async def _send_once(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
         request = otlp.export_request(rows, self.store.data_region, self.instance)
         # Encoding and gzip of a large batch take milliseconds: off the event loop.
         body, content_type = await asyncio.to_thread(self._body, request)
@@ -182,17 +222,24 @@ class UpstreamSync:
         if ok:
             await self._advance(rows)
             self.failures = 0
+            self.rejected_in_row = 0
             self.sent_records += len(rows)
             self._limit = min(self.settings.batch_records, self._limit * 2)
             if self.metrics is not None:
                 self.metrics.sync_sent.inc(len(rows))
-            return 0.0
+            if self.rejecting:
+                self.rejecting = False
+                await self._alert("resolved", "the collector accepts records again")
+            pace = self.pace_s(len(rows), len(body))
+            self.paced_s += pace
+            return pace
         if self.metrics is not None:
             self.metrics.sync_failures.labels(reason.replace(" ", "_")).inc()
         if status in PERMANENT_STATUSES:
             return await self._rejected(rows, status)
         self.failures += 1
         s = self.settings
+        honoured = min(retry_after or 0.0, s.retry_after_max_s)
         if self.failures >= s.breaker_failures:
             log.warning(
                 "upstream circuit open failures=%d reason=%s pause_s=%s",
@@ -200,15 +247,26 @@ class UpstreamSync:
                 reason,
                 s.breaker_open_s,
             )
-            return max(s.breaker_open_s, retry_after or 0.0)
+            return max(s.breaker_open_s, honoured)
         backoff = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (self.failures - 1))
         delay = random.uniform(0, backoff)  # full jitter: boxes that lost the link together
-        log.info("upstream send failed reason=%s retry_in_s=%.2f", reason, delay)
-        return max(delay, min(retry_after or 0.0, s.backoff_max_s))
+        log.info("upstream send failed reason=%s retry_in_s=%.2f", reason, max(delay, honoured))
+        return max(delay, honoured)
+
+    def pace_s(self, records: int, body_bytes: int) -> float:
+        """The pause after an upload that keeps both rates at or under their bounds."""
+        s = self.settings
+        return max(records / s.catch_up_records_per_s, body_bytes / s.catch_up_bytes_per_s)
+
+    async def _alert(self, state: str, message: str) -> None:
+        if self._on_alert is not None:
+            value = float(self.rejected_in_row)
+            await self._on_alert([AlertChange(REJECTING_RULE, state, value, message)])
 
     async def _rejected(self, rows: list[tuple[str, dict]], status: int) -> float:
         """A 400/413/422 will not change on retry: halve the batch to find the record the
-        collector refuses; a single refused record is passed over and counted as dropped."""
+        collector refuses; a single refused record is dead-lettered. A run of them opens
+        the circuit and raises the `upstream_rejecting` alert."""
         if len(rows) > 1:
             self._limit = max(1, len(rows) // 2)
             log.warning("upstream refused batch status=%d records=%d", status, len(rows))
@@ -220,13 +278,32 @@ class UpstreamSync:
             table,
             row["record_id"],
         )
-
-        def skip(conn: sqlite3.Connection) -> None:
-            mark_synced(conn, table, [row["seq"]])
-            self.store.record_drop(conn, table, "upstream_rejected", 1)
-
-        await asyncio.wrap_future(self.store.submit(skip))
-        return 0.0
+        limit = self.settings.dead_letter_max_records
+        marked = await asyncio.wrap_future(
+            self.store.submit(
+                lambda c: dead_letter(
+                    self.store, c, table, (row["seq"], row["record_id"]), status, limit
+                )
+            )
+        )
+        self.dead_lettered += int(marked)
+        self.rejected_in_row += 1
+        s = self.settings
+        if self.rejected_in_row < s.breaker_failures:
+            return 0.0
+        log.warning(
+            "upstream circuit open: every record refused rejected_in_row=%d pause_s=%s",
+            self.rejected_in_row,
+            s.breaker_open_s,
+        )
+        if not self.rejecting:
+            self.rejecting = True
+            await self._alert(
+                "firing",
+                f"the collector refused {self.rejected_in_row} records in a row "
+                f"(status {status}); uploads paused for {s.breaker_open_s:g} s",
+            )
+        return s.breaker_open_s
 
     async def _advance(self, rows: list[tuple[str, dict]]) -> None:
         """The cursor moves only here, after a 2xx for exactly these rows."""
