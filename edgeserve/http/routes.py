@@ -152,7 +152,14 @@ async def repository_index(request: Request) -> Response:
     return json_response(documents.repository_index(registry, ready_only))
 
 
-_BODY_TYPES = ("", "application/json", "application/octet-stream")
+# As Triton does, a missing or form content type is read as JSON: `curl -d @req.json`
+# sends application/x-www-form-urlencoded.
+_BODY_TYPES = (
+    "",
+    "application/json",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+)
 
 
 def _check_content_type(request: Request) -> None:
