@@ -27,6 +27,13 @@ def check_before_serving(settings: Settings) -> None:
 
     scan_repository(settings.models.repository, settings.models.load or None)
     server = settings.server
+    if server.grpc_port:
+        from edgeserve.cli.extras import missing_extra
+
+        for module in ("grpc", "tritonclient"):
+            message = missing_extra(module)
+            if message is not None:
+                raise ConfigError("server.grpc_port", f"gRPC needs {message}")
     for port in (server.port, server.grpc_port):
         if port:
             _check_port(server.host, port)
