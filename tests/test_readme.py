@@ -36,7 +36,12 @@ from tests.readme_blocks import Block, sh_blocks
 from tests.serving import free_port
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (shutil.which("bash") and shutil.which("curl")), reason="the README uses bash and curl"
+    ),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
