@@ -39,7 +39,11 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to bind (overrides [server] host).")
 @click.option("--port", type=int, default=None, help="Port to bind (overrides [server] port).")
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
-    """Serve the model repository over HTTP.
+    """Serve the model repository over HTTP (and gRPC with [server] grpc_port).
+
+    The config is --config, else $EDGESERVE_CONFIG, else ./edgeserve.toml, else
+    /etc/edgeserve/edgeserve.toml. Exit codes: 1 failed, 2 usage or config error, 3 a
+    port is in use.
 
     Example: edgeserve serve --port 8080
     """
