@@ -8,7 +8,7 @@ import socket
 
 from edgeserve.config.loader import ConfigError, Settings
 
-# Exit code for a port another process holds (documented in the README's Commands).
+# Exit code for a port another process holds (README, Configuration; `serve --help`).
 EXIT_PORT_IN_USE = 3
 
 
