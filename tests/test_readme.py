@@ -4,7 +4,8 @@ Datasette and sqlite-utils test their documentation).
 
 The folder holds a copy of the demo models, the documented `edgeserve.toml` with the
 ports changed, and `.venv` pointing at the running environment; HOME is inside it.
-The only edits to a block are its ports: 8080 and 8001 become free ones.
+The only edits to a block are its address: 8080 and 8001 become free ports, and
+localhost 127.0.0.1, where the server listens.
 `curl` fails on an HTTP error (`--fail-with-body`), and every block runs under
 `set -euo pipefail`, so a block passes only if each of its commands does. Variables a
 block sets (TOKEN, ADMIN_TOKEN, ...) carry over to the next, as in one terminal.
@@ -91,6 +92,15 @@ class Box:
                 return False
 
         wait_until(ready, 90, lambda: f"the server to be ready:\n{self.log_path.read_text()}")
+        # Once its models have loaded the server freezes its heap (gc_pauses.py), a stall of
+        # up to half a second on a loaded box, after which the batcher refuses even a lone
+        # request until the loop's next on-time tick (batcher.py, _too_slow). A user who
+        # waits a second never sees it; the blocks start after the line that reports it.
+        wait_until(
+            lambda: "msg=heap settled" in self.log_path.read_text(),
+            90,
+            lambda: f"the heap to settle:\n{self.log_path.read_text()}",
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -106,7 +116,10 @@ class Box:
             return "skip", block.reason
         if block.action == "install":
             return "install", ""
-        code = re.sub(r"\b8080\b", str(self.port), block.code)
+        # 127.0.0.1, not localhost: localhost tries ::1 first, where another process on this
+        # shared box may listen on the same port number.
+        code = re.sub(r"\blocalhost\b", "127.0.0.1", block.code)
+        code = re.sub(r"\b8080\b", str(self.port), code)
         code = re.sub(r"\b8001\b", str(self.grpc_port), code)
         script = self.root / f".block-{block.line}.sh"
         script.write_text(PRELUDE + code + EPILOGUE)
