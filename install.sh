@@ -1,12 +1,14 @@
 #!/bin/sh
-# edgeserve installer: a development setup (--dev) or a box install with systemd.
+# edgeserve installer: a local serving setup (--serve), a development setup (--dev), or a
+# box install with systemd.
 # POSIX sh; every step checks before it acts, so running it twice changes nothing.
 set -eu
 
 usage() {
     cat <<'USAGE'
 Usage:
-  ./install.sh --dev                  development setup in ./.venv (the README's commands)
+  ./install.sh --serve                ./.venv with what serving needs (the README's first command)
+  ./install.sh --dev                  ./.venv with that and the test and build tools (~2 GB)
   sudo ./install.sh [options]         install on this box as a systemd service
   sudo ./install.sh --uninstall [--purge] [options]
 
@@ -17,6 +19,7 @@ signing key and the at-rest master key, and the systemd unit, enabled and starte
 waits until /v2/health/ready answers 200.
 
 Options:
+  --serve             create ./.venv with edgeserve and what serving needs, then stop
   --dev               create ./.venv with edgeserve and its test tools, then stop
   --prefix DIR        program location (default /opt/edgeserve)
   --wheel FILE        install this wheel instead of the checkout
@@ -32,7 +35,8 @@ Options:
   -h, --help          show this help
 
 Examples:
-  ./install.sh --dev && .venv/bin/edgeserve serve
+  ./install.sh --serve && .venv/bin/edgeserve serve
+  ./install.sh --dev && .venv/bin/python -m pytest -q
   sudo ./install.sh --prefix /opt/edgeserve
   ./install.sh --prefix /tmp/es --config-dir /tmp/es-etc --state-dir /tmp/es-state --no-systemd
 USAGE
@@ -69,6 +73,7 @@ absolute() { case "$1" in /*) echo "$1" ;; *) echo "$(pwd)/$1" ;; esac; }
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --dev) mode=dev ;;
+        --serve) mode=serve ;;
         --uninstall) mode=uninstall ;;
         --purge) purge=yes ;;
         --no-systemd) systemd=no ;;
@@ -118,40 +123,67 @@ quiet_pip() {
     return "$rc"
 }
 
-# --- development setup -------------------------------------------------------------------
+# --- local setups: serving only (--serve) or development (--dev) ---------------------------
 
-install_dev() {
+# install_local KIND LOCK EXTRAS: ./.venv from LOCK (pinned, for the Python it names) and
+# edgeserve from this checkout, editable; one line per step, since pip itself is quiet.
+install_local() {
+    kind=$1
+    lock="$here/$2"
+    extras=$3
     check_python
     venv="$here/.venv"
     stamp="$venv/.edgeserve-installed"
-    lock="$here/packaging/lock/dev.txt"
     want=$(cat "$here/pyproject.toml" "$lock" 2>/dev/null | cksum)
-    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-        say ".venv is up to date"
-        return 0
+    dev_want=$(cat "$here/pyproject.toml" "$here/packaging/lock/dev.txt" 2>/dev/null | cksum)
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ]; then
+        have=$(cat "$stamp")
+        if [ "$have" = "$want" ] || { [ "$kind" = serve ] && [ "$have" = "$dev_want" ]; }; then
+            say ".venv is up to date"
+            return 0
+        fi
     fi
-    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" || die "could not create $venv"
-    # The lock pins every package with its hashes, for the Python it names; on another
-    # Python the newest versions pyproject.toml allows are installed instead.
+    if [ -x "$venv/bin/python" ]; then
+        say "step 1/4: using the existing $venv"
+    else
+        say "step 1/4: creating $venv"
+        "$python" -m venv "$venv" || die "could not create $venv"
+    fi
+    # The lock pins every package, for the Python it names; on another Python the newest
+    # versions pyproject.toml allows are installed instead.
     locked=$(sed -n 's/^# python \([0-9.]*\),.*/\1/p' "$lock" 2>/dev/null | head -n 1)
     running=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     if [ -n "$locked" ] && [ "$locked" = "$running" ]; then
-        quiet_pip "$venv/bin/python" install -q --require-hashes --no-deps -r "$lock" \
-            || die "pip install -r packaging/lock/dev.txt failed (see above)"
+        count=$(grep -c '^[A-Za-z0-9]' "$lock")
+        if [ "$kind" = dev ]; then
+            say "step 2/4: installing the $kind set, $count pinned packages from $2 (about 2 GB: Spark, scikit-learn, test tools)"
+            hashes=--require-hashes
+        else
+            say "step 2/4: installing the $kind set, $count pinned packages from $2 (runtimes, web server, gRPC, pyarrow)"
+            hashes=""
+        fi
+        quiet_pip "$venv/bin/python" install -q $hashes --no-deps -r "$lock" \
+            || die "pip install -r $2 failed (see above)"
+        say "step 3/4: installing edgeserve from this checkout (editable)"
         quiet_pip "$venv/bin/python" install -q --no-deps -e "$here" \
             || die "pip install -e . failed (see above)"
     else
-        say "no lock for Python $running (packaging/lock/dev.txt is for ${locked:-none}):" \
+        say "step 2/4: no lock for Python $running ($2 is for ${locked:-none}):" \
             "installing the newest versions pyproject.toml allows"
         quiet_pip "$venv/bin/python" install -q --upgrade pip || die "could not upgrade pip in $venv"
-        quiet_pip "$venv/bin/python" install -q -e "${here}[dev]" \
-            || die "pip install -e '.[dev]' failed (see above)"
+        say "step 3/4: installing edgeserve[$extras] from this checkout (editable)"
+        quiet_pip "$venv/bin/python" install -q -e "${here}[$extras]" \
+            || die "pip install -e '.[$extras]' failed (see above)"
     fi
+    say "step 4/4: checking that edgeserve and both runtimes import"
     "$venv/bin/python" -c 'import edgeserve, onnxruntime, openvino' \
-        || die "the install did not complete; run: $venv/bin/pip install -e '.[dev]'"
+        || die "the install did not complete; run: $venv/bin/pip install -e '.[$extras]'"
     echo "$want" >"$stamp"
-    say "ready: $venv/bin/edgeserve"
+    say "ready: $venv/bin/edgeserve ($kind set)"
 }
+
+install_dev() { install_local dev packaging/lock/dev.txt dev; }
+install_serve() { install_local serve packaging/lock/serve.txt grpc,batch; }
 
 # --- box install -------------------------------------------------------------------------
 
@@ -466,6 +498,7 @@ uninstall_box() {
 
 case "$mode" in
     dev) install_dev ;;
+    serve) install_serve ;;
     box) install_box ;;
     uninstall) uninstall_box ;;
 esac

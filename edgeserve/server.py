@@ -12,9 +12,11 @@ import logging
 import resource
 import signal
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import psutil
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
@@ -145,7 +147,8 @@ async def run_server(settings: Settings) -> None:
 
 
 async def _announce_ready(app: object, settings: Settings) -> None:
-    """READY=1 once the port accepts connections and model loading has finished."""
+    """READY=1 once the port accepts connections and model loading has finished, and one
+    `ready` line with the URL, the models and the seconds since the process started."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.server.host, settings.server.host)
     while True:
         loading = getattr(app.state, "loading", None)  # type: ignore[attr-defined]
@@ -157,8 +160,32 @@ async def _announce_ready(app: object, settings: Settings) -> None:
             else:
                 writer.close()
                 systemd_notify.ready("serving")
+                _log_ready(app, settings, host)
                 return
         await asyncio.sleep(0.1)
+
+
+def _log_ready(app: object, settings: Settings, host: str) -> None:
+    registry = app.state.registry  # type: ignore[attr-defined]
+    models = " ".join(
+        f"{name}:{','.join(str(v) for v in sorted(registry.loaded(name)))}"
+        for name in registry.names()
+        if registry.loaded(name)
+    )
+    scheme = "https" if settings.server.tls_cert else "http"
+    url_host = f"[{host}]" if ":" in host else host
+    grpc_port = settings.server.grpc_port
+    grpc = f" grpc={url_host}:{grpc_port}" if grpc_port else ""
+    ready_s = time.time() - psutil.Process().create_time()
+    log.info(
+        'ready url=%s://%s:%s%s models="%s" ready_s=%.2f',
+        scheme,
+        url_host,
+        settings.server.port,
+        grpc,
+        models or "none",
+        ready_s,
+    )
 
 
 def connection_cap(requested: int) -> int:

@@ -82,6 +82,27 @@ def test_scopes_are_enforced_per_route(live: tuple[RunningServer, Path]) -> None
     assert httpx.post(url, json=body, headers=infer, timeout=10).status_code == 404  # past auth
 
 
+@pytest.mark.parametrize("path", ["/api/telemetry/status", "/api/models/nosuchmodel/update", "/v2"])
+def test_admin_implies_read(live: tuple[RunningServer, Path], path: str) -> None:
+    server, state_dir = live
+    admin = token_for(state_dir, "admin")
+    reply = get(server, path, admin)
+    assert reply.status_code != 403, reply.text
+    assert reply.status_code in (200, 404), reply.text  # 404: the repository is empty
+    assert get(server, path, token_for(state_dir, "infer")).status_code == 403
+
+
+def test_admin_token_opens_the_dashboard(live: tuple[RunningServer, Path]) -> None:
+    server, state_dir = live
+
+    def session(token: str) -> int:
+        form = {"token": token}
+        return httpx.post(server.url + "/dashboard/session", data=form, timeout=10).status_code
+
+    assert session(token_for(state_dir, "admin")) == 303  # to the dashboard, with a cookie
+    assert session(token_for(state_dir, "infer")) == 401
+
+
 def test_bad_tokens_over_the_wire_are_401_never_500(live: tuple[RunningServer, Path]) -> None:
     server, state_dir = live
     good = token_for(state_dir, "read")

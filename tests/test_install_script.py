@@ -221,9 +221,9 @@ def test_uninstall_purge_removes_config_and_state(installed: Install) -> None:
 def test_help_exits_zero_and_names_every_option() -> None:
     result = run_install("--help", timeout_s=30)
     assert result.returncode == 0
-    for option in ("--dev", "--prefix", "--wheel", "--config-dir", "--state-dir", "--no-systemd"):
+    for option in ("--serve", "--dev", "--prefix", "--wheel", "--config-dir", "--state-dir"):
         assert option in result.stdout
-    for option in ("--no-start", "--uninstall", "--purge"):
+    for option in ("--no-systemd", "--no-start", "--uninstall", "--purge"):
         assert option in result.stdout
 
 

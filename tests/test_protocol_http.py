@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -261,6 +262,30 @@ def test_body_over_the_limit_is_a_413_by_header_and_by_stream(server: RunningSer
 def test_wrong_method_is_a_405_and_unknown_path_a_404(server: RunningServer) -> None:
     _assert_error(httpx.get(f"{server.url}/v2/models/digits/infer", timeout=10), 405, "method")
     _assert_error(httpx.get(f"{server.url}/v2/nothing", timeout=10), 404, "no such endpoint")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "application/x-www-form-urlencoded"},  # what `curl -d @file` sends
+        {},  # no Content-Type at all
+    ],
+    ids=["form", "missing"],
+)
+@pytest.mark.parametrize("path", ["/v2/models/digits/infer", "/v2/models/digits/versions/2/infer"])
+def test_form_or_missing_content_type_is_read_as_json(
+    server: RunningServer, headers: dict[str, str], path: str
+) -> None:
+    row = HELDOUT["X"][0]
+    body = _infer_body(data=[float(v) for v in row])
+    reply = httpx.post(
+        server.url + path, content=json.dumps(body).encode(), headers=headers, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    if not headers:
+        assert "content-type" not in reply.request.headers  # httpx sent none
+    label = next(o for o in reply.json()["outputs"] if o["name"] == "label")
+    assert label["data"] == [int(HELDOUT["y"][0])]
 
 
 def test_server_still_serves_after_the_bad_requests(server: RunningServer) -> None:

@@ -10,14 +10,15 @@ from edgeserve.errors import Forbidden
 
 SCOPE_INFER = "infer"  # inference, and feedback on one's own requests
 SCOPE_READ = "read"  # metadata, statistics, reports, dashboard
-SCOPE_ADMIN = "admin"  # updates, experiments, flags, keys
+SCOPE_ADMIN = "admin"  # updates, experiments, flags, keys; implies read and feedback
 SCOPE_METRICS = "metrics"  # Prometheus scrape
 SCOPE_FEEDBACK = "feedback"  # label any caller's requests (a labelling service)
 ALL_SCOPES: frozenset[str] = frozenset(
     {SCOPE_INFER, SCOPE_READ, SCOPE_ADMIN, SCOPE_METRICS, SCOPE_FEEDBACK}
 )
-# Scopes a token holds because it holds another one.
-IMPLIED_SCOPES: dict[str, frozenset[str]] = {SCOPE_ADMIN: frozenset({SCOPE_FEEDBACK})}
+# Scopes a token holds because it holds another one: an admin who may change the box may
+# also see it (dashboard, update and telemetry status) and label any request.
+IMPLIED_SCOPES: dict[str, frozenset[str]] = {SCOPE_ADMIN: frozenset({SCOPE_FEEDBACK, SCOPE_READ})}
 
 # Subject of a principal that presented no token (auth off, or metrics opened on loopback).
 ANONYMOUS = ""

@@ -1,6 +1,7 @@
 """The `edgeserve` command: one click group, one subcommand per job.
 
-Exit codes: 0 success, 1 failure, 2 usage or configuration error.
+Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 (`serve`) the HTTP
+or gRPC port is in use.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from edgeserve.audit.cli import audit
 from edgeserve.auth.cli import keys, token
 from edgeserve.cli.bench import bench
 from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
-from edgeserve.config.loader import ConfigError, Settings
+from edgeserve.cli.preflight import EXIT_PORT_IN_USE, PortInUse, check_before_serving
+from edgeserve.config.loader import ConfigError, Settings, find_config
 from edgeserve.experiments.cli import experiment
 from edgeserve.offline.cli import batch_group, features_group
 from edgeserve.telemetry.cli import telemetry
@@ -37,13 +39,30 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to bind (overrides [server] host).")
 @click.option("--port", type=int, default=None, help="Port to bind (overrides [server] port).")
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
-    """Serve the model repository over HTTP.
+    """Serve the model repository over HTTP (and gRPC with [server] grpc_port).
+
+    The config is --config, else $EDGESERVE_CONFIG, else ./edgeserve.toml, else
+    /etc/edgeserve/edgeserve.toml. Exit codes: 1 failed, 2 usage or config error, 3 a
+    port is in use.
 
     Example: edgeserve serve --port 8080
     """
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = load_or_exit(config_path, {"server": overrides} if overrides else None)
+    choice = find_config(config_path)
+    settings = load_or_exit(choice.path, {"server": overrides} if overrides else None)
     configure_logging(settings.server.log_level)
+    if choice.path is None:
+        logging.getLogger(__name__).info("config file=none (built-in defaults)")
+    else:
+        logging.getLogger(__name__).info("config file=%s from=%s", choice.path, choice.reason)
+    try:
+        check_before_serving(settings)  # before anything is written
+    except ConfigError as exc:
+        click.echo(f"edgeserve: config error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except PortInUse as exc:
+        click.echo(f"edgeserve: {exc}", err=True)
+        raise SystemExit(EXIT_PORT_IN_USE) from None
     ensure_local_issuer(settings)
     from edgeserve.server import event_loop_runner, run_server
 

@@ -8,23 +8,24 @@ from typing import Any, NoReturn
 
 import click
 
-from edgeserve.config.loader import ConfigError, Settings, load_settings
+from edgeserve.config.loader import ConfigError, Settings, find_config, load_settings
 
 CONFIG_OPTION = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    envvar="EDGESERVE_CONFIG",
-    help="Config file (default: $EDGESERVE_CONFIG, else built-in defaults).",
+    help="Config file (default: $EDGESERVE_CONFIG, else ./edgeserve.toml, else "
+    "/etc/edgeserve/edgeserve.toml, else built-in defaults).",
 )
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def load_or_exit(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings, or one line naming the bad key and exit code 2."""
+    """Settings from the config file in effect (`find_config`), or one line naming the
+    bad key and exit code 2."""
     try:
-        return load_settings(path, overrides)
+        return load_settings(find_config(path).path, overrides)
     except ConfigError as exc:
         click.echo(f"edgeserve: config error: {exc}", err=True)
         raise SystemExit(2) from None

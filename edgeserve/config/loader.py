@@ -26,15 +26,46 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "ConfigChoice",
     "ConfigError",
     "LimitSettings",
     "ModelSettings",
     "ServerSettings",
     "Settings",
+    "find_config",
     "load_settings",
 ]
 
 CONFIG_ENV = "EDGESERVE_CONFIG"
+LOCAL_CONFIG = Path("edgeserve.toml")  # in the working directory
+SYSTEM_CONFIG = Path("/etc/edgeserve/edgeserve.toml")
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    """The config file a command reads and why: logged at start-up, so a user who edits
+    one file while another is in effect is told which."""
+
+    path: Path | None
+    reason: str  # "--config", "EDGESERVE_CONFIG", "working directory", "system", "none"
+
+
+def find_config(explicit: Path | str | None = None, system: Path = SYSTEM_CONFIG) -> ConfigChoice:
+    """The config file in effect: `--config`, then $EDGESERVE_CONFIG, then
+    `./edgeserve.toml`, then `/etc/edgeserve/edgeserve.toml`; none means built-in defaults.
+
+    An explicit path or the variable is taken even when the file is missing, so a typo
+    fails loudly instead of falling through to another file.
+    """
+    if explicit is not None and str(explicit):
+        return ConfigChoice(Path(explicit), "--config")
+    if os.environ.get(CONFIG_ENV):
+        return ConfigChoice(Path(os.environ[CONFIG_ENV]), CONFIG_ENV)
+    if LOCAL_CONFIG.is_file():
+        return ConfigChoice(LOCAL_CONFIG.absolute(), "working directory")
+    if system.is_file():
+        return ConfigChoice(system, "system")
+    return ConfigChoice(None, "none")
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,14 @@ async def _control_parameters(request: Request) -> dict[str, Any]:
     return parameters
 
 
-_BODY_TYPES = ("", "application/json", "application/octet-stream")
+# As Triton does, a missing or form content type is read as JSON: `curl -d @req.json`
+# sends application/x-www-form-urlencoded.
+_BODY_TYPES = (
+    "",
+    "application/json",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+)
 
 
 def _check_content_type(request: Request) -> None:

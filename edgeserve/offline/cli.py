@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import orjson
 
+from edgeserve.cli.extras import require
 from edgeserve.cli.options import CONFIG_OPTION
 from edgeserve.config.schema import ConfigError
 from edgeserve.errors import EdgeserveError
@@ -115,6 +116,7 @@ def score_command(
     Example: edgeserve batch score --model digits data.parquet --output scores.csv
     --map 'input=pixel_*'
     """
+    require("pyarrow", "batch score")
     import pyarrow as pa
 
     from edgeserve.offline.job import BatchJob
@@ -203,6 +205,7 @@ def load_command(
 
     Example: edgeserve features load customers.parquet --table customers --key customer_id
     """
+    require("pyarrow", "features load")
     from edgeserve.serving.features import load_features
 
     if database is None:

@@ -70,11 +70,11 @@ def load_model(
 
 def installed_slot_loader(config_path: Path | None) -> SlotLoader:
     """Read installed (encrypted) slots with the keys the server's config names."""
-    from edgeserve.config.loader import load_settings
+    from edgeserve.config.loader import find_config, load_settings
     from edgeserve.updates.keyring import open_store
     from edgeserve.updates.service import serving_config
 
-    store = open_store(load_settings(config_path))
+    store = open_store(load_settings(find_config(config_path).path))
 
     def load(name: str) -> tuple[int, ModelConfig, dict[str, bytes]]:
         manifest, files = store.load_current(name)

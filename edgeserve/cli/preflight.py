@@ -1,0 +1,57 @@
+"""Checks `edgeserve serve` makes before it writes anything: a serve started in the wrong
+folder or on a taken port fails with one line and leaves no `.edgeserve/keys` behind."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from edgeserve.config.loader import ConfigError, Settings
+
+# Exit code for a port another process holds (README, Configuration; `serve --help`).
+EXIT_PORT_IN_USE = 3
+
+
+class PortInUse(Exception):
+    """The HTTP or gRPC port is held by another process."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} is in use")
+        self.port = port
+
+
+def check_before_serving(settings: Settings) -> None:
+    """Raise ConfigError for a repository that cannot be read and PortInUse for a taken
+    port, before the state folder, keys or databases are created."""
+    from edgeserve.serving.repository import scan_repository
+
+    scan_repository(settings.models.repository, settings.models.load or None)
+    server = settings.server
+    if server.grpc_port:
+        from edgeserve.cli.extras import missing_extra
+
+        for module in ("grpc", "tritonclient"):
+            message = missing_extra(module)
+            if message is not None:
+                raise ConfigError("server.grpc_port", f"gRPC needs {message}")
+    for port in (server.port, server.grpc_port):
+        if port:
+            _check_port(server.host, port)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind the way the server will (SO_REUSEADDR, as uvicorn and Hypercorn do), then let
+    go: a port in TIME_WAIT is free, one with a listener is not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError("server.host", f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(port) from None
+            raise

@@ -1,0 +1,114 @@
+"""Starting `edgeserve serve` as a new user would: the config file in effect is found and
+logged, a taken port or a wrong folder fails with one line before anything is written,
+and one line says when the server is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serving import free_port, run_server, stop, write_config
+from tests.waiting import wait_until
+
+ENV = {k: v for k, v in os.environ.items() if k != "EDGESERVE_CONFIG"}
+
+
+def serve(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeserve", "serve", *args],
+        cwd=cwd,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_config_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeserve.config.loader import find_config
+
+    system = tmp_path / "etc.toml"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDGESERVE_CONFIG", raising=False)
+    assert find_config(None, system).path is None
+    system.write_text("")
+    assert find_config(None, system).reason == "system"
+    (tmp_path / "edgeserve.toml").write_text("")
+    assert find_config(None, system).path == tmp_path / "edgeserve.toml"
+    monkeypatch.setenv("EDGESERVE_CONFIG", str(tmp_path / "from-env.toml"))
+    assert find_config(None, system).path == tmp_path / "from-env.toml"
+    assert find_config(tmp_path / "given.toml", system).path == tmp_path / "given.toml"
+
+
+def test_serve_reads_edgeserve_toml_in_the_working_folder_and_logs_it(tmp_path: Path) -> None:
+    port = free_port()
+    write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", port, tmp_path / "state")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeserve", "serve"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: " msg=ready " in log_path.read_text(), 60, log_path.read_text)
+        finally:
+            stop(process)
+    log = log_path.read_text()
+    assert f"config file={tmp_path / 'edgeserve.toml'} from=working directory" in log
+    assert f"ready url=http://127.0.0.1:{port} " in log
+
+
+def test_ready_line_names_url_models_and_time(tmp_path: Path) -> None:
+    with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
+        line = wait_until(
+            lambda: next((x for x in server.log().splitlines() if "msg=ready " in x), None),
+            60,
+            server.log,
+        )
+    assert f"config file={server.config_path} from=--config" in server.log()
+    assert f"url={server.url} " in line
+    assert 'models="digits:1,2"' in line
+    assert "ready_s=" in line
+
+
+def test_port_in_use_is_one_line_and_exit_code_3(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path / "edgeserve.toml", "", port, tmp_path / "state")
+        done = serve(tmp_path, "--config", str(config))
+    assert done.returncode == 3
+    errors = [line for line in done.stderr.splitlines() if "level=" not in line]
+    assert errors == [f"edgeserve: port {port} is in use"]
+    assert not (tmp_path / "state").exists()  # nothing written
+
+
+def test_grpc_port_in_use_is_refused_too(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        grpc_port = holder.getsockname()[1]
+        config = write_config(tmp_path / "edgeserve.toml", "", free_port(), tmp_path / "state")
+        config.write_text(
+            config.read_text().replace("[models]", f"grpc_port = {grpc_port}\n[models]")
+        )
+        done = serve(tmp_path, "--config", str(config))
+    assert done.returncode == 3
+    assert f"edgeserve: port {grpc_port} is in use" in done.stderr
+
+
+def test_serve_in_the_wrong_folder_writes_nothing(tmp_path: Path) -> None:
+    done = serve(tmp_path, "--port", str(free_port()))
+    assert done.returncode == 2
+    assert "models.repository" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no .edgeserve/keys
