@@ -42,6 +42,8 @@ class JobSettings:
     stream_max_message_bytes: int = setting(1024 * 1024, min=1024)
     # A stream whose client reads nothing for this long is closed (dead or stuck client).
     stream_send_timeout_s: float = setting(30.0, min=0.1, max=3600.0)
+    # A stream with nothing in flight that receives nothing for this long is closed.
+    stream_idle_timeout_s: float = setting(300.0, min=0.1, max=86400.0)
 
     def __post_init__(self) -> None:
         for i, path in enumerate(self.input_dirs):
