@@ -103,6 +103,8 @@ BROKEN = [
     ("[jobs]\nmin_free_bytes = -1\n", "jobs.min_free_bytes: must be >= 0"),
     ("[audit]\nmax_db_bytes = 1000\n", "audit.max_db_bytes: must be >= 65536"),
     ("[jobs]\nstream_idle_timeout_s = 0\n", "jobs.stream_idle_timeout_s: must be >= 0.1"),
+    ('[server]\npublic_url = "ftp://box"\n', "public_url: must be an http:// or https://"),
+    ('[server]\npublic_url = "https://box/x"\n', "public_url: must be an origin only"),
     ("server = 1\n", "server: must be a table"),
     ("[nonsense]\n", "nonsense: unknown key"),
     ("[server\nport = 1\n", "is not valid TOML"),
