@@ -6,13 +6,40 @@ into `updater.BundlePolicy` / `updater.SlotStore` arguments.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgeserve.config.schema import setting
 from updater.signing import parse_public_key
 
-LOCAL_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+_PLAIN_NETLOC = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def allowed_url(url: str) -> bool:
+    """https to any host, or plain http to a loopback address (or `localhost`), judged on
+    the host the URL really names: `http://127.0.0.1.evil.example/` and
+    `http://127.0.0.1@evil.example/` are plain http to another host, refused."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a malformed port raises here, refused below
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or not _PLAIN_NETLOC.fullmatch(parts.netloc):
+        return False  # no user info, nothing after an IPv6 literal's bracket
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -47,7 +74,5 @@ class UpdaterSettings:
                 parse_public_key(text)
             except ValueError as exc:
                 raise ValueError(f"trusted_keys[{i}]: {exc}") from None
-        if self.poll_url and not (
-            self.poll_url.startswith("https://") or self.poll_url.startswith(LOCAL_HTTP)
-        ):
+        if self.poll_url and not allowed_url(self.poll_url):
             raise ValueError("poll_url: must be an https:// URL (plain http only on loopback)")
