@@ -23,6 +23,9 @@ from typing import Any
 import orjson
 
 from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.config.schema import ConfigError
+from updater.errors import MasterKeyError
+from updater.masterkey import check_private_file
 
 GENESIS = "0" * 64
 DB_NAME = "audit.db"
@@ -73,7 +76,16 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
 
 
 def load_key(path: Path, *, create: bool) -> bytes | None:
-    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable."""
+    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable.
+    A key group or others can read is refused (ConfigError), as the master key is."""
+    try:
+        check_private_file(path, "audit key file", "the power to rewrite the audit log unseen")
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        return None
+    except MasterKeyError as exc:
+        raise ConfigError("audit", exc.message) from None
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -13,6 +13,7 @@ import orjson
 from edgeserve.audit import chain
 from edgeserve.audit.log import read_entries
 from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
+from edgeserve.config.schema import ConfigError
 
 
 @click.group("audit")
@@ -41,6 +42,9 @@ def verify_command(config_path: Path | None, as_json: bool) -> None:
     try:
         key = chain.load_key(chain.key_path(state_dir), create=False)
         report = chain.verify(conn, key)
+    except ConfigError as exc:
+        click.echo(f"edgeserve: {exc}", err=True)
+        sys.exit(1)
     finally:
         conn.close()
     if as_json:
