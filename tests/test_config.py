@@ -105,6 +105,8 @@ BROKEN = [
     ("[jobs]\nstream_idle_timeout_s = 0\n", "jobs.stream_idle_timeout_s: must be >= 0.1"),
     ('[server]\npublic_url = "ftp://box"\n', "public_url: must be an http:// or https://"),
     ('[server]\npublic_url = "https://box/x"\n', "public_url: must be an origin only"),
+    ("[updater]\nmin_subjects = 0\n", "updater.min_subjects: must be >= 1"),
+    ("[updater]\nmax_slowdown = 0.5\n", "updater.max_slowdown: must be >= 1.0"),
     ("server = 1\n", "server: must be a table"),
     ("[nonsense]\n", "nonsense: unknown key"),
     ("[server\nport = 1\n", "is not valid TOML"),

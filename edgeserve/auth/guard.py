@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE, build_authenticator
-from edgeserve.auth.principal import ALL_SCOPES, Principal
+from edgeserve.auth.principal import ALL_SCOPES, CALLER, Principal
 from edgeserve.errors import Unauthorized
 
 __all__ = [
@@ -32,8 +32,11 @@ async def authenticate(request: Request) -> Principal:
     authenticator = request.app.state.authenticator
     authenticate_async = getattr(authenticator, "authenticate_async", None)
     if authenticate_async is not None:
-        return await authenticate_async(request)
-    return authenticator.authenticate(request)
+        principal = await authenticate_async(request)
+    else:
+        principal = authenticator.authenticate(request)
+    CALLER.set(principal.subject)
+    return principal
 
 
 async def still_authenticated(connection: HTTPConnection) -> Principal:

@@ -57,7 +57,11 @@ class UpdaterSettings:
     watch_window_s: float = setting(300.0, min=0.0, max=7 * 86400.0)
     min_requests: int = setting(50, min=1)
     max_error_rate: float = setting(0.05, min=0.0, max=1.0)
-    max_p99_ms: float = setting(1000.0, min=0.1)
+    max_p99_ms: float = setting(1000.0, min=0.001)  # compute per row
+    # Speed is judged only once this many distinct callers (token subjects) were served,
+    # one vote each, and against the replaced version's compute per row times max_slowdown.
+    min_subjects: int = setting(3, min=1, max=1000)
+    max_slowdown: float = setting(3.0, min=1.0, max=1000.0)
     # Starts on probation without a confirmation before the previous slot is restored.
     max_unconfirmed_boots: int = setting(3, min=0, max=100)
     # At-rest master key sources, in order of preference; unset file = <state_dir>/keys/master.key.
