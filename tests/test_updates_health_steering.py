@@ -77,8 +77,15 @@ def test_a_version_the_watch_rolled_back_can_be_reinstalled_by_an_admin(tmp_path
             wait_until(rolled_back, 120, "the rollback to version 3", interval_s=0)
         assert time.monotonic() - flipped < 120
         again = kit.failing_bundle(4)
-        assert upload(server.url, again).status_code == 409  # not newer: never by accident
-        reply = upload(server.url, again, allow_downgrade="true")  # an admin, on purpose
-        assert reply.status_code == 201, reply.text
+
+        def settled(**params: str) -> httpx.Response | None:
+            """The upload's answer once the rollback's swap has finished (one at a time)."""
+            reply = upload(server.url, again, **params)
+            return None if "already in progress" in reply.text else reply
+
+        refused = wait_until(settled, 60, "the rollback's swap to finish")
+        assert refused.status_code == 409 and "downgrade" in refused.text  # never by accident
+        reply = settled(allow_downgrade="true")  # an admin, on purpose
+        assert reply is not None and reply.status_code == 201, reply and reply.text
         doc = httpx.get(f"{server.url}/api/models/digits/update").json()
         assert doc["active_version"] == 4
