@@ -42,10 +42,21 @@ def test_one_infer_client_cannot_roll_back_a_signed_update(tmp_path: Path) -> No
         bundle4 = kit.bundle(4, model_toml=UNBOUNDED)
         assert upload(server.url, bundle4, admin["authorization"][7:]).status_code == 201
         with httpx.Client(timeout=120, headers=mallory) as client:
+
+            def infer(body: dict) -> httpx.Response:
+                """Answered; a 429 of a loop running late (a loaded box) is retried."""
+
+                def answered() -> httpx.Response | None:
+                    reply = client.post(url, json=body)
+                    assert reply.status_code in (200, 429), reply.text
+                    return reply if reply.status_code == 200 else None
+
+                return wait_until(answered, 60, "an answer past the overload 429s")
+
             for i in range(49):
-                assert client.post(url, json=digits_rows(1, seed=i)).status_code == 200
-            big = client.post(url, json=digits_rows(20_000, seed=99))  # the outlier
-            assert big.status_code == 200 and big.json()["model_version"] == "4"
+                infer(digits_rows(1, seed=i))
+            big = infer(digits_rows(20_000, seed=99))  # the outlier
+            assert big.json()["model_version"] == "4"
 
         def verdict() -> str | None:
             doc = httpx.get(f"{server.url}/api/models/digits/update", headers=admin).json()
