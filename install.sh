@@ -431,6 +431,9 @@ install_box() {
             echo "systemd=$systemd"
         } >"$(marker)"
     fi
+    # The state folder's own marker: it lets a later --uninstall --purge (after the
+    # program and its marker are gone) know the folder is install.sh's to remove.
+    [ -f "$state_dir/.edgeserve-install" ] || echo "prefix=$prefix" >"$state_dir/.edgeserve-install"
     if [ "$systemd" = yes ]; then
         mkdir -p /etc/tmpfiles.d
         cp "$here/packaging/tmpfiles.d/edgeserve.conf" /etc/tmpfiles.d/edgeserve.conf
@@ -450,19 +453,55 @@ install_box() {
 
 # --- uninstall ---------------------------------------------------------------------------
 
+# The folder a path names once `.`, `..`, repeated and trailing slashes and symlinks are
+# resolved: `/var/lib/` and `/srv/x/..` are judged as /var/lib and /srv.
+normalised() {
+    realpath -m -- "$1" 2>/dev/null || die "cannot resolve $1 (realpath -m from coreutils is needed)"
+}
+
 refuse_dangerous() {  # never rm -rf a system folder because of a typo in an option
-    case "$1" in
-        / | /etc | /usr | /usr/* | /var | /var/lib | /opt | /home | /root | /tmp | "$HOME")
-            die "refusing to remove $1" ;;
+    target=$(normalised "$1")
+    home=$(normalised "${HOME:-/root}")
+    case "$target" in
+        /*/*) ;;  # two levels or more; the well-known ones below are refused too
+        *) die "refusing to remove $1 ($target is a top-level folder)" ;;
+    esac
+    case "$target" in
+        /usr/* | /var/lib | /var/log | /var/cache | /var/tmp | /home/* | /root/* | /etc/systemd | "$home")
+            die "refusing to remove $1 ($target)" ;;
+    esac
+    case "$home/" in
+        "$target"/*) die "refusing to remove $1 ($target holds $home)" ;;
     esac
 }
 
+# --purge removes only what install.sh set up: the state folder must hold the marker that
+# install writes there, or be the one the program's marker recorded.
+refuse_unmarked_purge() {
+    [ -f "$state_dir/.edgeserve-install" ] && return 0
+    if [ -f "$(marker)" ] && [ "$(normalised "$(marker_value state_dir)")" = "$(normalised "$state_dir")" ]; then
+        return 0
+    fi
+    die "$state_dir was not set up by install.sh (no $state_dir/.edgeserve-install, and no $(marker) naming it); not purging"
+}
+
 uninstall_box() {
+    prefix=$(normalised "$prefix")  # what is removed is what the checks below judged
     # Paths recorded at install time are the defaults, so `--uninstall` alone is enough.
     case "$explicit" in *config*) ;; *) config_dir=$(marker_value config_dir); config_dir=${config_dir:-/etc/edgeserve} ;; esac
     case "$explicit" in *state*) ;; *) state_dir=$(marker_value state_dir); state_dir=${state_dir:-/var/lib/edgeserve} ;; esac
+    config_dir=$(normalised "$config_dir")
+    state_dir=$(normalised "$state_dir")
     recorded=$(marker_value systemd)
     [ "$recorded" != no ] || systemd=no
+    if [ "$purge" = yes ]; then  # every check before anything is removed
+        refuse_dangerous "$state_dir"
+        refuse_dangerous "$config_dir"
+        refuse_unmarked_purge
+    fi
+    if [ -f "$(marker)" ]; then
+        refuse_dangerous "$prefix"
+    fi
     if [ "$systemd" = yes ] && [ -f /etc/systemd/system/edgeserve.service ]; then
         [ "$(id -u)" = 0 ] || die "removing the service needs root"
         systemctl disable --now --quiet edgeserve 2>/dev/null || true
@@ -481,8 +520,6 @@ uninstall_box() {
         say "nothing installed in $prefix"
     fi
     if [ "$purge" = yes ]; then
-        refuse_dangerous "$state_dir"
-        refuse_dangerous "$config_dir"
         rm -rf "$state_dir"
         rm -f "$config_dir/edgeserve.toml" "$config_dir/master.key"
         rmdir "$config_dir" 2>/dev/null || true

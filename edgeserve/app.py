@@ -32,6 +32,7 @@ from edgeserve.http.errors import EXCEPTION_HANDLERS
 from edgeserve.http.headers import HeaderGuard
 from edgeserve.http.routes import ROUTES as V2_ROUTES
 from edgeserve.http.shedding import ShedMiddleware
+from edgeserve.http.slashes import relative_slash_redirects
 from edgeserve.http.streaming import ROUTES as STREAM_ROUTES
 from edgeserve.jobs import start_jobs
 from edgeserve.jobs.routes import ROUTES as JOB_ROUTES
@@ -178,6 +179,7 @@ def build_app(settings: Settings) -> Starlette:
         max_header_bytes=settings.limits.max_header_bytes,
         direct_infer=not settings.server.cors_origins,
     )
+    relative_slash_redirects(app.router)  # never a URL built from the Host header
     app.state.settings = settings
     app.state.decode_limits = DecodeLimits.from_settings(settings.limits)
     app.state.subject_header = settings.telemetry.subject_header

@@ -56,6 +56,12 @@ class UnsupportedMediaType(EdgeserveError):
     status = 415
 
 
+class InsufficientStorage(EdgeserveError):
+    """A disk quota or the free-space floor would be passed: refused before it is."""
+
+    status = 507
+
+
 class Overloaded(EdgeserveError):
     """The model's queue is full: refused at once so the client can retry elsewhere or later."""
 

@@ -46,11 +46,56 @@ def test_a_single_early_error_is_not_judged_before_min_requests() -> None:
 
 
 def test_slow_version_rolls_back_on_p99() -> None:
-    watch = watch_with(95)
-    for _ in range(5):
-        watch.observe(True, 400.0)
+    watch = HealthWatch(POLICY, started_s=1000.0)
+    for caller in ("a", "b", "c"):  # slow for every caller, not for one
+        for _ in range(30):
+            watch.observe(True, 5.0, subject=caller)
+        watch.observe(True, 400.0, subject=caller)
     verdict = watch.verdict(1002.0)
-    assert verdict.action == "rollback" and verdict.reason.startswith("p99 latency 400.0 ms")
+    assert verdict.action == "rollback"
+    assert verdict.reason.startswith("p99 latency 400.00 ms per row"), verdict.reason
+
+
+def test_one_caller_cannot_roll_a_version_back_on_speed() -> None:
+    """Issue 18: one big request among 49 small ones from one caller crossed the p99."""
+    watch = HealthWatch(POLICY, started_s=1000.0)
+    for _ in range(49):
+        watch.observe(True, 2.0, rows=1, subject="mallory")
+    watch.observe(True, 3000.0, rows=15, subject="mallory")  # 15 x 1 MiB BYTES
+    assert watch.verdict(1002.0).action == "wait"
+    assert watch.verdict(2000.0).action == "confirm"  # the window ends healthy
+
+
+def test_batch_size_outliers_are_not_judged_on_speed() -> None:
+    watch = HealthWatch(POLICY, started_s=1000.0)
+    for caller in ("a", "b", "c"):
+        for _ in range(20):
+            watch.observe(True, 2.0, rows=1, subject=caller)
+    for _ in range(3):  # slow per row, but 64 rows where the median is 1: not comparable
+        watch.observe(True, 900.0, rows=64, subject="a")
+    assert watch.verdict(2000.0).action == "confirm"
+
+
+def test_a_caller_has_one_vote() -> None:
+    watch = HealthWatch(POLICY, started_s=1000.0)
+    for caller in ("a", "b", "c"):
+        for _ in range(20):
+            watch.observe(True, 2.0, subject=caller)
+    for _ in range(500):  # a flood of slow single-row requests from one of three callers
+        watch.observe(True, 900.0, subject="c")
+    assert watch.verdict(2000.0).action == "confirm"
+
+
+def test_per_row_compute_is_judged_against_the_previous_versions() -> None:
+    slow = HealthWatch(POLICY, started_s=1000.0, baseline_row_ms=1.0)
+    same = HealthWatch(POLICY, started_s=1000.0, baseline_row_ms=1.0)
+    for caller in ("a", "b", "c"):
+        for _ in range(20):
+            slow.observe(True, 4.0, subject=caller)  # 4x the previous version, under 50 ms
+            same.observe(True, 1.2, subject=caller)
+    verdict = slow.verdict(1002.0)
+    assert verdict.action == "rollback" and "4.0x the previous version's" in verdict.reason
+    assert same.verdict(2000.0).action == "confirm"
 
 
 def test_failed_probe_rolls_back_at_once() -> None:

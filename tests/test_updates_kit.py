@@ -302,7 +302,7 @@ def test_observed_scheduler_counts_only_the_models_own_failures(
     error: Exception | None, counted: tuple[bool, ...]
 ) -> None:
     seen: list[bool] = []
-    scheduler = ObservedScheduler(_Inner(error), lambda ok, ms: seen.append(ok))
+    scheduler = ObservedScheduler(_Inner(error), lambda ok, ms, rows, caller: seen.append(ok))
     try:
         asyncio.run(scheduler.submit({}, None, None))
     except Exception as exc:

@@ -216,21 +216,34 @@ def test_an_oversized_chunked_upload_is_cut_off_while_streaming(server: RunningS
     served_version(server.url)
 
 
+def _served_despite_lag(url: str) -> None:
+    """One inference; a 429 from a loop running late (the start-up GC freeze on a loaded
+    box) is the box's overload answer, retried, not a failure of the update."""
+
+    def answered() -> bool:
+        r = httpx.post(f"{url}/v2/models/digits/infer", json=digits_rows(), timeout=30)
+        assert r.status_code in (200, 429), r.text
+        return r.status_code == 200
+
+    wait_until(answered, 30, "an inference past the overload 429s", interval_s=0.05)
+
+
 def test_the_health_watch_rolls_back_a_model_that_is_too_slow(tmp_path: Path) -> None:
-    """Every real model is slower than a 0.1 ms p99 limit: version 4 goes back to 3."""
+    """Every real model computes a row slower than a 1 µs p99 limit: 4 goes back to 3."""
     kit = UpdateKit(tmp_path)
-    config = kit.config(watch_window_s=120.0, min_requests=10, max_p99_ms=0.1)
+    # auth is off here: every request is one caller, so that one caller may judge
+    config = kit.config(watch_window_s=120.0, min_requests=10, max_p99_ms=0.001, min_subjects=1)
     with run_server(tmp_path, config) as server:
         assert upload(server.url, kit.bundle(3, source=1)).status_code == 201
         for _ in range(12):  # version 3 breaches too, but has nothing to go back to
-            served_version(server.url)
+            _served_despite_lag(server.url)
         wait_for(lambda: "cannot roll back model=digits" in server.log(), 30, "first verdict")
         assert upload(server.url, kit.bundle(4, source=2)).status_code == 201
 
         def rolled_back() -> bool:
             if serves(server, 3):
                 return True
-            served_version(server.url)  # traffic: the health watch judges served requests
+            _served_despite_lag(server.url)  # traffic: the health watch judges served requests
             return False
 
         wait_until(rolled_back, 60, "the rollback to version 3", interval_s=0)

@@ -71,8 +71,13 @@ def parse_key_material(raw: bytes, where: str) -> bytes:
     )
 
 
-def check_private_file(path: Path, what: str = "master key file") -> None:
-    """Refuse a secret file that group or others could read or write, and say how to fix it."""
+def check_private_file(
+    path: Path, what: str = "master key file", exposes: str = "every stored model"
+) -> None:
+    """Refuse a secret file that group or others could read or write, and say how to fix it.
+
+    The one mode check for every key file the box reads (master, bundle, signing and
+    token signing keys, audit.key): `exposes` says what a reader of it would get."""
     st = path.stat()
     if not stat.S_ISREG(st.st_mode):
         raise MasterKeyError(f"{what} {path} is not a regular file")
@@ -80,7 +85,7 @@ def check_private_file(path: Path, what: str = "master key file") -> None:
     if loose:
         raise MasterKeyError(
             f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: group or other users can "
-            f"access it, and with it every stored model. Fix: chmod 600 {path} "
+            f"access it, and with it {exposes}. Fix: chmod 600 {path} "
             "(and chown it to the service user)"
         )
 

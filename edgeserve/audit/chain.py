@@ -23,6 +23,9 @@ from typing import Any
 import orjson
 
 from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.config.schema import ConfigError
+from updater.errors import MasterKeyError
+from updater.masterkey import check_private_file
 
 GENESIS = "0" * 64
 DB_NAME = "audit.db"
@@ -73,7 +76,16 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
 
 
 def load_key(path: Path, *, create: bool) -> bytes | None:
-    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable."""
+    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable.
+    A key group or others can read is refused (ConfigError), as the master key is."""
+    try:
+        check_private_file(path, "audit key file", "the power to rewrite the audit log unseen")
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        return None
+    except MasterKeyError as exc:
+        raise ConfigError("audit", exc.message) from None
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -179,19 +191,51 @@ def prune(conn: sqlite3.Connection, key: bytes, before_ms: int) -> int:
             found = conn.execute(
                 "SELECT MAX(seq) FROM entries WHERE seq < ?", (first_kept,)
             ).fetchone()[0]
-        if found is None:
-            conn.execute("ROLLBACK")
-            return 0
-        last = conn.execute("SELECT hash FROM entries WHERE seq = ?", (found,)).fetchone()[0]
-        removed = conn.execute("DELETE FROM entries WHERE seq <= ?", (found,)).rowcount
-        write_checkpoint(conn, key, "anchor", int(found), str(last))
-        conn.execute("COMMIT")
+        return _cut(conn, key, found)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def prune_oldest(conn: sqlite3.Connection, key: bytes, rows: int) -> int:
+    """Remove the `rows` oldest rows (the size cap); the last removed becomes the anchor."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = conn.execute(
+            "SELECT MAX(seq) FROM (SELECT seq FROM entries ORDER BY seq LIMIT ?)", (rows,)
+        ).fetchone()[0]
+        return _cut(conn, key, found)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _cut(conn: sqlite3.Connection, key: bytes, through_seq: int | None) -> int:
+    """Inside a write transaction that it ends: delete rows up to `through_seq` and sign
+    the last one as the anchor, so the chain stays verifiable from it."""
+    if through_seq is None:
+        conn.execute("ROLLBACK")
+        return 0
+    last = conn.execute("SELECT hash FROM entries WHERE seq = ?", (through_seq,)).fetchone()[0]
+    removed = conn.execute("DELETE FROM entries WHERE seq <= ?", (through_seq,)).rowcount
+    write_checkpoint(conn, key, "anchor", int(through_seq), str(last))
+    conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # pruned rows do not linger in the WAL
     return removed
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's pages in use (freed pages are reused, not counted)."""
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * size)
+
+
+def row_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import unicodedata
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ import orjson
 from edgeserve.audit import chain
 from edgeserve.audit.log import read_entries
 from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
+from edgeserve.config.schema import ConfigError
 
 
 @click.group("audit")
@@ -40,6 +42,9 @@ def verify_command(config_path: Path | None, as_json: bool) -> None:
     try:
         key = chain.load_key(chain.key_path(state_dir), create=False)
         report = chain.verify(conn, key)
+    except ConfigError as exc:
+        click.echo(f"edgeserve: {exc}", err=True)
+        sys.exit(1)
     finally:
         conn.close()
     if as_json:
@@ -73,11 +78,23 @@ def show_command(config_path: Path | None, since_seq: int, limit: int, as_json: 
         sys.exit(1)
     for row in rows:
         if as_json:
-            click.echo(orjson.dumps(row).decode())
+            click.echo(terminal_safe(orjson.dumps(row).decode()))
             continue
         when = datetime.datetime.fromtimestamp(row["time_ms"] / 1000, datetime.timezone.utc)
         click.echo(
-            f"{row['seq']} {when:%Y-%m-%dT%H:%M:%SZ} {row['action']} target={row['target']} "
-            f"outcome={row['outcome']} subject={row['subject'] or '-'} "
-            f"client={row['client'] or '-'} detail={orjson.dumps(row['detail']).decode()}"
+            terminal_safe(
+                f"{row['seq']} {when:%Y-%m-%dT%H:%M:%SZ} {row['action']} "
+                f"target={row['target']} outcome={row['outcome']} "
+                f"subject={row['subject'] or '-'} client={row['client'] or '-'} "
+                f"detail={orjson.dumps(row['detail']).decode()}"
+            )
         )
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control or format character written as a `\\uXXXX` escape:
+    a path or reason a client chose reaches the operator's terminal as text, never as an
+    escape sequence (ESC, CSI, OSC, BEL) or a bidi override. Valid inside JSON too."""
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text
+    )

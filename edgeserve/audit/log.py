@@ -2,8 +2,10 @@
 
 `record` is safe on the event loop: it takes a short lock and appends to a bounded
 deque. Refusals that arrive in floods (`aggregate=True`, used for auth failures) are
-counted per (action, target, outcome, subject, client, detail) and written once per
-`aggregate_window_s` as a single row whose detail carries `"count"`. If the queue is
+counted per (action, outcome, subject, client, detail), that is by client and reason,
+never by target: a client walking 20,000 distinct paths still costs one row per
+`aggregate_window_s`. The row's target is the first one seen, its detail carries
+`"count"` and, when the targets differed, a few of them. If the queue is
 ever full the entry is dropped, counted, and the count itself is written as an
 `audit.dropped` row as soon as there is room, so a loss is itself on the record.
 """
@@ -29,6 +31,7 @@ from edgeserve.config.schema import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_TEXT = 200
+TARGET_SAMPLES = 5  # distinct targets kept as examples in an aggregated row
 MAX_DETAIL_BYTES = 4096
 SECRET_KEYS = re.compile(r"token|secret|password|passwd|authorization|cookie|private|key$", re.I)
 JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
@@ -88,7 +91,7 @@ class AuditLog:
         self._on_written = on_written
         self._lock = threading.Lock()
         self._queue: deque[dict[str, Any]] = deque()
-        self._counts: dict[tuple, list] = {}  # key -> [count, first time_ms]
+        self._counts: dict[tuple, list] = {}  # key -> [count, first time_ms, targets, more]
         self._window_start = time.monotonic()
         self._dropped = 0
         self._flush_counts = False  # flush() asks for the aggregates now, not at window end
@@ -142,22 +145,22 @@ class AuditLog:
         self.record("auth.refused", "token", "denied", client=client, detail=detail, aggregate=True)
 
     def _aggregate(self, entry: dict[str, Any]) -> None:
-        # Under self._lock.
-        key = tuple(
-            entry[k] for k in ("action", "target", "outcome", "subject", "client", "detail")
-        )
-        found = self._counts.get(key)
-        if found is not None:
-            found[0] += 1
-            return
-        if len(self._counts) >= self.settings.aggregate_max_keys:
+        # Under self._lock. The target is not part of the key (see the module doc).
+        key = tuple(entry[k] for k in ("action", "outcome", "subject", "client", "detail"))
+        if key not in self._counts and len(self._counts) >= self.settings.aggregate_max_keys:
             # Too many distinct clients or reasons in one window: fold the rest into one row.
-            key = (*key[:3], "", "*", '{"reason":"many distinct clients or reasons"}')
-            found = self._counts.get(key)
-            if found is not None:
-                found[0] += 1
-                return
-        self._counts[key] = [1, entry["time_ms"]]
+            key = (*key[:2], "", "*", '{"reason":"many distinct clients or reasons"}')
+        found = self._counts.get(key)
+        if found is None:
+            self._counts[key] = [1, entry["time_ms"], [entry["target"]], False]
+            return
+        found[0] += 1
+        targets = found[2]
+        if entry["target"] not in targets:
+            if len(targets) < TARGET_SAMPLES:
+                targets.append(entry["target"])
+            else:
+                found[3] = True
 
     def _take_counts(self, force: bool) -> list[dict[str, Any]]:
         # Under self._lock.
@@ -167,15 +170,19 @@ class AuditLog:
         self._window_start = now
         counts, self._counts = self._counts, {}
         rows = []
-        for (action, target, outcome, subject, client, detail), (n, first_ms) in counts.items():
+        for (action, outcome, subject, client, detail), found in counts.items():
+            n, first_ms, targets, more = found
             body = orjson.loads(detail)
             body["count"] = n
+            if len(targets) > 1:
+                body["targets"] = targets
+                body["more_targets"] = more
             rows.append(
                 {
                     "time_ms": first_ms,
                     "subject": subject,
                     "action": action,
-                    "target": target,
+                    "target": targets[0],
                     "outcome": outcome,
                     "client": client,
                     "detail": orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode(),
@@ -257,6 +264,7 @@ class AuditLog:
             with self._written_cond:
                 self._written += len(entries) - (1 if dropped else 0) + len(aggregated)
                 self._written_cond.notify_all()
+        self._cap_size(conn)
         if stored and self._on_written is not None:
             try:
                 self._on_written(stored)
@@ -275,6 +283,26 @@ class AuditLog:
                     log.error("audit writer gave up at stop rows=%d", len(rows))
                     return []
                 backoff_s = min(backoff_s * 2, 5.0)
+
+    def _cap_size(self, conn: sqlite3.Connection) -> None:
+        """Prune the oldest quarter of the rows until the file is under `max_db_bytes`."""
+        try:
+            removed = 0
+            while chain.used_bytes(conn) > self.settings.max_db_bytes:
+                rows = chain.row_count(conn)
+                if rows <= 1:
+                    break
+                removed += chain.prune_oldest(conn, self._key, max(1, rows // 4))
+        except sqlite3.Error as exc:
+            log.error("audit size cap failed error=%r", str(exc))
+            return
+        if removed:
+            log.warning(
+                "audit pruned early rows=%d max_db_bytes=%d (the chain restarts at its "
+                "signed anchor)",
+                removed,
+                self.settings.max_db_bytes,
+            )
 
     def _prune(self, conn: sqlite3.Connection) -> None:
         cutoff_ms = int((time.time() - self.settings.retention_days * 86400) * 1000)

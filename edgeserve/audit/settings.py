@@ -18,3 +18,6 @@ class AuditSettings:
     aggregate_window_s: float = setting(1.0, min=0.05, max=60.0)
     aggregate_max_keys: int = setting(1024, min=1, max=100000)
     queue_entries: int = setting(10000, min=10, max=1000000)
+    # Largest audit.db (pages in use; the WAL adds up to ~4 MiB between checkpoints).
+    # Past it the oldest rows are pruned early, through the signed anchor like retention.
+    max_db_bytes: int = setting(64 * 1024**2, min=65536)

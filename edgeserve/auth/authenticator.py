@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import NoReturn, Protocol, runtime_checkable
 
 import anyio.to_thread
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from edgeserve.auth.keyset import FileSource, KeySet, URLSource
 from edgeserve.auth.principal import ALL_SCOPES, ANONYMOUS, SCOPE_METRICS, Principal
@@ -114,6 +114,22 @@ class JWTAuthenticator:
         found = self._bearer(request, client)
         if isinstance(found, Principal):
             return found
+        principal = await self._verified(client, found)
+        self.subjects.take(principal.subject)
+        return principal
+
+    async def still_valid_async(self, connection: HTTPConnection) -> Principal:
+        """The caller of a long-lived stream, checked again before each of its messages:
+        an expired token or one whose key was rotated out is refused (401) as on a new
+        request. A cache hit costs a digest; the per-subject rate limit is not taken
+        again (the stream's messages pass the event loop's gate instead)."""
+        client = client_address(connection)
+        found = self._bearer(connection, client)
+        if isinstance(found, Principal):
+            return found
+        return await self._verified(client, found)
+
+    async def _verified(self, client: str, found: str) -> Principal:
         # A hit costs a digest, dict lookups and the key set's freshness check (a stat of
         # the JWKS file); pyjwt runs only on a miss. Only a cached token can make the key
         # set refresh here: garbage goes on to the header checks first, as without a cache.
@@ -126,7 +142,6 @@ class JWTAuthenticator:
             if self.keyset.refresh_due(header.kid):
                 await self._refresh(header.kid)
             principal = self._verify(client, found, header, key)
-        self.subjects.take(principal.subject)
         return principal
 
     async def _refresh(self, kid: str | None) -> None:
@@ -136,7 +151,7 @@ class JWTAuthenticator:
         else:
             self.keyset.refresh(kid)
 
-    def _bearer(self, request: Request, client: str) -> Principal | str:
+    def _bearer(self, request: HTTPConnection, client: str) -> Principal | str:
         """The bearer token, unparsed, or a Principal for an opened endpoint."""
         values = request.headers.getlist("authorization")
         if not values:
@@ -186,7 +201,7 @@ class JWTAuthenticator:
         raise Unauthorized(f"invalid token: {reason}", headers=dict(headers))
 
 
-def client_address(request: Request) -> str:
+def client_address(request: HTTPConnection) -> str:
     """The peer's address as the server saw it (no forwarding headers are trusted)."""
     return request.client.host if request.client else "unknown"
 

@@ -9,14 +9,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE, build_authenticator
-from edgeserve.auth.principal import ALL_SCOPES, Principal
+from edgeserve.auth.principal import ALL_SCOPES, CALLER, Principal
 from edgeserve.errors import Unauthorized
 
-__all__ = ["Endpoint", "authenticate", "build_authenticator", "requires"]
+__all__ = [
+    "Endpoint",
+    "authenticate",
+    "build_authenticator",
+    "requires",
+    "still_authenticated",
+]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -26,8 +32,21 @@ async def authenticate(request: Request) -> Principal:
     authenticator = request.app.state.authenticator
     authenticate_async = getattr(authenticator, "authenticate_async", None)
     if authenticate_async is not None:
-        return await authenticate_async(request)
-    return authenticator.authenticate(request)
+        principal = await authenticate_async(request)
+    else:
+        principal = authenticator.authenticate(request)
+    CALLER.set(principal.subject)
+    return principal
+
+
+async def still_authenticated(connection: HTTPConnection) -> Principal:
+    """The caller of a stream, checked again for its next message (expiry, rotated keys);
+    raises Unauthorized (401) once the token no longer holds."""
+    authenticator = connection.app.state.authenticator
+    still_valid = getattr(authenticator, "still_valid_async", None)
+    if still_valid is not None:
+        return await still_valid(connection)
+    return authenticator.authenticate(connection)
 
 
 def requires(scope: str, *alternatives: str) -> Callable[[Endpoint], Endpoint]:

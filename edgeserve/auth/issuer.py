@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edgeserve.auth.keyfiles import write_atomic, write_private
 from edgeserve.auth.principal import ALL_SCOPES
 from edgeserve.errors import Conflict, NotFound
+from updater.errors import MasterKeyError
+from updater.masterkey import check_private_file
 
 SIGNING_KEY_NAME = "token_signing_key.pem"
 JWKS_NAME = "jwks.json"
@@ -139,8 +141,20 @@ def read_public_keys(jwks_file: Path) -> list[Ed25519PublicKey]:
     return keys
 
 
+def check_signing_key_mode(state_dir: Path) -> None:
+    """Refuse (ValueError naming the fix) a token signing key group or others can read."""
+    path = keys_dir(state_dir) / SIGNING_KEY_NAME
+    try:
+        check_private_file(path, "token signing key file", "the power to mint any token")
+    except FileNotFoundError:
+        return
+    except MasterKeyError as exc:
+        raise ValueError(exc.message) from None
+
+
 def _load_key(folder: Path) -> Ed25519PrivateKey:
     path = folder / SIGNING_KEY_NAME
+    check_signing_key_mode(folder.parent)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ IMPLIED_SCOPES: dict[str, frozenset[str]] = {SCOPE_ADMIN: frozenset({SCOPE_FEEDB
 
 # Subject of a principal that presented no token (auth off, or metrics opened on loopback).
 ANONYMOUS = ""
+
+# The subject of the request this task is serving, set when it is authenticated: for the
+# parts that see a request only through the data plane (the health watch counts callers).
+CALLER: ContextVar[str] = ContextVar("edgeserve_caller", default=ANONYMOUS)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     except PortInUse as exc:
         click.echo(f"edgeserve: {exc}", err=True)
         raise SystemExit(EXIT_PORT_IN_USE) from None
+    refuse_loose_key_files(settings)
     ensure_local_issuer(settings)
     from edgeserve.server import event_loop_runner, run_server
 
@@ -74,6 +75,21 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     except OSError as exc:
         click.echo(f"edgeserve: cannot serve: {exc.strerror or exc}", err=True)
         raise SystemExit(1) from None
+
+
+def refuse_loose_key_files(settings: Settings) -> None:
+    """Exit 2 before serving when the token signing key or audit.key can be read by group
+    or others, as the server does for the master key (one check: updater.masterkey)."""
+    from edgeserve.audit import chain
+    from edgeserve.auth.issuer import check_signing_key_mode
+
+    state_dir = settings.server.state_dir
+    try:
+        check_signing_key_mode(state_dir)
+        chain.load_key(chain.key_path(state_dir), create=False)
+    except (ValueError, ConfigError) as exc:
+        click.echo(f"edgeserve: config error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 def ensure_local_issuer(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,18 @@ class ServerSettings:
     graceful_timeout_s: float = setting(10.0, min=0, max=3600)
     log_level: str = setting("info", choices=("debug", "info", "warning", "error"))
     cors_origins: list[str] = setting([])
+    # The URL browsers use to reach this server ("https://box.shop.lan:8443"), if any:
+    # the dashboard then accepts a login only from that origin, and marks its cookie
+    # Secure when it is https (a TLS-terminating proxy in front). Empty = the request's own.
+    public_url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.public_url:
+            parts = urllib.parse.urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("public_url", "must be an http:// or https:// URL with a host")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ConfigError("public_url", "must be an origin only (no path or query)")
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,11 @@ async def dashboard(request: Request) -> Response:
 
 async def open_session(request: Request) -> Response:
     """A session from the login form's token, or from the bearer header: a client that
-    sends the header is authenticated before (and without) any body read."""
+    sends the header is authenticated before (and without) any body read. A browser
+    posting from another site's page is refused first (login CSRF)."""
+    public_url = request.app.state.settings.server.public_url
+    if not _same_origin(request, public_url):
+        return HTMLResponse(render.login("Sign in from this server's own page."), status_code=403)
     token = _bearer(request)
     if token is None:
         body = await read_body(request, MAX_LOGIN_BODY_BYTES)
@@ -92,9 +96,24 @@ async def open_session(request: Request) -> Response:
         path="/dashboard",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=request.url.scheme == "https" or public_url.startswith("https://"),
     )
     return response
+
+
+def _same_origin(request: Request, public_url: str) -> bool:
+    """Whether a browser's `Origin` is this server's: the configured public URL's origin,
+    else the scheme and Host the request came with. A request without `Origin` is not a
+    browser's cross-site form post (browsers send it on every POST) and passes."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if public_url:
+        parts = urllib.parse.urlsplit(public_url)
+        own = f"{parts.scheme}://{parts.netloc}"
+    else:
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    return origin.strip().lower() == own.lower()
 
 
 def _bearer(request: Request) -> str | None:

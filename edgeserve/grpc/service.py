@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from edgeserve.auth.authenticator import NO_TOKEN_CHALLENGE
-from edgeserve.auth.guard import authenticate
+from edgeserve.auth.guard import authenticate, still_authenticated
 from edgeserve.auth.principal import Principal
 from edgeserve.config.loader import Settings
 from edgeserve.errors import EdgeserveError, InvalidInput, Unauthorized
@@ -81,12 +81,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """The HTTP authenticator, fed the `authorization` metadata through a request shim."""
         if scope is None:
             return None
+        principal = await authenticate(self._shim(context))
+        if principal.anonymous and scope not in principal.scopes:
+            raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
+        principal.require(scope)
+        return principal
+
+    def _shim(self, context: grpc.aio.ServicerContext) -> Request:
+        """The call as the authenticator reads a request: its `authorization` and peer."""
         headers = [  # every value: two of them are refused as over HTTP
             (k.encode("latin-1"), v.strip(" \t").encode("latin-1"))
             for k, v in (context.invocation_metadata() or ())
             if k == "authorization" and isinstance(v, str)
         ]
-        shim = Request(
+        return Request(
             {
                 "type": "http",
                 "app": self._app,
@@ -97,11 +105,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 "client": (_peer_host(context.peer()), 0),
             }
         )
-        principal = await authenticate(shim)
-        if principal.anonymous and scope not in principal.scopes:
-            raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
-        principal.require(scope)
-        return principal
 
     async def _call(
         self,
@@ -211,8 +214,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         def infer_one(request: Any, context: Any) -> Awaitable[pb.ModelInferResponse]:
             return self.infer_one(request, context, principal, stream=True)
 
-        async for reply in stream_replies(infer_one, request_iterator, context):
+        refused: list[EdgeserveError] = []
+
+        async def while_authenticated() -> AsyncIterator[Any]:
+            # Each request is read only while the token still holds (expiry, a key
+            # rotated out): then the stream stops reading, answers what is in flight,
+            # and ends UNAUTHENTICATED.
+            async for request in request_iterator:
+                try:
+                    await still_authenticated(self._shim(context))
+                except EdgeserveError as exc:
+                    refused.append(exc)
+                    return
+                yield request
+
+        async for reply in stream_replies(infer_one, while_authenticated(), context):
             yield reply
+        if refused:
+            await context.abort(status_code_for(refused[0].status), refused[0].message)
 
     async def infer_one(
         self, request: Any, context: Any, principal: Principal | None = None, stream: bool = False

@@ -1,19 +1,42 @@
-"""Read a request body within a byte limit, checked on the header and on the stream."""
+"""Read a request body within a byte limit, checked on the header and on the stream.
+
+With `[limits] accept_compressed` a gzip or deflate body is inflated as it arrives, and
+the limit holds for the inflated bytes; the inflated size may also be at most
+`MAX_RATIO` times what arrived (plus `RATIO_SLACK_BYTES`), so a few KiB on the wire
+never make the event loop inflate megabytes (a ratio bomb is 413 at once, counted).
+"""
 
 from __future__ import annotations
+
+import zlib
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
 from edgeserve.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from edgeserve.http.bounds import DECOMPRESSED_BODY
 from edgeserve.protocol.integers import parse_uint
+
+MAX_RATIO = 100  # inflated bytes per compressed byte; JSON tensors compress 3-20x
+RATIO_SLACK_BYTES = 64 * 1024
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 async def read_body(request: Request, max_bytes: int, accept_compressed: bool = False) -> bytes:
     """The whole body, refusing it as soon as it is known to exceed `max_bytes`; a
     client that disconnects meanwhile is `ClientClosed` (499), not a server error."""
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding not in ("identity", "") and not accept_compressed:
-        raise UnsupportedMediaType(f"compressed request bodies ({encoding[:20]}) are not accepted")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    inflate = None
+    if encoding not in ("identity", ""):
+        if not accept_compressed:
+            raise UnsupportedMediaType(
+                f"compressed request bodies ({encoding[:20]}) are not accepted"
+            )
+        if encoding not in _WBITS:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding[:20]} is not supported (gzip or deflate)"
+            )
+        inflate = zlib.decompressobj(_WBITS[encoding])
     declared = request.headers.get("content-length")
     if declared is not None:
         length = parse_uint(declared)
@@ -24,13 +47,42 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
                 f"request body of {declared} bytes exceeds the limit of {max_bytes}"
             )
     chunks = []
-    received = 0
+    received = produced = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            if inflate is not None:
+                chunk = _inflated(request, inflate, chunk, produced, received, max_bytes)
+                produced += len(chunk)
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientClosed("the client disconnected before its request body was read") from None
+    if inflate is not None:
+        chunks.append(_inflated(request, inflate, b"", produced, received, max_bytes))
+        if not inflate.eof:
+            raise InvalidInput(f"the {encoding} body ends before its compressed stream does")
     return b"".join(chunks)
+
+
+def _inflated(
+    request: Request, inflate: Any, data: bytes, produced: int, received: int, max_bytes: int
+) -> bytes:
+    """Inflate `data` (or flush, when empty) without ever producing more than allowed."""
+    allowed = min(max_bytes, MAX_RATIO * received + RATIO_SLACK_BYTES) - produced
+    try:
+        out = inflate.decompress(data, allowed + 1) if data else inflate.flush(allowed + 1)
+    except zlib.error:
+        raise InvalidInput("the compressed body is not valid (gzip or deflate)") from None
+    if len(out) > allowed:
+        bounds = getattr(request.app.state, "bounds", None)
+        if bounds is not None:
+            bounds.hit(DECOMPRESSED_BODY)
+        raise PayloadTooLarge(
+            f"the decompressed body exceeds the limit of {max_bytes} bytes or "
+            f"{MAX_RATIO} times its compressed size"
+        )
+    if inflate.unused_data:
+        raise InvalidInput("bytes follow the end of the compressed body")
+    return bytes(out)

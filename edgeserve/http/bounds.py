@@ -6,6 +6,9 @@ from __future__ import annotations
 BODY_DEADLINE = "body_deadline"
 CONNECTIONS = "connections"
 CONNECTIONS_PER_CLIENT = "connections_per_client"
+DECOMPRESSED_BODY = "decompressed_body"
+JOBS_ACTIVE = "jobs_active"
+JOBS_DISK = "jobs_disk"
 
 
 class BoundsHit:

@@ -14,7 +14,10 @@ client's own sends block: memory per connection stays bounded by the window, nev
 how far ahead the client runs. Each message passes the event loop's gate
 (edgeserve/serving/admission.py) as HTTP and gRPC inferences do: a refused one gets
 `{"error": ..., "status": 429}`. Authenticated with `@requires("infer")` at the
-handshake (a refused handshake is an HTTP 403).
+handshake (a refused handshake is an HTTP 403), and again before each message: once
+the token has expired or its key was rotated out, the stream stops reading, sends what
+is in flight and closes with 1008. A stream with nothing in flight that receives no
+message for `[jobs] stream_idle_timeout_s` is closed (1000).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import orjson
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from edgeserve.auth.guard import requires
+from edgeserve.auth.guard import requires, still_authenticated
 from edgeserve.errors import EdgeserveError
 from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
-CLOSE_POLICY = 1008  # refused: auth, unknown model
+CLOSE_NORMAL = 1000  # idle
+CLOSE_POLICY = 1008  # refused: auth, unknown model, token expired mid-stream
 CLOSE_TOO_BIG = 1009
 
 
@@ -60,7 +64,8 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
     await websocket.accept()
     settings = state.settings.jobs
     pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(settings.stream_window)
-    reader = asyncio.create_task(_read(websocket, pending, name, version, settings))
+    ending: list[tuple[int, str]] = []  # why the reader stopped, if it closes the stream
+    reader = asyncio.create_task(_read(websocket, pending, name, version, settings, ending))
     try:
         await _write(websocket, pending, settings.stream_send_timeout_s)
     finally:
@@ -71,17 +76,19 @@ async def _authorized(websocket: WebSocket) -> None:  # type: ignore[misc]
             task = pending.get_nowait()
             if task is not None:
                 task.cancel()
-    await _drain(websocket, settings.stream_send_timeout_s)
+    await _drain(
+        websocket, settings.stream_send_timeout_s, *(ending[0] if ending else (CLOSE_NORMAL, ""))
+    )
 
 
-async def _drain(websocket: WebSocket, timeout_s: float) -> None:
+async def _drain(websocket: WebSocket, timeout_s: float, code: int, reason: str) -> None:
     """Close, then discard what the client still sends until it disconnects, for at
     most `timeout_s`. Hypercorn keeps feeding a connection's messages to the app even
     after it returned, and stops reading the socket while they are not taken, so a
     stalled stream is emptied for its socket to be freed; a client that keeps sending
     after our close is left to Hypercorn's own timeouts."""
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(websocket.close(), 1.0)
+        await asyncio.wait_for(websocket.close(code=code, reason=reason), 1.0)
 
     async def discard() -> None:
         while (await websocket.receive())["type"] != "websocket.disconnect":
@@ -95,17 +102,26 @@ stream.required_scope = "infer"  # type: ignore[attr-defined]
 
 
 async def _read(
-    websocket: WebSocket, pending: asyncio.Queue, name: str, version: str | None, settings: Any
+    websocket: WebSocket,
+    pending: asyncio.Queue,
+    name: str,
+    version: str | None,
+    settings: Any,
+    ending: list[tuple[int, str]],
 ) -> None:
     """Receive messages and start their inference; `put` blocks when the window is full,
     which is what stops the server reading a client that does not read.
 
     The end of input is queued for the writer (after what is in flight), except when
-    the writer gave up and cancelled us: nobody would take it from the full window."""
+    the writer gave up and cancelled us: nobody would take it from the full window.
+    A token that no longer holds, or an idle client, ends the input (`ending` says why)."""
     running: set[asyncio.Task[bytes]] = set()
     try:
         while True:
-            message = await websocket.receive()
+            message = await _receive(websocket, settings.stream_idle_timeout_s, running, pending)
+            if message is None:
+                ending.append((CLOSE_NORMAL, "idle timeout"))
+                break
             if message["type"] == "websocket.disconnect":
                 for task in running:  # nobody will read their answers: 499, not computed
                     task.cancel()
@@ -116,6 +132,11 @@ async def _read(
             if len(data) > settings.stream_max_message_bytes:
                 await websocket.close(code=CLOSE_TOO_BIG, reason="message too large")
                 break
+            try:
+                await still_authenticated(websocket)
+            except EdgeserveError as exc:  # expired, or its key rotated out: no more input
+                ending.append((CLOSE_POLICY, exc.message[:120]))
+                break
             task = asyncio.create_task(_infer_one(websocket, name, version, data))
             running.add(task)
             task.add_done_callback(running.discard)
@@ -125,6 +146,19 @@ async def _read(
     except Exception:  # the connection broke under us: end the stream like a disconnect
         log.info("stream input ended by a connection error model=%s", name)
     await pending.put(None)
+
+
+async def _receive(
+    websocket: WebSocket, idle_s: float, running: set, pending: asyncio.Queue
+) -> Any:
+    """The next message, or None once the client sent nothing for `idle_s` while nothing
+    of its was in flight (a client waiting for a slow answer is not idle)."""
+    while True:
+        try:
+            return await asyncio.wait_for(websocket.receive(), idle_s)
+        except asyncio.TimeoutError:
+            if not running and pending.empty():
+                return None
 
 
 async def _write(websocket: WebSocket, pending: asyncio.Queue, timeout_s: float) -> None:

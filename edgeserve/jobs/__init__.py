@@ -22,13 +22,23 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
     except ImportError:
         logging.getLogger(__name__).warning("jobs disabled: pip install 'edgeserve[batch]'")
         return None
+    from edgeserve.jobs.admission import DiskBounds, JobAdmission, JobSlots, UploadBudget
     from edgeserve.jobs.pacing import LivePacer, LiveSignals
     from edgeserve.jobs.runner import JobRunner
     from edgeserve.jobs.store import JobStore
 
     state_dir = settings.server.state_dir
+    jobs = settings.jobs
+    store = JobStore(state_dir / "jobs.db")
+    admission = JobAdmission(
+        JobSlots(store.count_active, jobs.max_active_jobs),
+        UploadBudget(
+            state_dir / "jobs",
+            DiskBounds(jobs.max_subject_bytes, jobs.max_total_bytes, jobs.min_free_bytes),
+        ),
+    )
     runner = JobRunner(
-        JobStore(state_dir / "jobs.db"),
+        store,
         state_dir / "jobs",
         settings.models.repository,
         settings.models.backend,
@@ -43,6 +53,7 @@ def start_jobs(settings: Settings, registry: Registry) -> JobRunner | None:
         keep_finished_s=settings.jobs.keep_finished_s,
         served_model=lambda name, version: _served_model(settings, registry, name, version),
         feature_db=settings.features.resolve(state_dir),
+        admission=admission,
     )
     runner.start()
     return runner

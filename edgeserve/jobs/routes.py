@@ -27,11 +27,14 @@ from edgeserve.auth.guard import requires
 from edgeserve.errors import (
     Conflict,
     Forbidden,
+    InsufficientStorage,
     InvalidInput,
     NotFound,
     Overloaded,
     PayloadTooLarge,
 )
+from edgeserve.http.bounds import JOBS_ACTIVE, JOBS_DISK
+from edgeserve.jobs.admission import UploadBudget
 from edgeserve.jobs.store import (
     ACTIVE,
     CANCELLED,
@@ -122,12 +125,30 @@ def job_doc(job: Job, live: tuple[int, float | None] | None = None) -> dict[str,
 @requires("infer")
 async def create_job(request: Request) -> Response:
     runner = _runner(request)
+    admission = runner.admission
+    assert admission is not None  # start_jobs always gives one
+    try:
+        admission.slots.acquire()  # before any await: no check-then-act race
+    except Overloaded:
+        _count_bound(request, JOBS_ACTIVE)
+        raise
+    try:
+        return await _create_job(request, runner, admission.uploads)
+    except InsufficientStorage:
+        _count_bound(request, JOBS_DISK)
+        raise
+    finally:
+        admission.slots.release()
+
+
+def _count_bound(request: Request, bound: str) -> None:
+    bounds = getattr(request.app.state, "bounds", None)  # set by edgeserve/server.py
+    if bounds is not None:
+        bounds.hit(bound)
+
+
+async def _create_job(request: Request, runner: JobRunner, uploads: UploadBudget) -> Response:
     settings = request.app.state.settings.jobs
-    if runner.store.count_active() >= settings.max_active_jobs:
-        raise Overloaded(
-            f"{settings.max_active_jobs} jobs are already queued or running; retry later",
-            headers={"Retry-After": "60"},
-        )
     job_id = new_job_id()
     folder = runner.job_dir(job_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -146,7 +167,7 @@ async def create_job(request: Request) -> Response:
                     "application/x-ndjson or application/vnd.apache.parquet"
                 )
             source = folder / f"input.{fmt}"
-            await _receive_upload(request, source, settings.max_upload_bytes)
+            await _receive_upload(request, source, settings.max_upload_bytes, uploads)
         job = await asyncio.to_thread(_validated_job, request, job_id, spec, source, fmt)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -249,19 +270,27 @@ async def _small_body(request: Request, limit: int = 64 * 1024) -> bytes:
     return b"".join(chunks)
 
 
-async def _receive_upload(request: Request, path: Path, limit: int) -> None:
+async def _receive_upload(request: Request, path: Path, limit: int, uploads: UploadBudget) -> None:
     declared = parse_uint(request.headers.get("content-length"))
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
+    subject = request.state.principal.subject
+    runner = _runner(request)
+    usage = await asyncio.to_thread(uploads.usage, runner.store.ids_of(subject))
+    upload = uploads.open(subject, usage, declared)  # a declared size is judged up front
     path.parent.mkdir(parents=True, exist_ok=True)
     size = 0
-    with path.open("wb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
-            f.write(chunk)
-        await asyncio.to_thread(os.fsync, f.fileno())
+    try:
+        with path.open("wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
+                upload.take(len(chunk))
+                f.write(chunk)
+            await asyncio.to_thread(os.fsync, f.fileno())
+    finally:
+        upload.close()  # its bytes are on disk now (counted there) or removed
     if size == 0:
         raise InvalidInput("the upload is empty")
 

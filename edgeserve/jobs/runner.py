@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from edgeserve.config.schema import ConfigError
 from edgeserve.errors import EdgeserveError, ModelNotReady
+from edgeserve.jobs.admission import JobAdmission
 from edgeserve.jobs.pacing import LivePacer
 from edgeserve.jobs.store import (
     ACTIVE,
@@ -68,8 +69,10 @@ class JobRunner:
         keep_finished_s: float = 7 * 86400.0,
         served_model: Callable[[str, int], tuple[Runtime, ModelConfig]] | None = None,
         feature_db: Path | None = None,
+        admission: JobAdmission | None = None,
     ) -> None:
         self.store = store
+        self.admission = admission
         self.jobs_dir = jobs_dir
         self._repository = repository
         self._backend = backend

@@ -17,8 +17,13 @@ class JobSettings:
     # Server folders a job may read its input from by path; empty = uploads only.
     input_dirs: list[Path] = setting([])
     max_upload_bytes: int = setting(1024**3, min=1024)
-    # Jobs queued or running at once; more are refused with 429 until some finish.
+    # Jobs queued, running or being uploaded at once; more are refused with 429 at once.
     max_active_jobs: int = setting(16, min=1, max=10_000)
+    # Disk the job folders (uploads, results) may hold, per subject and in all; an upload
+    # that would pass either, or leave less than min_free_bytes free, is refused with 507.
+    max_subject_bytes: int = setting(2 * 1024**3, min=1024)
+    max_total_bytes: int = setting(8 * 1024**3, min=1024)
+    min_free_bytes: int = setting(1024**3, min=0)
     # Finished jobs (and their results) are deleted this long after they ended.
     keep_finished_s: float = setting(7 * 86400.0, min=0.0)
     # Rows per chunk: the job steps aside for live traffic between chunks.
@@ -37,6 +42,8 @@ class JobSettings:
     stream_max_message_bytes: int = setting(1024 * 1024, min=1024)
     # A stream whose client reads nothing for this long is closed (dead or stuck client).
     stream_send_timeout_s: float = setting(30.0, min=0.1, max=3600.0)
+    # A stream with nothing in flight that receives nothing for this long is closed.
+    stream_idle_timeout_s: float = setting(300.0, min=0.1, max=86400.0)
 
     def __post_init__(self) -> None:
         for i, path in enumerate(self.input_dirs):

@@ -166,6 +166,12 @@ class JobStore:
         with self._lock:
             return self._conn.execute(sql, args).rowcount == 1
 
+    def ids_of(self, owner: str) -> tuple[str, ...]:
+        """Every stored job of `owner`, in any state (their folders count to its quota)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT id FROM jobs WHERE owner = ?", (owner,))
+            return tuple(r[0] for r in rows)
+
     def count_active(self) -> int:
         with self._lock:
             return self._conn.execute(

@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from edgeserve.updates.settings import LOCAL_HTTP
+from edgeserve.updates.settings import allowed_url
 from updater import BundleRejected
 from updater.manifest import MODEL_NAME
 
@@ -53,10 +53,6 @@ class IndexEntry:
     url: str
     size: int
     sha256: str | None
-
-
-def allowed_url(url: str) -> bool:
-    return url.startswith("https://") or url.startswith(LOCAL_HTTP)
 
 
 def parse_index(doc: Any, base_url: str, max_bytes: int) -> list[IndexEntry]:

@@ -28,7 +28,7 @@ from edgeserve.serving.registry import Registry
 from edgeserve.serving.repository import ModelConfig
 from edgeserve.updates.poller import BundlePoller
 from edgeserve.updates.validation import bundle_config, make_validator
-from edgeserve.updates.watch import Probation
+from edgeserve.updates.watch import Probation, baseline_row_ms
 from updater import (
     BundleRejected,
     HealthPolicy,
@@ -76,7 +76,14 @@ class UpdateManager:
         self.settings = settings
         self.store = store
         self._store_factory = store_factory  # re-reads keys: picks up a master key rotation
-        self.policy = HealthPolicy(u.watch_window_s, u.min_requests, u.max_error_rate, u.max_p99_ms)
+        self.policy = HealthPolicy(
+            u.watch_window_s,
+            u.min_requests,
+            u.max_error_rate,
+            u.max_p99_ms,
+            u.min_subjects,
+            u.max_slowdown,
+        )
         self._validate = make_validator(settings.models.backend, threads)
         self._audit = audit
         self._registry: Registry | None = None
@@ -206,13 +213,16 @@ class UpdateManager:
                 reason=reason,
             )
             manifest: Manifest = seen["manifest"]
+            # the version being replaced, measured before it is unloaded: the new one is
+            # judged against its compute per row
+            baseline = self._baseline(result.model)
             if not await self._swap(result.model, manifest, seen["files"]):
                 # Validated, yet the server could not load it: do not leave it active.
                 why = f"version {manifest.version} failed to load in the server"
                 with contextlib.suppress(StoreError):
                     await asyncio.to_thread(self.store.rollback, result.model, why)
                 raise BundleRejected("validation_failed", f"{why}; the store was rolled back")
-            self._watch(result.model, manifest)
+            self._watch(result.model, manifest, baseline)
             return result
 
     async def rollback(self, name: str, reason: str) -> Journal:
@@ -299,15 +309,20 @@ class UpdateManager:
         await self._swap(name, manifest, files)
         return manifest
 
-    def _watch(self, name: str, manifest: Manifest) -> None:
+    def _baseline(self, name: str) -> float | None:
+        serving = self.serving.get(name)
+        if serving is None:
+            return None
+        return baseline_row_ms(self.registry.loaded(name).get(serving))
+
+    def _watch(self, name: str, manifest: Manifest, baseline: float | None = None) -> None:
         model = self.registry.loaded(name).get(manifest.version)
         if model is None:
             return
         self._unwatch(name)
         now = time.monotonic()
-        probation = Probation(
-            manifest.version, manifest, HealthWatch(self.policy, now), model, now + self.tick_s
-        )
+        watch = HealthWatch(self.policy, now, baseline_row_ms=baseline)
+        probation = Probation(manifest.version, manifest, watch, model, now + self.tick_s)
         probation.attach()
         self.probations[name] = probation
         log.info(

@@ -6,13 +6,40 @@ into `updater.BundlePolicy` / `updater.SlotStore` arguments.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgeserve.config.schema import setting
 from updater.signing import parse_public_key
 
-LOCAL_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+_PLAIN_NETLOC = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def allowed_url(url: str) -> bool:
+    """https to any host, or plain http to a loopback address (or `localhost`), judged on
+    the host the URL really names: `http://127.0.0.1.evil.example/` and
+    `http://127.0.0.1@evil.example/` are plain http to another host, refused."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a malformed port raises here, refused below
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or not _PLAIN_NETLOC.fullmatch(parts.netloc):
+        return False  # no user info, nothing after an IPv6 literal's bracket
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -30,7 +57,11 @@ class UpdaterSettings:
     watch_window_s: float = setting(300.0, min=0.0, max=7 * 86400.0)
     min_requests: int = setting(50, min=1)
     max_error_rate: float = setting(0.05, min=0.0, max=1.0)
-    max_p99_ms: float = setting(1000.0, min=0.1)
+    max_p99_ms: float = setting(1000.0, min=0.001)  # compute per row
+    # Speed is judged only once this many distinct callers (token subjects) were served,
+    # one vote each, and against the replaced version's compute per row times max_slowdown.
+    min_subjects: int = setting(3, min=1, max=1000)
+    max_slowdown: float = setting(3.0, min=1.0, max=1000.0)
     # Starts on probation without a confirmation before the previous slot is restored.
     max_unconfirmed_boots: int = setting(3, min=0, max=100)
     # At-rest master key sources, in order of preference; unset file = <state_dir>/keys/master.key.
@@ -47,7 +78,5 @@ class UpdaterSettings:
                 parse_public_key(text)
             except ValueError as exc:
                 raise ValueError(f"trusted_keys[{i}]: {exc}") from None
-        if self.poll_url and not (
-            self.poll_url.startswith("https://") or self.poll_url.startswith(LOCAL_HTTP)
-        ):
+        if self.poll_url and not allowed_url(self.poll_url):
             raise ValueError("poll_url: must be an https:// URL (plain http only on loopback)")
