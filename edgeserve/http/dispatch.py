@@ -87,9 +87,15 @@ class _IndexedHeaders(Headers):
     def __init__(self, scope: Scope) -> None:
         super().__init__(scope=scope)
         index: dict[str, str] = {}
+        repeated = False
         for name, value in self._list:  # ASGI header names are lower case
-            index.setdefault(name.decode("latin-1"), value.decode("latin-1"))  # first wins
+            key = name.decode("latin-1")
+            if key in index:
+                repeated = True  # first wins here; getlist sees them all
+            else:
+                index[key] = value.decode("latin-1")
         self._index = index
+        self._repeated = repeated
 
     def __getitem__(self, key: str) -> str:
         return self._index[key.lower()]
@@ -99,6 +105,13 @@ class _IndexedHeaders(Headers):
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._index.get(key.lower(), default)
+
+    def getlist(self, key: str) -> list[str]:
+        """Every value of `key` (the authenticator refuses two Authorization headers)."""
+        if self._repeated:
+            return super().getlist(key)
+        value = self._index.get(key.lower())
+        return [] if value is None else [value]
 
 
 class _InferRequest(Request):
