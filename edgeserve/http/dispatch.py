@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, State
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -37,6 +37,7 @@ class EdgeserveApp(Starlette):
         self, *args: Any, max_headers: int, max_header_bytes: int, direct_infer: bool, **kw: Any
     ) -> None:
         super().__init__(*args, **kw)
+        self.state = _AttributeState()
         self._max_headers = max_headers
         self._max_header_bytes = max_header_bytes
         self._direct_infer = direct_infer
@@ -78,6 +79,26 @@ async def _infer(
     response.raw_headers.extend(SECURITY_HEADERS)
     await response(scope, receive, send)
     audit_response(scope, response.status_code)
+
+
+class _AttributeState(State):
+    """Starlette's app State with each entry also a plain attribute: an inference reads
+    about fifteen (`state.registry`, `.pipeline`, `.recorder`...), and State answers each
+    through a Python `__getattr__` call."""
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        object.__delattr__(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.__setattr__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.__delattr__(key)
 
 
 class _IndexedHeaders(Headers):
