@@ -4,6 +4,7 @@ and the Python floor, all in one run.
     python -m bench.loopcpu                      # digits, 16 connections, 5 rounds of 4 s
     python -m bench.loopcpu --rounds 3 --duration 3 --variants shipped floor
     python -m bench.loopcpu --baseline /tmp/base   # + "shipped (baseline)": that tree's code
+    python -m bench.loopcpu --model-dir /tmp/edgeserve-models/minilm --connections 32
 
 Every server is started first and stays up; then each round runs wrk against each server
 in turn (the order rotates), reading the event loop thread's CPU from `/proc` just before
@@ -75,7 +76,8 @@ def _server(name: str, work: Path, folder: Path, version: int, model: str) -> It
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="digits")
+    parser.add_argument("--model", default="digits", help="a folder of models/")
+    parser.add_argument("--model-dir", type=Path, help="a model folder elsewhere (MiniLM)")
     parser.add_argument("--version", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.baseline is not None:
         args.variants.insert(1, f"{BASELINE} {args.baseline.resolve()}")
-    folder = servers.ROOT / "models" / args.model
+    folder = args.model_dir or servers.ROOT / "models" / args.model
+    args.model = folder.name
     specs = workload.signature(folder, args.version, "onnxruntime")
     bodies = workload.bodies(specs, workload.sample_rows(folder, specs))
     path = f"/v2/models/{args.model}/infer"
