@@ -73,6 +73,10 @@ def cycle_protocol(base: type) -> type:
             return not (self.message_event.is_set() or self.disconnected or self.response_complete)
 
         async def send(self, message: Any) -> None:
+            if self.flow.write_paused and not self.disconnected:
+                # uvicorn's own wait, done here so that the stand-in transport below is
+                # never in place across an await (a concurrent `receive` uses the real one)
+                await self.flow.drain()
             if not self.response_started:
                 transport = self.transport
                 capture = self.transport = _Capture()  # type: ignore[assignment]
