@@ -81,8 +81,7 @@ class JWTAuthenticator:
         self.on_refused = on_refused
 
     def authenticate(self, request: Request) -> Principal:
-        client = client_address(request)
-        found = self._bearer(request, client)
+        found = self._bearer(request)
         if isinstance(found, Principal):
             return found
         key = self.cache.key(found)
@@ -90,16 +89,15 @@ class JWTAuthenticator:
             self.keyset.refresh()
         principal = self.cache.get(key, self.keyset.generation)
         if principal is None:
-            header = self._header(client, found)
+            header = self._header(request, found)
             if self.keyset.refresh_due(header.kid):
                 self.keyset.refresh(header.kid)
-            principal = self._verify(client, found, header, key)
+            principal = self._verify(request, found, header, key)
         self.subjects.take(principal.subject)
         return principal
 
     async def authenticate_async(self, request: Request) -> Principal:
-        client = client_address(request)
-        found = self._bearer(request, client)
+        found = self._bearer(request)
         if isinstance(found, Principal):
             return found
         # A hit costs a digest, dict lookups and the key set's freshness check (a stat of
@@ -110,10 +108,10 @@ class JWTAuthenticator:
             await self._refresh(None)
         principal = self.cache.get(key, self.keyset.generation)
         if principal is None:
-            header = self._header(client, found)
+            header = self._header(request, found)
             if self.keyset.refresh_due(header.kid):
                 await self._refresh(header.kid)
-            principal = self._verify(client, found, header, key)
+            principal = self._verify(request, found, header, key)
         self.subjects.take(principal.subject)
         return principal
 
@@ -124,43 +122,45 @@ class JWTAuthenticator:
         else:
             self.keyset.refresh(kid)
 
-    def _bearer(self, request: Request, client: str) -> Principal | str:
-        """The bearer token, unparsed, or a Principal for an opened endpoint."""
+    def _bearer(self, request: Request) -> Principal | str:
+        """The bearer token, unparsed, or a Principal for an opened endpoint. The client's
+        address is looked at only when it matters (no token, a refusal), not per request."""
         values = request.headers.getlist("authorization")
         if not values:
-            if self.settings.metrics_open_on_loopback and is_loopback(client):
+            if self.settings.metrics_open_on_loopback and is_loopback(client_address(request)):
                 return LOOPBACK_METRICS_PRINCIPAL
-            self._refuse(client, "missing token", NO_TOKEN_CHALLENGE)
+            self._refuse(request, "missing token", NO_TOKEN_CHALLENGE)
         if len(values) > 1:
-            self._refuse(client, "more than one Authorization header")
+            self._refuse(request, "more than one Authorization header")
         value = values[0]
         # Size first: nothing longer than a token can be is split, decoded or parsed.
         if len(value) > self.settings.max_token_bytes + len("Bearer "):
-            self._refuse(client, "token too long")
+            self._refuse(request, "token too long")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token or " " in token:
-            self._refuse(client, "malformed Authorization header (want: Bearer <token>)")
+            self._refuse(request, "malformed Authorization header (want: Bearer <token>)")
         return token
 
-    def _header(self, client: str, token: str) -> TokenHeader:
+    def _header(self, request: Request, token: str) -> TokenHeader:
         try:
             return self.verifier.read_header(token)
         except InvalidToken as exc:
-            self._refuse(client, exc.reason)
+            self._refuse(request, exc.reason)
 
-    def _verify(self, client: str, token: str, header: TokenHeader, key: bytes) -> Principal:
+    def _verify(self, request: Request, token: str, header: TokenHeader, key: bytes) -> Principal:
         """Check the token with pyjwt; remember it if valid, refuse it (uncached) if not."""
         generation = self.keyset.generation  # the keys this verification uses
         try:
             principal = self.verifier.verify(token, header)
         except InvalidToken as exc:
-            self._refuse(client, exc.reason)
+            self._refuse(request, exc.reason)
         self.cache.put(key, principal, generation)
         return principal
 
     def _refuse(
-        self, client: str, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
+        self, request: Request, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
     ) -> NoReturn:
+        client = client_address(request)
         # The failure limiter is consulted here, on the failure path only: a flood from an
         # address shared with honest clients (NAT, proxy, same host) is answered 429 without
         # logging or auditing each one, but a valid token from there is never refused.
