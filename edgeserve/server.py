@@ -305,6 +305,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     longest-idle connection is closed for a newcomer; 503 when none is idle)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from edgeserve.http.request_cycle import cycle_protocol
     from edgeserve.http.shedding import shedding_protocol
 
     max_head_bytes = settings.limits.max_header_bytes
@@ -487,4 +488,5 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 log.info(message, limit_s)
                 self.transport.close()
 
-    return shedding_protocol(GuardedHttpTools)  # a full model's 429s skip the ASGI stack
+    # A full model's 429s skip the ASGI stack; every other answer is one write.
+    return cycle_protocol(shedding_protocol(GuardedHttpTools))

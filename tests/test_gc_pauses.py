@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeserve.process.gc_pauses import HeapSettler, settle
+from edgeserve.process.gc_pauses import SERVING_GEN0_THRESHOLD, HeapSettler, settle
 from tests.serving import MODELS, RunningServer, run_server
 from tests.waiting import wait_until, wait_until_async
 
@@ -70,6 +70,24 @@ def test_settler_runs_once_after_a_burst_of_changes(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO, logger="edgeserve.process.gc_pauses"):
         asyncio.run(burst())
     assert [r.getMessage().split()[0:2] for r in caplog.records] == [["heap", "settled"]]
+
+
+def test_serving_runs_fewer_young_passes_until_stopped() -> None:
+    before = gc.get_threshold()
+
+    async def serving() -> None:
+        settler = HeapSettler(delay_s=0.01)
+        settler.changed()
+        await wait_until_async(lambda: gc.get_freeze_count() > 0, 30, "the settle to run")
+        assert gc.get_threshold() == (SERVING_GEN0_THRESHOLD, *before[1:])
+        settler.stop()
+
+    gc.unfreeze()
+    try:
+        asyncio.run(serving())
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_stop_cancels_a_pending_settle() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from edgeserve.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from edgeserve.http.bounds import DECOMPRESSED_BODY
@@ -24,7 +24,8 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 
 async def read_body(request: Request, max_bytes: int, accept_compressed: bool = False) -> bytes:
     """The whole body, refusing it as soon as it is known to exceed `max_bytes`; a
-    client that disconnects meanwhile is `ClientClosed` (499), not a server error."""
+    client that disconnects meanwhile is `ClientClosed` (499), not a server error.
+    Reads the request's stream once, as Starlette's `Request.body()` would."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     inflate = None
     if encoding not in ("identity", ""):
@@ -46,10 +47,20 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
             raise PayloadTooLarge(
                 f"request body of {declared} bytes exceeds the limit of {max_bytes}"
             )
+    # The ASGI messages themselves, not Starlette's `stream()`: an async generator costs
+    # the event loop more than the one message a small inference body arrives in.
     chunks = []
     received = produced = 0
-    try:
-        async for chunk in request.stream():
+    receive = request.receive
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.disconnect":
+            raise ClientClosed("the client disconnected before its request body was read")
+        if kind != "http.request":
+            continue
+        chunk = message.get("body", b"")
+        if chunk:
             received += len(chunk)
             if received > max_bytes:
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
@@ -57,8 +68,8 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
                 chunk = _inflated(request, inflate, chunk, produced, received, max_bytes)
                 produced += len(chunk)
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientClosed("the client disconnected before its request body was read") from None
+        if not message.get("more_body", False):
+            break
     if inflate is not None:
         chunks.append(_inflated(request, inflate, b"", produced, received, max_bytes))
         if not inflate.eof:

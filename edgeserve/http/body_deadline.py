@@ -7,7 +7,9 @@ liked. This pure-ASGI middleware gives each body a deadline that moves with the 
 than `body_timeout_s` (as Kestrel's MinRequestBodyDataRate). A body that misses it is
 refused with 408 and the connection is closed, whatever route was reading it. Only the
 time the application spends waiting inside `receive` counts: a route that is slow to
-read (auth first, a disk write per chunk) does not use up the client's allowance.
+read (auth first, a disk write per chunk) does not use up the client's allowance, and a
+read that cannot wait (the body is already there, as uvicorn's request cycle can tell:
+edgeserve/http/request_cycle.py) arms no timer at all.
 """
 
 from __future__ import annotations
@@ -67,22 +69,36 @@ class BodyDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
         waited = 0.0  # seconds spent inside `receive`: the client's time, not the app's
         received = 0
         complete = False
         timed_out = False
+        # uvicorn's cycle (edgeserve/http/request_cycle.py) says when a read cannot wait:
+        # then no timer is armed (a small body arrives with the request's headers).
+        would_wait = getattr(getattr(receive, "__self__", None), "receive_would_wait", None)
 
         async def timed_receive() -> Message:
-            nonlocal waited, received, complete, timed_out
+            nonlocal received, complete
             if complete:  # after the body only a disconnect can come: not bounded here
                 return await receive()
+            if would_wait is not None and not would_wait():
+                message = await receive()  # already there: none of the client's time
+            else:
+                message = await receive_in_time()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            return message
+
+        async def receive_in_time() -> Message:
+            nonlocal waited, timed_out
+            loop = asyncio.get_running_loop()
             allowed = self.timeout_s
             if self.min_bytes_per_s:
                 allowed = min(allowed, self.grace_s + received / self.min_bytes_per_s)
             began = loop.time()
             try:
-                message = await _receive_by(receive, began + allowed - waited)
+                return await _receive_by(receive, began + allowed - waited)
             except asyncio.TimeoutError:
                 timed_out = True
                 self.bounds.hit(BODY_DEADLINE)
@@ -93,10 +109,6 @@ class BodyDeadline:
                 ) from None
             finally:
                 waited += loop.time() - began
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-            return message
 
         async def closing_send(message: Message) -> None:
             # A route may answer a refused body its own way: the connection still closes,

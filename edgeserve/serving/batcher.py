@@ -268,9 +268,12 @@ class DynamicBatcher:
             return True
         if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S) and front_door_in_flight() >= MIN_IN_FLIGHT:
             return True  # fewer in flight cannot be what makes the loop late
+        queue = self._queue
+        if not queue:  # the common case, without raising
+            return False
         try:
-            age_s = time.perf_counter() - self._queue[0].enqueued
-        except IndexError:  # empty, or a slot took the last request meanwhile
+            age_s = time.perf_counter() - queue[0].enqueued
+        except IndexError:  # a slot took the last request meanwhile
             return False
         if age_s > wait_s + self._policy.max_queue_delay_s:
             return True

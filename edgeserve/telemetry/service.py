@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 
 CORRUPT_RULE = "telemetry_buffer_corrupt"
 CAP_CHUNKS_PER_STEP = 8  # size-cap work per writer turn, so record batches interleave
+# Subject hashes remembered: a token's subject is the same on every request it makes,
+# and its HMAC cost the event loop more than the rest of the telemetry record. Bounded
+# in entries (emptied when full) and in the length of a subject kept.
+SUBJECT_MEMO_ENTRIES = 1024
+SUBJECT_MEMO_MAX_CHARS = 256
 
 
 class Telemetry:
@@ -78,6 +83,7 @@ class Telemetry:
         )
         self.metrics.expect_drops(sorted(set(RECORD_TABLE.values())))
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
+        self._subject_memo: dict[str, str] = {}
         self._payload_key = secret_key(state_dir / "keys" / "payload.key")
         self.sync = (
             UpstreamSync(
@@ -211,7 +217,15 @@ class Telemetry:
 
     def subject_hash(self, subject: str) -> str:
         """A keyed hash: the raw subject id never reaches SQLite or upstream."""
-        return hash_subject(self._subject_key, subject)
+        memo = self._subject_memo
+        found = memo.get(subject)
+        if found is None:
+            found = hash_subject(self._subject_key, subject)
+            if len(subject) <= SUBJECT_MEMO_MAX_CHARS:
+                if len(memo) >= SUBJECT_MEMO_ENTRIES:
+                    memo.clear()
+                memo[subject] = found
+        return found
 
     @property
     def durable_seq(self) -> int:
