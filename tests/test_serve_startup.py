@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.serving import free_port, run_server, stop, write_config
@@ -112,3 +113,13 @@ def test_serve_in_the_wrong_folder_writes_nothing(tmp_path: Path) -> None:
     assert "models.repository" in done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # no .edgeserve/keys
+
+
+def test_port_0_serves_on_the_port_its_listening_line_names(tmp_path: Path) -> None:
+    """`port = 0` takes a free port from the kernel at the check before serving and holds
+    it from then on, so nothing can take it between choosing and binding (issue 23)."""
+    with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
+        assert "port = 0\n" in server.config_path.read_text()
+        assert server.port != 0
+        assert f"listening url=http://127.0.0.1:{server.port}" in server.log()
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
