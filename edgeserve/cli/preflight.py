@@ -77,5 +77,6 @@ def _bound(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(port) from None
-        raise
+        reason = exc.strerror or str(exc)  # no address here, a port below 1024, ...
+        raise ConfigError("server.host", f"cannot listen on {host} port {port}: {reason}") from None
     return sock
