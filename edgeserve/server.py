@@ -11,6 +11,7 @@ import asyncio
 import logging
 import resource
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
@@ -60,12 +61,14 @@ class _HardenedConfig(HypercornConfig):
         return harden_tls(context) if context is not None else None
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    """Hypercorn settings from ours; its defaults (no read timeout, Server header) are not."""
+def hypercorn_config(settings: Settings, listener: socket.socket | None = None) -> HypercornConfig:
+    """Hypercorn settings from ours; its defaults (no read timeout, Server header) are not.
+    With `listener` it serves that socket rather than binding [server] host and port;
+    Hypercorn then owns (and closes) its descriptor, so the socket object is detached."""
     s = settings.server
     config = _HardenedConfig()
     host = f"[{s.host}]" if ":" in s.host else s.host
-    config.bind = [f"{host}:{s.port}"]
+    config.bind = [f"fd://{listener.detach()}" if listener else f"{host}:{s.port}"]
     config.keep_alive_timeout = s.keep_alive_timeout_s
     config.read_timeout = int(max(1, s.read_timeout_s))
     config.graceful_timeout = s.graceful_timeout_s
@@ -100,8 +103,14 @@ def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None
     return uvloop.run
 
 
-async def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def run_server(settings: Settings, listener: socket.socket | None = None) -> None:
+    """Serve on `listener` (bound by `edgeserve serve` before it wrote anything; else
+    bound here) until SIGTERM or SIGINT."""
+    if listener is None:
+        from edgeserve.cli.preflight import open_listener
+
+        listener = open_listener(settings.server.host, settings.server.port)
+    port = listener.getsockname()[1]  # the kernel's choice when [server] port = 0
     app = build_app(settings)
     bounds = BoundsHit()
     app.state.bounds = bounds  # exported by the telemetry metrics (edgeserve/app.py)
@@ -132,21 +141,22 @@ async def run_server(settings: Settings) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     scheme = "https" if settings.server.tls_cert else "http"
-    log.info("listening url=%s://%s:%s", scheme, settings.server.host, settings.server.port)
+    log.info("listening url=%s://%s:%s", scheme, settings.server.host, port)
     watchdog = asyncio.ensure_future(systemd_notify.run_watchdog())
-    announce = asyncio.ensure_future(_announce_ready(app, settings))
+    announce = asyncio.ensure_future(_announce_ready(app, settings, port))
     try:
         if settings.server.engine == "uvicorn":
-            await serve_uvicorn(served, settings, stop, bounds)
+            await serve_uvicorn(served, settings, stop, bounds, listener)
         else:
-            await serve(served, hypercorn_config(settings), shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            config = hypercorn_config(settings, listener)
+            await serve(served, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         announce.cancel()
         watchdog.cancel()
     log.info("stopped")
 
 
-async def _announce_ready(app: object, settings: Settings) -> None:
+async def _announce_ready(app: object, settings: Settings, port: int) -> None:
     """READY=1 once the port accepts connections and model loading has finished, and one
     `ready` line with the URL, the models and the seconds since the process started."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.server.host, settings.server.host)
@@ -154,18 +164,18 @@ async def _announce_ready(app: object, settings: Settings) -> None:
         loading = getattr(app.state, "loading", None)  # type: ignore[attr-defined]
         if loading is not None and loading.done():
             try:
-                _, writer = await asyncio.open_connection(host, settings.server.port)
+                _, writer = await asyncio.open_connection(host, port)
             except OSError:
                 pass
             else:
                 writer.close()
                 systemd_notify.ready("serving")
-                _log_ready(app, settings, host)
+                _log_ready(app, settings, host, port)
                 return
         await asyncio.sleep(0.1)
 
 
-def _log_ready(app: object, settings: Settings, host: str) -> None:
+def _log_ready(app: object, settings: Settings, host: str, port: int) -> None:
     registry = app.state.registry  # type: ignore[attr-defined]
     models = " ".join(
         f"{name}:{','.join(str(v) for v in sorted(registry.loaded(name)))}"
@@ -181,7 +191,7 @@ def _log_ready(app: object, settings: Settings, host: str) -> None:
         'ready url=%s://%s:%s%s models="%s" ready_s=%.2f',
         scheme,
         url_host,
-        settings.server.port,
+        port,
         grpc,
         models or "none",
         ready_s,
@@ -197,7 +207,11 @@ def connection_cap(requested: int) -> int:
 
 
 async def serve_uvicorn(
-    app: object, settings: Settings, stop: asyncio.Event, bounds: BoundsHit | None = None
+    app: object,
+    settings: Settings,
+    stop: asyncio.Event,
+    bounds: BoundsHit | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
     """Serve with Uvicorn + httptools (HTTP/1.1 only) until `stop` is set.
 
@@ -236,7 +250,8 @@ async def serve_uvicorn(
 
     watcher = asyncio.ensure_future(stop_when_asked())
     try:
-        await server.serve()  # SIGTERM/SIGINT during serve() also set should_exit
+        # SIGTERM/SIGINT during serve() also set should_exit
+        await server.serve(sockets=[listener] if listener is not None else None)
     finally:
         watcher.cancel()
 
@@ -247,7 +262,8 @@ def _uvicorn_server_class() -> type:
     class Server(uvicorn.Server):
         """Uvicorn's server with a TLS handshake timeout: uvicorn passes none to
         `create_server`, so asyncio's default of 60 s let an idle handshake hold a socket
-        for a minute. Only the host/port listener (the one `serve_uvicorn` uses) differs."""
+        for a minute. Only the TCP listener (the socket `serve_uvicorn` passes, or
+        host/port) differs from uvicorn's own start-up."""
 
         def __init__(self, config: uvicorn.Config, handshake_timeout_s: float) -> None:
             super().__init__(config)
@@ -255,7 +271,7 @@ def _uvicorn_server_class() -> type:
 
         async def startup(self, sockets: list | None = None) -> None:
             config = self.config
-            if sockets is not None or config.ssl is None or config.uds or config.fd:
+            if config.uds or config.fd or (sockets and len(sockets) > 1):
                 await super().startup(sockets)
                 return
             await self.lifespan.startup()
@@ -274,11 +290,12 @@ def _uvicorn_server_class() -> type:
             try:
                 server = await loop.create_server(
                     create_protocol,
-                    host=config.host,
-                    port=config.port,
+                    host=None if sockets else config.host,
+                    port=None if sockets else config.port,
+                    sock=sockets[0] if sockets else None,
                     ssl=config.ssl,
                     backlog=config.backlog,
-                    ssl_handshake_timeout=self.handshake_timeout_s,
+                    ssl_handshake_timeout=self.handshake_timeout_s if config.ssl else None,
                 )
             except OSError as exc:
                 log.error("cannot listen: %s", exc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 
 
+# The port the server reports it bound: `[server] port = 0` lets the kernel pick one,
+# so no other process can take it between choosing and binding (free_port's race).
+LISTENING = re.compile(rb"listening url=\w+://[^ ]*?:(\d+)")
+_servers = itertools.count(1)  # names each server's config and log in a shared tmp_path
+
+
 def free_port() -> int:
+    """A port free now, for what cannot bind port 0 itself (gRPC's port, a port a test
+    must know before the server starts); it may be taken before it is used."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,15 +76,23 @@ def run_server(
     wait_ready: bool = True,
     config_text: str | None = None,
 ) -> Iterator[RunningServer]:
-    """Run `edgeserve serve` in a subprocess until the block ends (SIGTERM, then SIGKILL)."""
-    port = free_port()
+    """Run `edgeserve serve` in a subprocess until the block ends (SIGTERM, then SIGKILL).
+
+    The server binds port 0 and the port comes from its `listening` line, unless
+    `config_text` uses `{port}` beyond `port = {port}` (a public URL, say): then a port
+    is chosen here first."""
+    own_choice = config_text is None or (
+        config_text.count("{port}") == 1 and "port = {port}" in config_text
+    )
+    port = 0 if own_choice else free_port()
+    n = next(_servers)
     state_dir = tmp_path / "state"
-    config = tmp_path / f"edgeserve-{port}.toml"
+    config = tmp_path / f"edgeserve-{n}.toml"
     if config_text is not None:
         config.write_text(config_text.replace("{port}", str(port)))
     else:
         write_config(config, extra_config, port, state_dir, repository)
-    log_path = tmp_path / f"server-{port}.log"
+    log_path = tmp_path / f"server-{n}.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeserve", "serve", "--config", str(config)],
@@ -83,14 +101,31 @@ def run_server(
         cwd=tmp_path,
         env={**os.environ, **(env or {})},
     )
-    server = RunningServer(f"http://127.0.0.1:{port}", port, process, config, log_path)
     try:
+        if not port:
+            port = _reported_port(process, log_path, ready_timeout_s)
+        server = RunningServer(f"http://127.0.0.1:{port}", port, process, config, log_path)
         if wait_ready:
             wait_until_ready(server, ready_timeout_s)
         yield server
     finally:
         stop(process)
         log_file.close()
+
+
+def _reported_port(process: subprocess.Popen, log_path: Path, timeout_s: float) -> int:
+    """The port in the server's `listening` line; 0 when it exited before listening (a
+    start-up failure the caller looks at)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = LISTENING.search(log_path.read_bytes())
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            return 0
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"server not listening after {timeout_s}s:\n{log_path.read_text()}")
+        time.sleep(0.02)  # a polling interval, not synchronisation
 
 
 def wait_until_ready(server: RunningServer, timeout_s: float = 60.0) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.serving import free_port, run_server, stop, write_config
@@ -112,3 +113,27 @@ def test_serve_in_the_wrong_folder_writes_nothing(tmp_path: Path) -> None:
     assert "models.repository" in done.stderr
     assert "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # no .edgeserve/keys
+
+
+def test_port_0_serves_on_the_port_its_listening_line_names(tmp_path: Path) -> None:
+    """`port = 0` takes a free port from the kernel at the check before serving and holds
+    it from then on, so nothing can take it between choosing and binding (issue 23)."""
+    with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
+        assert "port = 0\n" in server.config_path.read_text()
+        assert server.port != 0
+        assert f"listening url=http://127.0.0.1:{server.port}" in server.log()
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+
+
+def test_an_address_this_box_does_not_have_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "edgeserve.toml"
+    write_config(config, "", 0, tmp_path / "state")
+    config.write_text(config.read_text().replace('host = "127.0.0.1"', 'host = "192.0.2.1"'))
+    done = serve(tmp_path, "--config", str(config))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "level=" not in line]
+    assert errors == [
+        "edgeserve: config error: server.host: cannot listen on 192.0.2.1 port 0: "
+        "Cannot assign requested address"
+    ]
+    assert not (tmp_path / "state").exists()  # nothing written

@@ -56,7 +56,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     else:
         logging.getLogger(__name__).info("config file=%s from=%s", choice.path, choice.reason)
     try:
-        check_before_serving(settings)  # before anything is written
+        listener = check_before_serving(settings)  # before anything is written
     except ConfigError as exc:
         click.echo(f"edgeserve: config error: {exc}", err=True)
         raise SystemExit(2) from None
@@ -68,7 +68,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     from edgeserve.server import event_loop_runner, run_server
 
     try:
-        event_loop_runner(settings.server.event_loop)(run_server(settings))
+        event_loop_runner(settings.server.event_loop)(run_server(settings, listener))
     except ConfigError as exc:
         click.echo(f"edgeserve: config error: {exc}", err=True)
         raise SystemExit(2) from None

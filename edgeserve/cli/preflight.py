@@ -20,9 +20,11 @@ class PortInUse(Exception):
         self.port = port
 
 
-def check_before_serving(settings: Settings) -> None:
+def check_before_serving(settings: Settings) -> socket.socket:
     """Raise ConfigError for a repository that cannot be read and PortInUse for a taken
-    port, before the state folder, keys or databases are created."""
+    port, before the state folder, keys or databases are created; return the HTTP
+    listener, bound and listening from here on, so that no other process can take the
+    port between this check and serving (port 0: a free port the kernel picks)."""
     from edgeserve.serving.repository import scan_repository
 
     scan_repository(settings.models.repository, settings.models.load or None)
@@ -34,24 +36,47 @@ def check_before_serving(settings: Settings) -> None:
             message = missing_extra(module)
             if message is not None:
                 raise ConfigError("server.grpc_port", f"gRPC needs {message}")
-    for port in (server.port, server.grpc_port):
-        if port:
-            _check_port(server.host, port)
+    listener = open_listener(server.host, server.port)
+    try:
+        if server.grpc_port:
+            _check_port(server.host, server.grpc_port)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def open_listener(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket on `host`:`port` (SO_REUSEADDR, as uvicorn and Hypercorn
+    bind), non-blocking for the event loop; PortInUse when another process holds it."""
+    listener = _bound(host, port)
+    listener.listen(backlog)
+    listener.setblocking(False)
+    return listener
 
 
 def _check_port(host: str, port: int) -> None:
     """Bind the way the server will (SO_REUSEADDR, as uvicorn and Hypercorn do), then let
     go: a port in TIME_WAIT is free, one with a listener is not."""
+    _bound(host, port).close()
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    """A socket bound the way the server binds: a port in TIME_WAIT is free, one with a
+    listener is not."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError("server.host", f"cannot resolve {host!r}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(port) from None
-            raise
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(port) from None
+        reason = exc.strerror or str(exc)  # no address here, a port below 1024, ...
+        raise ConfigError("server.host", f"cannot listen on {host} port {port}: {reason}") from None
+    return sock
