@@ -396,3 +396,36 @@ def test_unknown_grpc_method_is_unimplemented_with_one_info_line(
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "NoSuchMethod" in line]
     assert len(lines) == 1 and "level=INFO" in lines[0], lines
+
+
+# -- zero rows, model control, readiness ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [None, [{"name": "probabilities", "parameters": {"classification": 3}}]],
+    ids=["plain", "classification"],
+)
+def test_zero_row_request_is_a_400_naming_the_input(
+    served: tuple[RunningServer, str], outputs: list | None
+) -> None:
+    """As Triton ("batch-size must be >= 1"): a batch of no rows is the client's mistake.
+    Sent twice: the first must not teach the batcher a speed that breaks the second."""
+    server, _ = served
+    doc = json_request(np.zeros((0, 64), np.float32))
+    if outputs is not None:
+        doc["outputs"] = outputs
+    for _ in range(2):
+        answer = post_infer(server, doc)
+        assert answer.status_code == 400, answer.text
+        assert "'input'" in answer.json()["error"] and "0 rows" in answer.json()["error"]
+    assert post_infer(server, json_request(pixels(1))).status_code == 200
+
+
+def test_grpc_zero_row_request_is_invalid_argument(grpc: tgrpc.InferenceServerClient) -> None:
+    data = tgrpc.InferInput("input", [0, 64], "FP32")
+    data.set_data_from_numpy(np.zeros((0, 64), np.float32))
+    with pytest.raises(InferenceServerException) as refused:
+        grpc.infer("digits", [data])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "0 rows" in str(refused.value)

@@ -123,6 +123,8 @@ class ModelVersion:
                 raise InvalidInput(
                     f"input '{spec.name}': batch of {array.shape[0]} exceeds max_batch_size {batch}"
                 )
+            if batch and array.shape and array.shape[0] < 1:
+                raise InvalidInput(no_rows(spec.name))
             feed[spec.name] = array
         return feed
 
@@ -415,6 +417,12 @@ class Registry:
             runtime.close()
             raise
         return runtime, config
+
+
+def no_rows(name: str) -> str:
+    """Why a batched input of no rows is refused, as Triton does ("batch-size must be
+    >= 1"): there is nothing to compute, and a batcher must not time an empty call."""
+    return f"input '{name}' has 0 rows: the batch dimension (shape[0]) must be at least 1"
 
 
 def files_digest(files: Mapping[str, bytes], config: ModelConfig) -> str:
