@@ -42,6 +42,9 @@ async def load_model(state: Any, name: str, parameters: Mapping[str, Any]) -> No
     async with registry.changing:
         registry.reinstate(name)
         failed = await sync_model(registry, source, _pinned(state))
+        # back in readiness only once its default version serves: a failed load must not
+        # leave the whole server unready while its other models serve
+        registry.settle(name)
     if failed:
         raise ModelNotReady(
             f"model '{name}' failed to load ({'; '.join(_why(registry, name, v) for v in failed)})"
