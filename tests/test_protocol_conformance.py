@@ -429,3 +429,16 @@ def test_grpc_zero_row_request_is_invalid_argument(grpc: tgrpc.InferenceServerCl
         grpc.infer("digits", [data])
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "0 rows" in str(refused.value)
+
+
+def test_explicit_load_outside_models_load_is_refused_naming_the_setting(
+    served: tuple[RunningServer, str],
+) -> None:
+    """The config says load = ["digits"]: `text` (in the same repository) stays out."""
+    server, _ = served
+    answer = httpx.post(f"{server.url}/v2/repository/models/text/load", timeout=60)
+    assert answer.status_code == 409, answer.text
+    assert "models.load" in answer.json()["error"]
+    index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
+    assert [e["name"] for e in index] == ["digits", "digits"]  # its two versions
+    assert httpx.post(f"{server.url}/v2/repository/models/digits/load", timeout=60).is_success
