@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -442,3 +444,30 @@ def test_explicit_load_outside_models_load_is_refused_naming_the_setting(
     index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
     assert [e["name"] for e in index] == ["digits", "digits"]  # its two versions
     assert httpx.post(f"{server.url}/v2/repository/models/digits/load", timeout=60).is_success
+
+
+def test_grpc_server_ready_agrees_with_http_when_no_signing_key_is_trusted(
+    tmp_path: Path,
+) -> None:
+    """Every token would be refused: neither transport may report the server ready."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    grpc_port = free_port()
+    config = (
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
+        f'[auth]\njwks_file = "{jwks}"\n'
+    )
+    with run_server(tmp_path, config_text=config, wait_ready=False) as server:
+
+        def models_loaded() -> bool:
+            log = server.log()
+            return all(f"model ready model=digits version={v} " in log for v in (1, 2))
+
+        wait_until(models_loaded, 60, server.log)
+        ready = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
+        assert ready.status_code == 503 and "no token signing key" in ready.json()["error"]
+        with tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_server_live()
+            assert not client.is_server_ready()

@@ -43,12 +43,10 @@ async def server_live(request: Request) -> Response:
 
 
 async def server_ready(request: Request) -> Response:
-    unusable = getattr(request.app.state.authenticator, "unusable_reason", None)
-    reason = unusable() if unusable is not None else None
-    if reason is not None:  # serving would answer every caller 401
+    reason = _pipeline(request).unready_reason()
+    if reason is not None:
         return json_response({"ready": False, "error": reason}, 503)
-    ready = _pipeline(request).server_ready()
-    return json_response({"ready": ready}, 200 if ready else 503)
+    return json_response({"ready": True})
 
 
 @requires("read")
