@@ -90,3 +90,34 @@ def test_broken_bare_model_does_not_stop_the_others(tmp_path: Path) -> None:
         index = httpx.post(f"{s.url}/v2/repository/index", timeout=10).json()
         broken = [e for e in index if e["name"] == "broken"]
         assert broken and broken[0]["state"] == "UNAVAILABLE" and broken[0]["reason"]
+
+
+def test_broken_bare_model_does_not_keep_the_server_unready(tmp_path: Path) -> None:
+    """A file dropped in is no promise: the others serve, and the server is ready for them,
+    also after an explicit load of the broken one fails again."""
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    shutil.copytree(MODELS / "digits", repo / "digits")
+    with run_server(tmp_path, "[auth]\nenabled = false\n", repository=repo, wait_ready=False) as s:
+
+        def settled() -> bool:  # every version has finished loading, one way or the other
+            try:
+                index = httpx.post(f"{s.url}/v2/repository/index", timeout=10).json()
+            except httpx.TransportError:  # not listening yet
+                return False
+            return len(index) == 3 and all(e["state"] != "LOADING" for e in index)
+
+        wait_until(settled, 60, s.log)
+        assert httpx.get(f"{s.url}/v2/health/ready", timeout=10).status_code == 200
+        assert _infer_digits(s) == 200
+        for action, status in (("unload", 200), ("load", 503), ("load", 503)):
+            url = f"{s.url}/v2/repository/models/broken/{action}"
+            assert httpx.post(url, timeout=60).status_code == status
+            assert httpx.get(f"{s.url}/v2/health/ready", timeout=10).status_code == 200, action
+        assert _infer_digits(s) == 200
+
+
+def _infer_digits(server: RunningServer) -> int:
+    doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}
+    return httpx.post(f"{server.url}/v2/models/digits/infer", json=doc, timeout=30).status_code

@@ -216,3 +216,27 @@ def test_load_of_a_broken_file_says_why_and_the_old_version_keeps_serving(
         model.write_bytes(good)
         for path, data in moved:
             path.write_bytes(data)
+
+
+def test_failed_load_of_an_unloaded_model_leaves_the_server_ready(served: Served) -> None:
+    """Triton's rule: the model reports its failure; the server stays in its load balancer
+    (here digits is the only model: unready would mean a dead box, not a broken model)."""
+    files = [p for p in (served.repo / "digits").glob("*/model.*") if p.is_file()]
+    kept = {p: p.read_bytes() for p in files}
+    try:
+        with http_client(served) as client:
+            client.unload_model("digits", headers=served.admin)
+            for path in files:
+                path.write_bytes(b"not a model")
+            with pytest.raises(InferenceServerException) as refused:
+                client.load_model("digits", headers=served.admin)
+            assert "failed to load" in str(refused.value), refused.value
+            assert not client.is_model_ready("digits", headers=served.admin)
+        assert server_ready(served)
+        assert infer_status(served) == 503
+    finally:
+        for path, data in kept.items():
+            path.write_bytes(data)
+    with http_client(served) as client:
+        client.load_model("digits", headers=served.admin)
+    assert server_ready(served) and infer_status(served) == 200

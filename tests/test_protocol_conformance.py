@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -396,3 +398,76 @@ def test_unknown_grpc_method_is_unimplemented_with_one_info_line(
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "NoSuchMethod" in line]
     assert len(lines) == 1 and "level=INFO" in lines[0], lines
+
+
+# -- zero rows, model control, readiness ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [None, [{"name": "probabilities", "parameters": {"classification": 3}}]],
+    ids=["plain", "classification"],
+)
+def test_zero_row_request_is_a_400_naming_the_input(
+    served: tuple[RunningServer, str], outputs: list | None
+) -> None:
+    """As Triton ("batch-size must be >= 1"): a batch of no rows is the client's mistake.
+    Sent twice: the first must not teach the batcher a speed that breaks the second."""
+    server, _ = served
+    doc = json_request(np.zeros((0, 64), np.float32))
+    if outputs is not None:
+        doc["outputs"] = outputs
+    for _ in range(2):
+        answer = post_infer(server, doc)
+        assert answer.status_code == 400, answer.text
+        assert "'input'" in answer.json()["error"] and "0 rows" in answer.json()["error"]
+    assert post_infer(server, json_request(pixels(1))).status_code == 200
+
+
+def test_grpc_zero_row_request_is_invalid_argument(grpc: tgrpc.InferenceServerClient) -> None:
+    data = tgrpc.InferInput("input", [0, 64], "FP32")
+    data.set_data_from_numpy(np.zeros((0, 64), np.float32))
+    with pytest.raises(InferenceServerException) as refused:
+        grpc.infer("digits", [data])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "0 rows" in str(refused.value)
+
+
+def test_explicit_load_outside_models_load_is_refused_naming_the_setting(
+    served: tuple[RunningServer, str],
+) -> None:
+    """The config says load = ["digits"]: `text` (in the same repository) stays out."""
+    server, _ = served
+    answer = httpx.post(f"{server.url}/v2/repository/models/text/load", timeout=60)
+    assert answer.status_code == 409, answer.text
+    assert "models.load" in answer.json()["error"]
+    index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
+    assert [e["name"] for e in index] == ["digits", "digits"]  # its two versions
+    assert httpx.post(f"{server.url}/v2/repository/models/digits/load", timeout=60).is_success
+
+
+def test_grpc_server_ready_agrees_with_http_when_no_signing_key_is_trusted(
+    tmp_path: Path,
+) -> None:
+    """Every token would be refused: neither transport may report the server ready."""
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    grpc_port = free_port()
+    config = (
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
+        f'[auth]\njwks_file = "{jwks}"\n'
+    )
+    with run_server(tmp_path, config_text=config, wait_ready=False) as server:
+
+        def models_loaded() -> bool:
+            log = server.log()
+            return all(f"model ready model=digits version={v} " in log for v in (1, 2))
+
+        wait_until(models_loaded, 60, server.log)
+        ready = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
+        assert ready.status_code == 503 and "no token signing key" in ready.json()["error"]
+        with tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            assert client.is_server_live()
+            assert not client.is_server_ready()

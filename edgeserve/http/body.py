@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 
 from edgeserve.errors import ClientClosed, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -75,6 +76,23 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
         if not inflate.eof:
             raise InvalidInput(f"the {encoding} body ends before its compressed stream does")
     return b"".join(chunks)
+
+
+async def read_json_object(
+    request: Request, max_bytes: int, *, allow_empty: bool = False
+) -> dict[str, Any]:
+    """A body that must be one JSON object, for the small control and feedback routes
+    (one wording of their 400s); a blank body is `{}` when `allow_empty`."""
+    body = await read_body(request, max_bytes)
+    if allow_empty and not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return doc
 
 
 def _inflated(

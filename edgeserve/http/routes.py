@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from edgeserve.auth.guard import requires
 from edgeserve.errors import InvalidInput, UnsupportedMediaType
-from edgeserve.http.body import read_body
+from edgeserve.http.body import read_body, read_json_object
 from edgeserve.http.headers import TELEMETRY_SEQ, header_text
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.integers import parse_uint
@@ -43,12 +43,10 @@ async def server_live(request: Request) -> Response:
 
 
 async def server_ready(request: Request) -> Response:
-    unusable = getattr(request.app.state.authenticator, "unusable_reason", None)
-    reason = unusable() if unusable is not None else None
-    if reason is not None:  # serving would answer every caller 401
+    reason = _pipeline(request).unready_reason()
+    if reason is not None:
         return json_response({"ready": False, "error": reason}, 503)
-    ready = _pipeline(request).server_ready()
-    return json_response({"ready": ready}, 200 if ready else 503)
+    return json_response({"ready": True})
 
 
 @requires("read")
@@ -175,15 +173,7 @@ async def repository_unload(request: Request) -> Response:
 
 async def _control_parameters(request: Request) -> dict[str, Any]:
     """The `parameters` object of a load/unload body (an empty body has none)."""
-    body = await read_body(request, 64 * 1024)
-    if not body.strip():
-        return {}
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
+    doc = await read_json_object(request, 64 * 1024, allow_empty=True)
     parameters = doc.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")

@@ -333,7 +333,7 @@ class DynamicBatcher:
         ):
             return False
         speed = self._slot_rows_per_s.get(rows.bit_length())
-        return speed is not None and rows / speed < INLINE_MAX_S
+        return speed is not None and speed > 0 and rows / speed < INLINE_MAX_S
 
     def _run_inline(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, rows: int
@@ -545,7 +545,8 @@ class DynamicBatcher:
 
     def _learn_speed(self, results: list[RunResult | BaseException]) -> None:
         for r in results:
-            if isinstance(r, RunResult) and r.executions and r.compute_s > 0:
+            # a call of no rows says nothing about speed (and a speed of 0 divides by zero)
+            if isinstance(r, RunResult) and r.executions and r.compute_s > 0 and r.batch_size > 0:
                 speed = r.batch_size / r.compute_s
                 size_class = r.batch_size.bit_length()
                 with self._lock:

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 
 from edgeserve.errors import InvalidInput
 from edgeserve.protocol.types import InferInput
-from edgeserve.serving.registry import ModelVersion
+from edgeserve.serving.registry import ModelVersion, no_rows
 
 
 def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
     """Refuse (400) an input the model does not take (unless it is the [features] entity
     key), or one whose declared rank, fixed dims or batch do not fit. (The datatype is
-    checked with the data, so that a value out of range is named as such.)"""
+    checked with the data, so that a value out of range is named as such.) A batched
+    input of 0 rows is refused too."""
     specs = model.inputs
     batch = model.config.max_batch_size
     for tensor in inputs:  # plain loops: this runs on every request, on the event loop
@@ -42,10 +43,13 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
             raise InvalidInput(
                 f"input '{name}' has shape {list(shape)}, model expects {list(expected)} (-1 = any)"
             )
-        if batch and shape and shape[0] > batch:
-            raise InvalidInput(
-                f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
-            )
+        if batch and shape:
+            if shape[0] > batch:
+                raise InvalidInput(
+                    f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
+                )
+            if shape[0] < 1:
+                raise InvalidInput(no_rows(name))
 
 
 def _expected(model: ModelVersion) -> str:

@@ -4,7 +4,9 @@ Both transports call these (REST `POST /v2/repository/models/{name}/load|unload`
 `RepositoryModelLoad|Unload`). A load reads the model's folder in the repository again
 (model.toml, or a configuration derived from the model file) and serves what is there;
 an unload stops every version of the model until it is loaded again, and the server
-stays ready meanwhile. Versions served from an installed bundle belong to the updater
+stays ready meanwhile; so does a load that fails (the model counts for readiness again
+once its default version serves). With `[models] load` set, only the models it names
+can be loaded. Versions served from an installed bundle belong to the updater
 (`edgeserve update rollback`), so those models are refused with 409.
 """
 
@@ -34,6 +36,7 @@ async def load_model(state: Any, name: str, parameters: Mapping[str, Any]) -> No
     folder = state.settings.models.repository / name
     if not MODEL_NAME.match(name) or not folder.is_dir():
         raise ModelNotFound(f"no model '{name[:64]}' in the model repository")
+    _refuse_unlisted(state, name)
     _refuse_installed(state, name)
     try:
         source = await asyncio.to_thread(read_source, folder)
@@ -42,6 +45,9 @@ async def load_model(state: Any, name: str, parameters: Mapping[str, Any]) -> No
     async with registry.changing:
         registry.reinstate(name)
         failed = await sync_model(registry, source, _pinned(state))
+        # back in readiness only once its default version serves: a failed load must not
+        # leave the whole server unready while its other models serve
+        registry.settle(name)
     if failed:
         raise ModelNotReady(
             f"model '{name}' failed to load ({'; '.join(_why(registry, name, v) for v in failed)})"
@@ -86,6 +92,17 @@ def _check_parameters(parameters: Mapping[str, Any], allowed: tuple[str, ...]) -
 def _pinned(state: Any) -> Any:
     updates = state.updates
     return updates.pinned if updates is not None else set
+
+
+def _refuse_unlisted(state: Any, name: str) -> None:
+    """With `[models] load` set, the server serves those models only: a load on request
+    does not add another (edit the setting and reload or restart instead)."""
+    listed = state.settings.models.load
+    if listed and name not in listed:
+        raise Conflict(
+            f"model '{name}' is not in the config's models.load ({', '.join(listed)[:200]}); "
+            "add it there to serve it"
+        )
 
 
 def _refuse_installed(state: Any, name: str) -> None:

@@ -145,12 +145,24 @@ class DataPlane:
         return not self.killed(model.name)
 
     def server_ready(self) -> bool:
-        """Every model finished loading and at least one of them may serve: one killed
-        model must not take the whole box out of its load balancer."""
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why the server must not get traffic now, else None: the one readiness check of
+        every transport (HTTP /v2/health/ready, gRPC ServerReady). Not ready: no token
+        could pass (serving would answer every caller 401), a model is still loading or
+        its default does not serve, or every model is switched off (one killed model
+        must not take the whole box out of its load balancer)."""
+        unusable = getattr(getattr(self._state, "authenticator", None), "unusable_reason", None)
+        reason = unusable() if unusable is not None else None
+        if reason is not None:
+            return str(reason)
         registry = self._state.registry
         if not registry.ready:
-            return False
-        return any(not self.killed(name) for name in registry.names())
+            return "models are loading or not serving (see POST /v2/repository/index)"
+        if not any(not self.killed(name) for name in registry.names()):
+            return "every model is switched off"
+        return None
 
     # -- the request ---------------------------------------------------------------
     async def serve(

@@ -123,6 +123,8 @@ class ModelVersion:
                 raise InvalidInput(
                     f"input '{spec.name}': batch of {array.shape[0]} exceeds max_batch_size {batch}"
                 )
+            if batch and array.shape and array.shape[0] < 1:
+                raise InvalidInput(no_rows(spec.name))
             feed[spec.name] = array
         return feed
 
@@ -194,6 +196,10 @@ class Registry:
         self._configs: dict[str, ModelConfig] = {}
         self._default_override: dict[str, int] = {}
         self._unloaded: set[str] = set()  # unloaded on request: out of readiness until loaded
+        # out of readiness while their default does not serve: a failed explicit load, and
+        # folders without model.toml (a file dropped in must not take the server out)
+        self._excused: set[str] = set()
+        self._derived: set[str] = set()
         self.changing = asyncio.Lock()  # one repository change (load, unload, reload) at a time
         # Called after a version is loaded or retired (app.py: the GC heap settler).
         self.on_change: Callable[[], None] | None = None
@@ -254,7 +260,9 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        """Every declared version has finished loading, and each model's default serves."""
+        """Every declared version has finished loading, and each model's default serves
+        (but for models unloaded on request, models whose explicit load failed and models
+        configured from their file alone: those report their failure as models)."""
         if not self._status:
             return False
         for name, statuses in self._status.items():
@@ -262,10 +270,16 @@ class Registry:
                 continue
             if any(s.state is VersionState.LOADING for s in statuses.values()):
                 return False
-            try:
-                self.get(name)
-            except (ModelNotReady, ModelNotFound):
+            if not self.serves(name) and name not in self._excused | self._derived:
                 return False
+        return True
+
+    def serves(self, name: str) -> bool:
+        """Whether a request naming no version of `name` would be served now."""
+        try:
+            self.get(name)
+        except (ModelNotReady, ModelNotFound):
+            return False
         return True
 
     def queue_depth(self) -> int:
@@ -302,6 +316,10 @@ class Registry:
         the old one is then closed once its in-flight requests have finished. `derive`
         completes the configuration from the model file (a folder without model.toml).
         """
+        if derive:
+            self._derived.add(name)
+        else:
+            self._derived.discard(name)
         digest = files_digest(files, config)
         current = self._versions.get(name, {}).get(version)
         if current is not None and current.digest == digest:
@@ -357,13 +375,22 @@ class Registry:
             self._changed()
 
     def reinstate(self, name: str) -> None:
-        """Before an explicit load: `name` counts for readiness again, and its unloaded
-        versions are forgotten so that the load declares them LOADING afresh."""
-        self._unloaded.discard(name)
+        """Before an explicit load: its unloaded versions are forgotten so that the load
+        declares them LOADING afresh (`name` stays out of readiness until `settle`)."""
         statuses = self._status.get(name, {})
         for version, status in list(statuses.items()):
             if status.reason == UNLOADED:
                 del statuses[version]
+
+    def settle(self, name: str) -> None:
+        """After an explicit load: `name` counts for readiness again once its default
+        version serves; else it stays out (an unloaded model stays unloaded), so that one
+        failed load does not take the whole server out of its load balancer."""
+        if self.serves(name):
+            self._unloaded.discard(name)
+            self._excused.discard(name)
+        else:
+            self._excused.add(name)
 
     async def unload(self, name: str, version: int) -> None:
         old = self._versions.get(name, {}).pop(version, None)
@@ -415,6 +442,12 @@ class Registry:
             runtime.close()
             raise
         return runtime, config
+
+
+def no_rows(name: str) -> str:
+    """Why a batched input of no rows is refused, as Triton does ("batch-size must be
+    >= 1"): there is nothing to compute, and a batcher must not time an empty call."""
+    return f"input '{name}' has 0 rows: the batch dimension (shape[0]) must be at least 1"
 
 
 def files_digest(files: Mapping[str, bytes], config: ModelConfig) -> str:
