@@ -27,7 +27,7 @@ def check_before_serving(settings: Settings) -> socket.socket:
     port between this check and serving (port 0: a free port the kernel picks)."""
     from edgeserve.serving.repository import scan_repository
 
-    scan_repository(settings.models.repository, settings.models.load or None)
+    scan_repository(settings.models.repository, settings.models.load or None, warn=False)
     server = settings.server
     if server.grpc_port:
         from edgeserve.cli.extras import missing_extra

@@ -152,8 +152,11 @@ def parse_model_config(text: str, where: str) -> ModelConfig:
     return config
 
 
-def scan_repository(root: Path, only: list[str] | None = None) -> list[ModelSource]:
-    """Every model under `root` (or only those named), sorted by name."""
+def scan_repository(
+    root: Path, only: list[str] | None = None, *, warn: bool = True
+) -> list[ModelSource]:
+    """Every model under `root` (or only those named), sorted by name; a folder that
+    cannot be served is one WARNING (unless `warn` is off: a check before the real scan)."""
     if not root.is_dir():
         raise ConfigError("models.repository", f"{root} is not a folder")
     sources = []
@@ -166,7 +169,8 @@ def scan_repository(root: Path, only: list[str] | None = None) -> list[ModelSour
         try:
             sources.append(bare_model(folder))
         except ConfigError as exc:
-            log.warning("model folder skipped folder=%s reason=%r", folder, exc.problem)
+            if warn:
+                log.warning("model folder skipped folder=%s reason=%r", folder, exc.problem)
     missing = set(only or []) - {s.name for s in sources}
     if missing:
         raise ConfigError("models.load", f"no such model in {root}: {', '.join(sorted(missing))}")
