@@ -184,7 +184,7 @@ def test_health_watch_verdict_drives_an_automatic_rollback(kit: Kit) -> None:
     install(store, kit, 2)
     watch = HealthWatch(HealthPolicy(min_requests=10, max_error_rate=0.1), started_s=0.0)
     for i in range(10):
-        watch.observe(ok=i % 2 == 0, latency_ms=3.0)  # the new model fails half its requests
+        watch.observe(ok=i % 2 == 0, row_ms=3.0)  # the new model fails half its requests
     verdict = watch.verdict(now_s=5.0)
     assert verdict.action == "rollback"
     state = store.rollback(NAME, verdict.reason)

@@ -10,7 +10,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # Not no-referrer: under it a browser sends `Origin: null` with a same-site form POST,
+    # and the dashboard's login refuses what it cannot tell from a cross-site post.
+    # same-origin sends nothing to other sites, and the page's own origin to this one.
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
 # "<boot>-<seq>" of the telemetry record an answer left (success or error alike).

@@ -38,11 +38,11 @@ def baseline_row_ms(model: ModelVersion | None, min_rows: int = 20) -> float | N
     replaced), or None when it computed too little to say."""
     if model is None:
         return None
-    batches = model.stats.batches
-    rows = sum(size * counter.count for size, counter in batches.items())
+    batches = model.stats.batches  # per batch size: Triton's batch_stats counters
+    rows = sum(size * stats.compute_infer.count for size, stats in batches.items())
     if rows < min_rows:
         return None
-    return sum(counter.ns for counter in batches.values()) / rows / 1e6
+    return sum(stats.compute_infer.ns for stats in batches.values()) / rows / 1e6
 
 
 class ObservedScheduler:
