@@ -356,8 +356,9 @@ class TelemetryStore:
     ) -> None:
         self.path = path
         self.wal_budget_bytes = wal_budget_bytes
-        # Rows on the wire to the collector (table -> seqs), set by the sync task: the
-        # size cap passes over them, so a row cannot be both delivered and counted dropped.
+        # Rows on the wire to the collector (table -> seqs), set on this writer thread by
+        # the command that takes a batch (sync.take_batch): the size cap and retention
+        # pass over them, so a row cannot be both delivered and counted dropped.
         self.sending: dict[str, frozenset[int]] = {}
         self.data_region = data_region
         self.capacity = queue_records
