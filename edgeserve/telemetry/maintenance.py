@@ -206,16 +206,21 @@ def forget_subject_rows(conn: sqlite3.Connection, subject_hash: str, data_region
     conn.execute("BEGIN IMMEDIATE")
     # Ground truth and kept payloads of the subject's requests are about the subject too.
     # A request is the subject's whether the subject header, the token (owner) or an
-    # experiment's unit (a user id header or claim) named them.
-    theirs = "subject_hash = ? OR owner_hash = ? OR unit_hash = ?"
+    # experiment's unit (a user id header or claim) named them. One lookup per column,
+    # each through its partial index (an OR of the three would read every inference).
+    theirs = " UNION ".join(
+        f"SELECT seq FROM inferences WHERE {column} = :subject"
+        for column in ("subject_hash", "owner_hash", "unit_hash")
+    )
+    key = {"subject": subject_hash}
     removed = 0
     for table in ("feedback", "payloads"):
         removed += conn.execute(
             f"DELETE FROM {table} WHERE request_id IN "
-            f"(SELECT request_id FROM inferences WHERE {theirs})",
-            (subject_hash,) * 3,
+            f"(SELECT request_id FROM inferences WHERE seq IN ({theirs}))",
+            key,
         ).rowcount
-    removed += conn.execute(f"DELETE FROM inferences WHERE {theirs}", (subject_hash,) * 3).rowcount
+    removed += conn.execute(f"DELETE FROM inferences WHERE seq IN ({theirs})", key).rowcount
     removed += conn.execute("DELETE FROM events WHERE subject_hash = ?", (subject_hash,)).rowcount
     now = time.time()
     conn.execute(
