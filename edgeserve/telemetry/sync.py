@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import gzip
 import importlib.util
 import logging
@@ -314,9 +315,10 @@ class UpstreamSync:
         as on the wire (`store.sending`) in the same writer command that reads them, so no
         eviction or retention can fall between choosing them and protecting them (a row
         delivered must not also be counted as dropped)."""
-        return await asyncio.wrap_future(
-            self.store.submit(lambda conn: take_batch(self.store, conn, limit))
+        taken: list[tuple[str, dict[str, Any]]] = await asyncio.wrap_future(
+            self.store.submit(functools.partial(take_batch, self.store, limit=limit))
         )
+        return taken
 
     def close(self) -> None:
         """Nothing to release: the batch is read on the writer's connection."""
