@@ -157,12 +157,11 @@ install_local() {
         count=$(grep -c '^[A-Za-z0-9]' "$lock")
         if [ "$kind" = dev ]; then
             say "step 2/4: installing the $kind set, $count pinned packages from $2 (about 2 GB: Spark, scikit-learn, test tools)"
-            hashes=--require-hashes
         else
             say "step 2/4: installing the $kind set, $count pinned packages from $2 (runtimes, web server, gRPC, pyarrow)"
-            hashes=""
         fi
-        quiet_pip "$venv/bin/python" install -q $hashes --no-deps -r "$lock" \
+        # Both locks carry hashes: a package swapped on the index or a mirror is refused.
+        quiet_pip "$venv/bin/python" install -q --require-hashes --no-deps -r "$lock" \
             || die "pip install -r $2 failed (see above)"
         say "step 3/4: installing edgeserve from this checkout (editable)"
         quiet_pip "$venv/bin/python" install -q --no-deps -e "$here" \

@@ -15,18 +15,24 @@ the totals of the latest ExportMetricsServiceRequest; POST /hook keeps alert web
 bodies. GET / returns the state: requests per mode, the last Authorization,
 Content-Type and Content-Encoding, resource attributes, records accepted, and the
 uploads still being answered (`in_flight`).
+
+Tests start it with `receiver(port, ids_file)`, which waits until it answers.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -172,6 +178,29 @@ class Handler(BaseHTTPRequestHandler):
             STATE["posts"].append((len(ids), len(body)))
             STATE["resource"] = resource_attrs if ids else STATE["resource"]
         self._reply(200, b'{"partialSuccess": {}}', {"Content-Type": "application/json"})
+
+
+@contextmanager
+def receiver(port: int, ids_file: Path) -> Iterator[str]:
+    """This receiver in its own process on `port`; its base URL once it answers."""
+    from tests.waiting import wait_until  # only the tests' side needs it
+
+    process = subprocess.Popen([sys.executable, __file__, str(port), str(ids_file)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            try:
+                httpx.get(url + "/", timeout=1)
+            except httpx.TransportError:
+                return False
+            return True
+
+        wait_until(answers, 20, "the receiver to answer")
+        yield url
+    finally:
+        process.kill()
+        process.wait()
 
 
 if __name__ == "__main__":

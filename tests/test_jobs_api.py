@@ -253,3 +253,28 @@ def test_finished_jobs_are_forgotten_and_too_many_active_jobs_are_refused(
         )
         assert httpx.get(f"{srv.url}/api/jobs/{job_id}").status_code == 404
         assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    ("hostname", "prefix"),
+    [("edgeserve-1", "edgeserve-1."), ("Not_A_Label", ""), ("x" * 64, "")],
+)
+def test_a_job_id_names_the_pod_that_owns_it(
+    tmp_path: Path, repo: Path, hostname: str, prefix: str
+) -> None:
+    """On the StatefulSet (HOSTNAME is the pod's name), a client that submitted through
+    the Service learns from the id which pod to ask (`<pod>.edgeserve-peers`); a
+    HOSTNAME that is not a DNS label is left out rather than put in a URL."""
+    x, _ = digits_rows()
+    with run_server(
+        tmp_path, config_text=server_config(repo, ""), env={"HOSTNAME": hostname}
+    ) as server:
+        reply = httpx.post(
+            f"{server.url}/api/jobs?model=digits", content=jsonl_body(x[:5]), headers=JSONL
+        )
+        assert reply.status_code == 202, reply.text
+        job_id = reply.json()["id"]
+        assert job_id.startswith(prefix) and len(job_id) == len(prefix) + 32
+        assert reply.headers["location"] == f"/api/jobs/{job_id}"
+        assert wait_for(server.url, job_id)["status"] == "done"
+        assert httpx.get(f"{server.url}/api/jobs/{job_id}/result").status_code == 200

@@ -19,6 +19,7 @@ else:
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "packaging" / "lock" / "dev.txt"
+SERVE_LOCK = ROOT / "packaging" / "lock" / "serve.txt"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)", re.M)
 
 
@@ -58,10 +59,23 @@ def test_every_direct_dependency_is_pinned_within_its_range() -> None:
         assert req.specifier.contains(locked[name], prereleases=True), (req, locked[name])
 
 
-def test_every_pin_carries_a_hash() -> None:
-    entries = re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text())
+@pytest.mark.parametrize("lock", [LOCK, SERVE_LOCK], ids=["dev", "serve"])
+def test_every_pin_carries_a_hash(lock: Path) -> None:
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text())
     unhashed = [e.split()[0] for e in entries if PIN.match(e) and "--hash=sha256:" not in e]
     assert not unhashed
+
+
+def test_install_sh_requires_the_hashes_for_both_sets() -> None:
+    """A tampered mirror or index cannot swap a package under `install.sh --serve` either."""
+    script = (ROOT / "install.sh").read_text()
+    assert 'hashes=""' not in script
+    assert "--require-hashes" in script
+    refresh = (ROOT / "packaging" / "lock" / "refresh.sh").read_text()
+    serve_line = next(
+        line for line in refresh.splitlines() if "compile packaging/lock/serve" in line
+    )
+    assert "--generate-hashes" in serve_line
 
 
 def test_the_header_names_the_python_install_sh_compares() -> None:

@@ -1,6 +1,8 @@
 """A model-based test of the telemetry buffer, built like Vector's disk-buffer tests: random
-seeded sequences of append, flush, sync acknowledgement, rejection, eviction, crash and
-reopen run against the real SQLite file, and a simple reference model says what must hold.
+seeded sequences of append, flush, an upload through the real UpstreamSync to a loopback
+OTLP receiver (records keep coming and the cap bites while it is on the wire), rejection,
+eviction, crash and reopen run against the real SQLite file, and a simple reference model
+says what must hold.
 
 Invariants, checked after every step of every sequence:
 
@@ -19,6 +21,7 @@ process and SIGKILL it at a random moment.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -33,8 +36,13 @@ from pathlib import Path
 
 import pytest
 
+from edgeserve.config.schema import parse_section
 from edgeserve.telemetry import maintenance
+from edgeserve.telemetry.settings import UpstreamSettings
 from edgeserve.telemetry.store import TelemetryStore, durable_marks, wal_bytes
+from edgeserve.telemetry.sync import UpstreamSync
+from tests.otlp_receiver import receiver
+from tests.serving import free_port
 from tests.telemetry_model_child import CAP, open_store, record
 
 LIMIT = CAP * (1 + maintenance.CAP_MARGIN)
@@ -131,7 +139,14 @@ def _crash(store: TelemetryStore) -> None:
     store.stop()
 
 
-def run_sequence(seed: int, path: Path, steps: int = 16) -> Model:
+async def _post(sync: UpstreamSync, rows: list[tuple[str, dict]]) -> None:
+    """What UpstreamSync does with a batch it took: post it, advance on the 2xx."""
+    if rows:
+        async with sync._client() as client:
+            await sync._send(client, rows)
+
+
+def run_sequence(seed: int, path: Path, upstream: UpstreamSettings, steps: int = 16) -> Model:
     rng = random.Random(seed)
     model = Model()
     store = open_store(path)
@@ -150,22 +165,19 @@ def run_sequence(seed: int, path: Path, steps: int = 16) -> Model:
             elif op == "flush":
                 assert store.flush(30)
                 model.report(store)
-            elif op == "ack":  # an upload of the oldest unsent rows, then its 2xx
+            elif op == "ack":  # UpstreamSync takes the oldest unsent rows and posts them
                 assert store.flush(30)
                 model.report(store)
-                rows = _unsynced(store, rng.randint(1, 100))
-                seqs = [seq for seq, _ in rows]
-                store.sending = {"inferences": frozenset(seqs)}  # as UpstreamSync does
+                sync = UpstreamSync(store, upstream, "model")
+                rows = asyncio.run(sync._take(rng.randint(1, 100)))
                 # While the upload is on the wire, records keep coming and the cap bites.
                 count = rng.randint(0, 150)
                 model.append(store, count, counter)
                 counter += count
                 store.submit(lambda c, s=store: maintenance.enforce_size_cap(s, c, CAP)).result(30)
-                store.submit(lambda c, s=seqs: maintenance.mark_synced(c, "inferences", s)).result(
-                    30
-                )
-                store.sending = {}
-                model.acked |= {rid for _, rid in rows}
+                asyncio.run(_post(sync, rows))
+                assert sync.sent_records == len(rows), "the receiver answers 2xx"
+                model.acked |= {row["record_id"] for _, row in rows}
             elif op == "reject":  # the collector refused one record for good
                 assert store.flush(30)
                 model.report(store)
@@ -198,14 +210,21 @@ def run_sequence(seed: int, path: Path, steps: int = 16) -> Model:
 
 def test_two_hundred_seeded_sequences_keep_every_promise(buffer_dir: Path) -> None:
     cap_bit = 0
-    for seed in IN_PROCESS_SEEDS:
-        path = buffer_dir / f"seed-{seed}" / "telemetry.db"
-        try:
-            run_sequence(seed, path)
-        except AssertionError as exc:
-            raise AssertionError(f"seed {seed}: {exc}") from exc
-        with sqlite3.connect(path) as db:
-            cap_bit += bool(maintenance.drop_counts(db).get(("inferences", "size_cap")))
+    port = free_port()
+    upstream = parse_section(
+        UpstreamSettings,
+        {"url": f"http://127.0.0.1:{port}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
+        "telemetry.upstream",
+    )
+    with receiver(port, buffer_dir / "received.txt"):
+        for seed in IN_PROCESS_SEEDS:
+            path = buffer_dir / f"seed-{seed}" / "telemetry.db"
+            try:
+                run_sequence(seed, path, upstream)
+            except AssertionError as exc:
+                raise AssertionError(f"seed {seed}: {exc}") from exc
+            with sqlite3.connect(path) as db:
+                cap_bit += bool(maintenance.drop_counts(db).get(("inferences", "size_cap")))
     assert cap_bit >= len(IN_PROCESS_SEEDS) // 4, "too few sequences reached the size cap"
 
 

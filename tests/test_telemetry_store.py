@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -28,7 +29,7 @@ from edgeserve.telemetry.records import (
 )
 from edgeserve.telemetry.service import build_telemetry
 from edgeserve.telemetry.settings import TelemetrySettings
-from edgeserve.telemetry.store import TelemetryStore
+from edgeserve.telemetry.store import MAX_BOOTS, TelemetryStore, durable_marks
 from tests.serving import MODELS, run_server
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
@@ -479,3 +480,85 @@ def test_a_buffer_with_full_label_indexes_gets_partial_ones_and_keeps_its_rows(
     assert "WHERE experiment IS NOT NULL" in definitions["idx_inferences_experiment_variant"]
     assert "idx_inferences_subject_hash" in str(plan)
     assert found == [("a",)]
+
+
+def test_a_process_whose_clock_is_behind_keeps_its_durable_mark(tmp_path: Path) -> None:
+    """Earlier processes ran with a clock ahead (their `started` is in this process's
+    future); the newest process is still the newest boot, and its mark is kept."""
+    path = tmp_path / "telemetry.db"
+    _store(tmp_path).stop()
+    ahead = time.time() + 86400
+    with sqlite3.connect(path) as db:  # MAX_BOOTS earlier processes, clocks a day ahead
+        for i in range(MAX_BOOTS):
+            db.execute(
+                "INSERT INTO boots (boot_id, started, durable_seq) VALUES (?, ?, 0)",
+                (f"ahead{i}", ahead + i),
+            )
+    store = _store(tmp_path)
+    try:
+        seq = store.add(_inference(1))
+        assert store.flush(10)
+    finally:
+        store.stop()
+    with sqlite3.connect(path) as db:
+        marks = durable_marks(db)
+    assert marks.get(store.boot_id) == seq
+    assert len(marks) == MAX_BOOTS
+    assert list(marks)[-1] == store.boot_id  # the newest, whatever the clocks said
+    assert "ahead0" not in marks  # the oldest process registered is the one forgotten
+
+
+def test_forget_finds_a_subject_by_index_without_scanning_the_buffer(tmp_path: Path) -> None:
+    """forget holds the writer: each of its statements finds the subject's rows through
+    an index (subject, owner or unit), never by reading every inference."""
+    path = tmp_path / "telemetry.db"
+    store = _store(tmp_path)
+    try:
+        for i in range(200):
+            store.add(_inference(i))
+        theirs = [
+            InferenceRecord("by-subject", "m", "1", 200, 0, 0, 0, 1, time.time(), subject_hash="s"),
+            InferenceRecord("by-owner", "m", "1", 200, 0, 0, 0, 1, time.time(), owner_hash="s"),
+            InferenceRecord("by-unit", "m", "1", 200, 0, 0, 0, 1, time.time(), unit_hash="s"),
+        ]
+        for record in theirs:
+            store.add(record)
+        store.add(FeedbackRecord("by-owner", "7", 1, time.time()))
+        assert store.flush(10)
+    finally:
+        store.stop()
+    statements: list[str] = []
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.set_trace_callback(statements.append)
+        removed = maintenance.forget_subject_rows(conn, "s", "ae")
+        conn.set_trace_callback(None)
+        plans = {
+            sql: [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            for sql in statements
+            if "inferences" in sql and sql.lstrip().upper().startswith(("DELETE", "SELECT"))
+        }
+        left = conn.execute("SELECT request_id FROM inferences WHERE request_id LIKE 'by-%'")
+        assert left.fetchall() == []
+    finally:
+        conn.close()
+    assert removed == 4  # three inferences and the feedback on one of them
+    assert plans, "forget ran no statement over inferences"
+    for sql, plan in plans.items():
+        scans = [step for step in plan if re.match(r"SCAN (TABLE )?inferences\b", step)]
+        assert not scans, f"{sql!r} reads every inference: {plan}"
+
+
+def test_a_buffer_from_before_boot_numbers_keeps_its_marks_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "telemetry.db"
+    _store(tmp_path).stop()
+    with sqlite3.connect(path) as db:  # as buffers before 0.4 had it
+        db.execute("DROP TABLE boots")
+        db.execute("CREATE TABLE boots (boot_id TEXT PRIMARY KEY, started FLOAT, durable_seq INT)")
+        db.execute("INSERT INTO boots VALUES ('second', 2.0, 7), ('first', 1.0, 5)")
+    store = _store(tmp_path)
+    store.stop()
+    with sqlite3.connect(path) as db:
+        marks = durable_marks(db)
+    assert list(marks.items())[:2] == [("first", 5), ("second", 7)]
+    assert list(marks)[-1] == store.boot_id

@@ -11,8 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,33 +22,16 @@ from edgeserve.config.schema import ConfigError, parse_section
 from edgeserve.telemetry import maintenance
 from edgeserve.telemetry.records import EventRecord, FeedbackRecord, InferenceRecord
 from edgeserve.telemetry.service import build_telemetry
-from edgeserve.telemetry.settings import TelemetrySettings
+from edgeserve.telemetry.settings import TelemetrySettings, UpstreamSettings
+from edgeserve.telemetry.sync import UpstreamSync
+from tests.otlp_receiver import receiver
 from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.telemetry_model_child import CAP, open_store
+from tests.telemetry_model_child import record as model_record
 from tests.waiting import wait_until, wait_until_async
 
-RECEIVER = Path(__file__).with_name("otlp_receiver.py")
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]}
-
-
-@contextmanager
-def receiver(port: int, ids_file: Path) -> Iterator[str]:
-    process = subprocess.Popen([sys.executable, str(RECEIVER), str(port), str(ids_file)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def answers() -> bool:
-            try:
-                httpx.get(url + "/", timeout=1)
-            except httpx.TransportError:
-                return False
-            return True
-
-        wait_until(answers, 20, "the receiver to answer")
-        yield url
-    finally:
-        process.kill()
-        process.wait()
 
 
 def _config(port: int, **extra: object) -> str:
@@ -428,3 +410,61 @@ def test_sigkill_during_load_and_sync_loses_nothing_acknowledged_upstream(tmp_pa
         f"\nacknowledged={len(guaranteed)} stored={len(stored)} received={len(received)} "
         f"duplicates={len(received) - len(set(received))}"
     )
+
+
+def _upstream(port: int) -> UpstreamSettings:
+    return parse_section(
+        UpstreamSettings,
+        {"url": f"http://127.0.0.1:{port}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
+        "telemetry.upstream",
+    )
+
+
+@pytest.mark.parametrize("trim", ["size_cap", "retention"])
+def test_rows_on_the_wire_are_delivered_and_never_counted_dropped(
+    tmp_path: Path, trim: str
+) -> None:
+    """UpstreamSync chooses a batch; before it is posted, records keep coming and the
+    size cap (or retention) trims the oldest rows. The batch on the wire must be
+    delivered, kept as acknowledged, and not counted as dropped as well."""
+    port = free_port()
+    path = tmp_path / "telemetry.db"
+    store = open_store(path)  # the cap checked after every commit, as the server does
+    for i in range(50):
+        store.add(model_record(i))
+    assert store.flush(30)
+    sync = UpstreamSync(store, _upstream(port), "test")
+    trims = {
+        "size_cap": lambda c: maintenance.enforce_size_cap(store, c, CAP),
+        "retention": lambda c: maintenance.apply_retention(
+            store, c, {"inferences": 0.0}, now=time.time() + 3600
+        ),
+    }
+
+    async def upload() -> list[tuple[str, dict]]:
+        rows = await sync._take(50)  # the batch is chosen ...
+        for i in range(50, 450):  # ... and while it is on its way, the buffer fills up
+            store.add(model_record(i))
+        assert store.flush(30)
+        store.submit(trims[trim]).result(30)
+        async with sync._client() as client:
+            await sync._send(client, rows)
+        return rows
+
+    try:
+        with receiver(port, tmp_path / "received.txt"):
+            rows = asyncio.run(upload())
+        store.submit(lambda c: None).result(30)
+    finally:
+        sync.close()
+        store.stop()
+    sent = {row["record_id"] for _, row in rows}
+    assert len(sent) == 50
+    assert set(_received(tmp_path / "received.txt")) == sent
+    with sqlite3.connect(path) as db:
+        present = dict(db.execute("SELECT record_id, synced FROM inferences"))
+        drops = maintenance.drop_counts(db)
+    assert drops.get(("inferences", trim), 0) > 0, "the trim did not bite"
+    assert {rid: present.get(rid) for rid in sent} == dict.fromkeys(sent, 1)
+    # Every row gone was counted once (the cap checked after each commit may bite too).
+    assert sum(drops.values()) == 450 - len(present)

@@ -75,7 +75,7 @@ def _attempts(
             transport=httpx.MockTransport(handler), follow_redirects=False
         ) as client:
             for _ in answers:
-                rows = await asyncio.to_thread(sync._unsynced, 100)
+                rows = await sync._take(100)
                 delays.append(await sync._send(client, rows) if rows else -1.0)
         return delays
 
@@ -137,7 +137,7 @@ def test_the_sync_client_does_not_follow_a_redirect(store: TelemetryStore, statu
 
     async def send_once() -> None:
         async with sync._client() as client:
-            await sync._send(client, await asyncio.to_thread(sync._unsynced, 100))
+            await sync._send(client, await sync._take(100))
 
     try:
         asyncio.run(send_once())
@@ -297,7 +297,7 @@ def test_mutual_tls_to_the_collector(
 
     async def once() -> float:
         async with sync._client() as client:
-            rows = await asyncio.to_thread(sync._unsynced, 100)
+            rows = await sync._take(100)
             return await sync._send(client, rows)
 
     delay = asyncio.run(once())

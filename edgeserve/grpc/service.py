@@ -28,7 +28,7 @@ from edgeserve.auth.guard import authenticate, still_authenticated
 from edgeserve.auth.principal import Principal
 from edgeserve.config.loader import Settings
 from edgeserve.errors import EdgeserveError, InvalidInput, Unauthorized
-from edgeserve.grpc.stream import stream_replies
+from edgeserve.grpc.stream import TELEMETRY_SEQ, record_id_of, stream_replies
 from edgeserve.protocol.grpc_codec import decode_request, encode_response
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.types import InferRequest
@@ -115,10 +115,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return await work(await self._guard(context, scope))
         except EdgeserveError as exc:
-            await context.abort(status_code_for(exc.status), exc.message)
-        except Exception:
+            await context.abort(status_code_for(exc.status), exc.message, _seq_trailer(exc))
+        except Exception as exc:
             log.exception("grpc call failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error", _seq_trailer(exc))
         raise AssertionError("unreachable: abort raises")
 
     # -- health and metadata -------------------------------------------------------
@@ -256,7 +256,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             stream=stream,
         )
         model = served.model
-        return encode_response(model.name, str(model.version), request.id, served.outputs)
+        response = encode_response(model.name, str(model.version), request.id, served.outputs)
+        if served.seq_id and stream:  # one trailer per stream: the id goes with its answer
+            response.parameters[TELEMETRY_SEQ].string_param = served.seq_id
+        elif served.seq_id:
+            context.set_trailing_metadata(((TELEMETRY_SEQ, served.seq_id),))
+        return response
+
+
+def _seq_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a refused or failed call: the telemetry record it left
+    (`x-telemetry-seq`, as over HTTP), if any."""
+    seq_id = record_id_of(exc)
+    return ((TELEMETRY_SEQ, seq_id),) if seq_id else ()
 
 
 def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:

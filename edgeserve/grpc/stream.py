@@ -5,6 +5,9 @@ bound. A request holds its slot until the writer has taken its reply, so a clien
 sends and never reads stops being read (HTTP/2 flow control then blocks its sends)
 instead of piling replies up in memory, as the WebSocket path does. A failed request
 answers with `error_message` and the stream goes on, as Triton does; only a refused caller ends it.
+Each answer that left a telemetry record carries its id (`<boot>-<seq>`, HTTP's
+`x-telemetry-seq`) as the response parameter of that name: a stream has one set of
+trailing metadata, so the id travels with its message.
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ from edgeserve.errors import EdgeserveError
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64  # requests of one stream being computed at once
+TELEMETRY_SEQ = "x-telemetry-seq"  # the record id's name, as in HTTP's header
+
+
+def record_id_of(exc: BaseException) -> str:
+    """The telemetry record a failed inference left (the data plane sets it), or ""."""
+    value = getattr(exc, "telemetry_seq", "")
+    return value if isinstance(value, str) else ""
+
+
+def failed_response(request_id: str, seq_id: str) -> pb.ModelInferResponse:
+    """A failed stream request's response: its id, and its record's id when it left one."""
+    response = pb.ModelInferResponse(id=request_id)
+    if seq_id:
+        response.parameters[TELEMETRY_SEQ].string_param = seq_id
+    return response
+
 
 InferOne = Callable[[Any, Any], Awaitable[pb.ModelInferResponse]]
 
@@ -41,12 +60,13 @@ async def stream_replies(
         except EdgeserveError as exc:
             reply = pb.ModelStreamInferResponse(
                 error_message=exc.message,
-                infer_response=pb.ModelInferResponse(id=request.id),
+                infer_response=failed_response(request.id, record_id_of(exc)),
             )
-        except Exception:
+        except Exception as exc:
             log.exception("grpc stream request failed id=%s", request.id[:128])
             reply = pb.ModelStreamInferResponse(
-                error_message="internal error", infer_response=pb.ModelInferResponse(id=request.id)
+                error_message="internal error",
+                infer_response=failed_response(request.id, record_id_of(exc)),
             )
         replies.put_nowait(reply)  # the slot is released when the writer takes it
 

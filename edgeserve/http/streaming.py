@@ -3,9 +3,12 @@
 The client sends one V2 infer request (the JSON body of `POST .../infer`) per message
 and receives one V2 response per message, in the order sent; a message that fails
 gets `{"error": "...", "status": <HTTP-style status>, "id": ...}` in its place and the
-stream goes on. Each message goes through the data plane (edgeserve/serving/pipeline.py)
-like any other inference; messages still being computed when the client goes away are
-recorded as 499 (client closed request).
+stream goes on. An answer that left a telemetry record carries its id (`<boot>-<seq>`,
+what HTTP's `x-telemetry-seq` header carries): a response in
+`parameters["x-telemetry-seq"]`, an error document as its `"x-telemetry-seq"` field. Each
+message goes through the data plane (edgeserve/serving/pipeline.py) like any other
+inference; messages still being computed when the client goes away are recorded as 499
+(client closed request).
 
 Backpressure: at most `[jobs] stream_window` messages are in flight (received, being
 computed, or computed and waiting to be sent). When the client stops reading, sends
@@ -37,6 +40,7 @@ from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
+TELEMETRY_SEQ = "x-telemetry-seq"  # each answer's record id, named as HTTP's header
 
 CLOSE_NORMAL = 1000  # idle
 CLOSE_POLICY = 1008  # refused: auth, unknown model, token expired mid-stream
@@ -221,15 +225,21 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
         model = served.model
         outputs = [InferOutput(n, a, False) for n, a in served.outputs.items()]
         response = InferResponse(model.name, str(model.version), message.decoded.id, outputs)
+        if served.seq_id:
+            response.parameters[TELEMETRY_SEQ] = served.seq_id
         body, _ = encode_response(response)
         return body
     except EdgeserveError as exc:
         doc: dict[str, Any] = {"error": exc.message, "status": exc.status}
-    except Exception:
+        seq_id = getattr(exc, "telemetry_seq", "")
+    except Exception as exc:
         log.exception("stream message failed model=%s", name)
         doc = {"error": "internal error", "status": 500}
+        seq_id = getattr(exc, "telemetry_seq", "")
     if message.decoded is not None and message.decoded.id is not None:
         doc["id"] = message.decoded.id
+    if seq_id:
+        doc[TELEMETRY_SEQ] = seq_id
     return orjson.dumps(doc)
 
 

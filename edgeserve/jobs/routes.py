@@ -39,11 +39,13 @@ from edgeserve.jobs.store import (
     ACTIVE,
     CANCELLED,
     DONE,
+    MAX_JOB_ID_CHARS,
     QUEUED,
     RUNNING,
     Job,
     input_fingerprint,
     new_job_id,
+    pod_name,
 )
 from edgeserve.offline.plan import parse_map_options, plan_inputs
 from edgeserve.protocol.integers import parse_uint
@@ -82,7 +84,7 @@ def _is_admin(request: Request) -> bool:
 
 
 def _owned(request: Request, runner: JobRunner) -> Job:
-    job = runner.store.get(request.path_params["job_id"][:64])
+    job = runner.store.get(request.path_params["job_id"][:MAX_JOB_ID_CHARS])
     if job is None or (job.owner != request.state.principal.subject and not _is_admin(request)):
         raise NotFound("no such job")
     return job
@@ -149,7 +151,7 @@ def _count_bound(request: Request, bound: str) -> None:
 
 async def _create_job(request: Request, runner: JobRunner, uploads: UploadBudget) -> Response:
     settings = request.app.state.settings.jobs
-    job_id = new_job_id()
+    job_id = new_job_id(pod_name())
     folder = runner.job_dir(job_id)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:

@@ -7,6 +7,8 @@ resume exactly where the last durable chunk ended.
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -79,8 +81,23 @@ class Job:
 _COLUMNS = [f.name for f in fields(Job)]
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+MAX_JOB_ID_CHARS = 63 + 1 + 32  # a pod name (a DNS label), ".", a uuid4 in hex
+
+
+def pod_name() -> str:
+    """This pod's name: HOSTNAME, which Kubernetes sets to it, when it is a DNS label
+    (else "": a name that cannot be a host in a URL is no use to a client)."""
+    name = os.environ.get("HOSTNAME", "")
+    return name if DNS_LABEL.fullmatch(name) else ""
+
+
+def new_job_id(pod: str = "") -> str:
+    """A fresh job id; `<pod>.<hex>` on a pod. Jobs live on the pod that took them: a
+    client that submitted through the Service reads from the id which pod to ask again
+    (`<pod>.edgeserve-peers` on the StatefulSet)."""
+    token = uuid.uuid4().hex
+    return f"{pod}.{token}" if pod else token
 
 
 def input_fingerprint(path: Path) -> str:

@@ -197,11 +197,7 @@ def create_schema(path: Path) -> None:
             pk="id",
             if_not_exists=True,
         )
-        db["boots"].create(  # type: ignore[union-attr]
-            {"boot_id": str, "started": float, "durable_seq": int},
-            pk="boot_id",
-            if_not_exists=True,
-        )
+        _ensure_boots(conn)
         db["drops"].create(
             {"table_name": str, "reason": str, "count": int},  # type: ignore[union-attr]
             pk=("table_name", "reason"),
@@ -223,7 +219,49 @@ PARTIAL_INDEXES = {
         "CREATE INDEX idx_inferences_subject_hash ON inferences (subject_hash) "
         "WHERE subject_hash IS NOT NULL"
     ),
+    # forget looks a subject up by owner and by unit too, holding the writer: without
+    # these it read every inference.
+    "idx_inferences_owner_hash": (
+        "CREATE INDEX idx_inferences_owner_hash ON inferences (owner_hash) "
+        "WHERE owner_hash IS NOT NULL"
+    ),
+    "idx_inferences_unit_hash": (
+        "CREATE INDEX idx_inferences_unit_hash ON inferences (unit_hash) "
+        "WHERE unit_hash IS NOT NULL"
+    ),
 }
+
+
+BOOTS_SQL = (
+    "CREATE TABLE boots (n INTEGER PRIMARY KEY AUTOINCREMENT, boot_id TEXT NOT NULL UNIQUE, "
+    "started FLOAT, durable_seq INTEGER)"
+)
+
+
+def _ensure_boots(conn: sqlite3.Connection) -> None:
+    """The `boots` table, numbered in registration order (`n`, never reused): which
+    processes are the newest must not depend on their clocks. A buffer from before it
+    (ordered by `started`) is converted, its rows numbered in their old order."""
+    found = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'boots'")
+    current = found.fetchone()
+    if current is not None and current[0] == BOOTS_SQL:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if current is None:
+            conn.execute(BOOTS_SQL)
+        else:
+            conn.execute("ALTER TABLE boots RENAME TO boots_before_n")
+            conn.execute(BOOTS_SQL)
+            conn.execute(
+                "INSERT INTO boots (boot_id, started, durable_seq) SELECT boot_id, started, "
+                "durable_seq FROM boots_before_n ORDER BY started, rowid"
+            )
+            conn.execute("DROP TABLE boots_before_n")
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _ensure_index(conn: sqlite3.Connection, name: str, sql: str) -> None:
@@ -289,7 +327,8 @@ def _approx_bytes(record: Any) -> int:
 
 def register_boot(path: Path, boot_id: str) -> None:
     """Persist this process's boot id (durable mark 0) before it numbers any record, and
-    forget all but the last MAX_BOOTS processes."""
+    forget all but the last MAX_BOOTS processes registered (by `n`, not by `started`: a
+    process whose clock is behind must not forget its own mark)."""
     conn = connect(path)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -298,8 +337,7 @@ def register_boot(path: Path, boot_id: str) -> None:
             (boot_id, time.time()),
         )
         conn.execute(
-            "DELETE FROM boots WHERE boot_id NOT IN "
-            "(SELECT boot_id FROM boots ORDER BY started DESC, rowid DESC LIMIT ?)",
+            "DELETE FROM boots WHERE n NOT IN (SELECT n FROM boots ORDER BY n DESC LIMIT ?)",
             (MAX_BOOTS,),
         )
         conn.execute("COMMIT")
@@ -308,8 +346,9 @@ def register_boot(path: Path, boot_id: str) -> None:
 
 
 def durable_marks(conn: sqlite3.Connection) -> dict[str, int]:
-    """Each recent process's durable mark: boot id -> highest committed sequence number."""
-    rows = conn.execute("SELECT boot_id, durable_seq FROM boots ORDER BY started, rowid")
+    """Each recent process's durable mark: boot id -> highest committed sequence number,
+    oldest process first."""
+    rows = conn.execute("SELECT boot_id, durable_seq FROM boots ORDER BY n")
     return {boot: seq for boot, seq in rows}
 
 
@@ -356,8 +395,9 @@ class TelemetryStore:
     ) -> None:
         self.path = path
         self.wal_budget_bytes = wal_budget_bytes
-        # Rows on the wire to the collector (table -> seqs), set by the sync task: the
-        # size cap passes over them, so a row cannot be both delivered and counted dropped.
+        # Rows on the wire to the collector (table -> seqs), set on this writer thread by
+        # the command that takes a batch (sync.take_batch): the size cap and retention
+        # pass over them, so a row cannot be both delivered and counted dropped.
         self.sending: dict[str, frozenset[int]] = {}
         self.data_region = data_region
         self.capacity = queue_records

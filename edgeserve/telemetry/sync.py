@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import gzip
 import importlib.util
 import logging
@@ -41,7 +42,7 @@ from edgeserve.telemetry.alerts import AlertChange
 from edgeserve.telemetry.maintenance import dead_letter, mark_synced
 from edgeserve.telemetry.metrics import Metrics
 from edgeserve.telemetry.settings import UpstreamSettings
-from edgeserve.telemetry.store import SYNCED_TABLES, TABLES, TelemetryStore, connect
+from edgeserve.telemetry.store import SYNCED_TABLES, TABLES, TelemetryStore
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ class UpstreamSync:
         self._limit = settings.batch_records  # shrinks while isolating a refused record
         self._started_ns = time.time_ns()
         self.metrics_uploads = 0
-        self._reader: sqlite3.Connection | None = None
         self._wake = asyncio.Event()
 
     @property
@@ -179,7 +179,7 @@ class UpstreamSync:
                 await asyncio.sleep(delay)
 
     async def _step(self, client: httpx.AsyncClient, idle_s: float) -> float:
-        rows = await asyncio.to_thread(self._unsynced, self._limit)
+        rows = await self._take(self._limit)
         if not rows:
             self._oldest_unsynced = None
             self._wake.clear()
@@ -190,13 +190,9 @@ class UpstreamSync:
         return await self._send(client, rows)
 
     async def _send(self, client: httpx.AsyncClient, rows: list[tuple[str, dict]]) -> float:
-        """Send one batch; the seconds to wait before the next attempt (the pacing pause
-        after success). Until its answer is handled, the size cap passes over its rows:
-        a row delivered must not also be counted as dropped."""
-        sending: dict[str, set[int]] = {}
-        for table, row in rows:
-            sending.setdefault(table, set()).add(row["seq"])
-        self.store.sending = {table: frozenset(seqs) for table, seqs in sending.items()}
+        """Send one batch taken by `_take`; the seconds to wait before the next attempt
+        (the pacing pause after success). Its rows stay passed over by the size cap and
+        retention until its answer is handled (acknowledged rows are synced by then)."""
         try:
             return await self._send_once(client, rows)
         finally:
@@ -314,23 +310,39 @@ class UpstreamSync:
                     self.store.submit(lambda c, t=table, s=seqs: mark_synced(c, t, s))
                 )
 
-    def _unsynced(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
-        if self._reader is None:
-            self._reader = connect(self.store.path)
-            self._reader.row_factory = sqlite3.Row
-        rows: list[tuple[str, dict[str, Any]]] = []
-        for table in SEND_ORDER:
-            if len(rows) >= limit:
-                break
-            found = self._reader.execute(
-                f"SELECT * FROM {table} WHERE synced = 0 ORDER BY seq LIMIT ?", (limit - len(rows),)
-            ).fetchall()
-            rows += [(table, dict(r)) for r in found]
-        return rows
+    async def _take(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """Take the next batch: up to `limit` unsent rows, highest priority first, marked
+        as on the wire (`store.sending`) in the same writer command that reads them, so no
+        eviction or retention can fall between choosing them and protecting them (a row
+        delivered must not also be counted as dropped)."""
+        taken: list[tuple[str, dict[str, Any]]] = await asyncio.wrap_future(
+            self.store.submit(functools.partial(take_batch, self.store, limit=limit))
+        )
+        return taken
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
+        """Nothing to release: the batch is read on the writer's connection."""
+
+
+def take_batch(
+    store: TelemetryStore, conn: sqlite3.Connection, limit: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """On the writer thread: the oldest `limit` unsent rows in `SEND_ORDER`, recorded in
+    `store.sending` before any other command (the size cap, retention) can run."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for table in SEND_ORDER:
+        if len(rows) >= limit:
+            break
+        cursor = conn.execute(
+            f"SELECT * FROM {table} WHERE synced = 0 ORDER BY seq LIMIT ?", (limit - len(rows),)
+        )
+        names = [d[0] for d in cursor.description]
+        rows += [(table, dict(zip(names, r, strict=True))) for r in cursor.fetchall()]
+    sending: dict[str, set[int]] = {}
+    for table, row in rows:
+        sending.setdefault(table, set()).add(row["seq"])
+    store.sending = {table: frozenset(seqs) for table, seqs in sending.items()}
+    return rows
 
 
 def check_upstream(settings: UpstreamSettings) -> None:

@@ -25,7 +25,7 @@ compile() {  # compile OUTPUT [uv options...]
     rm -f "$out.new"
 }
 compile packaging/lock/dev.txt --extra dev --generate-hashes "$@"
-compile packaging/lock/serve.txt --extra grpc --extra batch "$@"
+compile packaging/lock/serve.txt --extra grpc --extra batch --generate-hashes "$@"
 ./install.sh --dev
 .venv/bin/python models/build.py --check
 .venv/bin/python -m pytest -q
