@@ -288,15 +288,24 @@ def _uvicorn_server_class() -> type:
 
             loop = asyncio.get_running_loop()
             try:
-                server = await loop.create_server(
-                    create_protocol,
-                    host=None if sockets else config.host,
-                    port=None if sockets else config.port,
-                    sock=sockets[0] if sockets else None,
-                    ssl=config.ssl,
-                    backlog=config.backlog,
-                    ssl_handshake_timeout=self.handshake_timeout_s if config.ssl else None,
-                )
+                timeout_s = self.handshake_timeout_s if config.ssl else None
+                if sockets:
+                    server = await loop.create_server(
+                        create_protocol,
+                        sock=sockets[0],
+                        ssl=config.ssl,
+                        backlog=config.backlog,
+                        ssl_handshake_timeout=timeout_s,
+                    )
+                else:
+                    server = await loop.create_server(
+                        create_protocol,
+                        host=config.host,
+                        port=config.port,
+                        ssl=config.ssl,
+                        backlog=config.backlog,
+                        ssl_handshake_timeout=timeout_s,
+                    )
             except OSError as exc:
                 log.error("cannot listen: %s", exc)
                 await self.lifespan.shutdown()
