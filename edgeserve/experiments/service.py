@@ -70,7 +70,11 @@ class ExperimentService:
 
     # -- state --------------------------------------------------------------------
     def load(self) -> None:
-        """Saved state first; config definitions are added when not saved yet."""
+        """Saved state first; config definitions are added when not saved yet.
+
+        With runtime_changes = false the config is the whole truth on every start (a
+        replica keeping its volume must agree with a fresh one after a ConfigMap change):
+        see `_declared`."""
         saved: dict[str, Any] = {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
@@ -85,14 +89,52 @@ class ExperimentService:
         if self.settings.runtime_changes:  # else the config's flags stand as declared
             for name, doc in saved.get("flags", {}).items():
                 self.flags.put(flag_from_json(name, doc))
-        for doc in self.settings.define:
-            if doc.get("id") not in self.experiments:
-                exp = experiment_from_json(doc, known_models=known)
-                exp.note("created", "from the config")
-                self.experiments[exp.id] = exp
+            for doc in self.settings.define:
+                if doc.get("id") not in self.experiments:
+                    exp = experiment_from_json(doc, known_models=known)
+                    exp.note("created", "from the config")
+                    self.experiments[exp.id] = exp
+        else:
+            self.experiments = self._declared(self.experiments, known)
         self._check_one_active_per_model()
         self._publish()
         self._restore_promotions()
+
+    def _declared(
+        self, saved: dict[str, Experiment], known: dict[str, list[int]]
+    ) -> dict[str, Experiment]:
+        """Experiments rebuilt from `define`, with the runtime state of saved ones.
+
+        Only the decision engine changes a declared experiment at run time, so what is
+        carried over is what it writes (stage, decision, history, running p-values; a
+        concluded experiment stays concluded with its final weights). A redefinition
+        with other variants starts afresh: the old state is about other versions. A saved
+        experiment no longer declared is kept for its report and history but stopped."""
+        out: dict[str, Experiment] = {}
+        for doc in self.settings.define:
+            exp = experiment_from_json(doc, known_models=known)
+            old = saved.pop(exp.id, None)
+            same = old is not None and [(v.name, v.version) for v in old.variants] == [
+                (v.name, v.version) for v in exp.variants
+            ]
+            if old is None or not same:
+                exp.note("created", "from the config" if old is None else "redefined in the config")
+            else:
+                exp.created, exp.history, exp.running_p = old.created, old.history, old.running_p
+                exp.decision, exp.reason = old.decision, old.reason
+                exp.promoted_version = old.promoted_version
+                if exp.stages:
+                    exp.stage = min(old.stage, len(exp.stages) - 1)
+                    exp.set_candidate_share(exp.stages[exp.stage])
+                if old.status == "concluded":
+                    exp.status, exp.variants = "concluded", old.variants
+            out[exp.id] = exp
+        for exp in saved.values():
+            if exp.status in ("active", "paused"):
+                exp.status = "stopped"
+                exp.note("stop", "removed from the config")
+            out[exp.id] = exp
+        return out
 
     def _restore_promotions(self) -> None:
         """Serve each model's latest promoted version again after a restart.
