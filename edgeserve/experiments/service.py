@@ -23,7 +23,7 @@ from edgeserve.experiments import drift
 from edgeserve.experiments.agreement import observe_agreement, summarise
 from edgeserve.experiments.drift import DriftCheck
 from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
-from edgeserve.experiments.model import Experiment, experiment_from_json
+from edgeserve.experiments.model import Experiment, check_new, experiment_from_json
 from edgeserve.experiments.observations import observe
 from edgeserve.experiments.report import build_report
 from edgeserve.experiments.router import ExperimentRouter
@@ -211,6 +211,7 @@ class ExperimentService:
     def create(self, doc: Any, subject: str) -> Experiment:
         self._refuse_if_declared("experiments")
         exp = experiment_from_json(doc, known_models=self._known_models())
+        check_new(exp)
         if exp.id in self.experiments:
             raise Conflict(f"experiment '{exp.id}' exists")
         if exp.status == "active" and any(
