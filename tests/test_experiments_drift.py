@@ -6,6 +6,7 @@ model; and end to end, the alert goes out through telemetry's alert path."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -101,3 +102,19 @@ def test_a_drifting_version_raises_the_alert_through_telemetry(server: RunningSe
         page = client.get("/dashboard", headers={"Authorization": "Bearer any"}).text
         assert "Prediction drift" in page and "drifted" in page
     assert "prediction drift model=digits version=2 state=firing" in server.log()
+
+
+def test_a_drift_alert_resolves_when_its_version_stops_being_checked(tmp_path: Path) -> None:
+    """Unloading a drifting version stops its checks; its alert must not fire forever."""
+    rng = np.random.default_rng(2)
+    firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
+    resolved = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 0.0'
+    with run_server(tmp_path, CONFIG) as server, httpx.Client(base_url=server.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)])
+        _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)
+        wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
+        reply = client.post("/v2/repository/models/digits/unload")
+        assert reply.status_code == 200, reply.text
+        wait_until(lambda: resolved in client.get("/metrics").text, 60, "the alert resolved")
+        assert _check(client, "2") is None
+    assert "prediction drift model=digits version=2 state=resolved" in server.log()

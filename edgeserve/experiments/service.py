@@ -44,11 +44,13 @@ class ExperimentService:
         audit: Callable[[str, str, str, str, dict], None] | None = None,
         installed: Callable[[str], bool] = lambda model: False,
         alert: Callable[[str, str, float, str], Awaitable[None]] | None = None,
+        serving: Callable[[], dict[str, list[int]]] | None = None,
     ) -> None:
         self.settings = settings
         self.path = state_dir / "experiments.json"
         self.telemetry_db = state_dir / "telemetry.db"
         self._known_models = known_models
+        self._serving = serving or known_models  # loaded versions: the ones drift checks
         self._promote = promote
         self._installed = installed  # the updater's installed slot sets that model's default
         self._audit = audit or (lambda action, target, outcome, subject, detail: None)
@@ -305,8 +307,10 @@ class ExperimentService:
 
     # -- prediction drift -----------------------------------------------------------
     async def check_drift(self) -> list[DriftCheck]:
-        """Check every version now; raise the alert on a version that starts drifting and
-        resolve it when the version is back (one alert rule per model version)."""
+        """Check every loaded version now; raise the alert on a version that starts
+        drifting and resolve it when the version is back, or when it is no longer checked
+        (unloaded, or its rows gone): an alert nothing re-examines must not fire forever.
+        One alert rule per model version."""
         s = self.settings
         checks = await asyncio.to_thread(
             drift.check_all,
@@ -316,19 +320,28 @@ class ExperimentService:
             s.drift_psi_threshold,
             min(s.drift_window_requests, 50),
         )
+        loaded = {(m, str(v)) for m, versions in self._serving().items() for v in versions}
+        checks = [c for c in checks if (c.model, c.version) in loaded]
         self.drift = checks
         for check in checks:
             key = (check.model, check.version)
-            if check.drifted == (key in self._drifting):
-                continue
-            state = "firing" if check.drifted else "resolved"
-            (self._drifting.add if check.drifted else self._drifting.discard)(key)
-            value = max(check.psi_classes, check.psi_top_score or 0.0)
-            log.warning("prediction drift model=%s version=%s state=%s", *key, state)
-            if self._alert is not None:
-                rule = f"prediction_drift:{check.model}/{check.version}"
-                await self._alert(rule, state, value, drift.describe(check))
+            if check.drifted != (key in self._drifting):
+                value = max(check.psi_classes, check.psi_top_score or 0.0)
+                await self._drift_alert(key, check.drifted, value, drift.describe(check))
+        checked = {(c.model, c.version) for c in checks}
+        for key in sorted(self._drifting - checked):
+            message = f"model {key[0]} version {key[1]}: no longer checked (unloaded or no rows)"
+            await self._drift_alert(key, False, 0.0, message)
         return checks
+
+    async def _drift_alert(
+        self, key: tuple[str, str], firing: bool, value: float, message: str
+    ) -> None:
+        state = "firing" if firing else "resolved"
+        (self._drifting.add if firing else self._drifting.discard)(key)
+        log.warning("prediction drift model=%s version=%s state=%s", *key, state)
+        if self._alert is not None:
+            await self._alert(f"prediction_drift:{key[0]}/{key[1]}", state, value, message)
 
     async def _watch_drift_forever(self) -> None:
         while True:
