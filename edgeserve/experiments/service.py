@@ -22,6 +22,7 @@ from edgeserve.errors import Conflict, InvalidInput, NotFound
 from edgeserve.experiments import drift
 from edgeserve.experiments.agreement import observe_agreement, summarise
 from edgeserve.experiments.drift import DriftCheck
+from edgeserve.experiments.drift_watch import DriftWatch
 from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
 from edgeserve.experiments.model import Experiment, check_new, experiment_from_json
 from edgeserve.experiments.observations import observe
@@ -69,6 +70,7 @@ class ExperimentService:
         self.drift: list[DriftCheck] = []  # the latest check of every version
         self._drifting: set[tuple[str, str]] = set()
         self._drift_task: asyncio.Task | None = None
+        self._drift_watch = DriftWatch(self.telemetry_db, state_dir / "drift-baselines.db")
 
     # -- state --------------------------------------------------------------------
     def load(self) -> None:
@@ -313,8 +315,7 @@ class ExperimentService:
         One alert rule per model version."""
         s = self.settings
         checks = await asyncio.to_thread(
-            drift.check_all,
-            self.telemetry_db,
+            self._drift_watch.check,
             s.drift_baseline_requests,
             s.drift_window_requests,
             s.drift_psi_threshold,
