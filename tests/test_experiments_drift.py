@@ -145,3 +145,25 @@ def test_the_baseline_stays_the_versions_first_requests_when_those_rows_go(
         wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
         check = _check(client, "2")
         assert check is not None and check["baseline"] == 250 and check["drifted"], check
+
+
+def test_the_saved_baseline_outlives_a_restart(tmp_path: Path) -> None:
+    """The baseline is read back at start: a restart after its rows were forgotten
+    still compares with the version's first requests."""
+    rng = np.random.default_rng(4)
+    firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
+    with run_server(tmp_path, CONFIG) as first, httpx.Client(base_url=first.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
+        _infer(client, "2", X[rng.integers(len(X), size=60)])
+        wait_until(
+            lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
+            60,
+            "the first check of version 2 (its baseline taken)",
+        )
+        forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
+        assert forgotten.status_code == 200, forgotten.text
+    with run_server(tmp_path, CONFIG) as second, httpx.Client(base_url=second.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)  # faded ink
+        wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
+        check = _check(client, "2")
+        assert check is not None and check["baseline"] == 250 and check["drifted"], check
