@@ -269,6 +269,7 @@ def _start_experiments(
         settings.experiments,
         settings.server.state_dir,
         known_models=lambda: {n: sorted(registry.statuses(n)) for n in registry.names()},
+        serving=lambda: {n: sorted(registry.loaded(n)) for n in registry.names()},
         promote=registry.set_default_version,
         audit=audit,
         installed=lambda model: updates is not None and model in updates.serving,

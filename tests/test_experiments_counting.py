@@ -382,3 +382,25 @@ def test_the_report_adjusts_an_event_kpi_with_the_pre_period(client: httpx.Clien
     assert report["cuped"] is not None, report["variants"]
     assert report["cuped"]["variance_reduction"] > 0.8
     assert report["cuped"]["correlation"] > 0.9
+
+
+def test_a_kpi_metric_on_request_level_randomisation_is_refused_naming_the_field(
+    client: httpx.Client,
+) -> None:
+    """unit = "request_id" randomises each request: a user's later event cannot be given
+    to one variant (the same user saw several), so the KPI would always be empty."""
+    for metric in ("event:buy20", "conversion:signup"):
+        doc = {
+            "id": "kpi-per-request",
+            "model": "digits",
+            "primary_metric": metric,
+            "variants": [
+                {"name": "control", "version": 1, "weight": 50},
+                {"name": "candidate", "version": 2, "weight": 50},
+            ],
+        }
+        reply = client.post("/api/experiments", json=doc)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert "'unit'" in error and "request_id" in error and metric in error, error
+    assert client.get("/api/experiments/kpi-per-request").status_code == 404

@@ -110,6 +110,16 @@ def test_sample_ratio_mismatch_holds_every_promotion() -> None:
     assert d.srm is not None and d.srm.mismatch
 
 
+def test_the_srm_message_names_the_test_that_was_used() -> None:
+    """The default SRM test is sequential; the reason used to say chi-square whatever ran."""
+    counts = [_variant("v1", 52_000, 46_800), _variant("v2", 48_000, 45_600)]
+    sequential = decide(counts, [50, 50])
+    assert "(sequential test p=" in sequential.reason, sequential.reason
+    assert "chi-square" not in sequential.reason
+    classic = decide(counts, [50, 50], Policy(srm_test="chi-square"))
+    assert "(Pearson chi-square test p=" in classic.reason, classic.reason
+
+
 def test_srm_in_a_staged_rollout_uses_the_counts_of_the_current_stage() -> None:
     """10,000 requests at 5% then 10,000 at 25%: the totals do not fit 25% (that is no
     mismatch), the stage's own counts do."""

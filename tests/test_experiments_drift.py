@@ -6,6 +6,7 @@ model; and end to end, the alert goes out through telemetry's alert path."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -61,14 +62,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield running
 
 
-def _infer(client: httpx.Client, version: str, rows: np.ndarray) -> None:
+def _infer(
+    client: httpx.Client, version: str, rows: np.ndarray, headers: dict[str, str] | None = None
+) -> None:
     for row in rows:
         body = {
             "inputs": [
                 {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row.tolist()}
             ]
         }
-        reply = client.post(f"/v2/models/digits/versions/{version}/infer", json=body)
+        reply = client.post(
+            f"/v2/models/digits/versions/{version}/infer", json=body, headers=headers
+        )
         assert reply.status_code == 200, reply.text
 
 
@@ -101,3 +106,64 @@ def test_a_drifting_version_raises_the_alert_through_telemetry(server: RunningSe
         page = client.get("/dashboard", headers={"Authorization": "Bearer any"}).text
         assert "Prediction drift" in page and "drifted" in page
     assert "prediction drift model=digits version=2 state=firing" in server.log()
+
+
+def test_a_drift_alert_resolves_when_its_version_stops_being_checked(tmp_path: Path) -> None:
+    """Unloading a drifting version stops its checks; its alert must not fire forever."""
+    rng = np.random.default_rng(2)
+    firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
+    resolved = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 0.0'
+    with run_server(tmp_path, CONFIG) as server, httpx.Client(base_url=server.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)])
+        _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)
+        wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
+        reply = client.post("/v2/repository/models/digits/unload")
+        assert reply.status_code == 200, reply.text
+        wait_until(lambda: resolved in client.get("/metrics").text, 60, "the alert resolved")
+        assert _check(client, "2") is None
+    assert "prediction drift model=digits version=2 state=resolved" in server.log()
+
+
+def test_the_baseline_stays_the_versions_first_requests_when_those_rows_go(
+    tmp_path: Path,
+) -> None:
+    """Forgetting (or evicting) a version's first rows must not turn its later, drifted
+    requests into the baseline: the baseline is saved once."""
+    rng = np.random.default_rng(3)
+    firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
+    with run_server(tmp_path, CONFIG) as server, httpx.Client(base_url=server.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
+        _infer(client, "2", X[rng.integers(len(X), size=60)])
+        wait_until(
+            lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
+            60,
+            "the first check of version 2 (its baseline taken)",
+        )
+        forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
+        assert forgotten.status_code == 200, forgotten.text
+        _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)  # faded ink
+        wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
+        check = _check(client, "2")
+        assert check is not None and check["baseline"] == 250 and check["drifted"], check
+
+
+def test_the_saved_baseline_outlives_a_restart(tmp_path: Path) -> None:
+    """The baseline is read back at start: a restart after its rows were forgotten
+    still compares with the version's first requests."""
+    rng = np.random.default_rng(4)
+    firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
+    with run_server(tmp_path, CONFIG) as first, httpx.Client(base_url=first.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
+        _infer(client, "2", X[rng.integers(len(X), size=60)])
+        wait_until(
+            lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
+            60,
+            "the first check of version 2 (its baseline taken)",
+        )
+        forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
+        assert forgotten.status_code == 200, forgotten.text
+    with run_server(tmp_path, CONFIG) as second, httpx.Client(base_url=second.url) as client:
+        _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)  # faded ink
+        wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
+        check = _check(client, "2")
+        assert check is not None and check["baseline"] == 250 and check["drifted"], check

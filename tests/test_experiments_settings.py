@@ -94,6 +94,7 @@ BROKEN = [
     ("unit = 'cookie'", "experiments.define[0]: 'unit' has an invalid value"),
     ("stages = [50, 5]", "experiments.define[0]: 'stages' must be increasing"),
     ("colour = 'red'", "experiments.define[0]: unknown experiment field 'colour'"),
+    ("primary_metric = 'event:buy'", "experiments.define[0]: 'unit': primary_metric 'event:buy'"),
 ]
 
 

@@ -357,7 +357,8 @@ def decide(
     if srm is not None and srm.mismatch:  # 4.
         return result(
             "continue",
-            f"sample ratio mismatch (chi-square p={srm.p_value:.2g} < {policy.srm_threshold}): "
+            f"sample ratio mismatch ({srm.test} test p={srm.p_value:.2g} "
+            f"< {policy.srm_threshold}): "
             "assignment or logging is broken, no decision is taken",
         )
     have = min(

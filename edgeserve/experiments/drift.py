@@ -2,22 +2,21 @@
 started?
 
 The baseline is the version's first `baseline_requests` answered requests on this box,
-the live window its most recent `window_requests`. Both are compared on the predicted
-classes and on a histogram of the top score, by the population stability index (PSI,
-the credit-scoring rule of thumb: < 0.1 stable, 0.1-0.25 some shift, > 0.25 a real
-one) and a chi-square test of homogeneity. Drift is flagged when a PSI is over the
-threshold and the chi-square test agrees (p < `max_p_value`): PSI alone flaps on small
-windows, a test alone flags shifts too small to matter on large ones.
+saved once (`drift_watch`), the live window its most recent `window_requests` after it.
+Both are compared on the predicted classes and on a histogram of the top score, by the
+population stability index (PSI, the credit-scoring rule of thumb: < 0.1 stable,
+0.1-0.25 some shift, > 0.25 a real one) and a chi-square test of homogeneity. Drift is
+flagged when a PSI is over the threshold and the chi-square test agrees (p <
+`max_p_value`): PSI alone flaps on small windows, a test alone flags shifts too small to
+matter on large ones.
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +68,34 @@ def homogeneity_p(
     return chi_square_p(statistic, table.shape[1] - 1)
 
 
+@dataclass
+class Histogram:
+    """Predicted classes and top-score bins of some requests: all a check needs, small
+    enough to save (a baseline) and to update row by row (a live window)."""
+
+    classes: Counter[str] = field(default_factory=Counter)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, int))
+    requests: int = 0
+
+    def add(self, prediction: str | None, top_score: float | None) -> None:
+        self.classes[str(prediction)] += 1
+        if top_score is not None:
+            self.scores[_score_bin(top_score)] += 1
+        self.requests += 1
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[str | None, float | None]]) -> Histogram:
+        out = cls()
+        for prediction, score in pairs:
+            out.add(prediction, score)
+        return out
+
+
+def _score_bin(score: float) -> int:
+    """np.histogram's bin over SCORE_BINS (the last bin closed), after clipping to [0, 1]."""
+    return min(int(min(max(score, 0.0), 1.0) * (len(SCORE_BINS) - 1)), len(SCORE_BINS) - 2)
+
+
 def compare(
     model: str,
     version: str,
@@ -78,72 +105,42 @@ def compare(
     max_p_value: float = 0.001,
 ) -> DriftCheck:
     """Drift of `live` (prediction, top score) pairs against `baseline` ones."""
-    classes = sorted({str(p) for p, _ in baseline} | {str(p) for p, _ in live})
-    base_c, live_c = Counter(str(p) for p, _ in baseline), Counter(str(p) for p, _ in live)
-    b_classes = [base_c[c] for c in classes]
-    l_classes = [live_c[c] for c in classes]
-    base_s = np.array([s for _, s in baseline if s is not None], dtype=float)
-    live_s = np.array([s for _, s in live if s is not None], dtype=float)
+    return compare_histograms(
+        model, version, Histogram.of(baseline), Histogram.of(live), psi_threshold, max_p_value
+    )
+
+
+def compare_histograms(
+    model: str,
+    version: str,
+    baseline: Histogram,
+    live: Histogram,
+    psi_threshold: float = 0.2,
+    max_p_value: float = 0.001,
+) -> DriftCheck:
+    """Drift of a live histogram against the version's baseline one."""
+    classes = sorted(set(baseline.classes) | set(live.classes))
+    b_classes = [baseline.classes[c] for c in classes]
+    l_classes = [live.classes[c] for c in classes]
     psi_scores = None
     p_value = homogeneity_p(b_classes, l_classes)
-    if base_s.size and live_s.size:
-        b_hist = np.histogram(np.clip(base_s, 0, 1), SCORE_BINS)[0]
-        l_hist = np.histogram(np.clip(live_s, 0, 1), SCORE_BINS)[0]
-        psi_scores = psi(b_hist, l_hist)
+    if baseline.scores.sum() and live.scores.sum():
+        psi_scores = psi(baseline.scores, live.scores)
         # both views at once, one test: Bonferroni over the two
-        p_value = min(1.0, 2 * min(p_value, homogeneity_p(b_hist, l_hist)))
+        p_value = min(1.0, 2 * min(p_value, homogeneity_p(baseline.scores, live.scores)))
     psi_classes = psi(b_classes, l_classes) if classes else 0.0
     worst = max(psi_classes, psi_scores or 0.0)
     drifted = worst > psi_threshold and p_value < max_p_value
     return DriftCheck(
-        model, version, len(baseline), len(live), psi_classes, psi_scores, p_value, drifted
+        model,
+        version,
+        baseline.requests,
+        live.requests,
+        psi_classes,
+        psi_scores,
+        p_value,
+        drifted,
     )
-
-
-def observe(
-    db_path: Path, baseline_requests: int, window_requests: int
-) -> list[tuple[str, str, list[Any], list[Any]]]:
-    """(model, version, baseline pairs, live pairs) for each version with more answered
-    requests than its baseline; the live window never overlaps the baseline."""
-    if not db_path.exists():
-        return []
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-    out = []
-    try:
-        versions = db.execute(
-            "SELECT model, version, count(*) FROM inferences WHERE status = 200 "
-            "AND prediction IS NOT NULL GROUP BY model, version"
-        ).fetchall()
-        for model, version, count in versions:
-            if count <= baseline_requests:
-                continue
-            live_n = min(window_requests, count - baseline_requests)
-            query = (
-                "SELECT prediction, top_score FROM inferences WHERE model = ? AND version = ? "
-                "AND status = 200 AND prediction IS NOT NULL ORDER BY seq {} LIMIT ?"
-            )
-            baseline = db.execute(query.format("ASC"), (model, version, baseline_requests))
-            base_rows = baseline.fetchall()
-            live_rows = db.execute(query.format("DESC"), (model, version, live_n)).fetchall()
-            out.append((model, version, base_rows, live_rows))
-    finally:
-        db.close()
-    return out
-
-
-def check_all(
-    db_path: Path,
-    baseline_requests: int,
-    window_requests: int,
-    psi_threshold: float,
-    min_window: int,
-) -> list[DriftCheck]:
-    """Every version's drift check, for those with at least `min_window` live requests."""
-    return [
-        compare(model, version, base, live, psi_threshold)
-        for model, version, base, live in observe(db_path, baseline_requests, window_requests)
-        if len(live) >= min_window
-    ]
 
 
 def describe(check: DriftCheck) -> str:

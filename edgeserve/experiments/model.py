@@ -85,6 +85,23 @@ def experiment_from_json(doc: Any, *, known_models: dict[str, list[int]]) -> Exp
     return exp
 
 
+def check_new(exp: Experiment) -> None:
+    """What a new definition (API or config) must also satisfy; saved state made by an
+    older version is loaded as it is.
+
+    A KPI (event: or conversion:) is counted per unit, from the unit's exposure. With
+    unit = "request_id" each request is randomised on its own, so one user meets several
+    variants and none of them can be credited with the user's later event: refused here
+    rather than reported empty (or, joined on the subject header, credited to every
+    variant the user met, which breaks the test's independence)."""
+    if exp.unit == "request_id" and exp.primary_metric.startswith(("event:", "conversion:")):
+        raise InvalidInput(
+            f"'unit': primary_metric {exp.primary_metric!r} needs a unit that names a user "
+            '("header:<name>" or "claim:<name>", the one events are sent with); '
+            'unit = "request_id" randomises each request, so its events have no variant'
+        )
+
+
 def parse_definition(doc: Any) -> Experiment:
     """Check a definition's shape and values without knowing which models are loaded,
     so the config can be refused at start-up, before any model is read.

@@ -23,6 +23,7 @@ from edgeserve.experiments.decision import (
 )
 from edgeserve.experiments.model import Experiment
 from edgeserve.experiments.observations import Observations, window_weights
+from edgeserve.experiments.quantile import QuantileTest, quantile_test
 from edgeserve.experiments.stats import (
     benjamini_hochberg,
     holm,
@@ -48,6 +49,10 @@ def _variant_doc(exp: Experiment, o: Observations) -> dict[str, Any]:
         "accuracy": o.correct / o.labelled if o.labelled else None,
         "kpi_mean": float(o.kpi_values.mean()) if o.kpi_values.size else None,
     }
+
+
+def _as_dict(test: QuantileTest | None) -> dict[str, Any] | None:
+    return None if test is None else test.as_dict()
 
 
 def build_report(
@@ -91,6 +96,7 @@ def build_report(
         c["fixed_horizon"]["holm_adjusted_p_value"] = p
         c["fixed_horizon"]["bh_adjusted_p_value"] = q
     srm = verdict.srm.as_dict() if verdict.srm is not None else None
+    control_s = observations[0].latencies_s
     if exp.status == "concluded":  # the outcome that was recorded, not a new decision
         last: dict[str, Any] = next(
             (h for h in reversed(exp.history) if h.get("event") == "conclude"), {}
@@ -119,6 +125,11 @@ def build_report(
             sample_ratio_mismatch(stage_counts, weights).as_dict() if srm is not None else None
         ),
         "comparisons": comparisons,
+        # Mood's quantile test of each candidate's p99 latency against the control's
+        "p99_latency_tests": [
+            {"variant": o.variant, "test": _as_dict(quantile_test(control_s, o.latencies_s, alpha))}
+            for o in observations[1:]
+        ],
         "power": _power(exp, observations[0]),
         "cuped": None if kpi_cuped is None else kpi_cuped.as_dict(),
         "notes": {
@@ -128,6 +139,8 @@ def build_report(
             "sample_ratio_mismatch": "distinct units since the weights last changed, "
             "sequential test (valid at every look)",
             "non_inferior": "guardrail interval within its margin; None without a margin",
+            "p99_latency_tests": "Mood's quantile test: candidate requests above the pooled "
+            "p99 against the control's; fixed-horizon, shown only (not acted on)",
             "sequential": "mixture SPRT (Johari et al.): p-values valid at any look",
             "fixed_horizon": "valid only if looked at once, at the planned sample size",
             "holm_adjusted_p_value": "fixed-horizon p corrected for all comparisons shown",

@@ -22,8 +22,9 @@ from edgeserve.errors import Conflict, InvalidInput, NotFound
 from edgeserve.experiments import drift
 from edgeserve.experiments.agreement import observe_agreement, summarise
 from edgeserve.experiments.drift import DriftCheck
+from edgeserve.experiments.drift_watch import DriftWatch
 from edgeserve.experiments.flags import Flag, FlagStore, flag_from_json
-from edgeserve.experiments.model import Experiment, experiment_from_json
+from edgeserve.experiments.model import Experiment, check_new, experiment_from_json
 from edgeserve.experiments.observations import observe
 from edgeserve.experiments.report import build_report
 from edgeserve.experiments.router import ExperimentRouter
@@ -44,11 +45,13 @@ class ExperimentService:
         audit: Callable[[str, str, str, str, dict], None] | None = None,
         installed: Callable[[str], bool] = lambda model: False,
         alert: Callable[[str, str, float, str], Awaitable[None]] | None = None,
+        serving: Callable[[], dict[str, list[int]]] | None = None,
     ) -> None:
         self.settings = settings
         self.path = state_dir / "experiments.json"
         self.telemetry_db = state_dir / "telemetry.db"
         self._known_models = known_models
+        self._serving = serving or known_models  # loaded versions: the ones drift checks
         self._promote = promote
         self._installed = installed  # the updater's installed slot sets that model's default
         self._audit = audit or (lambda action, target, outcome, subject, detail: None)
@@ -67,10 +70,15 @@ class ExperimentService:
         self.drift: list[DriftCheck] = []  # the latest check of every version
         self._drifting: set[tuple[str, str]] = set()
         self._drift_task: asyncio.Task | None = None
+        self._drift_watch = DriftWatch(self.telemetry_db, state_dir / "drift-baselines.db")
 
     # -- state --------------------------------------------------------------------
     def load(self) -> None:
-        """Saved state first; config definitions are added when not saved yet."""
+        """Saved state first; config definitions are added when not saved yet.
+
+        With runtime_changes = false the config is the whole truth on every start (a
+        replica keeping its volume must agree with a fresh one after a ConfigMap change):
+        see `_declared`."""
         saved: dict[str, Any] = {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
@@ -85,14 +93,52 @@ class ExperimentService:
         if self.settings.runtime_changes:  # else the config's flags stand as declared
             for name, doc in saved.get("flags", {}).items():
                 self.flags.put(flag_from_json(name, doc))
-        for doc in self.settings.define:
-            if doc.get("id") not in self.experiments:
-                exp = experiment_from_json(doc, known_models=known)
-                exp.note("created", "from the config")
-                self.experiments[exp.id] = exp
+            for doc in self.settings.define:
+                if doc.get("id") not in self.experiments:
+                    exp = experiment_from_json(doc, known_models=known)
+                    exp.note("created", "from the config")
+                    self.experiments[exp.id] = exp
+        else:
+            self.experiments = self._declared(self.experiments, known)
         self._check_one_active_per_model()
         self._publish()
         self._restore_promotions()
+
+    def _declared(
+        self, saved: dict[str, Experiment], known: dict[str, list[int]]
+    ) -> dict[str, Experiment]:
+        """Experiments rebuilt from `define`, with the runtime state of saved ones.
+
+        Only the decision engine changes a declared experiment at run time, so what is
+        carried over is what it writes (stage, decision, history, running p-values; a
+        concluded experiment stays concluded with its final weights). A redefinition
+        with other variants starts afresh: the old state is about other versions. A saved
+        experiment no longer declared is kept for its report and history but stopped."""
+        out: dict[str, Experiment] = {}
+        for doc in self.settings.define:
+            exp = experiment_from_json(doc, known_models=known)
+            old = saved.pop(exp.id, None)
+            same = old is not None and [(v.name, v.version) for v in old.variants] == [
+                (v.name, v.version) for v in exp.variants
+            ]
+            if old is None or not same:
+                exp.note("created", "from the config" if old is None else "redefined in the config")
+            else:
+                exp.created, exp.history, exp.running_p = old.created, old.history, old.running_p
+                exp.decision, exp.reason = old.decision, old.reason
+                exp.promoted_version = old.promoted_version
+                if exp.stages:
+                    exp.stage = min(old.stage, len(exp.stages) - 1)
+                    exp.set_candidate_share(exp.stages[exp.stage])
+                if old.status == "concluded":
+                    exp.status, exp.variants = "concluded", old.variants
+            out[exp.id] = exp
+        for exp in saved.values():
+            if exp.status in ("active", "paused"):
+                exp.status = "stopped"
+                exp.note("stop", "removed from the config")
+            out[exp.id] = exp
+        return out
 
     def _restore_promotions(self) -> None:
         """Serve each model's latest promoted version again after a restart.
@@ -169,6 +215,7 @@ class ExperimentService:
     def create(self, doc: Any, subject: str) -> Experiment:
         self._refuse_if_declared("experiments")
         exp = experiment_from_json(doc, known_models=self._known_models())
+        check_new(exp)
         if exp.id in self.experiments:
             raise Conflict(f"experiment '{exp.id}' exists")
         if exp.status == "active" and any(
@@ -262,30 +309,40 @@ class ExperimentService:
 
     # -- prediction drift -----------------------------------------------------------
     async def check_drift(self) -> list[DriftCheck]:
-        """Check every version now; raise the alert on a version that starts drifting and
-        resolve it when the version is back (one alert rule per model version)."""
+        """Check every loaded version now; raise the alert on a version that starts
+        drifting and resolve it when the version is back, or when it is no longer checked
+        (unloaded, or its rows gone): an alert nothing re-examines must not fire forever.
+        One alert rule per model version."""
         s = self.settings
         checks = await asyncio.to_thread(
-            drift.check_all,
-            self.telemetry_db,
+            self._drift_watch.check,
             s.drift_baseline_requests,
             s.drift_window_requests,
             s.drift_psi_threshold,
             min(s.drift_window_requests, 50),
         )
+        loaded = {(m, str(v)) for m, versions in self._serving().items() for v in versions}
+        checks = [c for c in checks if (c.model, c.version) in loaded]
         self.drift = checks
         for check in checks:
             key = (check.model, check.version)
-            if check.drifted == (key in self._drifting):
-                continue
-            state = "firing" if check.drifted else "resolved"
-            (self._drifting.add if check.drifted else self._drifting.discard)(key)
-            value = max(check.psi_classes, check.psi_top_score or 0.0)
-            log.warning("prediction drift model=%s version=%s state=%s", *key, state)
-            if self._alert is not None:
-                rule = f"prediction_drift:{check.model}/{check.version}"
-                await self._alert(rule, state, value, drift.describe(check))
+            if check.drifted != (key in self._drifting):
+                value = max(check.psi_classes, check.psi_top_score or 0.0)
+                await self._drift_alert(key, check.drifted, value, drift.describe(check))
+        checked = {(c.model, c.version) for c in checks}
+        for key in sorted(self._drifting - checked):
+            message = f"model {key[0]} version {key[1]}: no longer checked (unloaded or no rows)"
+            await self._drift_alert(key, False, 0.0, message)
         return checks
+
+    async def _drift_alert(
+        self, key: tuple[str, str], firing: bool, value: float, message: str
+    ) -> None:
+        state = "firing" if firing else "resolved"
+        (self._drifting.add if firing else self._drifting.discard)(key)
+        log.warning("prediction drift model=%s version=%s state=%s", *key, state)
+        if self._alert is not None:
+            await self._alert(f"prediction_drift:{key[0]}/{key[1]}", state, value, message)
 
     async def _watch_drift_forever(self) -> None:
         while True:

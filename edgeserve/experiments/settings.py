@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from edgeserve.config.schema import ConfigError, setting
 from edgeserve.errors import InvalidInput
 from edgeserve.experiments.flags import flag_from_json
-from edgeserve.experiments.model import parse_definition
+from edgeserve.experiments.model import check_new, parse_definition
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class ExperimentSettings:
         for i, doc in enumerate(self.define):
             try:
                 exp = parse_definition(doc)
+                check_new(exp)
             except InvalidInput as exc:
                 raise ConfigError(f"experiments.define[{i}]", exc.message) from None
             if exp.id in seen:

@@ -72,7 +72,7 @@ class ComparisonResult:
         return json_safe(asdict(self))
 
 
-def _relative(
+def relative_lift(
     mean_c: float, var_c: float, mean_t: float, var_t: float, crit: float
 ) -> tuple[float | None, Interval | None]:
     """Relative lift and its delta-method CI: Var(t/c) ~ var_t/c^2 + t^2 var_c / c^4."""
@@ -97,7 +97,7 @@ def two_proportion_ztest(
     se = math.sqrt(var_c + var_t)
     crit = normal_quantile(1 - alpha / 2)
     diff = p_t - p_c
-    rel, rel_ci = _relative(p_c, var_c, p_t, var_t, crit)
+    rel, rel_ci = relative_lift(p_c, var_c, p_t, var_t, crit)
     return ComparisonResult(
         "two-proportion z-test",
         p_c,
@@ -135,7 +135,7 @@ def welch_ttest(
         else float(n_c + n_t - 2)
     )
     crit = student_t_quantile(1 - alpha / 2, df)
-    rel, rel_ci = _relative(mean_c, se_c, mean_t, se_t, crit)
+    rel, rel_ci = relative_lift(mean_c, se_c, mean_t, se_t, crit)
     return ComparisonResult(
         "Welch t-test",
         mean_c,

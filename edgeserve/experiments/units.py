@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeserve.experiments.distributions import normal_quantile, normal_two_sided_p
-from edgeserve.experiments.stats import ComparisonResult, Interval
+from edgeserve.experiments.stats import ComparisonResult, Interval, relative_lift
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,7 @@ def ratio_ztest(control: Ratio, candidate: Ratio, alpha: float = 0.05) -> Compar
     diff = candidate.value - control.value
     z = diff / se if se > 0 else 0.0
     crit = normal_quantile(1 - alpha / 2)
-    rel, rel_ci = None, None
-    if control.value != 0:
-        ratio = candidate.value / control.value
-        rel_se = math.sqrt(var_t / control.value**2 + candidate.value**2 * var_c / control.value**4)
-        rel, rel_ci = ratio - 1.0, Interval(ratio - 1 - crit * rel_se, ratio - 1 + crit * rel_se)
+    rel, rel_ci = relative_lift(control.value, var_c, candidate.value, var_t, crit)
     return ComparisonResult(
         "delta-method z-test (per unit)",
         control.value,
