@@ -3,8 +3,9 @@
 Create: hash the model files, encrypt each under a fresh data key (the at-rest chunk
 format, bound to model/version/name), wrap that key for the recipient, sign the exact
 manifest bytes with Ed25519. Verify: everything is checked in memory, in an order that
-does the cheap and trust-establishing checks first; nothing touches the store, so a
-refused bundle leaves it byte-for-byte unchanged.
+does the cheap and trust-establishing checks first (the payloads are not even read
+until the manifest's signature, model, expiry and version have passed); nothing touches
+the store, so a refused bundle leaves it byte-for-byte unchanged.
 """
 
 from __future__ import annotations
@@ -189,8 +190,13 @@ def _member_name(name: str) -> str:
     raise BundleRejected("unexpected_member", f"archive entry {name!r} does not belong in a bundle")
 
 
-def read_bundle(path: Path, max_bundle_bytes: int, max_file_bytes: int) -> RawBundle:
-    """Read a bundle's members into memory after the size and tar-safety checks."""
+def read_bundle(
+    path: Path, max_bundle_bytes: int, max_file_bytes: int, *, payloads: bool = True
+) -> RawBundle:
+    """Read a bundle's members into memory after the size and tar-safety checks. With
+    `payloads` off, payload members are checked (name, kind, size) but not read: a
+    bundle's signature is checked before anything an unknown party wrote is held whole
+    (an unsigned upload of hundreds of MiB costs the manifest's bytes, not its own)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -223,6 +229,9 @@ def read_bundle(path: Path, max_bundle_bytes: int, max_file_bytes: int) -> RawBu
                     raise BundleRejected(
                         "too_large", f"archive entry {member.name!r} is over the size limit"
                     )
+                if not payloads and key not in (MANIFEST_NAME, SIGNATURE_NAME):
+                    found[key] = b""  # listed, left unread
+                    continue
                 stream = tar.extractfile(member)
                 data = stream.read(member.size) if stream else b""
                 if len(data) != member.size:
@@ -264,7 +273,7 @@ def inspect_bundle(
     path: Path, trusted_keys: TrustedKeys, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
 ) -> Manifest:
     """The manifest of a bundle whose signature verifies (no decryption, no policy)."""
-    raw = read_bundle(path, max_bundle_bytes, max_bundle_bytes)
+    raw = read_bundle(path, max_bundle_bytes, max_bundle_bytes, payloads=False)
     return _check_signature(raw, trusted_keys)
 
 
@@ -283,8 +292,8 @@ def verify_bundle(
     (or a function of the model name giving it): the bundle must be strictly newer
     unless `allow_downgrade` (an audited admin action), against rollback attacks.
     """
-    raw = read_bundle(path, policy.max_bundle_bytes, policy.max_file_bytes)
-    manifest = _check_signature(raw, policy.trusted_keys)
+    head = read_bundle(path, policy.max_bundle_bytes, policy.max_file_bytes, payloads=False)
+    manifest = _check_signature(head, policy.trusted_keys)
     if expected_model is not None and manifest.model != expected_model:
         raise BundleRejected(
             "wrong_model", f"bundle is for model {manifest.model!r}, not {expected_model!r}"
@@ -302,9 +311,9 @@ def verify_bundle(
             "the admin downgrade flag",
         )
     listed = {f.name for f in manifest.files}
-    if set(raw.payloads) != listed:
-        missing = sorted(listed - set(raw.payloads))
-        extra = sorted(set(raw.payloads) - listed)
+    if set(head.payloads) != listed:
+        missing = sorted(listed - set(head.payloads))
+        extra = sorted(set(head.payloads) - listed)
         raise BundleRejected(
             "missing_member" if missing else "unexpected_member",
             f"payload files do not match the manifest (missing {missing}, extra {extra})",
@@ -319,6 +328,14 @@ def verify_bundle(
     )
     if len(data_key) != 32:
         raise BundleRejected("unwrap_failed", "the bundle's data key has the wrong length")
+    # Signed by a trusted key and meant for this box: now the payloads are read. The
+    # file may have been replaced since; what is opened must be what was verified (and
+    # each payload's digest is checked against the signed manifest as it is opened).
+    raw = read_bundle(path, policy.max_bundle_bytes, policy.max_file_bytes)
+    if (raw.manifest_bytes, raw.signature) != (head.manifest_bytes, head.signature):
+        raise BundleRejected("changed", "the bundle file changed while it was being verified")
+    if set(raw.payloads) != listed:
+        raise BundleRejected("changed", "the bundle file changed while it was being verified")
     files = {
         e.name: _open_payload(manifest, e, raw.payloads[e.name], data_key) for e in manifest.files
     }

@@ -31,6 +31,7 @@ REJECT_REASONS: dict[str, str] = {
     "decrypt_failed": "a payload file fails authenticated decryption (tampered)",
     "digest_mismatch": "a decrypted payload file does not match its SHA-256 and size",
     "validation_failed": "the model failed to load or its validation samples did not pass",
+    "changed": "the bundle file was replaced between its signature check and its reading",
 }
 """Every `BundleRejected.reason`, with what it means (for docs, audit and API clients)."""
 
