@@ -105,7 +105,8 @@ def test_the_validator_rejects_a_misspelt_field() -> None:
 def test_every_manifest_is_in_exactly_one_kustomization_and_the_secret_in_none() -> None:
     listed: list[Path] = []
     for kustomization in K8S.rglob("kustomization.yaml"):
-        for entry in manifest(kustomization)["resources"]:
+        doc = manifest(kustomization)
+        for entry in doc.get("resources", []) + doc.get("bases", []):
             target = (kustomization.parent / entry).resolve()
             if target.is_file():
                 listed.append(target)
