@@ -232,7 +232,10 @@ install_program() {
     locked=$(sed -n 's/^# python \([0-9.]*\),.*/\1/p' "$serve_lock" 2>/dev/null | head -n 1)
     running=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     if [ -n "$locked" ] && [ "$locked" = "$running" ]; then
-        constraints="--constraint=$serve_lock"
+        # Without its hashes: pip checks hashes for every requirement once a constraint
+        # has one, and the checkout (a folder) or a wheel built here has none to check.
+        sed -e 's/ *\\$//' -e '/^ *--hash=/d' "$serve_lock" >"$venv/constraints.txt"
+        constraints="--constraint=$venv/constraints.txt"
     fi
     # shellcheck disable=SC2086  # $constraints is one word or none
     quiet_pip "$venv/bin/python" install -q --upgrade $constraints "$target" \
