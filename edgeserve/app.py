@@ -47,6 +47,7 @@ from edgeserve.serving.repository import scan_repository
 from edgeserve.telemetry.metrics import ReadCounter
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
 from edgeserve.telemetry.service import Telemetry
+from edgeserve.updates.recovery import recover_box
 from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
 from edgeserve.updates.service import Audit, UpdateManager
 from edgeserve.updates.startup import build_update_manager
@@ -69,6 +70,7 @@ def plan_threads(settings: Settings) -> tuple[int, ThreadPlan]:
 
 def build_app(settings: Settings) -> Starlette:
     """The whole edgeserve application for `settings`; nothing runs until its lifespan."""
+    recover_box(settings)  # before anything reads keys or the store (idempotent)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

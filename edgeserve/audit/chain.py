@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.auth.secret_files import read_or_create_secret, read_secret
 
 GENESIS = "0" * 64
 DB_NAME = "audit.db"
@@ -73,9 +73,13 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
 
 
 def load_key(path: Path, *, create: bool) -> bytes | None:
-    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable."""
+    """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable.
+
+    A key file of the wrong length (an empty one among them) raises KeyFileError: an
+    empty HMAC key would make every checkpoint signature worthless (issue 22, item 7).
+    """
     try:
-        return path.read_bytes()
+        return read_secret(path)
     except FileNotFoundError:
         if not create:
             return None

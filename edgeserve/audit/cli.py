@@ -11,6 +11,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.log import read_entries
+from edgeserve.auth.secret_files import KeyFileError
 from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
 
 
@@ -40,6 +41,9 @@ def verify_command(config_path: Path | None, as_json: bool) -> None:
     try:
         key = chain.load_key(chain.key_path(state_dir), create=False)
         report = chain.verify(conn, key)
+    except KeyFileError as exc:
+        click.echo(f"edgeserve: audit key refused: {exc}", err=True)
+        sys.exit(1)
     finally:
         conn.close()
     if as_json:
