@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.audit.log import AuditLog
+from edgeserve.audit.log import check_key as check_audit_key
 from edgeserve.audit.routes import ROUTES as AUDIT_ROUTES
 from edgeserve.audit.routes import AuditMiddleware
 from edgeserve.auth.guard import build_authenticator
@@ -71,6 +72,7 @@ def plan_threads(settings: Settings) -> tuple[int, ThreadPlan]:
 def build_app(settings: Settings) -> Starlette:
     """The whole edgeserve application for `settings`; nothing runs until its lifespan."""
     recover_box(settings)  # before anything reads keys or the store (idempotent)
+    check_audit_key(settings.server.state_dir)  # a short key is refused before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -350,3 +350,11 @@ def _load_key(state_dir: Path) -> bytes | None:
         return chain.load_key(chain.key_path(state_dir), create=True)
     except KeyFileError as exc:
         raise ConfigError("audit", str(exc)) from None
+
+
+def check_key(state_dir: Path) -> None:
+    """Refuse to start (ConfigError, exit 2) on an audit key file that holds no real key."""
+    try:
+        chain.load_key(chain.key_path(state_dir), create=False)
+    except KeyFileError as exc:
+        raise ConfigError("audit", str(exc)) from None
