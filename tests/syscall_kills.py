@@ -6,9 +6,11 @@ that syscall in its thread. `run_killed` then runs the command again with
 `-e inject=SYSCALL:signal=KILL:when=n`: strace delivers SIGKILL at the entry of that
 call (so it never happens), which is what a kill -9 or an OOM kill at that instant does.
 
-Runs of calls on one file (the writes of one payload, the pages of one SQLite
-transaction) are cut to their first and last call: the states in between differ only
-in how much of that one file was written, which the ends of the run already cover.
+Runs of data calls on one file (open, the writes of one payload, its fsync; the pages
+of one SQLite transaction) are cut to their first and last call: the states in between
+differ only in how much of that one file was written, which the ends of the run
+already cover. Every call that changes a name (rename, link, symlink, unlink, mkdir)
+stays a kill point of its own: those are the commit points.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ MUTATING = (
 )
 
 _LINE = re.compile(r"^(?P<tid>\d+)\s+(?P<call>[a-z0-9_]+)\((?P<args>.*)$")
+NAMESPACE = {c for c in MUTATING if c.startswith(("rename", "link", "symlink", "unlink", "mkdir"))}
+"""Calls that change what a name points to: each one is its own kill point, always."""
+
+STRACE = ["strace", "-f", "--seccomp-bpf", "-qq"]
+"""Only the traced calls stop the process (seccomp-bpf), so a run under strace costs
+about what it costs without it."""
+
+OURS = ("/keys", "/models", "/incoming")
+"""The state folder's parts the updater and its keys own (relative to the state dir)."""
+
 _SQLITE_SIDE_FILE = re.compile(r"-(journal|wal|shm)$")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"|<([^<>]+)>')
 
@@ -64,14 +76,19 @@ def strace_path() -> str | None:
 def kill_points(cmd: list[str], under: Path, cwd: Path, env: dict[str, str]) -> list[KillPoint]:
     """Every mutating syscall of `cmd` that touches `under`, runs cut to their ends."""
     trace = cwd / "strace.txt"
-    args = ["strace", "-f", "-qq", "-y", "-s", "0", "-o", str(trace)]
+    args = [*STRACE, "-y", "-s", "0", "-o", str(trace)]
     args += ["-e", "trace=" + ",".join(MUTATING), *cmd]
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, timeout=240)
     if done.returncode != 0:
         raise AssertionError(f"uninterrupted run failed: {done.stderr.decode()[-2000:]}")
+    return parse_trace(trace, under)
+
+
+def parse_trace(trace: Path, under: Path) -> list[KillPoint]:
+    """The kill points in an `strace -f -y` output file (see `kill_points`)."""
     counts: dict[tuple[str, str], int] = defaultdict(int)
     points: list[KillPoint] = []
-    last_key: tuple[str, str] | None = None
+    last_key: str | None = None
     run_end: KillPoint | None = None
     for line in trace.read_text(errors="replace").splitlines():
         m = _LINE.match(line)
@@ -88,9 +105,11 @@ def kill_points(cmd: list[str], under: Path, cwd: Path, env: dict[str, str]) -> 
         point = KillPoint(call, counts[(m["tid"], call)], target[len(str(under)) :])
         family = _SQLITE_SIDE_FILE.sub("", target)
         # SQLite makes its own transactions atomic: one kill point at each end of its
-        # run of calls is enough to cover our code around it, not its journal's.
-        key = ("sqlite", family) if family.endswith(".db") else (call, target)
-        if key == last_key:
+        # run of calls (on its files, and its fdatasync of their folder) is enough to
+        # cover our code around it; its journal is SQLite's to test, not ours.
+        sqlite = family.endswith(".db") or (call == "fdatasync" and _is_db(last_key))
+        key = family if family.endswith(".db") else last_key if sqlite else target
+        if key == last_key and (sqlite or call not in NAMESPACE):
             run_end = point
             continue
         if run_end is not None:
@@ -102,11 +121,15 @@ def kill_points(cmd: list[str], under: Path, cwd: Path, env: dict[str, str]) -> 
     return points
 
 
+def _is_db(key: str | None) -> bool:
+    return key is not None and key.endswith(".db")
+
+
 def run_killed(
     cmd: list[str], point: KillPoint, cwd: Path, env: dict[str, str], timeout_s: float = 120
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `cmd` and SIGKILL it at the entry of `point` (or let it finish if never reached)."""
     inject = f"inject={point.syscall}:signal=KILL:when={point.n}"
-    args = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={point.syscall}"]
+    args = [*STRACE, "-o", "/dev/null", "-e", f"trace={point.syscall}"]
     args += ["-e", inject, *cmd]
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, timeout=timeout_s)

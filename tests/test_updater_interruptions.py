@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving import RunningServer, run_server
-from tests.syscall_kills import KillPoint, kill_points, run_killed, strace_path
+from tests.syscall_kills import STRACE, KillPoint, kill_points, run_killed, strace_path
 from tests.test_updates_kit import served_version, upload
 from tests.update_boxes import (
     MODEL,
@@ -63,7 +64,7 @@ def kill_at(box: Box, args: tuple[str, ...], point: KillPoint) -> None:
 
 
 def inject_error(box: Box, args: tuple[str, ...], point: KillPoint, errno_name: str):
-    cmd = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={point.syscall}"]
+    cmd = [*STRACE, "-o", "/dev/null", "-e", f"trace={point.syscall}"]
     cmd += ["-e", f"inject={point.syscall}:error={errno_name}:when={point.n}"]
     return subprocess.run(
         [*cmd, *box.command(*args)],
@@ -313,5 +314,4 @@ def serve(box: Box, name: str) -> Iterator[RunningServer]:
 
 def _server_config(box: Box) -> str:
     """The box's config as a `run_server` config_text (its port filled in by run_server)."""
-    text = box.config.read_text()
-    return text.replace("[server]\n", '[server]\nhost = "127.0.0.1"\nport = {port}\n', 1)
+    return re.sub(r"(?m)^port = .*$", "port = {port}", box.config.read_text(), count=1)

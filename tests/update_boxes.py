@@ -42,7 +42,8 @@ class Author:
 
     def config(self, state_dir: Path, extra: str = "") -> str:
         models = f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
-        return f'[server]\nstate_dir = "{state_dir}"\n{extra}\n{models}' + self.kit.config()
+        server = f'[server]\nstate_dir = "{state_dir}"\nhost = "127.0.0.1"\nport = 1\n'
+        return f"{server}{extra}\n{models}" + self.kit.config()
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Box:
         root.mkdir(parents=True, exist_ok=True)
         (root / "edgeserve.toml").write_text(text)
         return Box(root, self.author)
+
+    def set_port(self, port: int | str) -> None:
+        """Point the config's [server] port at `port` (the CLI ignores it)."""
+        text = self.config.read_text()
+        self.config.write_text(re.sub(r"(?m)^port = .*$", f"port = {port}", text, count=1))
 
     @property
     def state(self) -> Path:
@@ -108,6 +114,15 @@ class Box:
             return None
         doc = docs[0]
         return doc["slots"][doc["active"]]["version"]
+
+
+def journal_version(state: Path) -> int | None:
+    """The active version the journal records (read directly: no process to start)."""
+    path = state / "models" / MODEL / "state.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    return doc["slots"][doc["active"]]["version"] if doc["active"] else None
 
 
 def strays(state: Path) -> list[str]:

@@ -27,6 +27,7 @@ from updater import (
     DevicePublicKey,
     FleetKey,
     SampleTensor,
+    SlotStore,
     StoreError,
     TrustedKeys,
     UpdaterError,
@@ -310,8 +311,13 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
     """
     settings = load_or_exit(config_path)
     try:
-        journal = open_store(settings).rollback(model, reason)
+        store = open_store(settings)
+        journal = store.rollback(model, reason)
     except StoreError as exc:
+        done = _already_rolled_back(store, model)
+        if done is not None:  # a retry after a kill that came after the flip
+            click.echo(f"already rolled back: model={model} active_version={done}")
+            return
         audit_command(settings, "update.rollback", model, "refused", {"error": exc.message})
         fail(exc.message)
     except (UpdaterError, ValueError, OSError) as exc:
@@ -324,3 +330,15 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
         {"reason": reason, "active_version": journal.active_version},
     )
     click.echo(f"rolled back model={model} active_version={journal.active_version}")
+
+
+def _already_rolled_back(store: SlotStore, model: str) -> int | None:
+    """The active version if the last thing that happened to `model` was a rollback."""
+    try:
+        journal = store.state(model)
+    except StoreError:
+        return None
+    last = journal.history[-1] if journal.history else None
+    if journal.verdict == "rolled_back" and last is not None and last.event == "rollback":
+        return journal.active_version
+    return None

@@ -60,8 +60,10 @@ def recover_box(settings: Settings) -> list[str]:
     for step in (_recover_keys, _recover_models, _recover_incoming):
         try:
             notes += step(settings)
+        except PermissionError as exc:  # a user who cannot write here interrupted nothing
+            log.debug("recovery step skipped step=%s error=%r", step.__name__, str(exc))
         except (OSError, sqlite3.Error, MasterKeyError) as exc:
-            log.error("recovery step skipped step=%s error=%r", step.__name__, str(exc))
+            log.warning("recovery step skipped step=%s error=%r", step.__name__, str(exc))
     for note in notes:
         log.warning("recovery %s", note)
     return notes
