@@ -53,7 +53,7 @@ def temp_name(path: Path) -> Path:
 
 def publish(
     path: Path,
-    fill: Callable[[BinaryIO], None] | None = None,
+    fill: Callable[[BinaryIO], object] | None = None,
     *,
     link_to: str | None = None,
     mode: int = 0o600,
