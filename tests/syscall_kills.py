@@ -6,8 +6,8 @@ that syscall in its thread. `run_killed` then runs the command again with
 `-e inject=SYSCALL:signal=KILL:when=n`: strace delivers SIGKILL at the entry of that
 call (so it never happens), which is what a kill -9 or an OOM kill at that instant does.
 
-Runs of data calls on one file (open, the writes of one payload, its fsync; the pages
-of one SQLite transaction) are cut to their first and last call: the states in between
+Runs of data calls on one file (open and the writes of one payload; the pages of one
+SQLite transaction) are cut to their first and last call: the states in between
 differ only in how much of that one file was written, which the ends of the run
 already cover. Every call that changes a name (rename, link, symlink, unlink, mkdir)
 stays a kill point of its own: those are the commit points.
@@ -26,8 +26,6 @@ MUTATING = (
     "openat",
     "write",
     "pwrite64",
-    "fsync",
-    "fdatasync",
     "rename",
     "renameat",
     "renameat2",
@@ -41,21 +39,22 @@ MUTATING = (
     "mkdirat",
     "rmdir",
     "ftruncate",
-    "fchmod",
 )
+"""Calls that change what another process sees. fsync and fdatasync are not kill points:
+a SIGKILL at their entry leaves exactly what a SIGKILL at the next call leaves (they
+matter for a power cut, which `updater/README.md` argues on paper)."""
 
-_LINE = re.compile(r"^(?P<tid>\d+)\s+(?P<call>[a-z0-9_]+)\((?P<args>.*)$")
 NAMESPACE = {c for c in MUTATING if c.startswith(("rename", "link", "symlink", "unlink", "mkdir"))}
 """Calls that change what a name points to: each one is its own kill point, always."""
 
-STRACE = ["strace", "-f", "--seccomp-bpf", "-qq"]
-"""Only the traced calls stop the process (seccomp-bpf), so a run under strace costs
-about what it costs without it."""
+STRACE = ["strace", "-f", "-qq"]  # not --seccomp-bpf: strace 6.1 then injects nothing
 
 OURS = ("/keys", "/models", "/incoming")
 """The state folder's parts the updater and its keys own (relative to the state dir)."""
 
+_LINE = re.compile(r"^(?P<tid>\d+)\s+(?P<call>[a-z0-9_]+)\((?P<args>.*)$")
 _SQLITE_SIDE_FILE = re.compile(r"-(journal|wal|shm)$")
+_FAILED = re.compile(r"\) = -1 E[A-Z]+ \(.*\)$")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"|<([^<>]+)>')
 
 
@@ -98,6 +97,8 @@ def parse_trace(trace: Path, under: Path) -> list[KillPoint]:
         counts[(m["tid"], call)] += 1
         if call == "openat" and not re.search(r"O_WRONLY|O_RDWR|O_CREAT", m["args"]):
             continue
+        if _FAILED.search(m["args"]):  # changed nothing: same as a kill at the next call
+            continue
         touched = [a or b for a, b in _QUOTED.findall(m["args"])]
         target = next((t for t in touched if t.startswith(str(under))), None)
         if target is None:
@@ -105,10 +106,10 @@ def parse_trace(trace: Path, under: Path) -> list[KillPoint]:
         point = KillPoint(call, counts[(m["tid"], call)], target[len(str(under)) :])
         family = _SQLITE_SIDE_FILE.sub("", target)
         # SQLite makes its own transactions atomic: one kill point at each end of its
-        # run of calls (on its files, and its fdatasync of their folder) is enough to
-        # cover our code around it; its journal is SQLite's to test, not ours.
-        sqlite = family.endswith(".db") or (call == "fdatasync" and _is_db(last_key))
-        key = family if family.endswith(".db") else last_key if sqlite else target
+        # run of calls is enough to cover our code around it; its journal is SQLite's
+        # to test, not ours.
+        sqlite = family.endswith(".db")
+        key = family if sqlite else target
         if key == last_key and (sqlite or call not in NAMESPACE):
             run_end = point
             continue
@@ -119,10 +120,6 @@ def parse_trace(trace: Path, under: Path) -> list[KillPoint]:
     if run_end is not None:
         points.append(run_end)
     return points
-
-
-def _is_db(key: str | None) -> bool:
-    return key is not None and key.endswith(".db")
 
 
 def run_killed(
