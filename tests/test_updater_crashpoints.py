@@ -1,5 +1,6 @@
 """The crash-point test (issue 22): kill the real CLI, and the first server start, at every
-file-system syscall that touches the state folder, then use the box from outside.
+file-system syscall that changes what the updater owns in the state folder (keys, model
+stores, uploads; fsync excepted, see `tests/syscall_kills.py`), then use the box.
 
 For each command, one uninterrupted run under strace lists its kill points (see
 `tests/syscall_kills.py`); each kill point then gets its own copy of the box and a run
