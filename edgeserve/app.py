@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from edgeserve.audit.log import AuditLog
+from edgeserve.audit.log import check_key as check_audit_key
 from edgeserve.audit.routes import ROUTES as AUDIT_ROUTES
 from edgeserve.audit.routes import AuditMiddleware
 from edgeserve.auth.guard import build_authenticator
@@ -48,6 +49,7 @@ from edgeserve.serving.repository import scan_repository
 from edgeserve.telemetry.metrics import ReadCounter
 from edgeserve.telemetry.routes import ROUTES as TELEMETRY_ROUTES
 from edgeserve.telemetry.service import Telemetry
+from edgeserve.updates.recovery import recover_box
 from edgeserve.updates.routes import ROUTES as UPDATE_ROUTES
 from edgeserve.updates.service import Audit, UpdateManager
 from edgeserve.updates.startup import build_update_manager
@@ -70,6 +72,8 @@ def plan_threads(settings: Settings) -> tuple[int, ThreadPlan]:
 
 def build_app(settings: Settings) -> Starlette:
     """The whole edgeserve application for `settings`; nothing runs until its lifespan."""
+    recover_box(settings)  # before anything reads keys or the store (idempotent)
+    check_audit_key(settings.server.state_dir)  # a short key is refused before serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -16,7 +16,15 @@ import httpx
 import numpy as np
 import pytest
 
-from edgeserve.process.gc_pauses import SERVING_GEN0_THRESHOLD, HeapSettler, settle
+from edgeserve.process.gc_pauses import (
+    FULL,
+    SERVING_GEN0_THRESHOLD,
+    YOUNG,
+    HeapSettler,
+    settle,
+)
+from edgeserve.runtime import ThreadPlan
+from edgeserve.runtime.select import create_runtime
 from tests.serving import MODELS, RunningServer, run_server
 from tests.waiting import wait_until, wait_until_async
 
@@ -88,6 +96,52 @@ def test_serving_runs_fewer_young_passes_until_stopped() -> None:
         assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
+
+
+def test_only_the_start_up_settle_walks_the_whole_heap() -> None:
+    """A hot swap settles while requests are served: a full pass there stalls the loop for
+    as long as the heap takes to walk (58-325 ms measured), past the admission budget, and
+    the swap refused requests with 429 (issue 22, item 9). Later settles are young-only."""
+
+    async def start_then_two_swaps() -> list[int]:
+        settler = HeapSettler(delay_s=0.01)
+        for done in (1, 2, 3):
+            settler.changed()
+            await wait_until_async(lambda n=done: len(settler.passes) == n, 30, "the settle")
+        settler.stop()
+        return settler.passes
+
+    gc.unfreeze()
+    assert asyncio.run(start_then_two_swaps()) == [FULL, YOUNG, YOUNG]
+
+
+def test_a_young_settle_runs_no_full_collection() -> None:
+    started: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    settle()
+    gc.callbacks.append(record)
+    try:
+        frozen = settle(YOUNG)
+    finally:
+        gc.callbacks.remove(record)
+    assert started == [YOUNG] and frozen == gc.get_freeze_count()
+
+
+def test_a_closed_runtime_frees_its_session_even_when_frozen_in_a_cycle() -> None:
+    """What a young settle leaves frozen of a retired model is its shell, not its memory."""
+    model = (MODELS / "digits" / "1" / "model.onnx").read_bytes()
+    runtime = create_runtime("onnxruntime", {"model.onnx": model}, ThreadPlan(), "digits")
+    holder = _Cycle()
+    holder.runtime = runtime  # type: ignore[attr-defined]
+    session = weakref.ref(runtime._session)  # type: ignore[attr-defined]
+    settle()  # the runtime and its cycle are frozen, as after a start-up
+    runtime.close()  # what the registry does when it retires a version
+    del runtime, holder
+    assert session() is None
 
 
 def test_stop_cancels_a_pending_settle() -> None:

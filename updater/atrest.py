@@ -19,10 +19,8 @@ Decryption returns bytes in memory; nothing here writes plaintext to disk.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import secrets
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from updater.crashpoints import crash_point
 from updater.errors import DecryptionFailed
-from updater.fsync import fsync_dir
+from updater.fsync import publish
 from updater.masterkey import MasterKey
 
 MAGIC = b"ESATRST1"
@@ -246,12 +244,8 @@ def file_key_id(path: Path) -> str:
 
 
 def write_encrypted(path: Path, data: bytes, key: MasterKey, context: FileContext) -> None:
-    """Encrypt `data` into a new file and fsync it (the caller fsyncs the directory)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as dst:
-        encrypt_stream([data], dst, key, context)
-        dst.flush()
-        os.fsync(dst.fileno())
+    """Encrypt `data` into a new file, whole or not at all (never replaces a file)."""
+    publish(path, lambda dst: encrypt_stream([data], dst, key, context), replace=False)
 
 
 def rotate_file(path: Path, context: FileContext, keys: Keys, new_key: MasterKey) -> bool:
@@ -263,19 +257,12 @@ def rotate_file(path: Path, context: FileContext, keys: Keys, new_key: MasterKey
     if file_key_id(path) == new_key.key_id:
         return False
     ring = [keys] if isinstance(keys, MasterKey) else list(keys)
-    tmp = path.with_name(f".{path.name}.rotating")
-    try:
-        with path.open("rb") as src, tmp.open("wb") as dst:
-            os.fchmod(dst.fileno(), 0o600)
+
+    def fill(dst: BinaryIO) -> None:
+        with path.open("rb") as src:
             encrypt_stream(decrypt_stream(src, ring, context), dst, new_key, context)
-            dst.flush()
-            os.fsync(dst.fileno())
         crash_point("rotate_before_rename")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+
+    publish(path, fill)
     crash_point("rotate_after_rename")
     return True

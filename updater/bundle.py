@@ -10,10 +10,8 @@ the store, so a refused bundle leaves it byte-for-byte unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import secrets
 import sys
 import tarfile
@@ -21,12 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from updater.atrest import FileContext, decrypt_bytes, encrypt_bytes
 from updater.errors import BundleRejected, DecryptionFailed
-from updater.fsync import fsync_dir
+from updater.fsync import publish
 from updater.manifest import (
     FILE_NAME,
     MAX_FILES,
@@ -153,23 +152,17 @@ def write_bundle(
     out: Path, manifest_bytes: bytes, signature: bytes, payloads: Mapping[str, bytes]
 ) -> None:
     """Write the tar (fixed metadata, manifest first) atomically to `out`."""
-    tmp = out.with_name(f".{out.name}.tmp")
     members = [(MANIFEST_NAME, manifest_bytes), (SIGNATURE_NAME, signature)]
     members += [(f"{PAYLOAD_PREFIX}{n}.enc", b) for n, b in sorted(payloads.items())]
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+
+    def fill(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 tar.addfile(info, io.BytesIO(data))
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(out.parent)
+
+    publish(out, fill, mode=0o644)
 
 
 # -- read and verify ------------------------------------------------------------------

@@ -54,6 +54,12 @@ class MasterKey:
 def parse_key_material(raw: bytes, where: str) -> bytes:
     """32 key bytes from base64 text (the format we write) or exactly 32 raw bytes."""
     text = raw.strip()
+    if not text:
+        raise MasterKeyError(
+            f"{where} is empty. An empty key file left by an interrupted write is removed "
+            "at start-up only while no stored model can be encrypted under it; restore "
+            "the key from a backup"
+        )
     try:
         decoded = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,7 +17,8 @@ from updater.atrest import FileContext, Keys, decrypt_to_bytes, encrypt_stream, 
 from updater.bundle import VerifiedBundle
 from updater.crashpoints import crash_point
 from updater.errors import StoreError
-from updater.fsync import fsync_dir
+from updater.fsync import fsync_dir, remove_path
+from updater.fsync import remove_strays as remove_strays_in
 from updater.journal import SLOT_NAMES, SlotRecord
 from updater.manifest import Manifest, parse_manifest
 from updater.masterkey import MasterKey
@@ -97,21 +97,29 @@ def slot_record(slot_dir: Path, installed: str) -> SlotRecord:
 
 def remove_slot(slot_dir: Path) -> None:
     """Delete a slot folder (never `current`'s) and make the deletion durable."""
-    if slot_dir.exists():
-        shutil.rmtree(slot_dir)
+    if slot_dir.exists() or slot_dir.is_symlink():
+        remove_path(slot_dir)
         fsync_dir(slot_dir.parent)
 
 
-def remove_strays(folder: Path) -> None:
-    """Temp slots, temp journal/pointer files and half-rotated payloads left by a crash."""
+def _old_temp_name(name: str) -> bool:
+    """Fixed temp names of earlier versions (`.current.tmp`, `.state.json.tmp`)."""
+    return name in (".current.tmp", ".state.json.tmp")
+
+
+def remove_strays(folder: Path) -> list[Path]:
+    """Temp slots, temp journal/pointer files and half-rotated payloads left by a crash.
+
+    Runs under the model's exclusive lock, so a temp slot (`.tmp-a`) or an old fixed
+    temp name is a leftover for sure; a `current` temp is a symlink and is unlinked,
+    never followed or rmtree'd.
+    """
     slots = folder / "slots"
-    for stray in [*slots.glob(".tmp-*"), *folder.glob(".*.tmp")]:
-        if stray.is_dir():
-            shutil.rmtree(stray)
-        else:
-            stray.unlink()
-    for stray in slots.glob("*/payload/.*.rotating"):
-        stray.unlink()
+    removed = remove_strays_in(folder, also=_old_temp_name)
+    removed += remove_strays_in(slots, also=lambda name: name.startswith(".tmp-"))
+    for payload in slots.glob(f"*/{PAYLOAD_DIR}"):
+        removed += remove_strays_in(payload, also=lambda name: name.endswith(".rotating"))
+    return removed
 
 
 def rotate_slot(slot_dir: Path, model: str, keys: Keys, new_key: MasterKey) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from updater.bundle import BundlePolicy, VerifiedBundle, verify_bundle
+from updater.bundle import BundlePolicy, VerifiedBundle, inspect_bundle, verify_bundle
 from updater.crashpoints import crash_point
 from updater.errors import BundleRejected, StoreError
 from updater.fsync import fsync_dir, replace_symlink
@@ -43,6 +43,7 @@ from updater.masterkey import MasterKey
 from updater.slotfiles import (
     MANIFEST_FILE,
     current_slot,
+    read_manifest,
     read_slot,
     remove_slot,
     remove_strays,
@@ -66,6 +67,11 @@ class InstallResult:
     slot: str
     previous_version: int | None
     downgrade: bool
+    journal_error: str | None = None
+    """Set when the flip happened but the journal could not be written (disk full):
+    the new version is active and the next command's recovery records it."""
+    already_installed: bool = False
+    """A retried install found this very bundle active already: nothing was written."""
 
 
 def _now() -> datetime:
@@ -85,10 +91,10 @@ class SlotStore:
         clock: Callable[[], datetime] = _now,
     ) -> None:
         keys = [master_keys] if isinstance(master_keys, MasterKey) else list(master_keys)
-        if not keys:
-            raise StoreError("the slot store needs at least one master key")
         self.root = state_dir / "models"
-        self.keys = keys  # keys[0] encrypts; any of them decrypts (rotation in progress)
+        # keys[0] encrypts; any of them decrypts (rotation in progress). No key at all is
+        # a store that can show status and recover, but not install or decrypt.
+        self.keys = keys
         self.policy = policy
         self.max_unconfirmed_boots = max_unconfirmed_boots
         self.clock = clock
@@ -107,14 +113,16 @@ class SlotStore:
     def _locked(self, name: str, *, create: bool = False, shared: bool = False) -> Iterator[Path]:
         """One writer per model (flock, released by the kernel if we die); readers share."""
         folder = self._dir(name)
-        if not folder.is_dir():
-            if not create:
-                raise StoreError(f"no model named {name!r} is installed")
+        if not folder.is_dir() and not create:
+            raise StoreError(f"no model named {name!r} is installed")
+        if create and not (folder / "slots").is_dir():
+            # Each level is made and made durable on its own: a kill between two of
+            # these leaves a prefix that the next run completes (no `slots/`, issue 22).
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             folder.mkdir(mode=0o700, exist_ok=True)
+            fsync_dir(self.root)
             (folder / "slots").mkdir(mode=0o700, exist_ok=True)
             fsync_dir(folder)
-            fsync_dir(folder.parent)
         fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -129,7 +137,12 @@ class SlotStore:
         refusing a bundle) leaves it byte-for-byte unchanged.
         """
         journal = before = read_journal(folder / "state.json", name)
-        remove_strays(folder)
+        for stray in remove_strays(folder):
+            log.warning("updater removed stray model=%s path=%s", name, stray)
+        if not (folder / "slots").is_dir():
+            (folder / "slots").mkdir(mode=0o700)
+            fsync_dir(folder)
+            log.warning("updater recreated model=%s path=%s", name, folder / "slots")
         current = current_slot(folder)
         now = self._stamp()
         pending = journal.pending
@@ -172,6 +185,27 @@ class SlotStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / "state.json").is_file())
 
+    def recover_all(self) -> list[str]:
+        """Run crash recovery on every model folder (each under its lock); returns names.
+
+        Every entry point runs this before anything else, so whatever a kill or a power
+        cut interrupted is finished or undone before the next command looks at it.
+        """
+        if not self.root.is_dir():
+            return []
+        done = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and MODEL_NAME.match(folder.name):
+                with self._locked(folder.name) as locked:
+                    self._recover(folder.name, locked)
+                done.append(folder.name)
+        return done
+
+    def _encrypting_key(self) -> MasterKey:
+        if not self.keys:
+            raise StoreError("no at-rest master key is loaded; cannot write a model")
+        return self.keys[0]
+
     def state(self, name: str) -> Journal:
         """The journal of one model, after recovering from any interrupted operation."""
         with self._locked(name) as folder:
@@ -195,21 +229,32 @@ class SlotStore:
         model: str | None = None,
         allow_downgrade: bool = False,
         reason: str = "",
+        retry_ok: bool = False,
     ) -> InstallResult:
         """Verify, validate, write the idle slot, flip; the new version starts on probation.
 
         Everything that can refuse the bundle runs before the first write, so a refused
         bundle (BundleRejected) leaves the store byte-for-byte unchanged. Validation runs
         on the verified plaintext in memory, for the same reason.
+
+        With `retry_ok`, the very bundle that is already active is not refused as
+        not newer: a command retried after a kill that came after its flip succeeds
+        (`already_installed`), which is what "a retry finishes the job" means.
         """
-        verified = verify_bundle(
-            bundle,
-            self.policy,
-            expected_model=model,
-            newest_installed=self._versions_seen,
-            allow_downgrade=allow_downgrade,
-            now=self.clock(),
-        )
+        try:
+            verified = verify_bundle(
+                bundle,
+                self.policy,
+                expected_model=model,
+                newest_installed=self._versions_seen,
+                allow_downgrade=allow_downgrade,
+                now=self.clock(),
+            )
+        except BundleRejected as exc:
+            done = self._already_active(bundle) if retry_ok and exc.reason == "not_newer" else None
+            if done is None:
+                raise
+            return done
         manifest = verified.manifest
         try:
             validate(verified.files, manifest)
@@ -226,6 +271,24 @@ class SlotStore:
                     "not_newer", f"version {manifest.version} was installed meanwhile"
                 )
             return self._install_locked(folder, journal, verified, allow_downgrade, reason)
+
+    def _already_active(self, bundle: Path) -> InstallResult | None:
+        """An InstallResult if `bundle` (signature verified) is exactly what serves now."""
+        manifest = inspect_bundle(bundle, self.policy.trusted_keys, self.policy.max_bundle_bytes)
+        journal = self.state(manifest.model)
+        if journal.active is None:
+            return None
+        active, _ = read_manifest(self._dir(manifest.model) / "slots" / journal.active)
+        if active != manifest:
+            return None
+        return InstallResult(
+            manifest.model,
+            manifest.version,
+            journal.active,
+            journal.previous_version,
+            False,
+            already_installed=True,
+        )
 
     def _versions_seen(self, name: str) -> int:
         return self.state(name).versions_seen if self._dir(name).is_dir() else 0
@@ -247,7 +310,7 @@ class SlotStore:
         try:
             remove_slot(folder / "slots" / idle)
             tmp = folder / "slots" / f".tmp-{idle}"
-            write_slot(tmp, verified, self.keys[0])
+            write_slot(tmp, verified, self._encrypting_key())
             os.rename(tmp, folder / "slots" / idle)
             fsync_dir(folder / "slots")
             read_slot(folder / "slots" / idle, manifest.model, self.keys)  # read back
@@ -260,12 +323,22 @@ class SlotStore:
         digest = hashlib.sha256(verified.manifest_bytes).hexdigest()
         previous_version = journal.active_version
         journal = commit_install(journal, pending, SlotRecord(manifest.version, digest, now), now)
-        write_journal(folder / "state.json", journal)
+        journal_error = None
+        try:
+            write_journal(folder / "state.json", journal)
+        except OSError as exc:
+            # The flip happened: the new version is what serves. The journal still says
+            # "pending install into <idle>", which recovery completes at the next entry
+            # point; report that truthfully instead of a failure (issue 22, item 8).
+            journal_error = exc.strerror or str(exc)
+            log.error("updater journal not written model=%s error=%r", manifest.model, exc)
         log.info(
             "updater installed model=%s version=%s slot=%s", manifest.model, pending.version, idle
         )
         crash_point("during_probation")
-        return InstallResult(manifest.model, manifest.version, idle, previous_version, downgrade)
+        return InstallResult(
+            manifest.model, manifest.version, idle, previous_version, downgrade, journal_error
+        )
 
     # -- probation and rollback ---------------------------------------------------------
 

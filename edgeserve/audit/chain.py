@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from edgeserve.auth.secret_files import read_or_create_secret
+from edgeserve.auth.secret_files import read_or_create_secret, read_secret
 from edgeserve.config.schema import ConfigError
 from updater.errors import MasterKeyError
 from updater.masterkey import check_private_file
@@ -77,7 +77,9 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
 
 def load_key(path: Path, *, create: bool) -> bytes | None:
     """The checkpoint MAC key; created (0600) on first use by the server, None if unreadable.
-    A key group or others can read is refused (ConfigError), as the master key is."""
+    A key group or others can read is refused (ConfigError), as the master key is; a key
+    file of the wrong length (an empty one among them) raises KeyFileError: an empty HMAC
+    key would make every checkpoint signature worthless (issue 22, item 7)."""
     try:
         check_private_file(path, "audit key file", "the power to rewrite the audit log unseen")
     except FileNotFoundError:
@@ -87,7 +89,7 @@ def load_key(path: Path, *, create: bool) -> bytes | None:
     except MasterKeyError as exc:
         raise ConfigError("audit", exc.message) from None
     try:
-        return path.read_bytes()
+        return read_secret(path)
     except FileNotFoundError:
         if not create:
             return None

@@ -12,6 +12,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.log import read_entries
+from edgeserve.auth.secret_files import KeyFileError
 from edgeserve.cli.options import CONFIG_OPTION, load_or_exit
 from edgeserve.config.schema import ConfigError
 
@@ -44,6 +45,9 @@ def verify_command(config_path: Path | None, as_json: bool) -> None:
         report = chain.verify(conn, key)
     except ConfigError as exc:
         click.echo(f"edgeserve: {exc}", err=True)
+        sys.exit(1)
+    except KeyFileError as exc:
+        click.echo(f"edgeserve: audit key refused: {exc}", err=True)
         sys.exit(1)
     finally:
         conn.close()

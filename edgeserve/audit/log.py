@@ -26,6 +26,7 @@ import orjson
 
 from edgeserve.audit import chain
 from edgeserve.audit.settings import AuditSettings
+from edgeserve.auth.secret_files import KeyFileError
 from edgeserve.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class AuditLog:
     ) -> None:
         self.settings = settings
         self.path = chain.db_path(state_dir)
-        key = chain.load_key(chain.key_path(state_dir), create=True)
+        key = _load_key(state_dir)
         if key is None:
             raise ConfigError("audit", f"cannot read {chain.key_path(state_dir)}")
         self._key = key
@@ -353,7 +354,7 @@ def record_now(
     """Append one entry synchronously, for commands that run without the server
     (`edgeserve update apply`, `keys rotate`). Safe beside a running server: the chain
     head is read inside the same write transaction (BEGIN IMMEDIATE)."""
-    key = chain.load_key(chain.key_path(state_dir), create=True)
+    key = _load_key(state_dir)
     if key is None:
         raise ConfigError("audit", f"cannot read {chain.key_path(state_dir)}")
     entry = {
@@ -370,3 +371,18 @@ def record_now(
         return chain.append(conn, key, [entry])[0]
     finally:
         conn.close()
+
+
+def _load_key(state_dir: Path) -> bytes | None:
+    try:
+        return chain.load_key(chain.key_path(state_dir), create=True)
+    except KeyFileError as exc:
+        raise ConfigError("audit", str(exc)) from None
+
+
+def check_key(state_dir: Path) -> None:
+    """Refuse to start (ConfigError, exit 2) on an audit key file that holds no real key."""
+    try:
+        chain.load_key(chain.key_path(state_dir), create=False)
+    except KeyFileError as exc:
+        raise ConfigError("audit", str(exc)) from None

@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
+from updater.fsync import write_secret
+
+
+class KeyFileError(ValueError):
+    """A key file exists but does not hold a key of the right length: refused, loudly."""
+
+
+def read_secret(path: Path, size: int = 32) -> bytes:
+    """The key in `path`, refused unless it is exactly `size` bytes (never a short key)."""
+    data = path.read_bytes()
+    if len(data) != size:
+        raise KeyFileError(
+            f"{path} holds {len(data)} bytes where a {size}-byte key belongs; refusing to use "
+            "it. An empty file left by an interrupted write is removed at start-up when "
+            "nothing was protected with it; otherwise restore the file from a backup"
+        )
+    return data
+
 
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
-    """The secret in `path`; created with O_EXCL at 0600 (and fsynced) on first use.
+    """The secret in `path`; created whole or not at all (0600, fsynced) on first use.
 
     When two processes race, the loser reads the winner's file, so both use one key.
     """
-    if path.exists():
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        return read_secret(path, size)
+    except FileNotFoundError:
+        pass
     key = secrets.token_bytes(size)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_secret(path, key)
     except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
-        out.flush()
-        os.fsync(out.fileno())
+        return read_secret(path, size)
     return key

@@ -23,12 +23,16 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def load_or_exit(path: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from the config file in effect (`find_config`), or one line naming the
-    bad key and exit code 2."""
+    bad key and exit code 2; then crash recovery."""
     try:
-        return load_settings(find_config(path).path, overrides)
+        settings = load_settings(find_config(path).path, overrides)
     except ConfigError as exc:
         click.echo(f"edgeserve: config error: {exc}", err=True)
         raise SystemExit(2) from None
+    from edgeserve.updates.recovery import recover_box  # heavy imports, only when needed
+
+    recover_box(settings)  # every command first finishes or undoes what a crash left
+    return settings
 
 
 def fail(message: str) -> NoReturn:

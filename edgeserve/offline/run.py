@@ -8,7 +8,6 @@ skips the rows it counts, so a row is never lost nor written twice.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from edgeserve.errors import Conflict
+from updater.fsync import write_atomic
 
 if TYPE_CHECKING:  # pyarrow stays optional for modules that only need RunState
     import pyarrow as pa
@@ -129,17 +129,7 @@ class FileCheckpoint:
 
     def save(self, state: RunState) -> None:
         doc = orjson.dumps({"fingerprint": self.fingerprint, "state": asdict(state)})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(doc)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, doc, 0o644)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

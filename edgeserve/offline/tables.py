@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import orjson
 import pyarrow as pa
@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from edgeserve.errors import InvalidInput
-from updater.fsync import fsync_dir, fsync_file
+from updater.fsync import publish
 
 FORMATS = ("csv", "jsonl", "parquet")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -254,11 +254,7 @@ class ParquetPartsWriter:
             table = pa.concat_tables(self._pending, promote_options="permissive")
             self._pending = []
             final = self.parts / f"part-{self._count:08d}.parquet"
-            tmp = final.with_suffix(".tmp")
-            pq.write_table(table, tmp)
-            fsync_file(tmp)
-            os.replace(tmp, final)
-            fsync_dir(self.parts)
+            publish(final, lambda f: pq.write_table(table, f), mode=0o644)
             self._count += 1
         return self._count
 
@@ -269,20 +265,20 @@ class ParquetPartsWriter:
     def finish(self) -> None:
         self.commit()
         parts = sorted(self.parts.glob("part-*.parquet"))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        writer: pq.ParquetWriter | None = None
-        for part in parts:
-            table = pq.read_table(part)
+
+        def fill(out: BinaryIO) -> None:
+            writer: pq.ParquetWriter | None = None
+            for part in parts:
+                table = pq.read_table(part)
+                if writer is None:
+                    writer = pq.ParquetWriter(out, table.schema)
+                writer.write_table(table.cast(writer.schema))
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-        if writer is None:
-            pq.write_table(pa.table({"row": pa.array([], pa.int64())}), tmp)
-        else:
-            writer.close()
-        fsync_file(tmp)
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+                pq.write_table(pa.table({"row": pa.array([], pa.int64())}), out)
+            else:
+                writer.close()
+
+        publish(self.path, fill, mode=0o644)
         shutil.rmtree(self.parts)
 
 

@@ -27,6 +27,7 @@ from updater import (
     DevicePublicKey,
     FleetKey,
     SampleTensor,
+    SlotStore,
     StoreError,
     TrustedKeys,
     UpdaterError,
@@ -231,19 +232,29 @@ def update_apply(path: Path, config_path: Path | None, allow_downgrade: bool) ->
             validate=validate,
             allow_downgrade=allow_downgrade,
             reason="edgeserve update apply",
+            retry_ok=True,
         )
     except BundleRejected as exc:
         audit_command(settings, "update.install", path.name, "rejected", {"reason": exc.reason})
         fail(f"bundle rejected: {exc}")
     except (UpdaterError, ValueError, OSError) as exc:
         fail(str(exc))
-    audit_command(
-        settings,
-        "update.install",
-        result.model,
-        "ok",
-        {"version": result.version, "slot": result.slot, "allow_downgrade": allow_downgrade},
-    )
+    if result.already_installed:
+        click.echo(
+            f"already installed: model={result.model} version={result.version} is active "
+            f"in slot={result.slot}; nothing to do"
+        )
+        return
+    detail = {"version": result.version, "slot": result.slot, "allow_downgrade": allow_downgrade}
+    if result.journal_error:
+        detail["journal"] = "deferred"
+        click.echo(
+            f"edgeserve: warning: version {result.version} is active in slot {result.slot}, "
+            f"but its journal entry could not be written ({result.journal_error}); the next "
+            "edgeserve command records it (free some disk space first)",
+            err=True,
+        )
+    audit_command(settings, "update.install", result.model, "ok", detail)
     click.echo(
         f"installed model={result.model} version={result.version} slot={result.slot} "
         f"previous={result.previous_version}; reload the server (SIGHUP) to serve it"
@@ -262,7 +273,7 @@ def update_status(model: str | None, config_path: Path | None, as_json: bool) ->
     """
     settings = load_or_exit(config_path)
     try:
-        store = open_store(settings)
+        store = open_store(settings, need_key=False)  # status needs no key
         names = [model] if model else store.model_names()
         docs = [_status_doc(store.state(n).to_json()) for n in names]
     except (UpdaterError, ValueError, OSError) as exc:
@@ -300,8 +311,13 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
     """
     settings = load_or_exit(config_path)
     try:
-        journal = open_store(settings).rollback(model, reason)
+        store = open_store(settings)
+        journal = store.rollback(model, reason)
     except StoreError as exc:
+        done = _already_rolled_back(store, model)
+        if done is not None:  # a retry after a kill that came after the flip
+            click.echo(f"already rolled back: model={model} active_version={done}")
+            return
         audit_command(settings, "update.rollback", model, "refused", {"error": exc.message})
         fail(exc.message)
     except (UpdaterError, ValueError, OSError) as exc:
@@ -314,3 +330,15 @@ def update_rollback(model: str, config_path: Path | None, reason: str) -> None:
         {"reason": reason, "active_version": journal.active_version},
     )
     click.echo(f"rolled back model={model} active_version={journal.active_version}")
+
+
+def _already_rolled_back(store: SlotStore, model: str) -> int | None:
+    """The active version if the last thing that happened to `model` was a rollback."""
+    try:
+        journal = store.state(model)
+    except StoreError:
+        return None
+    last = journal.history[-1] if journal.history else None
+    if journal.verdict == "rolled_back" and last is not None and last.event == "rollback":
+        return journal.active_version
+    return None

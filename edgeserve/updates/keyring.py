@@ -109,11 +109,21 @@ def bundle_policy(settings: Settings) -> BundlePolicy:
     )
 
 
-def open_store(settings: Settings, *, create_key: bool = False) -> SlotStore:
-    """The dual-slot store under `<state_dir>`; MasterKeyError/ValueError if keys are bad."""
+def open_store(settings: Settings, *, create_key: bool = False, need_key: bool = True) -> SlotStore:
+    """The dual-slot store under `<state_dir>`; MasterKeyError/ValueError if keys are bad.
+
+    Without `need_key`, a box with no usable master key gets a store that can show its
+    status and recover, but not install or decrypt (status needs no key, issue 22).
+    """
+    try:
+        keys = load_master_keys(settings, create=create_key)
+    except MasterKeyError:
+        if need_key:
+            raise
+        keys = []
     return SlotStore(
         settings.server.state_dir,
-        load_master_keys(settings, create=create_key),
+        keys,
         bundle_policy(settings),
         max_unconfirmed_boots=settings.updater.max_unconfirmed_boots,
     )

@@ -104,6 +104,10 @@ def master_init(config_path: Path | None) -> None:
     settings = load_or_exit(config_path)
     path = master_key_path(settings)
     try:
+        if path.exists():  # a retry after a kill, or a second run: never overwritten
+            key = read_master_key_file(path)
+            click.echo(f"master key: {path} (id {key.key_id}) already exists; kept")
+            return
         key = generate_master_key_file(path)
     except (MasterKeyError, OSError) as exc:
         fail(str(exc))

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 from pathlib import Path
 
 import orjson
@@ -30,6 +29,7 @@ from edgeserve.errors import (
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.updates.service import UpdateManager
 from updater import BundleRejected, StoreError
+from updater.fsync import temp_name
 from updater.manifest import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ async def _receive(request: Request, folder: Path, max_bytes: int) -> Path:
     if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"bundle of {declared} bytes exceeds the limit of {max_bytes}")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / f"upload-{secrets.token_hex(8)}.bundle"
+    # A temp name with our pid: if we are killed mid-upload, recovery removes it.
+    path = temp_name(folder / "upload.bundle")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     received = 0
     try:
