@@ -8,7 +8,6 @@ A token that verified is remembered (`token_cache.py`), so its signature is chec
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from edgeserve.auth.ratelimit import TokenBucketLimiter
 from edgeserve.auth.settings import AuthSettings
 from edgeserve.auth.token_cache import VerifiedTokenCache
 from edgeserve.auth.verify import InvalidToken, TokenHeader, TokenVerifier
+from edgeserve.config.hosts import is_loopback
 from edgeserve.config.schema import ConfigError
 from edgeserve.errors import Unauthorized
 
@@ -204,16 +204,6 @@ class JWTAuthenticator:
 def client_address(request: HTTPConnection) -> str:
     """The peer's address as the server saw it (no forwarding headers are trusted)."""
     return request.client.host if request.client else "unknown"
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and the name localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_auth_allowed(enabled: bool, host: str) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
+from edgeserve.config.hosts import is_loopback
 from edgeserve.config.schema import ConfigError, setting
 
 # The only signature algorithms a token may use; HMAC and `none` are never accepted,
@@ -62,15 +62,6 @@ def check_jwks_url(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname and _is_loopback_name(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
         return
     raise ConfigError("auth.jwks_url", "must be an https:// URL (http:// only for loopback)")
-
-
-def _is_loopback_name(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

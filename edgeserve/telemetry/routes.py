@@ -14,7 +14,7 @@ from starlette.routing import Route
 from edgeserve.auth.guard import requires
 from edgeserve.auth.principal import SCOPE_FEEDBACK
 from edgeserve.errors import InvalidInput, ModelNotReady
-from edgeserve.http.body import read_body
+from edgeserve.http.body import read_json_object
 from edgeserve.telemetry.maintenance import dead_letter_count, drop_counts
 from edgeserve.telemetry.records import (
     LABEL_CHARS,
@@ -36,14 +36,7 @@ def _telemetry(request: Request) -> Telemetry:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    body = await read_body(request, MAX_BODY_BYTES)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return doc
+    return await read_json_object(request, MAX_BODY_BYTES)
 
 
 def _text(doc: dict[str, Any], key: str, required: bool = True) -> str | None:

@@ -6,12 +6,12 @@ into `updater.BundlePolicy` / `updater.SlotStore` arguments.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edgeserve.config.hosts import is_loopback
 from edgeserve.config.schema import setting
 from updater.signing import parse_public_key
 
@@ -34,12 +34,7 @@ def allowed_url(url: str) -> bool:
         return True
     if parts.scheme != "http" or not _PLAIN_NETLOC.fullmatch(parts.netloc):
         return False  # no user info, nothing after an IPv6 literal's bracket
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 @dataclass(frozen=True)
