@@ -288,24 +288,16 @@ def _uvicorn_server_class() -> type:
 
             loop = asyncio.get_running_loop()
             try:
-                timeout_s = self.handshake_timeout_s if config.ssl else None
-                if sockets:
-                    server = await loop.create_server(
-                        create_protocol,
-                        sock=sockets[0],
-                        ssl=config.ssl,
-                        backlog=config.backlog,
-                        ssl_handshake_timeout=timeout_s,
-                    )
-                else:
-                    server = await loop.create_server(
-                        create_protocol,
-                        host=config.host,
-                        port=config.port,
-                        ssl=config.ssl,
-                        backlog=config.backlog,
-                        ssl_handshake_timeout=timeout_s,
-                    )
+                where: dict[str, Any] = (
+                    {"sock": sockets[0]} if sockets else {"host": config.host, "port": config.port}
+                )
+                server = await loop.create_server(
+                    create_protocol,
+                    **where,
+                    ssl=config.ssl,
+                    backlog=config.backlog,
+                    ssl_handshake_timeout=self.handshake_timeout_s if config.ssl else None,
+                )
             except OSError as exc:
                 log.error("cannot listen: %s", exc)
                 await self.lifespan.shutdown()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 
@@ -116,16 +118,17 @@ def run_server(
 def _reported_port(process: subprocess.Popen, log_path: Path, timeout_s: float) -> int:
     """The port in the server's `listening` line; 0 when it exited before listening (a
     start-up failure the caller looks at)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def port() -> int | None:  # -1: exited before listening
         found = LISTENING.search(log_path.read_bytes())
         if found:
             return int(found.group(1))
-        if process.poll() is not None:
-            return 0
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"server not listening after {timeout_s}s:\n{log_path.read_text()}")
-        time.sleep(0.02)  # a polling interval, not synchronisation
+        return -1 if process.poll() is not None else None
+
+    def what() -> str:
+        return f"the server listening:\n{log_path.read_text()}"
+
+    return max(0, wait_until(port, timeout_s, what, interval_s=0.02))
 
 
 def wait_until_ready(server: RunningServer, timeout_s: float = 60.0) -> None:

@@ -66,6 +66,13 @@ def lag_s() -> float:
     return _lag_s
 
 
+def crowded() -> bool:
+    """Whether enough admitted requests are being answered that the loop's lateness can
+    be blamed on them (False when not monitored): the one rule the front door and the
+    batcher both refuse by."""
+    return _running is not None and _running.shedder.crowded
+
+
 def in_flight() -> int:
     """Inference requests the front door has admitted and not yet answered (0 when not
     monitored): 1 while a request is being answered alone."""

@@ -39,7 +39,7 @@ from edgeserve.errors import (
     ModelNotReady,
     Overloaded,
 )
-from edgeserve.serving.admission import MIN_IN_FLIGHT
+from edgeserve.serving.admission import crowded as loop_crowded
 from edgeserve.serving.admission import in_flight as front_door_in_flight
 from edgeserve.serving.admission import lag_s as loop_lag_s
 from edgeserve.serving.offered_load import OfferedLoad
@@ -266,7 +266,7 @@ class DynamicBatcher:
             return False
         if self._running_requests and self._delivery_lag_s > wait_s:
             return True
-        if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S) and front_door_in_flight() >= MIN_IN_FLIGHT:
+        if loop_lag_s() > max(wait_s, LOOP_LAG_MIN_S) and loop_crowded():
             return True  # fewer in flight cannot be what makes the loop late
         queue = self._queue
         if not queue:  # the common case, without raising

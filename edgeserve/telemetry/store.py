@@ -173,12 +173,12 @@ def create_schema(path: Path) -> None:
                 defaults={"synced": 0},
             )
             db[table].create_index(["synced", "seq"], if_not_exists=True)  # type: ignore[union-attr]
-        if "prediction" not in db["inferences"].columns_dict:  # a buffer from before 0.1
-            db["inferences"].add_column("prediction", str)  # type: ignore[union-attr]
-        if "owner_hash" not in db["inferences"].columns_dict:  # a buffer from before 0.2
-            db["inferences"].add_column("owner_hash", str)  # type: ignore[union-attr]
-        if "unit_hash" not in db["inferences"].columns_dict:  # a buffer from before 0.3
-            db["inferences"].add_column("unit_hash", str)  # type: ignore[union-attr]
+        # Columns added since 0.1 (prediction), 0.2 (owner_hash), 0.3 (unit_hash): a buffer
+        # written before gets them here.
+        present = db["inferences"].columns_dict
+        for column in ("prediction", "owner_hash", "unit_hash"):
+            if column not in present:
+                db["inferences"].add_column(column, str)  # type: ignore[union-attr]
         for name, sql in PARTIAL_INDEXES.items():
             _ensure_index(conn, name, sql)
         db["inferences"].create_index(["request_id"], if_not_exists=True)  # type: ignore[union-attr]
