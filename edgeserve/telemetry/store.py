@@ -513,6 +513,10 @@ class TelemetryStore:
     def _run(self) -> None:
         conn = connect(self.path, self.wal_budget_bytes)
         self._audit_head = audit.last_hash(conn)
+        # A process killed mid-write leaves its WAL (and maybe an untrimmed buffer) behind:
+        # fold and trim them now, not at the first commit, which may be long in coming.
+        self._keep_wal_in_budget(conn)
+        self._after_commit(conn)
         backoff_s = 0.05
         try:
             while True:
