@@ -235,6 +235,7 @@ def build_digits(root: Path) -> list[Score]:
     the file it loads (OpenVINO prefers model.xml where there is one).
     """
     from openvino_int8 import quantize_ir
+    from runtimes import loaded_file
 
     X_train, X_test, y_train, y_test = digits_split()
     fp32 = digits_onnx(train_digits(X_train, y_train))
@@ -269,7 +270,7 @@ def build_text(root: Path) -> list[Score]:
     model, X_test, y_test = text_model()
     files = {"model.onnx": model}
     write_model(root, "text", text_toml(), {1: files}, {"X": X_test, "y": y_test})
-    accuracy = heldout_accuracy(files, "onnxruntime", X_test.astype(object), y_test, "text")
+    accuracy = heldout_accuracy(files, "onnxruntime", X_test.astype(object), y_test)
     return [Score("text", 1, "FP32", "onnxruntime", "model.onnx", accuracy)]
 
 
@@ -277,45 +278,24 @@ def build_all(root: Path) -> list[Score]:
     return build_digits(root) + build_text(root)
 
 
-def loaded_file(files: dict[str, bytes], backend: str) -> str:
-    """The file a backend loads from a version folder, as edgeserve's runtimes choose it."""
-    return "model.xml" if backend == "openvino" and "model.xml" in files else "model.onnx"
-
-
-def heldout_accuracy(
-    files: dict[str, bytes], backend: str, X: np.ndarray, y: np.ndarray, input_name: str = "input"
-) -> float:
+def heldout_accuracy(files: dict[str, bytes], backend: str, X: np.ndarray, y: np.ndarray) -> float:
     """The share of rows whose `label` output is right, computed in FP32 on both runtimes."""
-    if backend == "onnxruntime":
-        import onnxruntime as ort
+    from runtimes import run
 
-        session = ort.InferenceSession(files["model.onnx"], providers=["CPUExecutionProvider"])
-        labels = session.run(["label"], {input_name: X})[0]
-    else:
-        import openvino as ov
-
-        core = ov.Core()
-        name = loaded_file(files, backend)
-        weights = files.get("model.bin", b"") if name == "model.xml" else b""
-        # Without the hint a CPU with bf16 units computes in bf16, so the figure would
-        # depend on the machine; the server's default openvino_precision is f32 as well.
-        compiled = core.compile_model(
-            core.read_model(files[name], ov.Tensor(np.frombuffer(weights, np.uint8))),
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": "f32"},
-        )
-        labels = compiled({input_name: X})[compiled.output("label")]
-    return float(np.mean(labels == y))
+    return float(np.mean(run(files, backend, X)["label"] == y))
 
 
-def differences(built: Path, committed: Path) -> list[str]:
+def differences(
+    built: Path, committed: Path, models: list[str], *, byte_exact: bool = True
+) -> list[str]:
     """Files that differ between a rebuild and the committed models, either way round.
 
-    A stray file in a committed model folder (say a leftover version) counts too: the
-    server would load it, and no rebuild can vouch for it.
+    A stray file in a committed model folder (say a leftover version) counts in both
+    modes: the server would load it, and no rebuild can vouch for it. Without
+    `byte_exact` only presence counts (rebuild_check.py compares the contents).
     """
 
-    def files(root: Path, models: list[str]) -> set[str]:
+    def files(root: Path) -> set[str]:
         return {
             str(path.relative_to(root))
             for model in models
@@ -323,20 +303,67 @@ def differences(built: Path, committed: Path) -> list[str]:
             if path.is_file()
         }
 
-    models = sorted(p.name for p in built.iterdir() if p.is_dir())
-    rebuilt, present = files(built, models), files(committed, models)
+    rebuilt, present = files(built), files(committed)
     return sorted(
         name
         for name in rebuilt | present
         if name not in rebuilt
         or name not in present
-        or not filecmp.cmp(built / name, committed / name, shallow=False)
+        or (byte_exact and not filecmp.cmp(built / name, committed / name, shallow=False))
     )
+
+
+def check(*, force_behaviour: bool, against: Path | None) -> int:
+    """Rebuild into a temp folder (or take `against`) and compare with the committed files:
+    byte for byte under the locked versions, by behaviour otherwise (rebuild_check.py)."""
+    from rebuild_check import check_mode, compare_behaviour, read_lock
+
+    mode = check_mode(read_lock(), force_behaviour=force_behaviour)
+    print(mode.line())
+    with tempfile.TemporaryDirectory() as tmp:
+        built = against or Path(tmp)
+        scores = [] if against else build_all(built)
+        models = sorted(p.parent.name for p in built.glob("*/model.toml"))
+        different = differences(built, HERE, models, byte_exact=mode.byte_exact)
+        if not mode.byte_exact:
+            found = compare_behaviour(built, HERE, models)
+            print(found.summary())
+            different += found.problems
+    if different:
+        print("differs from a rebuild:", *different, sep="\n  ", file=sys.stderr)
+        return 1
+    print(f"committed models {'equal' if mode.byte_exact else 'behave as'} a fresh rebuild")
+    print_table(scores)
+    return 0
+
+
+def print_table(scores: list[Score]) -> None:
+    if scores:
+        print("| model | version | precision | backend | file | heldout_accuracy |")
+        print("|---|---|---|---|---|---|")
+    for score in scores:
+        print(score.row())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare a rebuild with the files")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare a rebuild with the files: byte for byte under the locked versions, "
+        "by outputs and accuracy on the held-out rows otherwise",
+    )
+    parser.add_argument(
+        "--behaviour",
+        action="store_true",
+        help="with --check: compare by behaviour even under the locked versions",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="with --check: compare with the models in DIR (rebuilt before) instead of rebuilding",
+    )
     parser.add_argument(
         "--minilm",
         action="store_true",
@@ -350,19 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         build_minilm(HERE / "minilm")
         return 0
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            scores = build_all(Path(tmp))
-            different = differences(Path(tmp), HERE)
-        if different:
-            print(f"differs from a rebuild: {', '.join(different)}", file=sys.stderr)
-            return 1
-        print("committed models equal a fresh rebuild:")
-    else:
-        scores = build_all(HERE)
-    print("| model | version | precision | backend | file | heldout_accuracy |")
-    print("|---|---|---|---|---|---|")
-    for score in scores:
-        print(score.row())
+        return check(force_behaviour=args.behaviour, against=args.against)
+    print_table(build_all(HERE))
     return 0
 
 
