@@ -1,7 +1,9 @@
-"""The bundled demo models: rebuilt byte for byte, loaded by both runtimes, scored as documented."""
+"""The bundled demo models: rebuilt byte for byte (or alike in behaviour when the libraries
+are not the locked ones), loaded by both runtimes, scored as documented."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -17,8 +19,10 @@ import pytest
 from edgeserve.runtime.datatypes import ONNX_TYPE_TO_V2
 from edgeserve.serving.repository import parse_model_config
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
 BUILD = MODELS / "build.py"
+LOCK = ROOT / "packaging" / "lock" / "dev.txt"
 # Every committed demo model ships its held-out split; minilm (local, not committed) has none.
 DEMO_MODELS = sorted(p.parent.name for p in MODELS.glob("*/heldout.npz"))
 VERSIONS = [
@@ -103,46 +107,118 @@ def test_the_committed_demo_models_are_digits_and_text():
     assert VERSIONS == [("digits", 1), ("digits", 2), ("text", 1)]
 
 
-def test_rebuild_equals_the_committed_files():
+def copy_models(root: Path) -> Path:
+    """The models folder and the lock beside it, as the checkout has them: build.py picks
+    its check's mode from ../packaging/lock/dev.txt."""
+    copy = root / "models"
+    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
+    (root / "packaging" / "lock").mkdir(parents=True)
+    shutil.copy(LOCK, root / "packaging" / "lock" / "dev.txt")
+    return copy
+
+
+def check(models: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(models / "build.py"), "--check", *flags],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rebuild for the module's checks (`--check --against` it): build.py run in a copy."""
+    copy = copy_models(tmp_path_factory.mktemp("rebuilt"))
     result = subprocess.run(
-        [sys.executable, str(BUILD), "--check"], capture_output=True, text=True, timeout=240
+        [sys.executable, str(copy / "build.py")], capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return copy
+
+
+def test_rebuild_equals_the_committed_files():
+    result = check(MODELS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("byte-exact check (locked versions):")
     assert "committed models equal a fresh rebuild" in result.stdout
 
 
 @pytest.mark.parametrize("file", ["model.onnx", "model.bin"])
-def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path, file):
-    copy = tmp_path / "models"
-    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
+def test_check_fails_and_names_the_file_when_a_committed_model_differs(tmp_path, rebuilt, file):
+    copy = copy_models(tmp_path)
     tampered = copy / "digits" / "2" / file
     blob = bytearray(tampered.read_bytes())
     blob[-1] ^= 0x01
     tampered.write_bytes(bytes(blob))
-    result = subprocess.run(
-        [sys.executable, str(copy / "build.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = check(copy, "--against", str(rebuilt))
     assert result.returncode == 1
+    assert result.stdout.startswith("byte-exact check")
     assert f"digits/2/{file}" in result.stderr
     assert "digits/1/model.onnx" not in result.stderr
 
 
-def test_check_fails_on_a_stray_version_no_rebuild_makes(tmp_path):
-    copy = tmp_path / "models"
-    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("minilm", "__pycache__"))
+@pytest.mark.parametrize("flags", [(), ("--behaviour",)], ids=["byte-exact", "behaviour"])
+def test_check_fails_on_a_stray_version_no_rebuild_makes(tmp_path, rebuilt, flags):
+    copy = copy_models(tmp_path)
     (copy / "text" / "2").mkdir()
     shutil.copy(copy / "text" / "1" / "model.onnx", copy / "text" / "2" / "model.onnx")
-    result = subprocess.run(
-        [sys.executable, str(copy / "build.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = check(copy, *flags, "--against", str(rebuilt))
     assert result.returncode == 1
     assert "text/2/model.onnx" in result.stderr
+
+
+def test_behaviour_check_passes_on_the_committed_models_and_says_which_check_ran(rebuilt):
+    result = check(MODELS, "--behaviour", "--against", str(rebuilt))
+    assert result.returncode == 0, result.stderr[-2000:]
+    mode, worst, verdict = result.stdout.splitlines()[:3]
+    assert mode.startswith("behaviour check (forced by --behaviour; versions equal the lock):")
+    assert "outputs within 0.2" in mode
+    assert worst.startswith("worst seen: probabilities differ by ")
+    assert verdict == "committed models behave as a fresh rebuild"
+
+
+def test_behaviour_check_fails_naming_a_model_whose_weights_changed(tmp_path, rebuilt):
+    copy = copy_models(tmp_path)
+    path = copy / "digits" / "1" / "model.onnx"
+    model = onnx.load_from_string(path.read_bytes())
+    (w2,) = [t for t in model.graph.initializer if t.name == "w2"]
+    weights = onnx.numpy_helper.to_array(w2)
+    noise = np.random.default_rng(0).normal(0, 0.3, weights.shape).astype(np.float32)
+    w2.CopyFrom(onnx.numpy_helper.from_array(weights + noise, "w2"))
+    path.write_bytes(model.SerializeToString())
+    result = check(copy, "--behaviour", "--against", str(rebuilt))
+    assert result.returncode == 1
+    assert result.stdout.startswith("behaviour check")
+    assert "digits/1/model.onnx: output probabilities differs by up to" in result.stderr
+    assert "digits/2" not in result.stderr and "text/" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def rebuild_check():
+    sys.path.insert(0, str(MODELS))
+    try:
+        import rebuild_check  # models/rebuild_check.py
+    finally:
+        sys.path.remove(str(MODELS))
+    return rebuild_check
+
+
+def test_the_locked_versions_pick_the_byte_exact_check(rebuild_check):
+    mode = rebuild_check.check_mode(LOCK.read_text())
+    assert mode.byte_exact
+    assert rebuild_check.check_mode(LOCK.read_text(), force_behaviour=True).byte_exact is False
+
+
+def test_a_library_other_than_the_lock_picks_the_behaviour_check(rebuild_check):
+    fake = re.sub(r"^scikit-learn==\S+", "scikit-learn==1.8.0", LOCK.read_text(), flags=re.M)
+    mode = rebuild_check.check_mode(fake)
+    assert not mode.byte_exact
+    installed = importlib.metadata.version("scikit-learn")
+    assert mode.line().startswith(
+        f"behaviour check (versions differ from the lock: scikit-learn {installed} (lock 1.8.0)):"
+    )
+    assert not rebuild_check.check_mode(None).byte_exact  # no lock: nothing vouches for bytes
 
 
 @pytest.mark.parametrize(("name", "version"), VERSIONS)
