@@ -1,7 +1,8 @@
 """Rebuild the bundled demo models from data that ships with the code, byte for byte.
 
     python models/build.py            # rewrite the committed models
-    python models/build.py --check    # rebuild into a temp folder, compare byte for byte
+    python models/build.py --check    # rebuild into a temp folder and compare: byte for byte
+                                      # under the locked versions, else by behaviour
     python models/build.py --minilm   # export all-MiniLM-L6-v2 (not committed, not in CI)
 
 `digits` is trained on scikit-learn's bundled digits; `text` (see text.py) on sentences
