@@ -40,6 +40,7 @@ import operator
 import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -48,8 +49,6 @@ from concurrent.futures import Future
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
-
-import sqlite_utils
 
 from edgeserve.telemetry import audit
 from edgeserve.telemetry.records import (
@@ -60,6 +59,26 @@ from edgeserve.telemetry.records import (
     InferenceRecord,
     PayloadRecord,
 )
+
+
+def _import_sqlite_utils() -> Any:
+    """sqlite-utils, without the pandas import it does whenever pandas is installed (the
+    `spark` extra installs it) only to map `pandas.Timestamp` to TEXT, which edgeserve
+    never stores: 0.3-1 s of CPU at every command and server start on a small box.
+    pandas stays importable afterwards; only sqlite-utils' optional reference is empty."""
+    if "pandas" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["pandas"] = None  # type: ignore[assignment]  # ImportError inside
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["pandas"]
+    return sqlite_utils
+
+
+sqlite_utils = _import_sqlite_utils()
 
 log = logging.getLogger(__name__)
 
