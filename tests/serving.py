@@ -26,6 +26,8 @@ MODELS = ROOT / "models"
 # The port the server reports it bound: `[server] port = 0` lets the kernel pick one,
 # so no other process can take it between choosing and binding (free_port's race).
 LISTENING = re.compile(rb"listening url=\w+://[^ ]*?:(\d+)")
+# Likewise `[server] grpc_port = "auto"`: the gRPC port the server bound is in this line.
+GRPC_LISTENING = re.compile(rb"grpc listening address=(\S+):(\d+) ")
 _servers = itertools.count(1)  # names each server's config and log in a shared tmp_path
 
 
@@ -47,6 +49,20 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def grpc_address(self, timeout_s: float = 60.0) -> str:
+        """`HOST:PORT` from the server's `grpc listening` line: with `grpc_port = "auto"`
+        the kernel picks the port, so no other process can take it first."""
+
+        def address() -> str | None:
+            found = GRPC_LISTENING.search(self.log_path.read_bytes())
+            if found:
+                return f"{found.group(1).decode()}:{int(found.group(2))}"
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited before serving gRPC:\n{self.log()}")
+            return None
+
+        return wait_until(address, timeout_s, lambda: f"gRPC listening:\n{self.log()}")
 
 
 def write_config(

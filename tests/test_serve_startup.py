@@ -137,3 +137,24 @@ def test_an_address_this_box_does_not_have_is_one_line_not_a_traceback(tmp_path:
         "Cannot assign requested address"
     ]
     assert not (tmp_path / "state").exists()  # nothing written
+
+
+def test_grpc_port_auto_serves_on_the_port_its_listening_line_names(tmp_path: Path) -> None:
+    """`grpc_port = "auto"` binds a port the kernel picks, as `port = 0` does for HTTP,
+    and the `grpc listening` and `ready` lines name it (issue 23)."""
+    import tritonclient.grpc as triton
+
+    config = write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", 0, tmp_path)
+    text = config.read_text().replace("port = 0\n", 'port = {port}\ngrpc_port = "auto"\n')
+    with run_server(tmp_path, config_text=text) as server:
+        address = server.grpc_address()
+        port = int(address.rpartition(":")[2])
+        assert address == f"127.0.0.1:{port}" and port != 0
+        with triton.InferenceServerClient(address) as client:
+            assert client.is_server_ready()
+        ready = wait_until(
+            lambda: next((x for x in server.log().splitlines() if "msg=ready " in x), None),
+            60,
+            server.log,
+        )
+    assert f" grpc=127.0.0.1:{port} " in ready
