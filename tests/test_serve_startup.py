@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port, run_server, stop, write_config
+from tests.serving import LISTENING, run_server, stop, write_config
 from tests.waiting import wait_until
 
 ENV = {k: v for k, v in os.environ.items() if k != "EDGESERVE_CONFIG"}
@@ -47,8 +47,7 @@ def test_config_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_serve_reads_edgeserve_toml_in_the_working_folder_and_logs_it(tmp_path: Path) -> None:
-    port = free_port()
-    write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", port, tmp_path / "state")
+    write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", 0, tmp_path / "state")
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -64,7 +63,9 @@ def test_serve_reads_edgeserve_toml_in_the_working_folder_and_logs_it(tmp_path: 
             stop(process)
     log = log_path.read_text()
     assert f"config file={tmp_path / 'edgeserve.toml'} from=working directory" in log
-    assert f"ready url=http://127.0.0.1:{port} " in log
+    listening = LISTENING.search(log.encode())
+    assert listening, log
+    assert f"ready url=http://127.0.0.1:{int(listening.group(1))} " in log
 
 
 def test_ready_line_names_url_models_and_time(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_grpc_port_in_use_is_refused_too(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         grpc_port = holder.getsockname()[1]
-        config = write_config(tmp_path / "edgeserve.toml", "", free_port(), tmp_path / "state")
+        config = write_config(tmp_path / "edgeserve.toml", "", 0, tmp_path / "state")
         config.write_text(
             config.read_text().replace("[models]", f"grpc_port = {grpc_port}\n[models]")
         )
@@ -108,7 +109,7 @@ def test_grpc_port_in_use_is_refused_too(tmp_path: Path) -> None:
 
 
 def test_serve_in_the_wrong_folder_writes_nothing(tmp_path: Path) -> None:
-    done = serve(tmp_path, "--port", str(free_port()))
+    done = serve(tmp_path, "--port", "0")
     assert done.returncode == 2
     assert "models.repository" in done.stderr
     assert "Traceback" not in done.stderr
