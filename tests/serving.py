@@ -32,8 +32,10 @@ _servers = itertools.count(1)  # names each server's config and log in a shared 
 
 
 def free_port() -> int:
-    """A port free now, for what cannot bind port 0 itself (gRPC's port, a port a test
-    must know before the server starts); it may be taken before it is used."""
+    """A port free now, only for a port that must be known before its server starts (a
+    README block naming it, a program told it on its command line, a collector the box
+    sends to while it is down); it may be taken before it is used. Anything that can
+    bind port 0 (HTTP `port = 0`, `grpc_port = "auto"`, test collectors) does that."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -102,7 +104,7 @@ def run_server(
     own_choice = config_text is None or (
         config_text.count("{port}") == 1 and "port = {port}" in config_text
     )
-    port = 0 if own_choice else free_port()
+    port = 0 if own_choice else free_port()  # a public_url naming the port: known first
     n = next(_servers)
     state_dir = tmp_path / "state"
     config = tmp_path / f"edgeserve-{n}.toml"
