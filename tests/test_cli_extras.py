@@ -21,7 +21,8 @@ def run_without(tmp_path: Path, modules: list[str], *args: str) -> subprocess.Co
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
     )
     env = {k: v for k, v in os.environ.items() if k != "EDGESERVE_CONFIG"}
-    env["PYTHONPATH"] = str(site)
+    # kept after the shim: the code under test may come from PYTHONPATH (a worktree)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "edgeserve", *args],
         cwd=tmp_path,
