@@ -100,7 +100,7 @@ def _field_type(tp: Any) -> Any:
 def _check(meta: typing.Mapping[str, Any], value: Any) -> Any:
     if value is None:
         return value
-    # min and max bound the numbers; a word a number field also takes ("auto") is its Literal's
+    # min and max bound numbers only: a word the field also takes ("auto") is its Literal's
     numeric = not isinstance(value, str)
     if numeric and "min" in meta and value < meta["min"]:
         raise PydanticCustomError("setting", f"must be >= {meta['min']}, got {value}")
