@@ -117,7 +117,7 @@ def build_app(settings: Settings) -> Starlette:
         if settings.server.grpc_port:
             from edgeserve.grpc.service import start_grpc_server  # the grpc extra
 
-            grpc_server = await start_grpc_server(app, settings)
+            grpc_server, app.state.grpc_port = await start_grpc_server(app, settings)
         try:
             yield
         finally:

@@ -162,7 +162,10 @@ async def _announce_ready(app: object, settings: Settings, port: int) -> None:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.server.host, settings.server.host)
     while True:
         loading = getattr(app.state, "loading", None)  # type: ignore[attr-defined]
-        if loading is not None and loading.done():
+        # the ready line names gRPC's port, known once it is bound ("auto": the kernel's)
+        grpc_port: int = getattr(app.state, "grpc_port", 0)  # type: ignore[attr-defined]
+        grpc_bound = bool(grpc_port) or not settings.server.grpc_port
+        if loading is not None and loading.done() and grpc_bound:
             try:
                 _, writer = await asyncio.open_connection(host, port)
             except OSError:
@@ -184,7 +187,7 @@ def _log_ready(app: object, settings: Settings, host: str, port: int) -> None:
     )
     scheme = "https" if settings.server.tls_cert else "http"
     url_host = f"[{host}]" if ":" in host else host
-    grpc_port = settings.server.grpc_port
+    grpc_port = getattr(app.state, "grpc_port", 0)  # type: ignore[attr-defined]  # bound
     grpc = f" grpc={url_host}:{grpc_port}" if grpc_port else ""
     ready_s = time.time() - psutil.Process().create_time()
     log.info(

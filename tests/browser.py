@@ -118,7 +118,7 @@ class Page:
 def chromium_page() -> Iterator[Page]:
     if CHROMIUM is None:
         raise RuntimeError("chromium is not installed (apt-get install chromium)")
-    port = free_port()
+    port = free_port()  # chromium takes its DevTools port on its command line
     profile = tempfile.mkdtemp(prefix="edgeserve-chromium-")
     process = subprocess.Popen(
         [

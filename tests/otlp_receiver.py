@@ -2,6 +2,8 @@
 
     python tests/otlp_receiver.py PORT STATEFILE
 
+PORT 0 takes a free port from the kernel; the port bound is the first line on stdout.
+
 It parses every payload with the official protobuf definitions (opentelemetry-proto),
 JSON or protobuf by Content-Type, gzip by Content-Encoding, and appends each log
 record's `edgeserve.record_id` to STATEFILE (one per line) when it accepts a batch.
@@ -16,7 +18,8 @@ bodies. GET / returns the state: requests per mode, the last Authorization,
 Content-Type and Content-Encoding, resource attributes, records accepted, and the
 uploads still being answered (`in_flight`).
 
-Tests start it with `receiver(port, ids_file)`, which waits until it answers.
+Tests start it with `receiver(ids_file)`, which waits until it answers and yields its
+URL; `port=` is only for a test that must point the box at it before it starts.
 """
 
 from __future__ import annotations
@@ -181,13 +184,19 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def receiver(port: int, ids_file: Path) -> Iterator[str]:
-    """This receiver in its own process on `port`; its base URL once it answers."""
+def receiver(ids_file: Path, port: int = 0) -> Iterator[str]:
+    """This receiver in its own process; its base URL once it answers. It binds port 0
+    unless told a port, so no other process can take the port first."""
     from tests.waiting import wait_until  # only the tests' side needs it
 
-    process = subprocess.Popen([sys.executable, __file__, str(port), str(ids_file)])
-    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, __file__, str(port), str(ids_file)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
     try:
+        assert process.stdout is not None
+        bound = process.stdout.readline().strip()  # "" when it exited before binding
+        if not bound:
+            raise RuntimeError(f"the receiver exited with {process.wait()} before binding")
+        url = f"http://127.0.0.1:{int(bound)}"
 
         def answers() -> bool:
             try:
@@ -201,8 +210,11 @@ def receiver(port: int, ids_file: Path) -> Iterator[str]:
     finally:
         process.kill()
         process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 if __name__ == "__main__":
     server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    print(server.server_address[1], flush=True)  # the port bound: the kernel's for PORT 0
     server.serve_forever()

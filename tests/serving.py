@@ -26,12 +26,16 @@ MODELS = ROOT / "models"
 # The port the server reports it bound: `[server] port = 0` lets the kernel pick one,
 # so no other process can take it between choosing and binding (free_port's race).
 LISTENING = re.compile(rb"listening url=\w+://[^ ]*?:(\d+)")
+# Likewise `[server] grpc_port = "auto"`: the gRPC port the server bound is in this line.
+GRPC_LISTENING = re.compile(rb"grpc listening address=(\S+):(\d+) ")
 _servers = itertools.count(1)  # names each server's config and log in a shared tmp_path
 
 
 def free_port() -> int:
-    """A port free now, for what cannot bind port 0 itself (gRPC's port, a port a test
-    must know before the server starts); it may be taken before it is used."""
+    """A port free now, only for a port that must be known before its server starts (a
+    README block naming it, a program told it on its command line, a collector the box
+    sends to while it is down); it may be taken before it is used. Anything that can
+    bind port 0 (HTTP `port = 0`, `grpc_port = "auto"`, test collectors) does that."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,6 +51,20 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def grpc_address(self, timeout_s: float = 60.0) -> str:
+        """`HOST:PORT` from the server's `grpc listening` line: with `grpc_port = "auto"`
+        the kernel picks the port, so no other process can take it first."""
+
+        def address() -> str | None:
+            found = GRPC_LISTENING.search(self.log_path.read_bytes())
+            if found:
+                return f"{found.group(1).decode()}:{int(found.group(2))}"
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited before serving gRPC:\n{self.log()}")
+            return None
+
+        return wait_until(address, timeout_s, lambda: f"gRPC listening:\n{self.log()}")
 
 
 def write_config(
@@ -86,7 +104,7 @@ def run_server(
     own_choice = config_text is None or (
         config_text.count("{port}") == 1 and "port = {port}" in config_text
     )
-    port = 0 if own_choice else free_port()
+    port = 0 if own_choice else free_port()  # a public_url naming the port: known first
     n = next(_servers)
     state_dir = tmp_path / "state"
     config = tmp_path / f"edgeserve-{n}.toml"

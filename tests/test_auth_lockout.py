@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from edgeserve.auth import issuer
-from tests.serving import RunningServer, free_port, run_server
+from tests.serving import RunningServer, run_server
 from tests.test_auth_server import wait_until_live
 
 pytestmark = pytest.mark.slow
@@ -27,16 +27,15 @@ def live(tmp_path: Path) -> Iterator[tuple[RunningServer, str, Path]]:
     issuer.init_keys(state_dir)
     empty = tmp_path / "models"
     empty.mkdir()
-    grpc_port = free_port()
     # A slow refill, so that the bucket stays empty for the whole test.
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{state_dir}"\n[models]\nrepository = "{empty}"\n'
         f"[auth]\nfailed_auth_burst = {BURST}\nfailed_auth_rate_per_s = 0.001\n"
     )
     with run_server(tmp_path, config_text=config, wait_ready=False) as server:
         wait_until_live(server)
-        yield server, f"127.0.0.1:{grpc_port}", state_dir
+        yield server, server.grpc_address(), state_dir
 
 
 def token_for(state_dir: Path, subject: str) -> str:

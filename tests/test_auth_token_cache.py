@@ -37,7 +37,7 @@ from tests.auth_support import (
     unsigned_token,
     write_jwks,
 )
-from tests.serving import RunningServer, free_port, run_server
+from tests.serving import RunningServer, run_server
 from tests.test_batch_support import digits_rows, v2_request
 from tests.waiting import wait_until
 
@@ -408,9 +408,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
     folder = tmp_path_factory.mktemp("token-cache")
     state_dir = folder / "state"
     issuer.init_keys(state_dir)
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{state_dir}"\n'
         f'[models]\nrepository = "{Path(__file__).resolve().parent.parent / "models"}"\n'
         'load = ["digits"]\n'
@@ -419,7 +418,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
         "[auth]\nfailed_auth_burst = 0\nleeway_s = 0\n"
     )
     with run_server(folder, config_text=config) as server:
-        yield server, f"127.0.0.1:{grpc_port}", state_dir
+        yield server, server.grpc_address(), state_dir
 
 
 def new_token(state_dir: Path, ttl_s: int = 300) -> str:

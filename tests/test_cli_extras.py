@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import MODELS, free_port, write_config
+from tests.serving import MODELS, write_config
 
 
 def run_without(tmp_path: Path, modules: list[str], *args: str) -> subprocess.CompletedProcess:
@@ -21,7 +21,8 @@ def run_without(tmp_path: Path, modules: list[str], *args: str) -> subprocess.Co
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
     )
     env = {k: v for k, v in os.environ.items() if k != "EDGESERVE_CONFIG"}
-    env["PYTHONPATH"] = str(site)
+    # kept after the shim: the code under test may come from PYTHONPATH (a worktree)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "edgeserve", *args],
         cwd=tmp_path,
@@ -68,10 +69,8 @@ def test_missing_pyarrow_names_the_batch_extra(tmp_path: Path, args: list[str]) 
 
 
 def test_grpc_port_without_grpcio_names_the_grpc_extra(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "edgeserve.toml", "", free_port(), tmp_path / "state")
-    config.write_text(
-        config.read_text().replace("[models]", f"grpc_port = {free_port()}\n[models]")
-    )
+    config = write_config(tmp_path / "edgeserve.toml", "", 0, tmp_path / "state")
+    config.write_text(config.read_text().replace("[models]", 'grpc_port = "auto"\n[models]'))
     done = run_without(tmp_path, ["grpc"], "serve", "--config", str(config))
     assert done.returncode == 2
     line = one_line(done)

@@ -75,6 +75,13 @@ BROKEN = [
     ('[server]\nport = "8080"\n', "server.port: must be an integer"),
     ("[server]\nport = 70000\n", "server.port: must be <= 65535"),
     ("[server]\nport = -1\n", "server.port: must be >= 0"),
+    ('[server]\ngrpc_port = "x"\n', "server.grpc_port: must be an integer or \"auto\", got 'x'"),
+    ("[server]\ngrpc_port = -5\n", "server.grpc_port: must be >= 0, got -5"),
+    ("[server]\ngrpc_port = 70000\n", "server.grpc_port: must be <= 65535, got 70000"),
+    (
+        "[server]\ngrpc_port = true\n",
+        'server.grpc_port: must be an integer or "auto", got a boolean',
+    ),
     ('[server]\nengine = "gunicorn"\n', "server.engine: must be one of"),
     ('[server]\nevent_loop = "twisted"\n', "server.event_loop: must be one of"),
     ("[server]\nkeep_alive_timeout_s = true\n", "server.keep_alive_timeout_s: must be a number"),
@@ -121,6 +128,13 @@ def test_broken_config_is_refused_naming_the_key(tmp_path: Path, text: str, mess
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("8001", 8001), ('"auto"', "auto")])
+def test_grpc_port_is_off_a_number_or_auto(tmp_path: Path, value: str, expected: object) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text(f"[server]\ngrpc_port = {value}\n")
+    assert load_settings(path).server.grpc_port == expected
 
 
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:

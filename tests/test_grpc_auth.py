@@ -13,7 +13,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from edgeserve.auth import issuer
-from tests.serving import free_port, run_server
+from tests.serving import run_server
 from tests.test_batching_server import WIDTH, write_repository
 
 pytestmark = pytest.mark.slow
@@ -27,14 +27,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     repo = write_repository(
         folder / "repo", {"linear": 'backend = "onnxruntime"\nmax_batch_size = 4\n'}
     )
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{state_dir}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nfailed_auth_burst = 0\n"
     )
-    with run_server(folder, config_text=config):
-        yield f"127.0.0.1:{grpc_port}", state_dir
+    with run_server(folder, config_text=config) as server:
+        yield server.grpc_address(), state_dir
 
 
 def token_for(state_dir: Path, *scopes: str) -> str:

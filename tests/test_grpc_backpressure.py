@@ -19,7 +19,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.serving import MODELS, free_port, run_server
+from tests.serving import MODELS, run_server
 
 ROWS = 64  # digits' max_batch_size: the largest reply one request can ask for
 SEND_FOR_S = 10.0  # how long the client keeps trying to send (a deadline, not an assert)
@@ -43,9 +43,8 @@ def digits_request() -> pb.ModelInferRequest:
 
 
 def test_stream_that_never_reads_keeps_server_memory_bounded(tmp_path: Path) -> None:
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{tmp_path / "state"}"\n'
         f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n[auth]\nenabled = false\n'
     )
@@ -60,7 +59,7 @@ def test_stream_that_never_reads_keeps_server_memory_bounded(tmp_path: Path) -> 
 
     with run_server(tmp_path, config_text=config) as server:
         pid = server.process.pid
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        with grpc.insecure_channel(server.grpc_address()) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             replies = stub.ModelStreamInfer(requests())  # never iterated: nothing is read
             start_mib = rss_mib(pid)

@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.serving import free_port, run_server
+from tests.serving import run_server
 from tests.test_batching_server import CLASSES, WEIGHTS, WIDTH, write_repository
 from tests.waiting import wait_until
 
@@ -29,14 +29,13 @@ TOMLS = {
 def grpc_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     repo = write_repository(tmp_path_factory.mktemp("repo"), TOMLS)
     folder = tmp_path_factory.mktemp("server")
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{folder / "state"}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nenabled = false\n"
     )
-    with run_server(folder, config_text=config):
-        yield f"127.0.0.1:{grpc_port}"
+    with run_server(folder, config_text=config) as server:
+        yield server.grpc_address()
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +206,8 @@ def test_grpc_inferences_leave_telemetry_records(tmp_path: Path) -> None:
     """Served or refused, over ModelInfer or the stream: a record each, the caller's
     subject hashed, as over HTTP."""
     repo = write_repository(tmp_path / "repo", {"linear": TOMLS["linear"]})
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{tmp_path / "state"}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nenabled = false\n"
     )
@@ -217,8 +215,8 @@ def test_grpc_inferences_leave_telemetry_records(tmp_path: Path) -> None:
     data.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
     bad = triton.InferInput("pixels", [1, WIDTH], "FP32")
     bad.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
-    with run_server(tmp_path, config_text=config):
-        with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+    with run_server(tmp_path, config_text=config) as server:
+        with triton.InferenceServerClient(server.grpc_address()) as client:
             who = {"x-user-id": "alice@example.com"}
             client.infer("linear", [data], request_id="g-ok", headers=who)
             with pytest.raises(InferenceServerException):

@@ -171,7 +171,7 @@ def sandbox_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         **os.environ,
         "T": str(work),
         "CHECKOUT": str(checkout),
-        "PORT": str(free_port()),
+        "PORT": str(free_port()),  # the driver writes it into /etc's config, then checks it
         "SYSTEM_PYTHON": SYSTEM_PYTHON,
         "HOME_PYTHON": REAL_PYTHON if REAL_PYTHON.startswith(("/root/", "/home/")) else "",
     }

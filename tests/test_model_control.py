@@ -17,7 +17,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from edgeserve.auth import issuer
-from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.serving import MODELS, RunningServer, run_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     issuer.init_keys(state_dir)
     repo = folder / "repo"
     shutil.copytree(MODELS / "digits", repo / "digits")
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{state_dir}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nfailed_auth_burst = 0\n"
     )
@@ -51,7 +50,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     with run_server(folder, config_text=config) as server:
         admin, infer = bearer("admin", "read"), bearer("infer")
-        yield Served(server, f"127.0.0.1:{grpc_port}", repo, admin, infer)
+        yield Served(server, server.grpc_address(), repo, admin, infer)
 
 
 @pytest.fixture(autouse=True)

@@ -259,7 +259,7 @@ def test_the_scrape_config_scrapes_a_real_server_with_its_token(tmp_path: Path) 
         )
         checked = promtool("check", "config", str(config))
         assert checked.returncode == 0, checked.stdout + checked.stderr
-        port = free_port()
+        port = free_port()  # prometheus takes its listen address on its command line
         log = (tmp_path / "prometheus.log").open("wb")
         prometheus = subprocess.Popen(
             [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import MODELS, ROOT, free_port
+from tests.serving import MODELS, ROOT
 
 NOBODY = 65534
 
@@ -56,15 +56,22 @@ if os.environ.get("MDWE") == "1":
 os.execv(sys.executable, [sys.executable, "-m", "edgeserve", "serve", "--config", sys.argv[1]])
 ' "$CONFIG" >"$STATE/server.log" 2>&1 &
 server=$!
-"$PY" - "$PORT" "$STATE/server.log" "$GIVE_UP_ON" <<'PY' >"$STATE/client.out" 2>&1 || true
-import json, sys, time, urllib.request
-base, log, give_up_on = f"http://127.0.0.1:{sys.argv[1]}", sys.argv[2], sys.argv[3]
+"$PY" - "$STATE/server.log" "$GIVE_UP_ON" <<'PY' >"$STATE/client.out" 2>&1 || true
+import json, re, sys, time, urllib.request
+log, give_up_on = sys.argv[1], sys.argv[2]
 deadline = time.monotonic() + 90
 ready = False
+base = ""
 while not ready and time.monotonic() < deadline:
+    if not base:  # port = 0: the kernel picks the port; the `listening` line names it
+        found = re.search(r"listening url=http://[^ ]*?:([0-9]+)", open(log).read())
+        base = f"http://127.0.0.1:{found.group(1)}" if found else ""
     try:
-        ready = urllib.request.urlopen(base + "/v2/health/ready", timeout=2).status == 200
+        if base:
+            ready = urllib.request.urlopen(base + "/v2/health/ready", timeout=2).status == 200
     except OSError:
+        pass
+    if not ready:
         time.sleep(0.2)
     if give_up_on and open(log).read().count(give_up_on) >= 2:  # both versions failed
         break
@@ -123,10 +130,9 @@ def hidden_paths_needed() -> str:
 
 
 def run_sandboxed(state: Path, backend: str, mdwe: bool, give_up_on: str = "") -> dict[str, str]:
-    port = free_port()
     config = state / "edgeserve.toml"
     config.write_text(
-        f'[server]\nport = {port}\nstate_dir = "{state}"\n'
+        f'[server]\nport = 0\nstate_dir = "{state}"\n'
         f'[models]\nrepository = "{MODELS}"\nbackend = "{backend}"\nload = ["digits"]\n'
         "[auth]\nenabled = false\n"
     )
@@ -135,7 +141,6 @@ def run_sandboxed(state: Path, backend: str, mdwe: bool, give_up_on: str = "") -
         **os.environ,
         "STATE": str(state),
         "CONFIG": str(config),
-        "PORT": str(port),
         "PY": sys.executable,
         "MDWE": "1" if mdwe else "0",
         "GIVE_UP_ON": give_up_on,

@@ -18,7 +18,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.serving import MODELS, RunningServer, run_server
 from tests.waiting import wait_until
 
 WAIT_S = 15.0
@@ -28,15 +28,14 @@ WAIT_S = 15.0
 def both(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
     """A server on digits and text with gRPC, auth off; yields (server, grpc target)."""
     folder = tmp_path_factory.mktemp("pipeline")
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{folder / "state"}"\n'
         f'[models]\nrepository = "{MODELS}"\nload = ["digits", "text"]\n'
         "[auth]\nenabled = false\n"
     )
     with run_server(folder, config_text=config) as running:
-        yield running, f"127.0.0.1:{grpc_port}"
+        yield running, running.grpc_address()
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.serving import MODELS, RunningServer, run_server
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -32,15 +32,14 @@ LABELS = [str(d) for d in range(10)]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
     folder = tmp_path_factory.mktemp("conformance")
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{folder / "state"}"\n'
         f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
         "[auth]\nenabled = false\n"
     )
     with run_server(folder, config_text=config) as running:
-        yield running, f"127.0.0.1:{grpc_port}"
+        yield running, running.grpc_address()
 
 
 @pytest.fixture(scope="module")
@@ -452,9 +451,8 @@ def test_grpc_server_ready_agrees_with_http_when_no_signing_key_is_trusted(
     """Every token would be refused: neither transport may report the server ready."""
     jwks = tmp_path / "jwks.json"
     jwks.write_text('{"keys": []}')
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{tmp_path / "state"}"\n'
         f'[models]\nrepository = "{MODELS}"\nload = ["digits"]\n'
         f'[auth]\njwks_file = "{jwks}"\n'
@@ -468,6 +466,6 @@ def test_grpc_server_ready_agrees_with_http_when_no_signing_key_is_trusted(
         wait_until(models_loaded, 60, server.log)
         ready = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
         assert ready.status_code == 503 and "no token signing key" in ready.json()["error"]
-        with tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+        with tgrpc.InferenceServerClient(server.grpc_address()) as client:
             assert client.is_server_live()
             assert not client.is_server_ready()

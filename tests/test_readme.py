@@ -164,6 +164,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     """Every block run once, in README order, against one server (restarted where the
     README says so); each test below then reports one block."""
     root = tmp_path_factory.mktemp("readme")
+    # known before the box starts: the README's blocks name 8080 and 8001, rewritten to these
     port, grpc_port = free_port(), free_port()
     lay_out(root, port, grpc_port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESERVE_")}

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port, run_server, stop, write_config
+from tests.serving import LISTENING, run_server, stop, write_config
 from tests.waiting import wait_until
 
 ENV = {k: v for k, v in os.environ.items() if k != "EDGESERVE_CONFIG"}
@@ -47,8 +47,7 @@ def test_config_discovery_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_serve_reads_edgeserve_toml_in_the_working_folder_and_logs_it(tmp_path: Path) -> None:
-    port = free_port()
-    write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", port, tmp_path / "state")
+    write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", 0, tmp_path / "state")
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -64,7 +63,9 @@ def test_serve_reads_edgeserve_toml_in_the_working_folder_and_logs_it(tmp_path: 
             stop(process)
     log = log_path.read_text()
     assert f"config file={tmp_path / 'edgeserve.toml'} from=working directory" in log
-    assert f"ready url=http://127.0.0.1:{port} " in log
+    listening = LISTENING.search(log.encode())
+    assert listening, log
+    assert f"ready url=http://127.0.0.1:{int(listening.group(1))} " in log
 
 
 def test_ready_line_names_url_models_and_time(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_grpc_port_in_use_is_refused_too(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         grpc_port = holder.getsockname()[1]
-        config = write_config(tmp_path / "edgeserve.toml", "", free_port(), tmp_path / "state")
+        config = write_config(tmp_path / "edgeserve.toml", "", 0, tmp_path / "state")
         config.write_text(
             config.read_text().replace("[models]", f"grpc_port = {grpc_port}\n[models]")
         )
@@ -108,7 +109,7 @@ def test_grpc_port_in_use_is_refused_too(tmp_path: Path) -> None:
 
 
 def test_serve_in_the_wrong_folder_writes_nothing(tmp_path: Path) -> None:
-    done = serve(tmp_path, "--port", str(free_port()))
+    done = serve(tmp_path, "--port", "0")
     assert done.returncode == 2
     assert "models.repository" in done.stderr
     assert "Traceback" not in done.stderr
@@ -137,3 +138,24 @@ def test_an_address_this_box_does_not_have_is_one_line_not_a_traceback(tmp_path:
         "Cannot assign requested address"
     ]
     assert not (tmp_path / "state").exists()  # nothing written
+
+
+def test_grpc_port_auto_serves_on_the_port_its_listening_line_names(tmp_path: Path) -> None:
+    """`grpc_port = "auto"` binds a port the kernel picks, as `port = 0` does for HTTP,
+    and the `grpc listening` and `ready` lines name it (issue 23)."""
+    import tritonclient.grpc as triton
+
+    config = write_config(tmp_path / "edgeserve.toml", "[auth]\nenabled = false\n", 0, tmp_path)
+    text = config.read_text().replace("port = 0\n", 'port = {port}\ngrpc_port = "auto"\n')
+    with run_server(tmp_path, config_text=text) as server:
+        address = server.grpc_address()
+        port = int(address.rpartition(":")[2])
+        assert address == f"127.0.0.1:{port}" and port != 0
+        with triton.InferenceServerClient(address) as client:
+            assert client.is_server_ready()
+        ready = wait_until(
+            lambda: next((x for x in server.log().splitlines() if "msg=ready " in x), None),
+            60,
+            server.log,
+        )
+    assert f" grpc=127.0.0.1:{port} " in ready

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from edgeserve.auth import issuer
-from tests.serving import RunningServer, free_port, run_server
+from tests.serving import RunningServer, run_server
 from tests.test_batching_server import WIDTH, write_repository
 from tests.waiting import wait_until
 
@@ -26,19 +26,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, int, Path]]:
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str, Path]]:
     folder = tmp_path_factory.mktemp("stream-sessions")
     state_dir = folder / "state"
     issuer.init_keys(state_dir)
     repo = write_repository(folder / "repo", {"linear": 'backend = "onnxruntime"\n'})
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{state_dir}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nfailed_auth_burst = 0\nleeway_s = 0\n"
     )
     with run_server(folder, config_text=config) as server:
-        yield server, grpc_port, state_dir
+        yield server, server.grpc_address(), state_dir
 
 
 def _token(state_dir: Path, ttl_s: int = 300) -> str:
@@ -83,7 +82,7 @@ def _closed_with(ws: ClientConnection, timeout_s: float = 30) -> int:
 
 
 def test_a_websocket_stream_stops_answering_once_its_token_expired(
-    secured: tuple[RunningServer, int, Path],
+    secured: tuple[RunningServer, str, Path],
 ) -> None:
     server, _, state_dir = secured
     token = _token(state_dir, ttl_s=3)
@@ -95,7 +94,7 @@ def test_a_websocket_stream_stops_answering_once_its_token_expired(
 
 
 def test_a_websocket_stream_ends_when_its_key_is_rotated_out(
-    secured: tuple[RunningServer, int, Path],
+    secured: tuple[RunningServer, str, Path],
 ) -> None:
     server, _, state_dir = secured
     with _ws(server, _token(state_dir)) as ws:
@@ -105,13 +104,13 @@ def test_a_websocket_stream_ends_when_its_key_is_rotated_out(
         assert _closed_with(ws) == 1008
 
 
-def _grpc_stream_after(secured: tuple[RunningServer, int, Path], token: str, between) -> str:
+def _grpc_stream_after(secured: tuple[RunningServer, str, Path], token: str, between) -> str:
     """Infer once on a stream, run `between`, infer again until refused; the refusal."""
-    _, grpc_port, _ = secured
+    _, grpc_address, _ = secured
     replies: queue.Queue = queue.Queue()
     data = triton.InferInput("input", [1, WIDTH], "FP32")
     data.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
-    with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+    with triton.InferenceServerClient(grpc_address) as client:
         client.start_stream(
             callback=lambda result, error: replies.put((result, error)),
             headers={"authorization": f"Bearer {token}"},
@@ -136,7 +135,7 @@ def _grpc_stream_after(secured: tuple[RunningServer, int, Path], token: str, bet
 
 
 def test_a_grpc_stream_ends_once_its_token_expired(
-    secured: tuple[RunningServer, int, Path],
+    secured: tuple[RunningServer, str, Path],
 ) -> None:
     token = _token(secured[2], ttl_s=3)
     refusal = _grpc_stream_after(secured, token, lambda: _past_expiry(token))
@@ -144,7 +143,7 @@ def test_a_grpc_stream_ends_once_its_token_expired(
 
 
 def test_a_grpc_stream_ends_when_its_key_is_rotated_out(
-    secured: tuple[RunningServer, int, Path],
+    secured: tuple[RunningServer, str, Path],
 ) -> None:
     state_dir = secured[2]
     refusal = _grpc_stream_after(

@@ -28,10 +28,9 @@ def test_a_collector_rejecting_everything_trips_the_breaker_and_dead_letters(
     """Issue 21 item 5: 400 to every upload. After `breaker_failures` records refused in
     a row the breaker opens and an alert fires; the refused records are marked rejected
     (never synced) and listed in the dead-letter table; the rest wait in the buffer."""
-    port = free_port()
-    config = _config(port, breaker_failures=3, breaker_open_s=3600.0, batch_records=50)
-    with receiver(port, tmp_path / "received.txt") as url:
+    with receiver(tmp_path / "received.txt") as url:
         _post(url, {"mode": "reject"})
+        config = _config(url, breaker_failures=3, breaker_open_s=3600.0, batch_records=50)
         with run_server(tmp_path, config) as server:
             _send(server, 40)
             wait_until(
@@ -66,10 +65,9 @@ def test_a_collector_rejecting_everything_trips_the_breaker_and_dead_letters(
 
 def test_retry_after_above_backoff_max_is_honoured_up_to_the_ceiling(tmp_path: Path) -> None:
     """Issue 21 item 9: a 429 asking for 20 minutes is not retried after backoff_max_s."""
-    port = free_port()
-    with receiver(port, tmp_path / "received.txt") as url:
+    with receiver(tmp_path / "received.txt") as url:
         _post(url, {"mode": "throttle", "retry_after": "1200"})
-        with run_server(tmp_path, _config(port)) as server:  # backoff_max_s = 0.5
+        with run_server(tmp_path, _config(url)) as server:  # backoff_max_s = 0.5
             _send(server, 5)
             status = wait_until(
                 lambda: (s := _status(server))["upstream"]["failures"] >= 1 and s,
@@ -83,9 +81,8 @@ def test_retry_after_above_backoff_max_is_honoured_up_to_the_ceiling(tmp_path: P
 def test_records_carry_the_semantic_convention_record_uid(tmp_path: Path) -> None:
     """Issue 21 item 8: `log.record.uid` for dedupe by any collector, with the old
     `edgeserve.record_id` alias for one release."""
-    port = free_port()
-    with receiver(port, tmp_path / "received.txt") as url:
-        with run_server(tmp_path, _config(port)) as server:
+    with receiver(tmp_path / "received.txt") as url:
+        with run_server(tmp_path, _config(url)) as server:
             _send(server, 5)
             wait_until(lambda: _state(url)["accepted_records"] >= 5, 30, "5 records upstream")
         assert _state(url)["uid_records"] == _state(url)["accepted_records"]
@@ -95,12 +92,13 @@ def test_catch_up_after_an_outage_is_paced(tmp_path: Path) -> None:
     """Issue 21 item 6: 200 records wait out an outage; once the collector is back they
     go in batches of at most 50, each followed by the pause its records and bytes take at
     the configured rates (the pauses are the product's schedule, not a clock reading)."""
-    port = free_port()
-    config = _config(port, catch_up_records_per_s=100.0, catch_up_bytes_per_s=4096.0)
+    port = free_port()  # known before the collector starts: the box sends to it while it is down
+    collector = f"http://127.0.0.1:{port}"
+    config = _config(collector, catch_up_records_per_s=100.0, catch_up_bytes_per_s=4096.0)
     with run_server(tmp_path, config) as server:
         _send(server, 200)  # nothing listens on the port yet
         wait_until(lambda: _status(server)["upstream"]["failures"] >= 1, 30, "a failed upload")
-        with receiver(port, tmp_path / "received.txt") as url:
+        with receiver(tmp_path / "received.txt", port) as url:
             wait_until(lambda: _state(url)["accepted_records"] >= 200, 60, "the backlog upstream")
             status = _status(server)
             posts = _state(url)["posts"]

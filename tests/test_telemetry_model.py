@@ -42,7 +42,6 @@ from edgeserve.telemetry.settings import UpstreamSettings
 from edgeserve.telemetry.store import TelemetryStore, durable_marks, wal_bytes
 from edgeserve.telemetry.sync import UpstreamSync
 from tests.otlp_receiver import receiver
-from tests.serving import free_port
 from tests.telemetry_model_child import CAP, open_store, record
 
 LIMIT = CAP * (1 + maintenance.CAP_MARGIN)
@@ -210,13 +209,12 @@ def run_sequence(seed: int, path: Path, upstream: UpstreamSettings, steps: int =
 
 def test_two_hundred_seeded_sequences_keep_every_promise(buffer_dir: Path) -> None:
     cap_bit = 0
-    port = free_port()
-    upstream = parse_section(
-        UpstreamSettings,
-        {"url": f"http://127.0.0.1:{port}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
-        "telemetry.upstream",
-    )
-    with receiver(port, buffer_dir / "received.txt"):
+    with receiver(buffer_dir / "received.txt") as url:
+        upstream = parse_section(
+            UpstreamSettings,
+            {"url": f"{url}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
+            "telemetry.upstream",
+        )
         for seed in IN_PROCESS_SEEDS:
             path = buffer_dir / f"seed-{seed}" / "telemetry.db"
             try:

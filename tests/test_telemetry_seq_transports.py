@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from websockets.sync.client import connect
 
-from tests.serving import RunningServer, free_port, run_server
+from tests.serving import RunningServer, run_server
 from tests.test_batching_server import WIDTH, write_repository
 from tests.waiting import wait_until
 
@@ -28,14 +28,13 @@ TOML = 'backend = "onnxruntime"\nmax_batch_size = 8\n'
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
     repo = write_repository(tmp_path_factory.mktemp("repo"), {"linear": TOML})
     folder = tmp_path_factory.mktemp("server")
-    grpc_port = free_port()
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{folder / "state"}"\n[models]\nrepository = "{repo}"\n'
         "[auth]\nenabled = false\n[telemetry]\nwrite_interval_ms = 20.0\n"
     )
     with run_server(folder, config_text=config) as server:
-        yield server, f"127.0.0.1:{grpc_port}"
+        yield server, server.grpc_address()
 
 
 def _request(request_id: str, name: str = "input") -> pb.ModelInferRequest:

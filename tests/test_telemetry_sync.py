@@ -34,9 +34,9 @@ ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]}
 
 
-def _config(port: int, **extra: object) -> str:
-    """Upstream settings for a test; `extra` adds [telemetry.upstream] keys or replaces
-    the defaults here."""
+def _config(collector: str, **extra: object) -> str:
+    """Upstream settings for a test sending to `collector` (a receiver's base URL);
+    `extra` adds [telemetry.upstream] keys or replaces the defaults here."""
     upstream = {
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.5,
@@ -48,7 +48,7 @@ def _config(port: int, **extra: object) -> str:
     lines = [
         "[auth]\nenabled = false\n[telemetry]\nmaintenance_interval_s = 0.5\n"
         "write_interval_ms = 20.0\n[telemetry.upstream]\n"
-        f'url = "http://127.0.0.1:{port}/v1/logs"\nallowed_hosts = ["127.0.0.1"]\n'
+        f'url = "{collector}/v1/logs"\nallowed_hosts = ["127.0.0.1"]\n'
     ]
     lines += [f"{k} = {v!r}\n".replace("'", '"') for k, v in upstream.items()]
     return "".join(lines)
@@ -87,12 +87,12 @@ def _sync_failures(server: RunningServer) -> int:
 
 @pytest.mark.slow
 def test_every_record_arrives_through_down_error_throttle_slow_and_up(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port()  # known before the receiver starts: the box sends to it while it is down
     ids_file = tmp_path / "received.txt"
-    with run_server(tmp_path, _config(port)) as server:
+    with run_server(tmp_path, _config(f"http://127.0.0.1:{port}")) as server:
         _send(server, 60)  # receiver down: nothing listens on the port
         _wait(lambda: _sync_failures(server) >= 3, 30, "failed uploads while down")
-        with receiver(port, ids_file) as url:
+        with receiver(ids_file, port) as url:
             _post(url, {"slow_s": 1.5})  # slow: longer than the client's 1 s timeout
             for mode in ("error", "throttle", "slow"):
                 _post(url, {"mode": mode})
@@ -129,34 +129,33 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
     """The sync task alone (no server): every table's rows arrive as logs and the request
     aggregates as metrics, parsed by the official definitions, with the bearer token, the
     record ids and the data region."""
-    port = free_port()
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    settings = parse_section(
-        TelemetrySettings,
-        {
-            "data_region": "ae-dxb",
-            "write_interval_ms": 5.0,
-            "upstream": {
-                "url": f"http://127.0.0.1:{port}/v1/logs",
-                "allowed_hosts": ["127.0.0.1"],
-                "encoding": encoding,
-                "compression": compression,
-                "bearer_token_file": str(token),
-                "batch_records": 7,
-                "backoff_initial_s": 0.05,
-                "backoff_max_s": 0.2,
-                "metrics_interval_s": 0.2,
-            },
-        },
-        "telemetry",
-    )
     ids_file = tmp_path / "received.txt"
 
     metrics: dict = {}
 
     async def produce_and_sync(url: str) -> set[str]:
         nonlocal metrics
+        settings = parse_section(
+            TelemetrySettings,
+            {
+                "data_region": "ae-dxb",
+                "write_interval_ms": 5.0,
+                "upstream": {
+                    "url": f"{url}/v1/logs",
+                    "allowed_hosts": ["127.0.0.1"],
+                    "encoding": encoding,
+                    "compression": compression,
+                    "bearer_token_file": str(token),
+                    "batch_records": 7,
+                    "backoff_initial_s": 0.05,
+                    "backoff_max_s": 0.2,
+                    "metrics_interval_s": 0.2,
+                },
+            },
+            "telemetry",
+        )
         telemetry = build_telemetry(settings, tmp_path / "state")
         await telemetry.start()
         for i in range(20):
@@ -186,7 +185,7 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
                 for r in db.execute(f"SELECT record_id FROM {table} WHERE synced = 1")
             }
 
-    with receiver(port, ids_file) as url:
+    with receiver(ids_file) as url:
         synced = asyncio.run(produce_and_sync(url))
         state = _state(url)
     assert len(synced) == 24, state
@@ -204,12 +203,11 @@ def test_library_sync_sends_rows_and_metrics_with_token_region_and_encoding(
 
 @pytest.mark.slow
 def test_a_redirect_is_never_followed(tmp_path: Path) -> None:
-    port, elsewhere_port = free_port(), free_port()
     ids_file, elsewhere_file = tmp_path / "received.txt", tmp_path / "elsewhere.txt"
     with (
-        run_server(tmp_path, _config(port)) as server,
-        receiver(port, ids_file) as url,
-        receiver(elsewhere_port, elsewhere_file) as elsewhere,
+        receiver(ids_file) as url,
+        receiver(elsewhere_file) as elsewhere,
+        run_server(tmp_path, _config(url)) as server,
     ):
         _post(url, {"mode": "redirect", "location": f"{elsewhere}/v1/logs"})
         _send(server, 20)
@@ -274,22 +272,21 @@ def test_server_with_a_non_listed_upstream_exits_2(tmp_path: Path) -> None:
 def test_a_record_the_collector_refuses_is_isolated_counted_and_passed_over(
     tmp_path: Path,
 ) -> None:
-    port = free_port()
-    settings = parse_section(
-        TelemetrySettings,
-        {
-            "write_interval_ms": 5.0,
-            "upstream": {
-                "url": f"http://127.0.0.1:{port}/v1/logs",
-                "allowed_hosts": ["127.0.0.1"],
-                "batch_records": 16,
-            },
-        },
-        "telemetry",
-    )
     ids_file = tmp_path / "received.txt"
 
-    async def produce_and_sync() -> tuple[int, dict]:
+    async def produce_and_sync(url: str) -> tuple[int, dict]:
+        settings = parse_section(
+            TelemetrySettings,
+            {
+                "write_interval_ms": 5.0,
+                "upstream": {
+                    "url": f"{url}/v1/logs",
+                    "allowed_hosts": ["127.0.0.1"],
+                    "batch_records": 16,
+                },
+            },
+            "telemetry",
+        )
         telemetry = build_telemetry(settings, tmp_path / "state")
         await telemetry.start()
         for i in range(40):
@@ -317,33 +314,32 @@ def test_a_record_the_collector_refuses_is_isolated_counted_and_passed_over(
         await telemetry.stop()
         return sync.sent_records, drops
 
-    with receiver(port, ids_file) as url:
+    with receiver(ids_file) as url:
         _post(url, {"refuse_request_id": "poison"})
-        sent, drops = asyncio.run(produce_and_sync())
+        sent, drops = asyncio.run(produce_and_sync(url))
     assert sent == 39  # the NaN score went too (proto3 JSON "NaN")
     assert len(set(_received(ids_file))) == 39
     assert drops == {("inferences", "upstream_rejected"): 1}
 
 
 def test_a_firing_alert_is_posted_to_the_allow_listed_webhook(tmp_path: Path) -> None:
-    port = free_port()
-    settings = parse_section(
-        TelemetrySettings,
-        {
-            "upstream": {"allowed_hosts": ["127.0.0.1"]},
-            "alerts": {"queue_saturation": 0.9, "webhook_url": f"http://127.0.0.1:{port}/hook"},
-        },
-        "telemetry",
-    )
-    telemetry = build_telemetry(settings, tmp_path, queue_fill=lambda: 0.97)
 
-    async def fire() -> None:
+    async def fire(url: str) -> None:
+        settings = parse_section(
+            TelemetrySettings,
+            {
+                "upstream": {"allowed_hosts": ["127.0.0.1"]},
+                "alerts": {"queue_saturation": 0.9, "webhook_url": f"{url}/hook"},
+            },
+            "telemetry",
+        )
+        telemetry = build_telemetry(settings, tmp_path, queue_fill=lambda: 0.97)
         telemetry.store.start()
         await telemetry.evaluate_alerts()
         await telemetry.stop()
 
-    with receiver(port, tmp_path / "ids.txt") as url:
-        asyncio.run(fire())
+    with receiver(tmp_path / "ids.txt") as url:
+        asyncio.run(fire(url))
         hooks = _state(url)["hooks"]
     assert [(h["rule"], h["state"]) for h in hooks] == [("queue_saturation", "firing")]
     assert hooks[0]["value"] == pytest.approx(0.97)
@@ -371,12 +367,11 @@ def test_sigkill_during_load_and_sync_loses_nothing_acknowledged_upstream(tmp_pa
     acknowledged as durable is on disk after each kill, and once the box runs again
     every stored record reaches the collector (at least once; the cursor is never ahead
     of what the collector acknowledged)."""
-    port = free_port()
     ids_file = tmp_path / "received.txt"
     guaranteed: set[str] = set()
-    with receiver(port, ids_file) as url:
+    with receiver(ids_file) as url:
         for cycle in range(3):
-            with run_server(tmp_path, _config(port)) as server:
+            with run_server(tmp_path, _config(url)) as server:
                 answered: list[tuple[int, str]] = []
                 stop = threading.Event()
                 threads = [
@@ -396,7 +391,7 @@ def test_sigkill_during_load_and_sync_loses_nothing_acknowledged_upstream(tmp_pa
             acknowledged = {rid for seq, rid in answered if 0 < seq <= durable}
             assert acknowledged, "no record was acknowledged before the kill"
             guaranteed |= acknowledged
-        with run_server(tmp_path, _config(port)):  # back online: the backlog drains
+        with run_server(tmp_path, _config(url)):  # back online: the backlog drains
 
             def drained() -> bool:
                 return _record_ids(tmp_path / "state") <= set(_received(ids_file))
@@ -412,10 +407,10 @@ def test_sigkill_during_load_and_sync_loses_nothing_acknowledged_upstream(tmp_pa
     )
 
 
-def _upstream(port: int) -> UpstreamSettings:
+def _upstream(collector: str) -> UpstreamSettings:
     return parse_section(
         UpstreamSettings,
-        {"url": f"http://127.0.0.1:{port}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
+        {"url": f"{collector}/v1/logs", "allowed_hosts": ["127.0.0.1"]},
         "telemetry.upstream",
     )
 
@@ -427,13 +422,11 @@ def test_rows_on_the_wire_are_delivered_and_never_counted_dropped(
     """UpstreamSync chooses a batch; before it is posted, records keep coming and the
     size cap (or retention) trims the oldest rows. The batch on the wire must be
     delivered, kept as acknowledged, and not counted as dropped as well."""
-    port = free_port()
     path = tmp_path / "telemetry.db"
     store = open_store(path)  # the cap checked after every commit, as the server does
     for i in range(50):
         store.add(model_record(i))
     assert store.flush(30)
-    sync = UpstreamSync(store, _upstream(port), "test")
     trims = {
         "size_cap": lambda c: maintenance.enforce_size_cap(store, c, CAP),
         "retention": lambda c: maintenance.apply_retention(
@@ -441,7 +434,7 @@ def test_rows_on_the_wire_are_delivered_and_never_counted_dropped(
         ),
     }
 
-    async def upload() -> list[tuple[str, dict]]:
+    async def upload(sync: UpstreamSync) -> list[tuple[str, dict]]:
         rows = await sync._take(50)  # the batch is chosen ...
         for i in range(50, 450):  # ... and while it is on its way, the buffer fills up
             store.add(model_record(i))
@@ -451,12 +444,15 @@ def test_rows_on_the_wire_are_delivered_and_never_counted_dropped(
             await sync._send(client, rows)
         return rows
 
+    sync = None
     try:
-        with receiver(port, tmp_path / "received.txt"):
-            rows = asyncio.run(upload())
+        with receiver(tmp_path / "received.txt") as url:
+            sync = UpstreamSync(store, _upstream(url), "test")
+            rows = asyncio.run(upload(sync))
         store.submit(lambda c: None).result(30)
     finally:
-        sync.close()
+        if sync is not None:
+            sync.close()
         store.stop()
     sent = {row["record_id"] for _, row in rows}
     assert len(sent) == 50

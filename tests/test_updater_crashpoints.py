@@ -20,6 +20,7 @@ The counts are printed (run with `-s` to see them) for the closing note of the i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import LISTENING
 from tests.syscall_kills import (
     MUTATING,
     OURS,
@@ -227,30 +228,40 @@ def _check_after_kill(
 # -- the server ------------------------------------------------------------------------
 
 
-def _server_process(box: Box, strace: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    box.set_port(port)
-    log = (box.root / f"server-{port}.log").open("wb")
-    process = subprocess.Popen(
-        [*strace, *box.command("serve")], cwd=box.root, env=box.env(), stdout=log, stderr=log
-    )
-    log.close()
-    return process, f"http://127.0.0.1:{port}"
+_starts = itertools.count(1)  # names each server start's log
 
 
-def _wait_ready_or_exit(process: subprocess.Popen[bytes], url: str, timeout_s: float = 90) -> bool:
-    """True once the server answers ready; False if it exited first (killed)."""
+def _server_process(box: Box, strace: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """The server and its log: it binds port 0, and its `listening` line names the port."""
+    box.set_port(0)
+    log_path = box.root / f"server-{next(_starts)}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*strace, *box.command("serve")], cwd=box.root, env=box.env(), stdout=log, stderr=log
+        )
+    return process, log_path
+
+
+def _wait_ready_or_exit(
+    process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90
+) -> str | None:
+    """The server's URL once it answers ready; None if it exited first (killed)."""
     deadline = time.monotonic() + timeout_s
+    url = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
+            return None
+        if url is None:
+            found = LISTENING.search(log_path.read_bytes())
+            url = f"http://127.0.0.1:{int(found.group(1))}" if found else None
+        if url is not None:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
         time.sleep(0.05)
-    raise TimeoutError(f"server at {url} neither ready nor dead after {timeout_s}s")
+    raise TimeoutError(f"server {log_path.name} neither ready nor dead after {timeout_s}s")
 
 
 def _stop_traced(process: subprocess.Popen[bytes]) -> int:
@@ -271,8 +282,8 @@ def _serve_kill_points(box: Box) -> list[KillPoint]:
     trace_file = box.root / "strace.txt"
     strace = [*STRACE, "-y", "-s", "0", "-o", str(trace_file)]
     strace += ["-e", "trace=" + ",".join(MUTATING)]
-    process, url = _server_process(box, strace)
-    assert _wait_ready_or_exit(process, url), "the first start failed uninterrupted"
+    process, log_path = _server_process(box, strace)
+    assert _wait_ready_or_exit(process, log_path), "the first start failed uninterrupted"
     _stop_traced(process)
     return parse_trace(trace_file, box.state)
 
@@ -280,17 +291,18 @@ def _serve_kill_points(box: Box) -> list[KillPoint]:
 def _serve_killed(box: Box, point: KillPoint) -> int:
     inject = f"inject={point.syscall}:signal=KILL:when={point.n}"
     strace = [*STRACE, "-o", "/dev/null", "-e", f"trace={point.syscall}"]
-    process, url = _server_process(box, [*strace, "-e", inject])
-    if _wait_ready_or_exit(process, url):
+    process, log_path = _server_process(box, [*strace, "-e", inject])
+    if _wait_ready_or_exit(process, log_path):
         return _stop_traced(process)
     return process.returncode
 
 
 def _real_server_serves(box: Box, version: int | None) -> list[str]:
     """Start a real server on the box; it must serve digits (the installed version if any)."""
-    process, url = _server_process(box, [])
+    process, log_path = _server_process(box, [])
     try:
-        if not _wait_ready_or_exit(process, url):
+        url = _wait_ready_or_exit(process, log_path)
+        if url is None:
             return [f"a real server did not start (exit {process.returncode})"]
         if version is None:
             r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=digits_rows(), timeout=30)

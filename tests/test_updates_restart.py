@@ -19,7 +19,7 @@ import pytest
 
 from edgeserve.auth.issuer import create_token, init_keys
 from edgeserve.config.loader import load_settings
-from tests.serving import free_port, run_server, write_config
+from tests.serving import run_server, write_config
 from tests.test_updates_kit import (
     DIGITS,
     UpdateKit,
@@ -98,8 +98,8 @@ def test_unconfirmed_boots_roll_back_to_the_previous_slot(tmp_path: Path) -> Non
 def test_cli_apply_with_the_server_stopped_and_then_running(tmp_path: Path) -> None:
     kit = UpdateKit(tmp_path)
     config_text = kit.config(watch_window_s=600.0)
-    port = free_port()
-    config = write_config(tmp_path / "edgeserve.toml", config_text, port, kit.state_dir)
+    # the CLI's config: `update apply` does not listen, run_server starts its own server
+    config = write_config(tmp_path / "edgeserve.toml", config_text, 0, kit.state_dir)
     applied = edgeserve("update", "apply", str(kit.bundle(3, source=1)), config=config)
     assert applied.returncode == 0, applied.stderr
     with run_server(tmp_path, config_text) as server:
@@ -181,7 +181,7 @@ def test_models_at_rest_hold_no_plaintext_and_survive_a_key_rotation(tmp_path: P
 def test_an_interrupted_rotation_leaves_every_model_readable(tmp_path: Path) -> None:
     kit = UpdateKit(tmp_path)
     config_text = kit.config(watch_window_s=600.0)
-    config = write_config(tmp_path / "edgeserve.toml", config_text, free_port(), kit.state_dir)
+    config = write_config(tmp_path / "edgeserve.toml", config_text, 0, kit.state_dir)
     for version, source in ((3, 1), (4, 2)):
         applied = edgeserve("update", "apply", str(kit.bundle(version, source)), config=config)
         assert applied.returncode == 0, applied.stderr
@@ -209,7 +209,7 @@ def test_an_interrupted_rotation_leaves_every_model_readable(tmp_path: Path) -> 
 def test_a_master_key_file_others_can_read_stops_the_server(tmp_path: Path) -> None:
     kit = UpdateKit(tmp_path)
     kit.master_path.chmod(0o640)
-    config = write_config(tmp_path / "edgeserve.toml", kit.config(), free_port(), kit.state_dir)
+    config = write_config(tmp_path / "edgeserve.toml", kit.config(), 0, kit.state_dir)
     result = edgeserve("serve", config=config)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("edgeserve:")]

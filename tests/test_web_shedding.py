@@ -331,12 +331,11 @@ def test_grpc_inferences_pass_the_same_loop_gate(tmp_path: Path) -> None:
 
     from edgeserve.app import build_app
     from edgeserve.config.loader import load_settings
-    from tests.serving import MODELS, free_port
+    from tests.serving import MODELS
 
-    grpc_port = free_port()
     config = tmp_path / "edgeserve.toml"
-    config.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\ngrpc_port = {grpc_port}\n'
+    config.write_text(  # HTTP is not served here; gRPC binds a port the kernel picks
+        f'[server]\nhost = "127.0.0.1"\nport = 0\ngrpc_port = "auto"\n'
         f'state_dir = "{tmp_path / "state"}"\n[models]\nrepository = "{MODELS}"\n'
         'load = ["digits"]\n[auth]\nenabled = false\n'
     )
@@ -358,7 +357,7 @@ def test_grpc_inferences_pass_the_same_loop_gate(tmp_path: Path) -> None:
             held = [gate.admit() for _ in range(loop_lag.MIN_IN_FLIGHT)]  # answered elsewhere
             assert all(held)
             app.state.loop_gate = gate
-            async with triton.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            async with triton.InferenceServerClient(f"127.0.0.1:{app.state.grpc_port}") as client:
                 refused = [await outcome(client) for _ in range(10)]
                 shed = app.state.registry.get("digits").stats.shed
                 for _ in held:

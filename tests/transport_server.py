@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving import MODELS, RunningServer, free_port, run_server
+from tests.serving import MODELS, RunningServer, run_server
 from tests.transports import digits_request, post
 from tests.waiting import wait_until
 
@@ -42,17 +42,16 @@ def transport_server(
 ) -> Iterator[TransportServer]:
     """One server on committed models (digits has versions 1 and 2), gRPC on; auth off
     unless asked (then with the failed-auth limiter off, so refusals stay 401s)."""
-    grpc_port = free_port()
     auth_toml = "enabled = false\n" if not auth else "failed_auth_burst = 0\n"
     config = (
-        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = {grpc_port}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {{port}}\ngrpc_port = "auto"\n'
         f'state_dir = "{tmp / "state"}"\n'
         f'[models]\nrepository = "{MODELS}"\nload = {json.dumps(list(models))}\n'
         f"[auth]\n{auth_toml}"
         "[telemetry]\nwrite_interval_ms = 20.0\n"
     )
     with run_server(tmp, config_text=config) as running:
-        yield TransportServer(running, f"127.0.0.1:{grpc_port}")
+        yield TransportServer(running, running.grpc_address())
 
 
 def wait_durable(server: TransportServer, timeout_s: float = 15.0) -> None:

@@ -38,7 +38,7 @@ def check_before_serving(settings: Settings) -> socket.socket:
                 raise ConfigError("server.grpc_port", f"gRPC needs {message}")
     listener = open_listener(server.host, server.port)
     try:
-        if server.grpc_port:
+        if server.grpc_port != "auto" and server.grpc_port:  # "auto": the kernel picks a free one
             _check_port(server.host, server.grpc_port)
     except BaseException:
         listener.close()

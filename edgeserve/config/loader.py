@@ -11,7 +11,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgeserve.audit.settings import AuditSettings
 from edgeserve.auth.settings import AuthSettings
@@ -77,7 +77,8 @@ class ServerSettings:
     port: int = setting(8080, min=0, max=65535)
     engine: str = setting("uvicorn", choices=("uvicorn", "hypercorn"))  # see bench/RESULTS.md
     event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))
-    grpc_port: int = setting(0, min=0, max=65535)  # 0 = gRPC off
+    # 0 = gRPC off; "auto" = a free port the kernel picks, named in `grpc listening`
+    grpc_port: int | Literal["auto"] = setting(0, min=0, max=65535)
     state_dir: Path = Path(".edgeserve")
     executor_threads: int = setting(0, min=0, max=256)  # 0 = from the cores
     tls_cert: Path | None = None

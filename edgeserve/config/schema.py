@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 import typing
 from pathlib import Path
@@ -99,9 +100,11 @@ def _field_type(tp: Any) -> Any:
 def _check(meta: typing.Mapping[str, Any], value: Any) -> Any:
     if value is None:
         return value
-    if "min" in meta and value < meta["min"]:
+    # min and max bound numbers only: a word the field also takes ("auto") is its Literal's
+    numeric = not isinstance(value, str)
+    if numeric and "min" in meta and value < meta["min"]:
         raise PydanticCustomError("setting", f"must be >= {meta['min']}, got {value}")
-    if "max" in meta and value > meta["max"]:
+    if numeric and "max" in meta and value > meta["max"]:
         raise PydanticCustomError("setting", f"must be <= {meta['max']}, got {value}")
     if "choices" in meta and value not in meta["choices"]:
         choices = ", ".join(map(repr, meta["choices"]))
@@ -199,6 +202,10 @@ def _config_error(exc: pydantic.ValidationError, cls: type, key: str) -> ConfigE
         # anything else is pydantic naming the union member it tried: not part of the key
     kind = error["type"]
     value = error.get("input")
+    choices = _union_choices(tp)
+    if choices and (kind in _TYPE_PROBLEMS or kind == "literal_error"):
+        got = repr(value) if isinstance(value, str) else _kind(value)
+        return ConfigError(path, f"must be {choices}, got {got}")
     if kind == "extra_forbidden":
         known = ", ".join(sorted(f.name for f in dataclasses.fields(_bare(tp))))
         return ConfigError(path, f"unknown key (known: {known})")
@@ -230,6 +237,24 @@ def _bare(tp: Any) -> Any:
         if len(inner) == 1:
             return inner[0]
     return tp
+
+
+def _union_choices(tp: Any) -> str:
+    """'an integer or "auto"' for `int | Literal["auto"]`; "" for any other type, whose
+    errors pydantic already words as one expectation."""
+    bare = _bare(tp)
+    if typing.get_origin(bare) not in (Union, types.UnionType):
+        return ""
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    said = []
+    for member in typing.get_args(bare):
+        if typing.get_origin(member) is typing.Literal:
+            said += [json.dumps(v) for v in typing.get_args(member)]
+        elif member in words:
+            said.append(words[member])
+        else:
+            return ""
+    return " or ".join(said)
 
 
 def _item_type(tp: Any) -> Any:

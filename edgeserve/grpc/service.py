@@ -348,8 +348,9 @@ def _peer_host(peer: str) -> str:
     return "unknown"
 
 
-async def start_grpc_server(app: Starlette, settings: Settings) -> grpc.aio.Server:
-    """Serve V2 gRPC on `[server] grpc_port` with the HTTP side's TLS settings."""
+async def start_grpc_server(app: Starlette, settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """Serve V2 gRPC on `[server] grpc_port` with the HTTP side's TLS settings; return the
+    server and the port it bound (the kernel's choice for "auto")."""
     s = settings.server
     server = grpc.aio.server(
         options=[
@@ -362,7 +363,7 @@ async def start_grpc_server(app: Starlette, settings: Settings) -> grpc.aio.Serv
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
     server.add_generic_rpc_handlers((_UnknownMethods(),))  # consulted after the service
     host = f"[{s.host}]" if ":" in s.host else s.host
-    address = f"{host}:{s.grpc_port}"
+    address = f"{host}:{0 if s.grpc_port == 'auto' else s.grpc_port}"
     if s.tls_cert is not None and s.tls_key is not None:
         client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
         credentials = grpc.ssl_server_credentials(
@@ -370,9 +371,9 @@ async def start_grpc_server(app: Starlette, settings: Settings) -> grpc.aio.Serv
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
-        server.add_secure_port(address, credentials)
+        port = server.add_secure_port(address, credentials)
     else:
-        server.add_insecure_port(address)
+        port = server.add_insecure_port(address)
     await server.start()
-    log.info("grpc listening address=%s tls=%s", address, s.tls_cert is not None)
-    return server
+    log.info("grpc listening address=%s:%d tls=%s", host, port, s.tls_cert is not None)
+    return server, port
