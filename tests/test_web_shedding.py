@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -229,17 +231,24 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
         assert shed is not None and float(shed.group(1)) >= 1  # shed requests are counted
 
 
-async def _flood(port: int, request: bytes, connections: int, seconds: float) -> list[bytes]:
+async def _flood(
+    port: int,
+    request: bytes,
+    connections: int,
+    done: Callable[[list[bytes]], bool],
+    deadline_s: float = 120.0,
+) -> list[bytes]:
     """Keep-alive connections each sending `request` as soon as the last one is answered,
-    for `seconds`; the status line and body of every answer (b"lost" for a connection
-    that closed under a request)."""
+    until `done(answers)` holds (checked after every answer; `deadline_s` only ends a run
+    that never gets there, and the caller's asserts then say what was missing); the status
+    line and body of every answer (b"lost" for a connection closed under a request)."""
     answers: list[bytes] = []
-    stop = time.monotonic() + seconds
+    give_up = time.monotonic() + deadline_s
 
     async def one() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            while time.monotonic() < stop:
+            while not done(answers) and time.monotonic() < give_up:
                 writer.write(request)
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -264,8 +273,13 @@ def test_a_flood_the_loop_cannot_keep_up_with_is_partly_refused_and_every_reques
     the HTTP parser refuses part of them with the server-busy 429, the rest are served,
     no request goes unanswered, and after the flood everything is admitted again."""
     with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
-        answers = asyncio.run(_flood(server.port, DIGITS_REQUEST, connections=256, seconds=4))
         busy = b'{"error": "the server is too busy to answer in time; retry later"}'
+
+        def refused_and_served(answers: list[bytes]) -> bool:
+            statuses = {a[9:12] for a in answers}
+            return b"429" in statuses and b"200" in statuses
+
+        answers = asyncio.run(_flood(server.port, DIGITS_REQUEST, 256, refused_and_served))
         kinds = {a.split(b" ", 1)[1][:3] if a != b"lost" else a for a in answers}
         assert kinds <= {b"200", b"429"}, kinds  # nothing lost, nothing else
         assert any(a.startswith(b"HTTP/1.1 429 ") and a.endswith(busy) for a in answers)
@@ -296,23 +310,32 @@ def test_a_loop_made_late_by_other_work_never_refuses_one_inference_at_a_time(
     """Many clients scraping /metrics keep the loop busy and late; an inference client
     sending one request at a time is not what makes it late, and is never refused."""
     scrape = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    connections = 64
     with run_server(tmp_path, "[auth]\nenabled = false\n") as server:
         statuses: list[int] = []
+        scrapers_busy = threading.Event()
+        inferred = threading.Event()
 
         def one_at_a_time() -> None:
-            time.sleep(0.5)  # the scrapers first
+            scrapers_busy.wait(120)  # every scraper has had an answer: the loop is busy
             with httpx.Client(timeout=30) as client:
-                while time.monotonic() < stop:
+                for _ in range(20):
                     url = f"{server.url}/v2/models/digits/infer"
                     statuses.append(client.post(url, content=DIGITS_BODY).status_code)
+            inferred.set()
 
-        stop = time.monotonic() + 3.5
+        def enough(answers: list[bytes]) -> bool:
+            if len(answers) >= connections:
+                scrapers_busy.set()
+            return inferred.is_set()
+
         with ThreadPoolExecutor(1) as pool:
             inferring = pool.submit(one_at_a_time)
-            scrapes = asyncio.run(_flood(server.port, scrape, connections=64, seconds=4))
+            scrapes = asyncio.run(_flood(server.port, scrape, connections, enough))
             inferring.result()
-        assert len(scrapes) > 1000 and all(a.startswith(b"HTTP/1.1 200 ") for a in scrapes)
-        assert len(statuses) > 10 and set(statuses) == {200}, statuses
+        assert scrapers_busy.is_set() and inferred.is_set()
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in scrapes)
+        assert statuses == [200] * 20, statuses
 
 
 @pytest.mark.slow
