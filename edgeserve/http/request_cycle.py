@@ -159,21 +159,22 @@ def cycle_protocol(base: type) -> type:
             self.response_started = True
             self.waiting_for_100_continue = False
             status = answer.status
-            content = [STATUS_LINE[status]]
-            for name, value in self.default_headers:  # uvicorn's date header
-                content += (name, b": ", value, b"\r\n")
+            lines = [b"%s: %s" % header for header in (*self.default_headers, *answer.headers)]
+            # uvicorn's value check, on all the lines at once: a control character in any
+            # of them (names and ": " have none) is one in some value.
+            joined = b"\t".join(lines)
+            if HEADER_VALUE_RE.search(joined):
+                raise RuntimeError("Invalid HTTP header value.")
             closing = False
-            for name, value in answer.headers:
-                if HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP header value.")
-                if name == b"connection" and b"close" in _tokens(value):
-                    self.keep_alive = False
-                    closing = True
-                content += (name, b": ", value, b"\r\n")
+            if b"connection: " in joined:  # rare (an error's answer): then look closer
+                for name, value in answer.headers:
+                    if name == b"connection" and b"close" in _tokens(value):
+                        self.keep_alive = False
+                        closing = True
             body = answer.body
-            content.append(b"content-length: %d\r\n" % len(body))
+            lines.append(b"content-length: %d" % len(body))
             if not self.keep_alive and not closing:
-                content.append(b"connection: close\r\n")
+                lines.append(b"connection: close")
             if self.access_log:
                 self.access_logger.info(
                     '%s - "%s %s HTTP/%s" %d',
@@ -183,8 +184,10 @@ def cycle_protocol(base: type) -> type:
                     self.scope["http_version"],
                     status,
                 )
-            content += (b"\r\n", body)
-            self.transport.write(b"".join(content))
+            lines.append(b"")
+            self.transport.write(
+                b"".join((STATUS_LINE[status], b"\r\n".join(lines), b"\r\n", body))
+            )
             self.response_complete = True
             self.message_event.set()
             if not self.keep_alive:
