@@ -2,7 +2,7 @@
 
     python -m bench.loopops                  # digits, shipped configuration, 16 connections
     python -m bench.loopops --top 40         # + the functions that run the most of them
-    PYTHONPATH=/tmp/base python -m bench.loopops   # another checkout's edgeserve
+    python -m bench.loopops --tree /tmp/base      # another checkout's edgeserve (in-process)
 
 On a box shared with other sessions the loop's CPU per request (bench/loopcpu.py) moves
 by 20 % or more between rounds, more than most single changes to the request path. Here
@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import servers, workload
+from bench import servers
 
 PATH = "/v2/models/{model}/infer"
 
@@ -88,6 +88,7 @@ async def _measure(args: argparse.Namespace) -> None:
     import uvicorn
     from uvicorn.server import ServerState
 
+    from bench import workload  # imports edgeserve: after --tree took effect
     from edgeserve.app import build_app
     from edgeserve.auth.issuer import create_token, init_keys
     from edgeserve.config.loader import load_settings
@@ -189,7 +190,10 @@ async def _measure(args: argparse.Namespace) -> None:
         for protocol, transport in connections:
             transport.close()
             protocol.connection_lost(None)
+    import edgeserve
+
     print(
+        f"edgeserve from {Path(edgeserve.__file__).parent.parent}: "
         f"{args.model} v{args.version}, {args.connections} connections, {requests} requests: "
         f"{tracer.total / requests:.0f} bytecodes/req on the loop thread "
         f"(main-thread CPU {cpu_us:.1f} µs/req untraced)"
@@ -207,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1600)
     parser.add_argument("--warmup", type=int, default=100, help="rounds before measuring")
     parser.add_argument("--top", type=int, default=0, help="print the N busiest functions")
+    parser.add_argument("--tree", type=Path, help="import edgeserve from this checkout")
     args = parser.parse_args(argv)
+    if args.tree is not None:
+        sys.path.insert(0, str(args.tree.resolve()))
     import uvloop
 
     uvloop.run(_measure(args))
