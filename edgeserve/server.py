@@ -449,7 +449,11 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value) + 4)
+            # `_count` written out: this runs for every header of every request
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
             super().on_header(name, value)
 
         def on_message_complete(self) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgeserve.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from edgeserve.serving import batcher as batcher_module
 from edgeserve.serving.batcher import BatchPolicy, DynamicBatcher, batch_rows_limit, build_scheduler
 from tests.waiting import wait_until_async
 
@@ -684,3 +685,35 @@ def test_a_failing_inline_call_is_a_500_and_a_bad_input_its_own_error() -> None:
 
     asyncio.run(scenario())
     assert len(set(runtime.threads[1:])) == 1  # all on the loop after the first
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """Counts the tasks submitted: each is a slot launched by the event loop."""
+
+    submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_an_idle_slot_takes_the_next_request_without_a_new_executor_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Launching a slot costs the event loop an executor submit; a slot that lingers after
+    its batch takes the next request on the thread it has. Closing wakes it at once."""
+    monkeypatch.setattr(batcher_module, "LINGER_S", 600.0)  # never runs out in this test
+    runtime = FakeRuntime()
+    with CountingExecutor(2) as pool:
+        batcher = DynamicBatcher(runtime.run, pool, policy())
+
+        async def scenario() -> None:
+            for i in range(3):
+                await batcher.submit(row(i), None, None)
+            assert batcher._slots == 1  # the slot is still there, lingering
+            await batcher.close()  # would wait out LINGER_S if the slot were not woken
+
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+        assert batcher._slots == 0
+    assert pool.submitted == 1
+    assert runtime.calls == [1, 1, 1]

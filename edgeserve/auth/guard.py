@@ -19,6 +19,7 @@ from edgeserve.errors import Unauthorized
 __all__ = [
     "Endpoint",
     "authenticate",
+    "authorize",
     "build_authenticator",
     "requires",
     "still_authenticated",
@@ -49,6 +50,20 @@ async def still_authenticated(connection: HTTPConnection) -> Principal:
     return authenticator.authenticate(connection)
 
 
+async def authorize(request: Request, scope: str, *alternatives: str) -> Principal:
+    """The caller of `request` if it holds `scope` (or one of `alternatives`), else 401 or
+    403; left in `request.state.principal` even on a 403, for the audit log. What
+    `requires` checks, for the infer answer that is not a Starlette endpoint."""
+    principal = await authenticate(request)
+    if principal.anonymous and scope not in principal.scopes:
+        # Only some endpoints are open without a token; this one needs one.
+        raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
+    request.state.principal = principal
+    if not any(principal.holds(name) for name in alternatives):
+        principal.require(scope)
+    return principal
+
+
 def requires(scope: str, *alternatives: str) -> Callable[[Endpoint], Endpoint]:
     """Decorator for a Starlette endpoint `async def f(request)`: authenticate the caller,
     check `scope` (or one of `alternatives`), store `request.state.principal`, call `f`."""
@@ -60,13 +75,7 @@ def requires(scope: str, *alternatives: str) -> Callable[[Endpoint], Endpoint]:
     def decorate(endpoint: Endpoint) -> Endpoint:
         @functools.wraps(endpoint)
         async def guarded(request: Request) -> Response:
-            principal = await authenticate(request)
-            if principal.anonymous and scope not in principal.scopes:
-                # Only some endpoints are open without a token; this one needs one.
-                raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
-            request.state.principal = principal  # known even on a 403, for the audit log
-            if not any(principal.holds(name) for name in alternatives):
-                principal.require(scope)
+            await authorize(request, scope, *alternatives)
             return await endpoint(request)
 
         guarded.required_scope = scope  # type: ignore[attr-defined]

@@ -60,6 +60,9 @@ class BodyDeadline:
         # The parser-level shedding (edgeserve/http/shedding.py) finds the registry and
         # the loop gate on the served app's state: this wrapper is the served app.
         self.state = getattr(app, "state", None)
+        # Uvicorn's protocol answers an inference whose body has all arrived without ASGI
+        # (edgeserve/http/request_cycle.py): no read waits, so no deadline is needed.
+        self.infer_answerer = getattr(app, "infer_answerer", None)
         self.bounds = bounds
         self.timeout_s = timeout_s
         self.grace_s = grace_s

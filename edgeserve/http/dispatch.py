@@ -10,6 +10,10 @@ which answers 431), the shed test, the `@requires("infer")` endpoint itself (aut
 validation, experiments, telemetry), the same exception handlers, the security headers,
 and the audit row for a 403. With CORS configured every request takes the ordinary way,
 so that CORSMiddleware sees it.
+
+The same answer (`EdgeserveApp.answer_infer`: status, headers, body) is what uvicorn's
+protocol writes without any ASGI when the request's body is all there
+(edgeserve/http/request_cycle.py); here it is sent as a Starlette response.
 """
 
 from __future__ import annotations
@@ -19,15 +23,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, State
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edgeserve.audit.routes import audit_response
-from edgeserve.errors import EdgeserveError
-from edgeserve.http.errors import on_edgeserve_error, on_unexpected
+from edgeserve.http.answers import RestAnswer, to_response
 from edgeserve.http.headers import SECURITY_HEADERS, headers_fit
-from edgeserve.http.routes import infer
-from edgeserve.http.shedding import INFER_PATH, SHED_TESTED, leave, send_shed, shed
+from edgeserve.http.routes import answer_infer, infer
+from edgeserve.http.shedding import INFER_PATH, SHED_TESTED, headers_for, leave, shed
 
 
 class EdgeserveApp(Starlette):
@@ -40,45 +42,68 @@ class EdgeserveApp(Starlette):
         self.state = _AttributeState()
         self._max_headers = max_headers
         self._max_header_bytes = max_header_bytes
-        self._direct_infer = direct_infer
+        # What uvicorn's protocol asks to answer an inference without ASGI at all
+        # (edgeserve/http/request_cycle.py); None when every request takes the stack.
+        self.infer_answerer: EdgeserveApp | None = self if direct_infer else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = None
         try:
-            if self._direct_infer and scope["type"] == "http" and scope["method"] == "POST":
-                match = INFER_PATH.fullmatch(scope["path"])
-                if match is not None and headers_fit(
-                    scope["headers"], self._max_headers, self._max_header_bytes
-                ):
-                    scope["app"] = self
-                    await _infer(scope, receive, send, match.group(1), match.group(2))
-                    return
+            target = (
+                self.infer_target(scope)
+                if self.infer_answerer is not None and scope["type"] == "http"
+                else None
+            )
+            if target is not None:
+                answer = await self.answer_infer(scope, receive, *target)
+                await to_response(answer)(scope, receive, send)
+                status = answer.status
+                return
             await super().__call__(scope, receive, send)
         finally:
+            self.infer_answered(scope, status)
+
+    def infer_target(self, scope: Scope) -> tuple[str, str | None] | None:
+        """The model and version of an inference request this app answers past the stack:
+        a POST .../infer within the header limits (else the stack's HeaderGuard answers
+        431)."""
+        if scope["method"] != "POST":
+            return None
+        match = INFER_PATH.fullmatch(scope["path"])
+        if match is None or not headers_fit(
+            scope["headers"], self._max_headers, self._max_header_bytes
+        ):
+            return None
+        return match.group(1), match.group(2)
+
+    async def answer_infer(
+        self, scope: Scope, receive: Receive, model: str, version: str | None
+    ) -> RestAnswer:
+        """The answer to an `infer_target` request: the shed test (unless the HTTP parser
+        made it), then the endpoint's rules (`routes.answer_infer`), with the security
+        headers the stack's HeaderGuard would add."""
+        if not scope.get(SHED_TESTED):
+            refusal = shed(scope["path"], self, scope)
+            if refusal is not None:
+                headers = [h for h in headers_for(refusal) if h[0] != b"content-length"]
+                return RestAnswer(429, headers, refusal)
+        scope["app"] = self
+        scope["endpoint"] = infer
+        params = {"model": model} if version is None else {"model": model, "version": version}
+        scope["path_params"] = params
+        answer = await answer_infer(_InferRequest(scope, receive), model, version)
+        answer.headers += SECURITY_HEADERS
+        return answer
+
+    def infer_answered(self, scope: Scope, status: int | None) -> None:
+        """After the answer is written (`status`; None when none was): the audit row of a
+        403, and the loop gate that admitted the request (edgeserve/http/shedding.py) is
+        told it is answered."""
+        try:
+            if status is not None:
+                audit_response(scope, status)
+        finally:
             leave(scope)  # admitted by the HTTP parser's gate, answered whichever way
-
-
-async def _infer(
-    scope: Scope, receive: Receive, send: Send, model: str, version: str | None
-) -> None:
-    if not scope.get(SHED_TESTED):
-        refusal = shed(scope["path"], scope["app"], scope)
-        if refusal is not None:
-            await send_shed(send, refusal)
-            return
-    scope["endpoint"] = infer
-    params = {"model": model} if version is None else {"model": model, "version": version}
-    scope["path_params"] = params
-    request = _InferRequest(scope, receive)
-    response: Response
-    try:
-        response = await infer(request)
-    except EdgeserveError as exc:
-        response = await on_edgeserve_error(request, exc)
-    except Exception as exc:  # answered 500 with an incident id; on_unexpected logs it
-        response = await on_unexpected(request, exc)
-    response.raw_headers.extend(SECURITY_HEADERS)
-    await response(scope, receive, send)
-    audit_response(scope, response.status_code)
 
 
 class _AttributeState(State):

@@ -9,30 +9,35 @@ from __future__ import annotations
 import logging
 import uuid
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeserve.errors import EdgeserveError
+from edgeserve.http.answers import JSON, RestAnswer, to_response
 from edgeserve.http.headers import TELEMETRY_SEQ
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
+
+def error_answer(
+    status: int, message: str, headers: dict[str, str] | None = None, seq_id: str = ""
+) -> RestAnswer:
+    """The V2 error body; `seq_id` is the telemetry record the failed request left, if any."""
+    raw = [(b"content-type", JSON)]
+    if headers:
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if seq_id:
+        raw.append((TELEMETRY_SEQ, seq_id.encode()))
+    return RestAnswer(status, raw, orjson.dumps({"error": message}))
 
 
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None, seq_id: str = ""
 ) -> Response:
-    """The V2 error body; `seq_id` is the telemetry record the failed request left, if any."""
-    import orjson
-
-    response = Response(
-        orjson.dumps({"error": message}), status_code=status, media_type=JSON, headers=headers
-    )
-    if seq_id:
-        response.raw_headers.append((TELEMETRY_SEQ, seq_id.encode()))
-    return response
+    """`error_answer` as a Starlette response."""
+    return to_response(error_answer(status, message, headers, seq_id))
 
 
 def _seq_id(exc: Exception) -> str:
@@ -41,13 +46,26 @@ def _seq_id(exc: Exception) -> str:
     return value if isinstance(value, str) else ""
 
 
+def answer_error(request: Request, exc: Exception) -> RestAnswer:
+    """The answer to a request that failed with `exc`: a domain error's own status and
+    message, anything else a 500 whose incident id finds the logged traceback."""
+    if isinstance(exc, EdgeserveError):
+        if exc.status >= 500:
+            log.warning(
+                "request failed path=%s status=%s error=%r",
+                request.url.path,
+                exc.status,
+                exc.message,
+            )
+        return error_answer(exc.status, exc.message, exc.headers, _seq_id(exc))
+    incident = uuid.uuid4().hex[:12]
+    log.error("unhandled error incident=%s path=%s", incident, request.url.path, exc_info=exc)
+    return error_answer(500, f"internal error (incident {incident})", seq_id=_seq_id(exc))
+
+
 async def on_edgeserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EdgeserveError)
-    if exc.status >= 500:
-        log.warning(
-            "request failed path=%s status=%s error=%r", request.url.path, exc.status, exc.message
-        )
-    return error_response(exc.status, exc.message, exc.headers, _seq_id(exc))
+    return to_response(answer_error(request, exc))
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
@@ -58,9 +76,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    incident = uuid.uuid4().hex[:12]
-    log.error("unhandled error incident=%s path=%s", incident, request.url.path, exc_info=exc)
-    return error_response(500, f"internal error (incident {incident})", seq_id=_seq_id(exc))
+    return to_response(answer_error(request, exc))
 
 
 EXCEPTION_HANDLERS = {

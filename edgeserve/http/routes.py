@@ -12,15 +12,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeserve.auth.guard import requires
+from edgeserve.auth.guard import authorize, requires
 from edgeserve.errors import InvalidInput, UnsupportedMediaType
+from edgeserve.http.answers import JSON as JSON_TYPE
+from edgeserve.http.answers import OCTETS, RestAnswer, to_response
 from edgeserve.http.body import read_body, read_json_object
+from edgeserve.http.errors import answer_error
 from edgeserve.http.headers import TELEMETRY_SEQ, header_text
 from edgeserve.protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from edgeserve.protocol.integers import parse_uint
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
 from edgeserve.serving import documents, model_control
-from edgeserve.serving.pipeline import DataPlane
+from edgeserve.serving.pipeline import DataPlane, Served
 from edgeserve.serving.registry import Registry
 
 JSON = "application/json"
@@ -82,18 +85,33 @@ async def model_config(request: Request) -> Response:
     return json_response(documents.model_config(model))
 
 
-@requires("infer")
 async def infer(request: Request) -> Response:
-    """One inference through the data plane (edgeserve/serving/pipeline.py), which reads
-    the body only once the model is known and leaves the telemetry record."""
+    """POST .../infer as a Starlette endpoint (the ordinary way: CORS configured, a body
+    still arriving, Hypercorn); edgeserve/http/dispatch.py answers the rest the same way."""
     params = request.path_params
-    served = await _pipeline(request).serve(
-        params["model"],
-        params.get("version"),
-        partial(_read_request, request),
-        request.headers,
-        getattr(request.state, "principal", None),
-    )
+    return to_response(await answer_infer(request, params["model"], params.get("version")))
+
+
+infer.required_scope = "infer"  # type: ignore[attr-defined]  # what the audit row names
+
+
+async def answer_infer(request: Request, model: str, version: str | None) -> RestAnswer:
+    """The REST rules of one inference, whichever way it is written back: scope `infer`,
+    the data plane (edgeserve/serving/pipeline.py, which reads the body only once the
+    model is known and leaves the telemetry record), the encoded answer or the error
+    document. Never raises: a failure is its answer."""
+    try:
+        principal = await authorize(request, "infer")
+        served = await _pipeline(request).serve(
+            model, version, partial(_read_request, request), request.headers, principal
+        )
+        return _encoded(served)
+    except Exception as exc:  # the one mapping of errors to answers (edgeserve/http/errors.py)
+        return answer_error(request, exc)
+
+
+def _encoded(served: Served) -> RestAnswer:
+    """A served inference as the V2 response (JSON, or the binary tensor extension)."""
     decoded = served.request
     assert decoded is not None
     model = served.model
@@ -101,20 +119,21 @@ async def infer(request: Request) -> Response:
     outputs = [
         InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in served.outputs.items()
     ]
-    body_out, header_length = encode_response(
+    body, header_length = encode_response(
         InferResponse(model.name, str(model.version), decoded.id, outputs)
     )
-    headers = {"x-request-id": header_text(served.request_id)}
+    headers = [(b"x-request-id", header_text(served.request_id).encode("latin-1"))]
     if served.experiment:
-        headers["x-edgeserve-variant"] = f"{served.experiment}/{served.variant}"
+        variant = f"{served.experiment}/{served.variant}"
+        headers.append((b"x-edgeserve-variant", variant.encode("latin-1")))
     if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-        response = Response(body_out, media_type="application/octet-stream", headers=headers)
+        headers.append((b"inference-header-content-length", str(header_length).encode()))
+        headers.append((b"content-type", OCTETS))
     else:
-        response = Response(body_out, media_type=JSON, headers=headers)
-    if served.seq_id:  # appended: the response has no such header, so nothing to replace
-        response.raw_headers.append((TELEMETRY_SEQ, served.seq_id.encode()))
-    return response
+        headers.append((b"content-type", JSON_TYPE))
+    if served.seq_id:
+        headers.append((TELEMETRY_SEQ, served.seq_id.encode()))
+    return RestAnswer(200, headers, body)
 
 
 async def _read_request(request: Request) -> InferRequest:

@@ -61,6 +61,12 @@ LOOP_LAG_MIN_S = 0.05
 # worker thread and back costs more than that (bench/RESULTS.md: for digits, ~15 µs per
 # call against ~250 µs of CPU for the hand-off), and there is nobody to merge it with.
 INLINE_MAX_S = 200e-6
+# A slot that finds the queue empty waits this long for the next request before it gives
+# its executor thread back: waking a waiting slot costs the event loop a notify, starting
+# one an executor `submit` (a Future, a work item, the pool's thread accounting), which
+# for a small model at 16 connections was ~7 % of the loop (bench/RESULTS.md). Short
+# enough that other models sharing the executor hardly notice the thread held.
+LINGER_S = 0.002
 STALE_REFUSAL = "the model is overloaded and this request waited past its limit; retry later"
 
 
@@ -166,6 +172,8 @@ class DynamicBatcher:
         self._lock = threading.Lock()  # the queue and the counts: the loop adds, slots take
         self._company = threading.Condition(self._lock)  # a slot waiting for more rows
         self._waiting = 0  # slots waiting on _company
+        self._work = threading.Condition(self._lock)  # a slot lingering for a new request
+        self._lingering = 0  # slots waiting on _work (still counted in _slots)
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         # One slot's speed (rows/s) per batch-size class (1, 2-3, 4-7, ...), moving averages:
@@ -308,10 +316,8 @@ class DynamicBatcher:
         with self._lock:
             self._queue.append(pending)
             self._queued_rows += pending.rows
-            start = self._slots < self._policy.max_concurrent
-            if start:
-                self._slots += 1
-            elif self._waiting:
+            start = self._wake_or_count_slot()
+            if not start and self._waiting:
                 self._company.notify()
         if start:
             self._launch()
@@ -326,7 +332,7 @@ class DynamicBatcher:
         batcher that would not hold it for company, and fast by the measured speed."""
         if (
             self._queue
-            or self._slots
+            or self._slots > self._lingering  # a lingering slot is idle
             or self._running_requests
             or self._policy.wait_when_idle
             or front_door_in_flight() != 1  # 0: not a front-door request, or no gate
@@ -348,6 +354,17 @@ class DynamicBatcher:
             raise result
         self._learn_speed([result])
         return result
+
+    def _wake_or_count_slot(self) -> bool:
+        """Under the lock, for newly queued work: wake a lingering slot, else say whether
+        a new slot is to be launched (its count is taken)."""
+        if self._lingering:
+            self._work.notify()  # it looks at the queue again, whatever woke it
+            return False
+        if self._slots < self._policy.max_concurrent:
+            self._slots += 1
+            return True
+        return False
 
     def _launch(self) -> None:
         """Put one slot on the executor (its count is already taken)."""
@@ -402,6 +419,7 @@ class DynamicBatcher:
         it runs at once unless wait_when_idle.
         """
         policy = self._policy
+        linger_until = 0.0
         while True:
             with self._lock:
                 queue = self._queue
@@ -409,8 +427,16 @@ class DynamicBatcher:
                     self._queued_rows -= queue.popleft().rows
                 self._refuse_stale()
                 if not queue:
-                    self._slots -= 1
-                    return None
+                    now = time.perf_counter()
+                    if not linger_until:
+                        linger_until = now + LINGER_S
+                    if self._closed or now >= linger_until:
+                        self._slots -= 1
+                        return None
+                    self._lingering += 1
+                    self._work.wait(linger_until - now)  # woken by submit and by close()
+                    self._lingering -= 1
+                    continue
                 rows = self._batch_rows()
                 wait = 0.0
                 if (
@@ -425,9 +451,7 @@ class DynamicBatcher:
                     self._queued_rows -= sum(p.rows for p in batch)
                     self._running_requests += len(batch)
                     self._computing += 1
-                    more = bool(queue) and self._slots < policy.max_concurrent
-                    if more:
-                        self._slots += 1
+                    more = bool(queue) and self._wake_or_count_slot()
                     break
 
                 self._waiting += 1
@@ -564,6 +588,7 @@ class DynamicBatcher:
         self._idle = asyncio.Event()
         with self._lock:
             self._company.notify_all()
+            self._work.notify_all()
             busy = bool(self._queue) or self._slots > 0 or self._running_requests > 0
         if busy:
             await self._idle.wait()
