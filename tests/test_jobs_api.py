@@ -179,6 +179,31 @@ def test_cancel_stops_a_job_and_unknown_jobs_are_404(server: RunningServer) -> N
     assert httpx.get(f"{server.url}/api/jobs/{job_id}").status_code == 404
 
 
+def test_a_job_cancelled_as_it_starts_stays_cancelled(server: RunningServer) -> None:
+    """A cancel that lands while the runner is still setting a job up (the row count not
+    yet known) must stay a cancel: the runner's row count once set the job back to
+    running, it was picked up again and, its files gone, ended `failed`. The cancel is
+    sent as soon as the job is seen running; each attempt must end cancelled."""
+    body = parquet_body(300_000)
+    in_setup = 0
+    for _ in range(8):
+        job_id = httpx.post(
+            f"{server.url}/api/jobs?model=digits", content=body, headers=PARQUET
+        ).json()["id"]
+
+        def running(job_id: str = job_id) -> dict | None:
+            doc = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+            return doc if doc["status"] != "queued" else None
+
+        doc = wait_until(running, 60, "the job to start", interval_s=0.001)
+        in_setup += doc["status"] == "running" and doc["rows_total"] is None
+        httpx.delete(f"{server.url}/api/jobs/{job_id}")
+        end = wait_for(server.url, job_id)
+        assert end["status"] == "cancelled", end
+        httpx.delete(f"{server.url}/api/jobs/{job_id}")  # forget it
+    print(f"\n{in_setup} of 8 cancels landed before the row count was known")
+
+
 @pytest.mark.slow
 def test_a_job_survives_sigkill_and_finishes_after_restart_exactly_once(
     tmp_path: Path, repo: Path

@@ -161,7 +161,8 @@ class JobRunner:
             )
             if job.rows_total is None:
                 total = estimate_rows(source, job.input_format)
-                self.store.set_status(job.id, RUNNING, rows_total=total)
+                # only while still running: a cancel may have landed during the set-up
+                self.store.set_status(job.id, RUNNING, only_from=(RUNNING,), rows_total=total)
             writer = open_writer(self.output_path(job), job.output_format, job.output_pos)
             errors = TextWriter(self.errors_path(job), "jsonl", job.errors_pos)
         except ModelNotReady as exc:
