@@ -51,6 +51,7 @@ from typing import Any
 
 import sqlite_utils
 
+from edgeserve.process.thread_names import name_this_thread
 from edgeserve.telemetry import audit
 from edgeserve.telemetry.records import (
     INFERENCE_TEXT_FIELDS,
@@ -73,6 +74,7 @@ WAL_LIMIT_BYTES = 8 * 1024 * 1024
 BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_WAIT_MS = 1000  # a checkpoint waits this long for readers, then is retried later
 MAX_BOOTS = 64  # processes whose durable marks the status can still show
+WRITER_THREAD_NAME = "es-telemetry"  # the writer thread's name for the kernel (top -H)
 
 _COLUMNS: dict[str, dict[str, type]] = {
     "inferences": {
@@ -521,6 +523,7 @@ class TelemetryStore:
 
     # -- the writer thread --------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread(WRITER_THREAD_NAME)
         conn = connect(self.path, self.wal_budget_bytes)
         self._audit_head = audit.last_hash(conn)
         # A process killed mid-write leaves its WAL (and maybe an untrimmed buffer) behind:
