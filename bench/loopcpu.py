@@ -13,8 +13,9 @@ another checkout's `edgeserve` (e.g. `git archive BASE edgeserve | tar -x -C DIR
 change is measured before and after in the same run. Interleaving the servers round by
 round is what makes the figures comparable on a box whose speed drifts, or that others
 share: the loop's CPU per request moves much less with load than req/s does, but it
-still moves. Prints the median and range over the rounds per server. A benchmark, not a
-test: it asserts nothing.
+still moves. Prints the median and range over the rounds per server, and the telemetry
+writer thread's CPU per request (by its kernel name; "–" where telemetry is off or the
+code predates the name). A benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from bench import loadgen, servers, threadcpu, workload
 from bench.run import check_answers
+from edgeserve.telemetry.store import WRITER_THREAD_NAME
 
 VARIANTS = {
     "shipped": servers.SHIPPED,
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [name.split(" /")[0] for name in args.variants]
     loop_us: dict[str, list[float]] = {name: [] for name in labels}
     process_us: dict[str, list[float]] = {name: [] for name in labels}
+    writer_us: dict[str, list[float]] = {name: [] for name in labels}
     rates: dict[str, list[float]] = {name: [] for name in labels}
     with tempfile.TemporaryDirectory(prefix="loopcpu-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -118,13 +121,19 @@ def main(argv: list[str] | None = None) -> int:
                 r = loadgen.run_wrk(
                     srv.url, path, bodies, args.connections, args.duration, srv.headers
                 )
-                cpu = threadcpu.per_request_us(pid, before, threadcpu.sample(pid), r.requests)
+                after = threadcpu.sample(pid)
+                cpu = threadcpu.per_request_us(pid, before, after, r.requests)
+                writer = threadcpu.named_us_per_request(
+                    before, after, r.requests, WRITER_THREAD_NAME
+                )
                 if r.refused or r.errors:
                     print(f"   {name}: {r.refused} refused, {r.errors} errors", flush=True)
                 if cpu["loop_us_per_request"] is None:
                     continue
                 loop_us[name].append(cpu["loop_us_per_request"])
                 process_us[name].append(cpu["process_us_per_request"] or 0.0)
+                if writer is not None:
+                    writer_us[name].append(writer)
                 rates[name].append(r.req_per_s)
             print(
                 f"round {round_ + 1}: "
@@ -135,15 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.model} v{args.version}, JSON, {args.connections} connections, "
         f"{args.rounds} rounds of {args.duration:g} s; median (min-max) over rounds"
     )
-    print(f"{'server':20s} {'loop µs/req':>22s} {'process µs/req':>16s} {'req/s':>9s}")
+    print(
+        f"{'server':20s} {'loop µs/req':>22s} {'process µs/req':>16s} "
+        f"{'writer µs/req':>14s} {'req/s':>9s}"
+    )
     for name in names:
         if not loop_us[name]:
             continue
         lo, hi = min(loop_us[name]), max(loop_us[name])
         med = statistics.median(loop_us[name])
+        writer = f"{statistics.median(writer_us[name]):.1f}" if writer_us[name] else "–"
         print(
             f"{name:20s} {med:8.1f} ({lo:5.1f}-{hi:5.1f})    "
-            f"{statistics.median(process_us[name]):12.1f} {statistics.median(rates[name]):9.0f}"
+            f"{statistics.median(process_us[name]):12.1f} {writer:>14s} "
+            f"{statistics.median(rates[name]):9.0f}"
         )
     return 0
 

@@ -65,3 +65,16 @@ def per_request_us(
         "loop_us_per_request": loop_s / requests * 1e6,
         "process_us_per_request": total_s / requests * 1e6,
     }
+
+
+def named_us_per_request(
+    before: dict[int, ThreadCpu], after: dict[int, ThreadCpu], requests: int, name: str
+) -> float | None:
+    """Microseconds of CPU per request of the threads named `name` (the kernel's name:
+    the telemetry writer sets its own, `edgeserve.process.thread_names`); None when no
+    thread has that name (telemetry off, or a server from before it was named)."""
+    threads = [t for t in after.values() if t.name == name]
+    if requests <= 0 or not threads:
+        return None
+    spent = sum(t.cpu_s - (before[t.tid].cpu_s if t.tid in before else 0.0) for t in threads)
+    return spent / requests * 1e6

@@ -27,7 +27,7 @@ from bench.servers import (
     edgeserve_config,
     write_repository,
 )
-from bench.threadcpu import ThreadCpu, parse_stat, per_request_us, sample
+from bench.threadcpu import ThreadCpu, named_us_per_request, parse_stat, per_request_us, sample
 from edgeserve.config.loader import load_settings
 from tests.serving import MODELS
 
@@ -329,6 +329,13 @@ def test_event_loop_cpu_per_request_is_the_main_threads_difference() -> None:
     cpu = per_request_us(10, before, after, 1000)
     assert cpu == {"loop_us_per_request": 500.0, "process_us_per_request": 2000.0}
     assert per_request_us(10, before, after, 0)["loop_us_per_request"] is None
+
+
+def test_a_named_threads_cpu_per_request_is_read_by_its_kernel_name() -> None:
+    before = {10: ThreadCpu(10, "python", 1.0), 11: ThreadCpu(11, "es-telemetry", 2.0)}
+    after = {10: ThreadCpu(10, "python", 1.5), 11: ThreadCpu(11, "es-telemetry", 2.25)}
+    assert named_us_per_request(before, after, 1000, "es-telemetry") == 250.0
+    assert named_us_per_request(before, after, 1000, "other") is None
 
 
 def _wrk_run(connections: int, req_per_s: float, **extra: object) -> dict:

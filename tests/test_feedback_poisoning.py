@@ -139,6 +139,9 @@ def test_server_made_request_ids_cannot_be_guessed(live: tuple[RunningServer, Pa
     with httpx.Client(base_url=server.url, timeout=30) as client:
         ids = [infer(client, alice, i, "u").headers["x-request-id"] for i in range(20)]
     assert len(set(ids)) == 20 and all(len(i) == 32 for i in ids)
-    # No shared prefix and no counter: each id's halves differ from every other id's.
-    assert len({i[:16] for i in ids}) == 20
-    assert len({i[16:] for i in ids}) == 20
+    # The clock's milliseconds first (they sort by time: the request_id index grows at its
+    # end), then 80 bits that share nothing with any other id's and count nothing.
+    made = [int(i[:12], 16) / 1000 for i in ids]
+    assert made == sorted(made) and all(abs(t - time.time()) < 600 for t in made)
+    assert len({i[12:] for i in ids}) == 20
+    assert len({i[12:22] for i in ids}) == 20 and len({i[22:] for i in ids}) == 20

@@ -129,6 +129,8 @@ def _record(**fields: object) -> InferenceRecord:
         ("prediction", LABEL_CHARS),
         ("subject_hash", SUBJECT_HASH_CHARS),
         ("error", ERROR_CHARS),
+        ("owner_hash", SUBJECT_HASH_CHARS),
+        ("unit_hash", SUBJECT_HASH_CHARS),
     ],
 )
 def test_each_text_field_is_cut_to_its_bound(field: str, limit: int) -> None:
@@ -163,6 +165,25 @@ def test_ended_takes_the_timing_of_the_run_and_the_labels() -> None:
     assert (never_ran.queue_s, never_ran.compute_s, never_ran.batch_size) == (0.0, 0.0, 0)
     with pytest.raises(TypeError):
         InferenceRecord.ended("id", "digits", "2", 200, started, None, varaint="typo")
+
+
+def test_ended_builds_the_same_record_as_the_constructor() -> None:
+    labels = {
+        "experiment": "e",
+        "variant": "b",
+        "top_score": 0.5,
+        "subject_hash": "s",
+        "shadow": True,
+        "error": "x",
+        "prediction": "7",
+        "owner_hash": "o",
+        "unit_hash": "u",
+    }
+    record = InferenceRecord.ended("id", "digits", "2", 200, time.perf_counter(), None, **labels)
+    assert type(record) is InferenceRecord and len(record) == len(InferenceRecord._fields)
+    assert record == InferenceRecord(
+        "id", "digits", "2", 200, record.total_s, 0.0, 0.0, 0, record.time_unix, **labels
+    )
 
 
 def test_a_stored_row_stays_under_the_byte_cap(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import httpx
@@ -26,10 +27,11 @@ from edgeserve.telemetry.records import (
     EventRecord,
     FeedbackRecord,
     InferenceRecord,
+    bounded,
 )
 from edgeserve.telemetry.service import build_telemetry
 from edgeserve.telemetry.settings import TelemetrySettings
-from edgeserve.telemetry.store import MAX_BOOTS, TelemetryStore, durable_marks
+from edgeserve.telemetry.store import MAX_BOOTS, TelemetryStore, _approx_bytes, durable_marks
 from tests.serving import MODELS, run_server
 
 ROW = np.load(MODELS / "digits" / "heldout.npz")["X"][0].tolist()
@@ -562,3 +564,27 @@ def test_a_buffer_from_before_boot_numbers_keeps_its_marks_in_order(tmp_path: Pa
         marks = durable_marks(db)
     assert list(marks.items())[:2] == [("first", 5), ("second", 7)]
     assert list(marks)[-1] == store.boot_id
+
+
+def test_a_write_chunk_never_holds_more_than_its_share_of_the_wal_budget(
+    tmp_path: Path,
+) -> None:
+    # Inference records go into a chunk unmeasured while even their largest would fit;
+    # whatever the mix, a chunk's measured size stays within a quarter of the budget.
+    budget = 64 * 1024
+    store = TelemetryStore(
+        tmp_path / "telemetry.db", "ae", 10_000, 5000, 0.01, wal_budget_bytes=budget
+    )
+    wide = bounded(_inference(0)._replace(request_id="r" * 10_000, error="e" * 10_000))
+    records = [wide if i % 7 == 0 else _inference(i) for i in range(600)]
+    records[300:300] = [FeedbackRecord("req-1", "x" * 5000, None, time.time())] * 3
+    batch = deque(enumerate(records, 1))
+    taken = []
+    while batch:
+        chunk = store._take_chunk(batch)
+        assert len(chunk) == 1 or sum(_approx_bytes(r) for _, r in chunk) <= budget / 4
+        taken.extend(chunk)
+    assert [seq for seq, _ in taken] == list(range(1, len(records) + 1))
+    store.wal_budget_bytes = 8 * 1024 * 1024
+    light = deque(enumerate([_inference(i) for i in range(1000)], 1))
+    assert len(store._take_chunk(light)) == 1000 and not light  # the usual batch goes whole

@@ -40,12 +40,17 @@ class AlertRules:
         self.settings = settings
         self._lock = threading.Lock()
         self._window: deque[tuple[float, float, bool]] = deque(maxlen=100_000)
+        # Only the latency and error-rate rules read the window (both off by default):
+        # without them the writer keeps no window (it cost ~0.2 us a record).
+        self._windowed = bool(settings.p99_latency_ms or settings.error_rate)
         self._queue_fill = queue_fill
         self._backlog_age_s = backlog_age_s
         self._over_since: dict[str, float] = {}
         self.firing: dict[str, float] = {}
 
     def observe_batch(self, records: Iterable[object]) -> None:
+        if not self._windowed:
+            return
         with self._lock:
             for r in records:
                 if type(r) is InferenceRecord and not r.shadow:

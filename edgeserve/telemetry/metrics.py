@@ -11,6 +11,7 @@ because the queue was full are still counted here (`observe_one`).
 from __future__ import annotations
 
 import bisect
+import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,18 @@ from edgeserve.telemetry.records import InferenceRecord
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NUMPY_FROM = 32  # values in one histogram update from which numpy beats a bisect loop
+
+
+def _fields(*names: str) -> operator.itemgetter:
+    """A getter of an InferenceRecord's fields by position: it reads them in C."""
+    return operator.itemgetter(*(InferenceRecord._fields.index(name) for name in names))
+
+
+_LABELS = _fields("model", "version", "variant", "status")
+_TOTAL_S = _fields("total_s")
+_QUEUE_S = _fields("queue_s")
+_COMPUTE_S = _fields("compute_s")
+_BATCH_SIZE = _fields("batch_size")
 
 
 class _Histogram:
@@ -91,17 +104,21 @@ class InferenceMetrics:
     def observe_batch(self, records: Iterable[object]) -> None:
         """Fold in a writer batch: records are grouped by their labels first, so each
         series is updated once a batch, its histograms with one numpy call each."""
-        groups: dict[tuple[str, str, str | None, int], list[InferenceRecord]] = {}
-        for r in records:
-            if type(r) is InferenceRecord:
-                key = (r.model, r.version, r.variant, r.status)
+        inferences = [r for r in records if type(r) is InferenceRecord]
+        if not inferences:
+            return
+        keys = list(map(_LABELS, inferences))
+        groups: dict[tuple[str, str, str | None, int], list[InferenceRecord]]
+        if keys.count(keys[0]) == len(keys):  # the usual batch: one series
+            groups = {keys[0]: inferences}
+        else:
+            groups = {}
+            for key, r in zip(keys, inferences, strict=True):
                 group = groups.get(key)
                 if group is None:
                     groups[key] = [r]
                 else:
                     group.append(r)
-        if not groups:
-            return
         with self._lock:
             for (model, version, variant, status), group in groups.items():
                 self._observe(model, version, variant, status, group)
@@ -130,14 +147,16 @@ class InferenceMetrics:
                 _Histogram(LATENCY_BUCKETS),
             )
             self._latency[(model, version)] = hists
-        hists[0].observe_many([r.total_s for r in group])
+        # map(itemgetter) reads the fields in C: a list comprehension of attribute reads
+        # was most of the writer's metrics work.
+        hists[0].observe_many(list(map(_TOTAL_S, group)))
         if status == 200:
-            hists[1].observe_many([r.queue_s for r in group])
-            hists[2].observe_many([r.compute_s for r in group])
+            hists[1].observe_many(list(map(_QUEUE_S, group)))
+            hists[2].observe_many(list(map(_COMPUTE_S, group)))
             batch = self._batch.get(model)
             if batch is None:
                 batch = self._batch[model] = _Histogram(BATCH_BUCKETS)
-            batch.observe_many([r.batch_size for r in group])
+            batch.observe_many(list(map(_BATCH_SIZE, group)))
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of the aggregates, for OTLP metrics upstream."""
