@@ -1,5 +1,5 @@
 """Run a version folder's files as edgeserve's runtimes load them, for the build's scores and
-the behaviour check (`check.py`): both must see what the server would answer."""
+the behaviour check (`rebuild_check.py`): both must see what the server would answer."""
 
 from __future__ import annotations
 

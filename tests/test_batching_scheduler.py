@@ -710,6 +710,10 @@ def test_an_idle_slot_takes_the_next_request_without_a_new_executor_task(
         async def scenario() -> None:
             for i in range(3):
                 await batcher.submit(row(i), None, None)
+                # the result reaches the loop before the slot's thread starts lingering:
+                # the next request is the lingering slot's only once it waits
+                while batcher._lingering != 1:
+                    await asyncio.sleep(0.001)
             assert batcher._slots == 1  # the slot is still there, lingering
             await batcher.close()  # would wait out LINGER_S if the slot were not woken
 

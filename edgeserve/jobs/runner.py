@@ -130,6 +130,7 @@ class JobRunner:
             except Exception:  # a bug must not kill the runner; the job records it
                 log.exception("job crashed job=%s", job.id)
                 self._finish(job.id, FAILED, "internal error while scoring (see the server log)")
+            self._drop_if_cancelled(job.id)
         for runtime, _ in self._models.values():
             runtime.close()
 
@@ -197,14 +198,20 @@ class JobRunner:
             writer.close()
             errors.close()
             if job.id in self._cancelled:
-                self._cancelled.discard(job.id)
-                shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
                 log.info("job cancelled job=%s rows_done=%d", job.id, state.rows_done)
             return
         writer.finish()
         errors.finish()
         self._finish(job.id, DONE, None)
         log.info("job done job=%s rows=%d failed=%d", job.id, state.rows_done, state.failed)
+
+    def _drop_if_cancelled(self, job_id: str) -> None:
+        """A job cancelled while it ran loses its files here, whichever way the run ended
+        (stopped between chunks, or its set-up failing after the cancel: the failure is
+        not recorded then, the job stays cancelled, and its files must still go)."""
+        if job_id in self._cancelled:
+            self._cancelled.discard(job_id)
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def _note_progress(self, job_id: str, rows: int) -> None:
         if self._progress is None or self._progress[0] != job_id:

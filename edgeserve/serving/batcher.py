@@ -434,8 +434,10 @@ class DynamicBatcher:
                         self._slots -= 1
                         return None
                     self._lingering += 1
-                    self._work.wait(linger_until - now)  # woken by submit and by close()
-                    self._lingering -= 1
+                    try:
+                        self._work.wait(linger_until - now)  # woken by submit and close()
+                    finally:  # a count left high would keep every new slot from starting
+                        self._lingering -= 1
                     continue
                 rows = self._batch_rows()
                 wait = 0.0
