@@ -151,3 +151,68 @@ def test_keep_alive_answers_follow_one_another_on_one_connection(
             conn.sendall(_head("/v2/models/digits/infer", INFER, token) + INFER)
             status, headers, _ = reader.response()
             assert status == 200 and "connection" not in headers
+
+
+def _with_id(request_id: str, body: bytes = INFER) -> bytes:
+    doc = json.loads(body)
+    doc["id"] = request_id
+    return json.dumps(doc).encode()
+
+
+def test_pipelined_requests_are_answered_in_order_whichever_way_each_is_answered(
+    secured: tuple[RunningServer, Path],
+) -> None:
+    """Five requests in one segment (HTTP/1.1 pipelining): answers, refusals and error
+    documents come back in the order asked, each the answer to its own request."""
+    server, state_dir = secured
+    token = _token(state_dir, "infer")
+    asked = [
+        ("/v2/models/digits/infer", _with_id("first"), 200),
+        ("/v2/models/nope/infer", _with_id("second"), 404),
+        ("/v2/models/digits/infer", b"{", 400),
+        ("/v2/models/digits/versions/1/infer", _with_id("fourth"), 200),
+        ("/v2/models/digits/infer", _with_id("fifth"), 200),
+    ]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(b"".join(_head(path, body, token) + body for path, body, _ in asked))
+        reader = _Reader(conn)
+        answers = [reader.response() for _ in asked]
+    assert [status for status, _, _ in answers] == [status for _, _, status in asked]
+    ids = [json.loads(body).get("id") for status, _, body in answers if status == 200]
+    assert ids == ["first", "fourth", "fifth"]
+
+
+def test_a_chunked_body_that_arrives_whole_gets_the_same_answer(
+    secured: tuple[RunningServer, Path],
+) -> None:
+    server, state_dir = secured
+    token = _token(state_dir, "infer")
+    path = "/v2/models/digits/infer"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    half = len(INFER) // 2
+    chunks = b"".join(
+        f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in (INFER[:half], INFER[half:])
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(head + chunks + b"0\r\n\r\n")
+        chunked = _Reader(conn).response()
+    whole = _body_with_head(server, path, INFER, token)
+    assert chunked[0] == whole[0] == 200
+    assert chunked[2] == whole[2]
+
+
+def test_an_http_1_0_client_gets_its_answer_and_the_connection_closes(
+    secured: tuple[RunningServer, Path],
+) -> None:
+    server, state_dir = secured
+    token = _token(state_dir, "infer")
+    head = _head("/v2/models/digits/infer", INFER, token).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(head + INFER)
+        reader = _Reader(conn)
+        status, _, body = reader.response()
+        assert status == 200 and json.loads(body)["model_name"] == "digits"
+        assert reader.closed()
