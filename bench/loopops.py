@@ -89,12 +89,9 @@ async def _measure(args: argparse.Namespace) -> None:
     from uvicorn.server import ServerState
 
     from bench import workload  # imports edgeserve: after --tree took effect
-    from edgeserve.app import build_app
     from edgeserve.auth.issuer import create_token, init_keys
     from edgeserve.config.loader import load_settings
-    from edgeserve.http.body_deadline import BodyDeadline
-    from edgeserve.http.bounds import BoundsHit
-    from edgeserve.server import _guarded_httptools
+    from edgeserve.server import _guarded_httptools, build_served_app
 
     folder = servers.ROOT / "models" / args.model
     specs = workload.signature(folder, args.version, "onnxruntime")
@@ -115,17 +112,7 @@ async def _measure(args: argparse.Namespace) -> None:
     ).encode() + body
 
     settings = load_settings(config_path)
-    app = build_app(settings)
-    bounds = BoundsHit()
-    app.state.bounds = bounds
-    limits = settings.limits
-    served = BodyDeadline(
-        app,
-        bounds,
-        timeout_s=limits.body_timeout_s,
-        grace_s=limits.body_rate_grace_s,
-        min_bytes_per_s=limits.min_body_bytes_per_s,
-    )
+    app, served, bounds = build_served_app(settings)
     config = uvicorn.Config(
         served,
         http=_guarded_httptools(settings, bounds),  # type: ignore[arg-type]

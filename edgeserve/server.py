@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from starlette.applications import Starlette
 
 from edgeserve.app import build_app
 from edgeserve.config.loader import ConfigError, Settings
@@ -103,14 +104,10 @@ def event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None
     return uvloop.run
 
 
-async def run_server(settings: Settings, listener: socket.socket | None = None) -> None:
-    """Serve on `listener` (bound by `edgeserve serve` before it wrote anything; else
-    bound here) until SIGTERM or SIGINT."""
-    if listener is None:
-        from edgeserve.cli.preflight import open_listener
-
-        listener = open_listener(settings.server.host, settings.server.port)
-    port = listener.getsockname()[1]  # the kernel's choice when [server] port = 0
+def build_served_app(settings: Settings) -> tuple[Starlette, BodyDeadline, BoundsHit]:
+    """The application, the ASGI app the engine serves (the app behind the body deadline)
+    and the bounds counter they share: what `run_server` serves, for whatever else must
+    serve it the same way (bench/loopops.py)."""
     app = build_app(settings)
     bounds = BoundsHit()
     app.state.bounds = bounds  # exported by the telemetry metrics (edgeserve/app.py)
@@ -122,6 +119,18 @@ async def run_server(settings: Settings, listener: socket.socket | None = None) 
         grace_s=limits.body_rate_grace_s,
         min_bytes_per_s=limits.min_body_bytes_per_s,
     )
+    return app, served, bounds
+
+
+async def run_server(settings: Settings, listener: socket.socket | None = None) -> None:
+    """Serve on `listener` (bound by `edgeserve serve` before it wrote anything; else
+    bound here) until SIGTERM or SIGINT."""
+    if listener is None:
+        from edgeserve.cli.preflight import open_listener
+
+        listener = open_listener(settings.server.host, settings.server.port)
+    port = listener.getsockname()[1]  # the kernel's choice when [server] port = 0
+    app, served, bounds = build_served_app(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
