@@ -28,12 +28,13 @@ from edgeserve.auth.guard import authenticate, still_authenticated
 from edgeserve.auth.principal import Principal
 from edgeserve.config.loader import Settings
 from edgeserve.errors import EdgeserveError, InvalidInput, Unauthorized
-from edgeserve.grpc.stream import TELEMETRY_SEQ, record_id_of, stream_replies
+from edgeserve.grpc.stream import stream_replies
 from edgeserve.protocol.grpc_codec import decode_request, encode_response
 from edgeserve.protocol.limits import DecodeLimits
 from edgeserve.protocol.types import InferRequest
 from edgeserve.serving import documents, model_control
 from edgeserve.serving.registry import Registry
+from edgeserve.telemetry.records import RECORD_ID_NAME, record_id_of
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = served.model
         response = encode_response(model.name, str(model.version), request.id, served.outputs)
         if served.seq_id and stream:  # one trailer per stream: the id goes with its answer
-            response.parameters[TELEMETRY_SEQ].string_param = served.seq_id
+            response.parameters[RECORD_ID_NAME].string_param = served.seq_id
         elif served.seq_id:
-            context.set_trailing_metadata(((TELEMETRY_SEQ, served.seq_id),))
+            context.set_trailing_metadata(((RECORD_ID_NAME, served.seq_id),))
         return response
 
 
@@ -268,7 +269,7 @@ def _seq_trailer(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The trailing metadata of a refused or failed call: the telemetry record it left
     (`x-telemetry-seq`, as over HTTP), if any."""
     seq_id = record_id_of(exc)
-    return ((TELEMETRY_SEQ, seq_id),) if seq_id else ()
+    return ((RECORD_ID_NAME, seq_id),) if seq_id else ()
 
 
 def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:

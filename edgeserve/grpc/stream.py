@@ -20,24 +20,18 @@ from typing import Any
 from tritonclient.grpc import service_pb2 as pb
 
 from edgeserve.errors import EdgeserveError
+from edgeserve.telemetry.records import RECORD_ID_NAME, record_id_of
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64  # requests of one stream being computed at once
-TELEMETRY_SEQ = "x-telemetry-seq"  # the record id's name, as in HTTP's header
-
-
-def record_id_of(exc: BaseException) -> str:
-    """The telemetry record a failed inference left (the data plane sets it), or ""."""
-    value = getattr(exc, "telemetry_seq", "")
-    return value if isinstance(value, str) else ""
 
 
 def failed_response(request_id: str, seq_id: str) -> pb.ModelInferResponse:
     """A failed stream request's response: its id, and its record's id when it left one."""
     response = pb.ModelInferResponse(id=request_id)
     if seq_id:
-        response.parameters[TELEMETRY_SEQ].string_param = seq_id
+        response.parameters[RECORD_ID_NAME].string_param = seq_id
     return response
 
 

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from edgeserve.errors import EdgeserveError
 from edgeserve.http.answers import JSON, RestAnswer, to_response
 from edgeserve.http.headers import TELEMETRY_SEQ
+from edgeserve.telemetry.records import record_id_of
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,6 @@ def error_response(
     return to_response(error_answer(status, message, headers, seq_id))
 
 
-def _seq_id(exc: Exception) -> str:
-    """Set by the data plane on an error whose request left a telemetry record."""
-    value = getattr(exc, "telemetry_seq", "")
-    return value if isinstance(value, str) else ""
-
-
 def answer_error(request: Request, exc: Exception) -> RestAnswer:
     """The answer to a request that failed with `exc`: a domain error's own status and
     message, anything else a 500 whose incident id finds the logged traceback."""
@@ -57,10 +52,10 @@ def answer_error(request: Request, exc: Exception) -> RestAnswer:
                 exc.status,
                 exc.message,
             )
-        return error_answer(exc.status, exc.message, exc.headers, _seq_id(exc))
+        return error_answer(exc.status, exc.message, exc.headers, record_id_of(exc))
     incident = uuid.uuid4().hex[:12]
     log.error("unhandled error incident=%s path=%s", incident, request.url.path, exc_info=exc)
-    return error_answer(500, f"internal error (incident {incident})", seq_id=_seq_id(exc))
+    return error_answer(500, f"internal error (incident {incident})", seq_id=record_id_of(exc))
 
 
 async def on_edgeserve_error(request: Request, exc: Exception) -> Response:

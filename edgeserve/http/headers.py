@@ -7,6 +7,8 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edgeserve.telemetry.records import RECORD_ID_NAME
+
 SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),
@@ -17,7 +19,7 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 # "<boot>-<seq>" of the telemetry record an answer left (success or error alike).
-TELEMETRY_SEQ = b"x-telemetry-seq"
+TELEMETRY_SEQ = RECORD_ID_NAME.encode()
 DASHBOARD_CSP = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"

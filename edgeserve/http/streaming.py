@@ -38,9 +38,9 @@ from edgeserve.auth.guard import requires, still_authenticated
 from edgeserve.errors import EdgeserveError
 from edgeserve.protocol.codec import decode_request, encode_response
 from edgeserve.protocol.types import InferOutput, InferRequest, InferResponse
+from edgeserve.telemetry.records import RECORD_ID_NAME, record_id_of
 
 log = logging.getLogger(__name__)
-TELEMETRY_SEQ = "x-telemetry-seq"  # each answer's record id, named as HTTP's header
 
 CLOSE_NORMAL = 1000  # idle
 CLOSE_POLICY = 1008  # refused: auth, unknown model, token expired mid-stream
@@ -226,20 +226,20 @@ async def _infer_one(websocket: WebSocket, name: str, version: str | None, data:
         outputs = [InferOutput(n, a, False) for n, a in served.outputs.items()]
         response = InferResponse(model.name, str(model.version), message.decoded.id, outputs)
         if served.seq_id:
-            response.parameters[TELEMETRY_SEQ] = served.seq_id
+            response.parameters[RECORD_ID_NAME] = served.seq_id
         body, _ = encode_response(response)
         return body
     except EdgeserveError as exc:
         doc: dict[str, Any] = {"error": exc.message, "status": exc.status}
-        seq_id = getattr(exc, "telemetry_seq", "")
+        seq_id = record_id_of(exc)
     except Exception as exc:
         log.exception("stream message failed model=%s", name)
         doc = {"error": "internal error", "status": 500}
-        seq_id = getattr(exc, "telemetry_seq", "")
+        seq_id = record_id_of(exc)
     if message.decoded is not None and message.decoded.id is not None:
         doc["id"] = message.decoded.id
     if seq_id:
-        doc[TELEMETRY_SEQ] = seq_id
+        doc[RECORD_ID_NAME] = seq_id
     return orjson.dumps(doc)
 
 

@@ -19,6 +19,16 @@ REQUEST_ID_CHARS = 128
 LABEL_CHARS = 128  # model, version, experiment, variant, prediction
 ERROR_CHARS = 512
 SUBJECT_HASH_CHARS = 32  # the keyed hash is 32 hex digits (service.hash_subject)
+# Where an answer carries the id ("<boot>-<seq>") of the record its request left, named
+# alike on every transport: HTTP's header, gRPC's trailer and response parameter, a
+# stream message's field.
+RECORD_ID_NAME = "x-telemetry-seq"
+
+
+def record_id_of(exc: BaseException) -> str:
+    """The record a failed request left (the data plane sets it on the error), or ""."""
+    value = getattr(exc, "telemetry_seq", "")
+    return value if isinstance(value, str) else ""
 
 
 class Timing(Protocol):
