@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeserve.errors import InvalidInput
 from edgeserve.protocol.types import InferInput
-from edgeserve.serving.registry import ModelVersion, no_rows
+from edgeserve.serving.registry import ModelVersion, check_batch
 
 
 def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
@@ -43,13 +43,7 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
             raise InvalidInput(
                 f"input '{name}' has shape {list(shape)}, model expects {list(expected)} (-1 = any)"
             )
-        if batch and shape:
-            if shape[0] > batch:
-                raise InvalidInput(
-                    f"input '{name}': batch of {shape[0]} exceeds max_batch_size {batch}"
-                )
-            if shape[0] < 1:
-                raise InvalidInput(no_rows(name))
+        check_batch(name, shape, batch)
 
 
 def _expected(model: ModelVersion) -> str:

@@ -118,13 +118,7 @@ class ModelVersion:
                     f"input '{spec.name}' has shape {list(array.shape)}, model "
                     f"expects {list(spec.shape)} (-1 = any)"
                 )
-            batch = self.config.max_batch_size
-            if batch and array.shape and array.shape[0] > batch:
-                raise InvalidInput(
-                    f"input '{spec.name}': batch of {array.shape[0]} exceeds max_batch_size {batch}"
-                )
-            if batch and array.shape and array.shape[0] < 1:
-                raise InvalidInput(no_rows(spec.name))
+            check_batch(spec.name, array.shape, self.config.max_batch_size)
             feed[spec.name] = array
         return feed
 
@@ -444,10 +438,19 @@ class Registry:
         return runtime, config
 
 
-def no_rows(name: str) -> str:
-    """Why a batched input of no rows is refused, as Triton does ("batch-size must be
-    >= 1"): there is nothing to compute, and a batcher must not time an empty call."""
-    return f"input '{name}' has 0 rows: the batch dimension (shape[0]) must be at least 1"
+def check_batch(name: str, shape: Sequence[int], max_batch_size: int) -> None:
+    """Refuse (400) a batched input of more rows than `max_batch_size`, or of none (as
+    Triton, "batch-size must be >= 1": nothing to compute, and a batcher must not time an
+    empty call). The declared shape is checked before decoding, the array after."""
+    if max_batch_size and shape:
+        if shape[0] > max_batch_size:
+            raise InvalidInput(
+                f"input '{name}': batch of {shape[0]} exceeds max_batch_size {max_batch_size}"
+            )
+        if shape[0] < 1:
+            raise InvalidInput(
+                f"input '{name}' has 0 rows: the batch dimension (shape[0]) must be at least 1"
+            )
 
 
 def files_digest(files: Mapping[str, bytes], config: ModelConfig) -> str:
