@@ -325,9 +325,8 @@ def verify_bundle(
     # file may have been replaced since; what is opened must be what was verified (and
     # each payload's digest is checked against the signed manifest as it is opened).
     raw = read_bundle(path, policy.max_bundle_bytes, policy.max_file_bytes)
-    if (raw.manifest_bytes, raw.signature) != (head.manifest_bytes, head.signature):
-        raise BundleRejected("changed", "the bundle file changed while it was being verified")
-    if set(raw.payloads) != listed:
+    same = (raw.manifest_bytes, raw.signature) == (head.manifest_bytes, head.signature)
+    if not same or set(raw.payloads) != listed:
         raise BundleRejected("changed", "the bundle file changed while it was being verified")
     files = {
         e.name: _open_payload(manifest, e, raw.payloads[e.name], data_key) for e in manifest.files
