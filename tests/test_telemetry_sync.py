@@ -444,15 +444,11 @@ def test_rows_on_the_wire_are_delivered_and_never_counted_dropped(
             await sync._send(client, rows)
         return rows
 
-    sync = None
     try:
         with receiver(tmp_path / "received.txt") as url:
-            sync = UpstreamSync(store, _upstream(url), "test")
-            rows = asyncio.run(upload(sync))
+            rows = asyncio.run(upload(UpstreamSync(store, _upstream(url), "test")))
         store.submit(lambda c: None).result(30)
     finally:
-        if sync is not None:
-            sync.close()
         store.stop()
     sent = {row["record_id"] for _, row in rows}
     assert len(sent) == 50

@@ -80,7 +80,6 @@ def _attempts(
         return delays
 
     delays = asyncio.run(run())
-    sync.close()
     return delays, sync, seen
 
 
@@ -142,7 +141,6 @@ def test_the_sync_client_does_not_follow_a_redirect(store: TelemetryStore, statu
     try:
         asyncio.run(send_once())
     finally:
-        sync.close()
         server.shutdown()
         server.server_close()
     assert hits == ["/v1/logs"]
@@ -301,7 +299,6 @@ def test_mutual_tls_to_the_collector(
             return await sync._send(client, rows)
 
     delay = asyncio.run(once())
-    sync.close()
     if with_client_cert:
         (upload,) = received()
         assert delay == sync.pace_s(5, len(upload["body"])) and _unsynced(store) == 0

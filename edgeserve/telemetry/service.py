@@ -283,8 +283,6 @@ class Telemetry:
         if not await asyncio.to_thread(self.store.flush, timeout_s):
             log.warning("telemetry flush timed out queued=%d", self.store.backlog_in_memory())
         await asyncio.to_thread(self.store.stop)
-        if self.sync is not None:
-            self.sync.close()
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         return await asyncio.to_thread(self.store.flush, timeout_s)

@@ -320,9 +320,6 @@ class UpstreamSync:
         )
         return taken
 
-    def close(self) -> None:
-        """Nothing to release: the batch is read on the writer's connection."""
-
 
 def take_batch(
     store: TelemetryStore, conn: sqlite3.Connection, limit: int
