@@ -166,27 +166,43 @@ def compare_model(
         name = f"{model}/{folder.name}"
         files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
         rebuilt = {p.name: p.read_bytes() for p in (built / folder.name).iterdir() if p.is_file()}
+        answers = Answers({"committed": files, "rebuilt": rebuilt}, X)
         if "model.onnx" in files:
-            compare_outputs(files, rebuilt, "onnxruntime", X, f"{name}/model.onnx", found)
+            compare_outputs(answers, "onnxruntime", f"{name}/model.onnx", found)
         if "model.xml" in files:
-            label = f"{name}/model.xml + model.bin"
-            compare_outputs(files, rebuilt, "openvino", X, label, found)
+            compare_outputs(answers, "openvino", f"{name}/model.xml + model.bin", found)
         for (row_model, number, backend), figure in figures.items():
             if row_model == model and str(number) == folder.name:
-                compare_accuracy(files, rebuilt, backend, X, y, figure, name, found)
+                compare_accuracy(answers, backend, y, figure, name, found)
 
 
-def compare_outputs(
-    files: dict[str, bytes],
-    rebuilt: dict[str, bytes],
-    backend: str,
-    X: np.ndarray,
-    label: str,
-    found: Behaviour,
-) -> None:
+class Answers:
+    """Each side's outputs on the held-out rows, per backend, run once: the output and the
+    accuracy comparisons read the same runs."""
+
+    def __init__(self, sides: dict[str, dict[str, bytes]], X: np.ndarray) -> None:
+        self.sides = sides  # "committed" and "rebuilt": a version folder's files each
+        self._X = X
+        self._runs: dict[tuple[str, str], dict[str, np.ndarray] | Exception] = {}
+
+    def of(self, side: str, backend: str) -> dict[str, np.ndarray]:
+        """The outputs of `side` on `backend`; raises what the runtime raised."""
+        key = (side, backend)
+        if key not in self._runs:
+            try:
+                self._runs[key] = run(self.sides[side], backend, self._X)
+            except Exception as error:  # kept: both comparisons see the same failure
+                self._runs[key] = error
+        result = self._runs[key]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def compare_outputs(answers: Answers, backend: str, label: str, found: Behaviour) -> None:
     """Probabilities within PROBABILITY_ATOL and labels equal on LABEL_AGREEMENT of rows."""
     try:
-        ours, theirs = run(files, backend, X), run(rebuilt, backend, X)
+        ours, theirs = answers.of("committed", backend), answers.of("rebuilt", backend)
     except Exception as error:  # a file the runtime refuses is a difference, not a crash
         found.problems.append(f"{label}: does not run on {backend}: {str(error).splitlines()[0]}")
         return
@@ -218,20 +234,13 @@ def compare_outputs(
 
 
 def compare_accuracy(
-    files: dict[str, bytes],
-    rebuilt: dict[str, bytes],
-    backend: str,
-    X: np.ndarray,
-    y: np.ndarray,
-    figure: str,
-    name: str,
-    found: Behaviour,
+    answers: Answers, backend: str, y: np.ndarray, figure: str, name: str, found: Behaviour
 ) -> None:
     """Both files' held-out accuracy on `backend`, to the digits the README reports."""
     digits = len(figure.split(".")[1])
-    for which, blobs in (("committed", files), ("rebuilt", rebuilt)):
+    for which, blobs in answers.sides.items():
         try:
-            accuracy = float(np.mean(run(blobs, backend, X)["label"] == y))
+            accuracy = float(np.mean(answers.of(which, backend)["label"] == y))
         except Exception:  # reported by compare_outputs
             continue
         if f"{accuracy:.{digits}f}" != figure:
