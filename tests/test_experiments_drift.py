@@ -124,6 +124,20 @@ def test_a_drift_alert_resolves_when_its_version_stops_being_checked(tmp_path: P
     assert "prediction drift model=digits version=2 state=resolved" in server.log()
 
 
+def _baseline_then_forget(client: httpx.Client, rng: np.random.Generator) -> None:
+    """Version 2's first 250 rows from subject "early" (its baseline), 60 more for the
+    first check, then "early" forgotten: the rows the baseline came from are gone."""
+    _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
+    _infer(client, "2", X[rng.integers(len(X), size=60)])
+    wait_until(
+        lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
+        60,
+        "the first check of version 2 (its baseline taken)",
+    )
+    forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
+    assert forgotten.status_code == 200, forgotten.text
+
+
 def test_the_baseline_stays_the_versions_first_requests_when_those_rows_go(
     tmp_path: Path,
 ) -> None:
@@ -132,15 +146,7 @@ def test_the_baseline_stays_the_versions_first_requests_when_those_rows_go(
     rng = np.random.default_rng(3)
     firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
     with run_server(tmp_path, CONFIG) as server, httpx.Client(base_url=server.url) as client:
-        _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
-        _infer(client, "2", X[rng.integers(len(X), size=60)])
-        wait_until(
-            lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
-            60,
-            "the first check of version 2 (its baseline taken)",
-        )
-        forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
-        assert forgotten.status_code == 200, forgotten.text
+        _baseline_then_forget(client, rng)
         _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)  # faded ink
         wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
         check = _check(client, "2")
@@ -153,15 +159,7 @@ def test_the_saved_baseline_outlives_a_restart(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     firing = 'edgeserve_alerts_firing{rule="prediction_drift:digits/2"} 1.0'
     with run_server(tmp_path, CONFIG) as first, httpx.Client(base_url=first.url) as client:
-        _infer(client, "2", X[rng.integers(len(X), size=250)], {"x-user-id": "early"})
-        _infer(client, "2", X[rng.integers(len(X), size=60)])
-        wait_until(
-            lambda: (c := _check(client, "2")) is not None and c["live"] == 60,
-            60,
-            "the first check of version 2 (its baseline taken)",
-        )
-        forgotten = client.post("/api/telemetry/forget", json={"subject": "early"})
-        assert forgotten.status_code == 200, forgotten.text
+        _baseline_then_forget(client, rng)
     with run_server(tmp_path, CONFIG) as second, httpx.Client(base_url=second.url) as client:
         _infer(client, "2", X[rng.integers(len(X), size=250)] * 0.5)  # faded ink
         wait_until(lambda: firing in client.get("/metrics").text, 60, "the drift alert")
