@@ -278,6 +278,8 @@ def test_the_scrape_config_scrapes_a_real_server_with_its_token(tmp_path: Path) 
                     reply = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2)
                 except httpx.TransportError:
                     return None
+                if reply.status_code != 200:  # 503 "Service Unavailable" while it starts
+                    return None
                 targets = reply.json()["data"]["activeTargets"]
                 done = [t for t in targets if t["health"] != "unknown"]
                 return done[0] if done else None
