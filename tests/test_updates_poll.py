@@ -138,3 +138,26 @@ def test_index_urls_resolve_against_the_index_and_oversized_entries_are_skipped(
     }
     entries = parse_index(doc, "https://updates.example/fleet/index.json", 1000)
     assert [e.url for e in entries] == ["https://updates.example/fleet/b/m-1.bundle"]
+
+
+def test_a_cut_download_the_index_no_longer_offers_is_removed_not_kept_forever(
+    tmp_path: Path, host: BundleHost
+) -> None:
+    """A download cut short is kept to resume; once the index offers a newer version (or
+    the model is no longer served here) nothing will resume it, and each such leftover
+    would hold up to max_bundle_bytes of disk for good."""
+    kit = UpdateKit(tmp_path)
+    v4 = kit.bundle(4, source=2).read_bytes()
+    host.files = {"/b/digits-4.bundle": v4}
+    index = {"bundles": [_entry("digits", 4, "/b/digits-4.bundle", v4)]}
+    host.files["/index.json"] = json.dumps(index).encode()
+    incoming = kit.state_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    superseded = incoming / "poll-digits-3.part"  # v3 was offered once and cut short
+    unserved = incoming / "poll-retired-7.part"  # a model this box no longer serves
+    superseded.write_bytes(b"x" * 1000)
+    unserved.write_bytes(b"y" * 1000)
+    config = kit.config(watch_window_s=600.0, poll_url=f"{host.url}/index.json")
+    with run_server(tmp_path, config) as server:
+        wait_for(lambda: served_version(server.url) == "4", 60, "the polled version")
+    assert sorted(p.name for p in incoming.iterdir()) == []

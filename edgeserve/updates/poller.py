@@ -10,8 +10,10 @@ The index is a static JSON document at `[updater] poll_url`::
 catches a corrupt transfer early). For each model this box serves, the newest entry
 newer than anything installed before is downloaded into `<state_dir>/incoming/`,
 resuming an interrupted download with a Range request, then installed like an
-upload. Failures back off exponentially (1 s, 2 s, 4 s ... up to the poll interval); a
-bundle the store refused is not fetched again.
+upload. A cut download nothing will resume (a newer version is offered or installed, the
+model is no longer served here) is removed at the next poll. Failures back off
+exponentially (1 s, 2 s, 4 s ... up to the poll interval); a bundle the store refused is
+not fetched again.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_INDEX_BYTES = 1024 * 1024
 FIRST_BACKOFF_S = 1.0
 TIMEOUT_S = 30.0
+PART_PREFIX, PART_SUFFIX = "poll-", ".part"  # a download in <state_dir>/incoming/
 
 Install = Callable[[Path, str, str], Awaitable[Any]]
 
@@ -133,11 +136,14 @@ class BundlePoller:
                 best = newest.get(entry.model)
                 if entry.model in wanted and (best is None or entry.version > best.version):
                     newest[entry.model] = entry
-            installed = []
+            due = []
             for entry in newest.values():
                 seen = await asyncio.to_thread(self._versions_seen, entry.model)
-                if entry.version <= seen or (entry.model, entry.version) in self.refused:
-                    continue
+                if entry.version > seen and (entry.model, entry.version) not in self.refused:
+                    due.append(entry)
+            self._forget_parts({self._part_path(e) for e in due})
+            installed = []
+            for entry in due:
                 path = await self._download(client, entry)
                 try:
                     await self._install(path, entry.model, f"polled from {self.index_url}")
@@ -154,6 +160,19 @@ class BundlePoller:
                     path.unlink(missing_ok=True)
                 installed.append(entry)
             return installed
+
+    def _part_path(self, entry: IndexEntry) -> Path:
+        """Where `entry` is downloaded to (kept across restarts, to resume)."""
+        return self.incoming / f"{PART_PREFIX}{entry.model}-{entry.version}{PART_SUFFIX}"
+
+    def _forget_parts(self, resumable: set[Path]) -> None:
+        """Remove cut downloads this poll will not resume (a newer version is offered or
+        installed, the model is no longer served): each could hold up to max_bytes of
+        disk for good. Only after the index was read, so a failed poll keeps them all."""
+        for path in self.incoming.glob(f"{PART_PREFIX}*{PART_SUFFIX}"):
+            if path not in resumable:
+                log.info("removing a download the index no longer offers path=%s", path)
+                path.unlink(missing_ok=True)
 
     async def _get_index(self, client: httpx.AsyncClient) -> list[IndexEntry]:
         body = bytearray()
@@ -173,7 +192,7 @@ class BundlePoller:
     async def _download(self, client: httpx.AsyncClient, entry: IndexEntry) -> Path:
         """The bundle file, complete and checked; an interrupted download resumes later."""
         self.incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.incoming / f"poll-{entry.model}-{entry.version}.part"
+        path = self._part_path(entry)
         have = path.stat().st_size if path.exists() else 0
         if have > entry.size:
             path.unlink()
