@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from edgeserve.experiments.observations import observe
 from edgeserve.experiments.report import build_report
 from edgeserve.experiments.router import ExperimentRouter
 from edgeserve.experiments.settings import ExperimentSettings
+from updater.fsync import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -180,22 +179,7 @@ class ExperimentService:
             },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".experiments-")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(doc, out, indent=1)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
 
     # -- API ----------------------------------------------------------------------
     def get(self, exp_id: str) -> Experiment:
