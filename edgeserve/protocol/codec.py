@@ -22,7 +22,7 @@ from edgeserve.protocol.types import (
     InferResponse,
     RequestedOutput,
 )
-from edgeserve.runtime.datatypes import V2_TO_NUMPY, v2_datatype_of
+from edgeserve.runtime.datatypes import NUMPY_TO_V2, V2_TO_NUMPY, v2_datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
 _NUMBER_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float"}
@@ -60,19 +60,19 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         inputs.append(tensor)
     if offset != len(binary):
         raise InvalidInput("binary data is longer than the inputs' binary_data_size")
-    names = [t.name for t in inputs]
-    if len(set(names)) != len(names):
+    if len(inputs) > 1 and len({t.name for t in inputs}) != len(inputs):
         raise InvalidInput("input names must be unique")
     parameters = _parameters(doc.get("parameters"), "request")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
+    outputs = doc.get("outputs")
     return InferRequest(
         id=request_id,
         inputs=inputs,
-        outputs=_decode_outputs(doc.get("outputs")),
+        outputs=None if outputs is None else _decode_outputs(outputs),
         parameters=parameters,
-        binary_output=flag(parameters, "binary_data_output", "request") or False,
+        binary_output=bool(parameters) and bool(flag(parameters, "binary_data_output", "request")),
         decoder=decode_input_data,
         limits=limits,
     )
@@ -104,8 +104,10 @@ def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[I
     if dtype is None:
         raise InvalidInput(f"input '{name}': unknown datatype {str(datatype)[:32]!r}")
     shape, count = checked_shape(raw.get("shape"), name, limits)
-    params = _parameters(raw.get("parameters"), f"input '{name}'")
-    size = params.get("binary_data_size")
+    params = raw.get("parameters")
+    size = None
+    if params is not None:
+        size = _parameters(params, f"input '{name}'").get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or size > len(binary):
             raise InvalidInput(f"input '{name}': binary_data_size is outside the body")
@@ -167,6 +169,8 @@ def _array_from_json(
         raise InvalidInput(
             f"input '{name}': data must be a flat or nested list of numbers"
         ) from None
+    if parsed.dtype == dtype:  # e.g. INT64 token ids: nothing to check or convert
+        return parsed
     kind = _NUMBER_KINDS.get(parsed.dtype.kind)
     if kind is None and parsed.size:
         raise InvalidInput(f"input '{name}': data for {datatype} must be numbers")
@@ -258,7 +262,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     blobs: list[bytes] = []
     for out in response.outputs:
         array = out.data
-        datatype = v2_datatype_of(array)
+        datatype = NUMPY_TO_V2.get(array.dtype) or v2_datatype_of(array)  # the call names a miss
         entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(array.shape)}
         if out.binary:
             blob = _binary_of(array, datatype)
