@@ -26,6 +26,9 @@ from edgeserve.runtime.datatypes import NUMPY_TO_V2, V2_TO_NUMPY, v2_datatype_of
 
 HEADER_LENGTH = "inference-header-content-length"
 _NUMBER_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float"}
+# Past this a body's two bracket scans (~0.6 ns a byte) cost more than walking a usual
+# request (~3.5 us): 25-40 % of orjson.loads on a flat tensor.
+_COUNTED_BYTES = 4096
 
 
 def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits) -> InferRequest:
@@ -43,9 +46,10 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         raise InvalidInput(f"request body is not valid JSON: {_short(exc)}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
-    # A document nests no deeper than the brackets it opens (two C scans, far cheaper than
-    # the walk): a usual request opens a handful, so only one that opens more is walked.
-    if head.count(b"[") + head.count(b"{") > limits.max_json_depth:
+    # A document nests no deeper than the brackets it opens: a small one is counted (two C
+    # scans, cheaper than the walk), and walked only if it opens more. A large one is mostly
+    # tensor numbers, which the scans would read byte by byte and the walk skips.
+    if len(head) > _COUNTED_BYTES or head.count(b"[") + head.count(b"{") > limits.max_json_depth:
         _check_depth(doc, limits.max_json_depth)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
