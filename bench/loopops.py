@@ -3,6 +3,7 @@
     python -m bench.loopops                  # digits, shipped configuration, 16 connections
     python -m bench.loopops --top 40         # + the functions that run the most of them
     python -m bench.loopops --tree /tmp/base      # another checkout's edgeserve (in-process)
+    python -m bench.loopops --model-dir /tmp/edgeserve-models/minilm   # a model built elsewhere
 
 On a box shared with other sessions the loop's CPU per request (bench/loopcpu.py) moves
 by 20 % or more between rounds, more than most single changes to the request path. Here
@@ -93,7 +94,7 @@ async def _measure(args: argparse.Namespace) -> None:
     from edgeserve.config.loader import load_settings
     from edgeserve.server import _guarded_httptools, build_served_app
 
-    folder = servers.ROOT / "models" / args.model
+    folder = args.model_dir or servers.ROOT / "models" / args.model
     specs = workload.signature(folder, args.version, "onnxruntime")
     body = workload.bodies(specs, workload.sample_rows(folder, specs))[0]
     tmp = Path(tempfile.mkdtemp(prefix="loopops-"))
@@ -106,7 +107,7 @@ async def _measure(args: argparse.Namespace) -> None:
     )
     token = create_token(state, ["infer"], 3600, "bench", "edgeserve-local", "edgeserve")
     request = (
-        f"POST {PATH.format(model=args.model)} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+        f"POST {PATH.format(model=folder.name)} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
         f"Content-Type: application/json\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
@@ -181,7 +182,7 @@ async def _measure(args: argparse.Namespace) -> None:
 
     print(
         f"edgeserve from {Path(edgeserve.__file__).parent.parent}: "
-        f"{args.model} v{args.version}, {args.connections} connections, {requests} requests: "
+        f"{folder.name} v{args.version}, {args.connections} connections, {requests} requests: "
         f"{tracer.total / requests:.0f} bytecodes/req on the loop thread "
         f"(main-thread CPU {cpu_us:.1f} µs/req untraced)"
     )
@@ -193,6 +194,11 @@ async def _measure(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits", help="a folder of models/")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="a model folder built elsewhere, e.g. /tmp/edgeserve-models/minilm (over --model)",
+    )
     parser.add_argument("--version", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--requests", type=int, default=1600)

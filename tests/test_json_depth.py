@@ -40,3 +40,29 @@ def test_nesting_beyond_the_limit_is_refused_and_within_it_answered(
 def test_brackets_inside_strings_do_not_make_a_request_deep(server: RunningServer) -> None:
     reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=_request("[" * 100))
     assert reply.status_code == 200, reply.text
+
+
+LARGE = "x" * 64 * 1024  # a body past the size that is walked instead of counted
+
+
+@pytest.mark.parametrize(("levels", "status"), [(13, 200), (14, 400)])
+def test_a_large_request_is_walked_for_its_depth(
+    server: RunningServer, levels: int, status: int
+) -> None:
+    # "parameters", its "note" object and 13 lists make 16
+    note = {"pad": LARGE, "deep": _nested(levels)}
+    reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=_request(note))
+    assert reply.status_code == status, reply.text
+    if status == 400:
+        assert "nested deeper than 16 levels" in reply.json()["error"]
+
+
+def test_a_large_request_nested_too_deep_in_its_tensor_data_is_refused(
+    server: RunningServer,
+) -> None:
+    # 1,024 rows of one value: the root, "inputs", the input, the rows and 13 more lists
+    rows = [[0.0]] * 1023 + [_nested(13)]
+    request = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1024, 1], "data": rows}]}
+    reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=request)
+    assert reply.status_code == 400, reply.text
+    assert "nested deeper than 16 levels" in reply.json()["error"]

@@ -152,6 +152,9 @@ BAD_TENSORS = [
     ("float dimension", {"shape": [1.5, 64]}, 400, "non-negative integers"),
     ("data not a list", {"data": "abc"}, 400, "'data' must be a list"),
     ("ragged nesting", {"data": [[0.0] * 64, [0.0]]}, 400, "do not match shape"),
+    ("nesting past rank 8", {"data": [[[[[[[[[0.0] * 64]]]]]]]]}, 400, "deeper than the rank"),
+    ("nested strings", {"data": [["1"] * 64]}, 400, "must be numbers"),
+    ("nested nulls", {"data": [[None] * 64]}, 400, "must be numbers"),
     # Integer data is range-checked while decoding, before the model's datatype is looked
     # at; the declared shape fits the model, which is checked first (before any decoding).
     ("INT8 value 300", {"datatype": "INT8", "data": [300] + [0] * 63}, 400, "out of range"),
@@ -168,7 +171,26 @@ BAD_TENSORS = [
         400,
         "must be integers",
     ),
+    ("nested INT8 value 300", {"datatype": "INT8", "data": [[300] + [0] * 63]}, 400, "range"),
 ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [[0.5] * 64],  # rows as lists
+        [[0.5] * 32, [0.5] * 32],  # another regular nesting of the same 64 numbers
+        [[0.5] * 63, [0.5]],  # ragged rows: read in row-major order all the same
+        [[[0.5] * 8] * 4, [0.5] * 32],
+    ],
+    ids=["rows", "regular", "ragged", "mixed depth"],
+)
+def test_nested_data_answers_as_flat_data_does(server: RunningServer, data: list) -> None:
+    url = f"{server.url}/v2/models/digits/infer"
+    flat = httpx.post(url, json=_infer_body(data=[0.5] * 64), timeout=10)
+    nested = httpx.post(url, json=_infer_body(data=data), timeout=10)
+    assert flat.status_code == nested.status_code == 200, nested.text
+    assert nested.json()["outputs"] == flat.json()["outputs"]
 
 
 def _assert_error(reply: httpx.Response, status: int, fragment: str) -> None:
