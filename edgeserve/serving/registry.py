@@ -26,7 +26,7 @@ from edgeserve.serving.batcher import BatchPolicy, build_scheduler
 from edgeserve.serving.cache import CachedScheduler, ResponseCache
 from edgeserve.serving.repository import ModelConfig
 from edgeserve.serving.scheduler import RunResult, Scheduler
-from edgeserve.serving.statistics import BatchStats, VersionStats
+from edgeserve.serving.statistics import VersionStats
 from edgeserve.serving.verdicts import Passed
 
 log = logging.getLogger(__name__)
@@ -155,22 +155,8 @@ class ModelVersion:
         except Exception:
             self.stats.fail.add(time.perf_counter() - started + input_s)
             raise
-        stats = self.stats
-        stats.success.add(time.perf_counter() - started + input_s)
-        stats.last_inference_ms = int(time.time() * 1000)
-        if result.cached:
-            return result
-        stats.queue.add(result.queue_s)
-        stats.compute_input.add(input_s + result.input_s)
-        stats.compute_infer.add(result.compute_s)
-        stats.compute_output.add(result.output_s)
-        stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
-        stats.execution_count += result.executions  # 0 when merged into another's call
-        if result.executions:
-            batch = stats.batches.setdefault(result.batch_size, BatchStats())
-            batch.compute_input.add(result.input_s)
-            batch.compute_infer.add(result.compute_s)
-            batch.compute_output.add(result.output_s)
+        rows = next(iter(feed.values())).shape[0] if feed else 1
+        self.stats.succeeded(time.perf_counter() - started + input_s, input_s, result, rows)
         return result
 
 
