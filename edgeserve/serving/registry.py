@@ -193,6 +193,10 @@ class Registry:
         # folders without model.toml (a file dropped in must not take the server out)
         self._excused: set[str] = set()
         self._derived: set[str] = set()
+        # What `get(name)` answered, while nothing has changed since: every request that
+        # names no version asks, and the answer moves only with the methods below, each
+        # of which forgets it (`_moved`).
+        self._defaults: dict[str, ModelVersion] = {}
         self.changing = asyncio.Lock()  # one repository change (load, unload, reload) at a time
         # Called after a version is loaded or retired (app.py: the GC heap settler).
         self.on_change: Callable[[], None] | None = None
@@ -200,6 +204,10 @@ class Registry:
     # -- lookup -----------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         """The version to serve; the default version when `version` is None."""
+        if version is None:
+            remembered = self._defaults.get(name)
+            if remembered is not None:
+                return remembered
         statuses = self._status.get(name)
         if statuses is None:
             raise ModelNotFound(f"unknown model '{name}'")
@@ -212,6 +220,8 @@ class Registry:
             number = parsed
         loaded = self._versions.get(name, {}).get(number)
         if loaded is not None:
+            if version is None:
+                self._defaults[name] = loaded
             return loaded
         status = statuses.get(number)
         if status is None:
@@ -229,6 +239,7 @@ class Registry:
             self._default_override.pop(name, None)
         else:
             self._default_override[name] = version
+        self._moved()
 
     def default_version(self, name: str) -> int:
         override = self._default_override.get(name)
@@ -293,6 +304,7 @@ class Registry:
         statuses = self._status.setdefault(name, {})
         for v in versions:
             statuses.setdefault(v, VersionStatus(VersionState.LOADING))
+        self._moved()
 
     async def load(
         self,
@@ -327,6 +339,7 @@ class Registry:
             log.error("model load failed model=%s version=%s reason=%r", name, version, str(exc))
             if version not in self._versions.get(name, {}):
                 self._status[name][version] = VersionStatus(VersionState.UNAVAILABLE, str(exc))
+                self._moved()
             return None
         if derive:
             log.info("model config derived model=%s version=%s %s", name, version, describe(config))
@@ -342,6 +355,7 @@ class Registry:
         old = self._versions.setdefault(name, {}).get(version)
         self._versions[name][version] = loaded
         self._status[name][version] = VersionStatus(VersionState.READY)
+        self._moved()
         log.info("model ready model=%s version=%s backend=%s", name, version, runtime.backend)
         if old is not None:
             await self._retire(old)
@@ -362,6 +376,7 @@ class Registry:
         self._status[name] = {
             v: VersionStatus(VersionState.UNAVAILABLE, UNLOADED) for v in self._status[name]
         }
+        self._moved()
         for version in old.values():
             await self._retire(version)
         if old:
@@ -374,6 +389,7 @@ class Registry:
         for version, status in list(statuses.items()):
             if status.reason == UNLOADED:
                 del statuses[version]
+        self._moved()
 
     def settle(self, name: str) -> None:
         """After an explicit load: `name` counts for readiness again once its default
@@ -388,6 +404,7 @@ class Registry:
     async def unload(self, name: str, version: int) -> None:
         old = self._versions.get(name, {}).pop(version, None)
         self._status.get(name, {}).pop(version, None)
+        self._moved()
         if old is not None:
             await self._retire(old)
             self._changed()
@@ -398,6 +415,11 @@ class Registry:
                 await v.scheduler.close()
                 v.runtime.close()
         self._versions.clear()
+        self._moved()
+
+    def _moved(self) -> None:
+        """The versions, their states or a default changed: `get` asks afresh."""
+        self._defaults.clear()
 
     def _changed(self) -> None:
         if self.on_change is not None:
