@@ -106,7 +106,7 @@ class ModelVersion:
         the arrays in the model's input order."""
         key = tuple([(name, datatype, array.shape) for name, (datatype, array) in named.items()])
         if key in self._inputs_passed:
-            return {spec.name: named[spec.name][1] for spec in self.runtime.inputs}
+            return {name: named[name][1] for name in self._inputs}  # the model's order
         feed = self._checked_inputs(named)
         self._inputs_passed.add(key)
         return feed

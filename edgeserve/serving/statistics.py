@@ -67,13 +67,11 @@ class VersionStats:
         self.last_inference_ms = int(time.time() * 1000)
         if result.cached:
             return
-        queue_ns = int(result.queue_s * 1e9)
-        call_input_ns = int(result.input_s * 1e9)
-        infer_ns = int(result.compute_s * 1e9)
+        infer_ns = int(result.compute_s * 1e9)  # the batch entry's too
         output_ns = int(result.output_s * 1e9)
         counter = self.queue
         counter.count += 1
-        counter.ns += queue_ns
+        counter.ns += int(result.queue_s * 1e9)
         counter = self.compute_input
         counter.count += 1
         counter.ns += int((input_s + result.input_s) * 1e9)
@@ -92,7 +90,7 @@ class VersionStats:
                 batch = self.batches[result.batch_size] = BatchStats()
             counter = batch.compute_input
             counter.count += 1
-            counter.ns += call_input_ns
+            counter.ns += int(result.input_s * 1e9)
             counter = batch.compute_infer
             counter.count += 1
             counter.ns += infer_ns
