@@ -81,6 +81,31 @@ def test_a_declared_batch_over_max_batch_size_is_refused_before_its_data_is_read
     assert "exceeds max_batch_size 64" in refused.value.details()
 
 
+# A declaration the checks passed before, then the same names and shapes with other
+# faults: a remembered pass must let none of them through, with the usual error each.
+REMEMBERED_DECLARATION_FAULTS = [
+    ({"datatype": "INT32", "data": [0] * 64}, "must be FP32, got INT32"),
+    ({"shape": [1, 63], "data": [0] * 63}, "has shape [1, 63], model expects [-1, 64]"),
+    ({"shape": [0, 64], "data": []}, "has 0 rows"),
+    ({"data": [0] * 63}, "63 elements do not match shape [1, 64]"),
+    ({"name": "other"}, "unknown input 'other'"),
+]
+
+
+@pytest.mark.parametrize(("change", "error"), REMEMBERED_DECLARATION_FAULTS)
+def test_a_remembered_pass_of_the_checks_lets_no_other_fault_through(
+    both: tuple[RunningServer, str], change: dict, error: str
+) -> None:
+    server, _ = both
+    good = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}
+    url = f"{server.url}/v2/models/digits/infer"
+    for _ in range(2):  # the second time from the remembered pass
+        assert httpx.post(url, json={"inputs": [good]}).status_code == 200
+        reply = httpx.post(url, json={"inputs": [{**good, **change}]})
+        assert reply.status_code == 400
+        assert error in reply.json()["error"]
+
+
 # -- unknown names ---------------------------------------------------------------------
 
 

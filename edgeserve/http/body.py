@@ -27,7 +27,10 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
     """The whole body, refusing it as soon as it is known to exceed `max_bytes`; a
     client that disconnects meanwhile is `ClientClosed` (499), not a server error.
     Reads the request's stream once, as Starlette's `Request.body()` would."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    headers = request.headers
+    encoding = headers.get("content-encoding", "identity")
+    if encoding != "identity":  # the usual case, without the header
+        encoding = encoding.strip().lower()
     inflate = None
     if encoding not in ("identity", ""):
         if not accept_compressed:
@@ -39,7 +42,7 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
                 f"Content-Encoding {encoding[:20]} is not supported (gzip or deflate)"
             )
         inflate = zlib.decompressobj(_WBITS[encoding])
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None:
         length = parse_uint(declared)
         if length is None:

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -138,11 +139,12 @@ def _encoded(served: Served) -> RestAnswer:
 
 async def _read_request(request: Request) -> InferRequest:
     """The body's envelope and tensor headers (JSON, or the binary tensor extension)."""
-    _check_content_type(request)
+    headers = request.headers
+    _check_content_type(headers)
     state = request.app.state
     limits = state.settings.limits
     body = await read_body(request, limits.max_body_bytes, limits.accept_compressed)
-    header = request.headers.get(HEADER_LENGTH)
+    header = headers.get(HEADER_LENGTH)
     length = None
     if header is not None:
         length = parse_uint(header)
@@ -209,8 +211,11 @@ _BODY_TYPES = (
 )
 
 
-def _check_content_type(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def _check_content_type(headers: Headers) -> None:
+    media = headers.get("content-type", "")
+    if media in _BODY_TYPES:  # as most clients send it
+        return
+    media = media.split(";", 1)[0].strip().lower()
     if media not in _BODY_TYPES:
         raise UnsupportedMediaType(
             f"content type {media[:40]!r} is not accepted; send application/json "

@@ -35,15 +35,15 @@ def checked_shape(raw: object, name: str, limits: DecodeLimits) -> tuple[tuple[i
         raise InvalidInput(
             f"input '{name}': rank {len(raw)} exceeds the limit of {limits.max_tensor_rank}"
         )
+    max_elements = limits.max_tensor_elements
     count = 1
     for d in raw:
         if type(d) is not int or d < 0:
             raise InvalidInput(f"input '{name}': shape must hold non-negative integers")
         count *= d
         # each dimension too: beside a 0 the count stays 0 whatever the others say
-        if count > limits.max_tensor_elements or d > limits.max_tensor_elements:
+        if count > max_elements or d > max_elements:
             raise PayloadTooLarge(
-                f"input '{name}': shape {raw} exceeds the limit of "
-                f"{limits.max_tensor_elements} elements"
+                f"input '{name}': shape {raw} exceeds the limit of {max_elements} elements"
             )
     return tuple(raw), count

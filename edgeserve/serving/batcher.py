@@ -89,7 +89,7 @@ class BatchPolicy:
 def batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> Hashable:
     """Requests with equal keys can be concatenated along axis 0 into one call."""
     return (
-        tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
+        tuple([(n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())]),
         tuple(outputs) if outputs else None,
     )
 
@@ -121,12 +121,13 @@ class _Pending:
         outputs: Sequence[str] | None,
         deadline: float | None,
         future: asyncio.Future[RunResult],
+        rows: int,
     ) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.deadline = deadline
         self.future = future
-        self.rows = rows_of(inputs)
+        self.rows = rows  # rows_of(inputs)
         self.key = batch_key(inputs, outputs)
         self.enqueued = time.perf_counter()
         self.timer: asyncio.TimerHandle | None = None
@@ -179,13 +180,15 @@ class DynamicBatcher:
         # One slot's speed (rows/s) per batch-size class (1, 2-3, 4-7, ...), moving averages:
         # a queue drains in big batches, so its wait is estimated at the best speed seen.
         self._slot_rows_per_s: dict[int, float] = {}
+        self._best_rows_per_s = 0.0  # the best of them (0 until a batch is timed)
         self._slots = 0  # slots working for this batcher (computing or taking a batch)
         self._computing = 0  # slots inside a runtime call
         self._running_requests = 0
         # How late the event loop took the last batch's results: when it is busier than
         # it can keep up with, computed results wait there, not in the queue.
         self._delivery_lag_s = 0.0
-        self._offered = OfferedLoad()  # rows/s asked of this version, refused ones too
+        # Rows/s asked of this version, refused ones too: only read with an overload budget.
+        self._offered = OfferedLoad() if policy.overload_queue_wait_s else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._idle: asyncio.Event | None = None
@@ -203,26 +206,27 @@ class DynamicBatcher:
         """
         if self._refusal(1) is None:
             return False
-        self._offered.offer(1, time.perf_counter())
+        if self._offered is not None:
+            self._offered.offer(1, time.perf_counter())
         return True
 
     def _overloaded(self) -> bool:
         """Offered clearly more rows than the slots compute (edgeserve/serving/offered_load.py),
         with an overload budget to apply. A closed loop of clients never offers more than
         it is answered, so it is never overloaded however many clients there are."""
-        policy = self._policy
-        speeds = self._slot_rows_per_s
-        if not policy.overload_queue_wait_s or not speeds:
+        offered = self._offered
+        if offered is None or not self._best_rows_per_s:
             return False
-        capacity = max(speeds.values()) * policy.max_concurrent
-        return self._offered.exceeds(capacity, time.perf_counter())
+        capacity = self._best_rows_per_s * self._policy.max_concurrent
+        return offered.exceeds(capacity, time.perf_counter())
 
     def _wait_budget_s(self) -> float:
         """How long a newcomer may wait: overload_queue_wait_s while overloaded (then a
         longer queue only adds latency, not throughput), else max_queue_wait_s."""
-        if self._overloaded():
-            return self._policy.overload_queue_wait_s
-        return self._policy.max_queue_wait_s
+        policy = self._policy
+        if policy.overload_queue_wait_s and self._overloaded():
+            return policy.overload_queue_wait_s
+        return policy.max_queue_wait_s
 
     def _refuse_stale(self) -> None:
         """Under the lock, while overloaded: refuse (429) the queued requests that have
@@ -283,11 +287,12 @@ class DynamicBatcher:
             age_s = time.perf_counter() - queue[0].enqueued
         except IndexError:  # a slot took the last request meanwhile
             return False
-        if age_s > wait_s + self._policy.max_queue_delay_s:
+        policy = self._policy
+        if age_s > wait_s + policy.max_queue_delay_s:
             return True
-        if not self._slot_rows_per_s:
+        if not self._best_rows_per_s:
             return False
-        rate = max(self._slot_rows_per_s.values()) * self._policy.max_concurrent
+        rate = self._best_rows_per_s * policy.max_concurrent
         return (self._queued_rows + rows) / rate > wait_s
 
     def _batch_rows(self) -> int:
@@ -299,7 +304,8 @@ class DynamicBatcher:
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None, deadline: float | None
     ) -> RunResult:
         rows = rows_of(inputs)
-        self._offered.offer(rows, time.perf_counter())
+        if self._offered is not None:
+            self._offered.offer(rows, time.perf_counter())
         refusal = self._refusal(rows)
         if refusal is not None:
             raise Overloaded(refusal, headers=RETRY_AFTER)
@@ -310,7 +316,7 @@ class DynamicBatcher:
                 raise DeadlineExceeded("the request's deadline passed before it could run")
         if self._runs_inline(rows):
             return self._run_inline(inputs, outputs, rows)
-        pending = _Pending(inputs, outputs, deadline, loop.create_future())
+        pending = _Pending(inputs, outputs, deadline, loop.create_future(), rows)
         if deadline is not None:
             pending.timer = loop.call_later(remaining, _expire, pending)
         with self._lock:
@@ -576,10 +582,10 @@ class DynamicBatcher:
                 speed = r.batch_size / r.compute_s
                 size_class = r.batch_size.bit_length()
                 with self._lock:
-                    old = self._slot_rows_per_s.get(size_class)
-                    self._slot_rows_per_s[size_class] = (
-                        speed if not old else 0.8 * old + 0.2 * speed
-                    )
+                    speeds = self._slot_rows_per_s
+                    old = speeds.get(size_class)
+                    speeds[size_class] = speed if not old else 0.8 * old + 0.2 * speed
+                    self._best_rows_per_s = max(speeds.values())
 
     async def close(self) -> None:
         """Refuse new requests, then return once queued and running work has finished.

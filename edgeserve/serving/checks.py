@@ -1,5 +1,7 @@
 """Cheap checks of a request's declared tensor headers against the model, made before
-any tensor data is turned into numpy (a request the model would refuse costs nothing)."""
+any tensor data is turned into numpy (a request the model would refuse costs nothing).
+A declaration the model version has passed before is not checked again
+(edgeserve/serving/verdicts.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,19 @@ def check_declared(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
     key), or one whose declared rank, fixed dims or batch do not fit. (The datatype is
     checked with the data, so that a value out of range is named as such.) A batched
     input of 0 rows is refused too."""
+    key = tuple([(tensor.name, tensor.shape) for tensor in inputs])
+    passed = model.declared_passed
+    if key in passed:
+        return
+    _check_each(model, inputs)
+    passed.add(key)
+
+
+def _check_each(model: ModelVersion, inputs: Sequence[InferInput]) -> None:
+    """check_declared's rules, one input at a time."""
     specs = model.inputs
     batch = model.config.max_batch_size
-    for tensor in inputs:  # plain loops: this runs on every request, on the event loop
+    for tensor in inputs:
         name = tensor.name
         spec = None
         for candidate in specs:

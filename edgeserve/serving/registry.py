@@ -26,7 +26,8 @@ from edgeserve.serving.batcher import BatchPolicy, build_scheduler
 from edgeserve.serving.cache import CachedScheduler, ResponseCache
 from edgeserve.serving.repository import ModelConfig
 from edgeserve.serving.scheduler import RunResult, Scheduler
-from edgeserve.serving.statistics import BatchStats, VersionStats
+from edgeserve.serving.statistics import VersionStats
+from edgeserve.serving.verdicts import Passed
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class ModelVersion:
     def __post_init__(self) -> None:
         self._inputs = {s.name: s for s in self.runtime.inputs}
         self._outputs = {s.name for s in self.runtime.outputs}
+        self.declared_passed = Passed()  # edgeserve/serving/checks.py's check_declared
+        self._inputs_passed = Passed()  # check_inputs: (name, datatype, shape) per input
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -99,7 +102,17 @@ class ModelVersion:
         return self.runtime.outputs
 
     def check_inputs(self, named: Mapping[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Match request tensors (name -> (datatype, array)) to the model's signature."""
+        """Match request tensors (name -> (datatype, array)) to the model's signature;
+        the arrays in the model's input order."""
+        key = tuple([(name, datatype, array.shape) for name, (datatype, array) in named.items()])
+        if key in self._inputs_passed:
+            return {name: named[name][1] for name in self._inputs}  # the model's order
+        feed = self._checked_inputs(named)
+        self._inputs_passed.add(key)
+        return feed
+
+    def _checked_inputs(self, named: Mapping[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """check_inputs' rules, one input at a time."""
         for name in named:
             if name not in self._inputs:
                 raise InvalidInput(
@@ -142,22 +155,8 @@ class ModelVersion:
         except Exception:
             self.stats.fail.add(time.perf_counter() - started + input_s)
             raise
-        stats = self.stats
-        stats.success.add(time.perf_counter() - started + input_s)
-        stats.last_inference_ms = int(time.time() * 1000)
-        if result.cached:
-            return result
-        stats.queue.add(result.queue_s)
-        stats.compute_input.add(input_s + result.input_s)
-        stats.compute_infer.add(result.compute_s)
-        stats.compute_output.add(result.output_s)
-        stats.inference_count += next(iter(feed.values())).shape[0] if feed else 1
-        stats.execution_count += result.executions  # 0 when merged into another's call
-        if result.executions:
-            batch = stats.batches.setdefault(result.batch_size, BatchStats())
-            batch.compute_input.add(result.input_s)
-            batch.compute_infer.add(result.compute_s)
-            batch.compute_output.add(result.output_s)
+        rows = next(iter(feed.values())).shape[0] if feed else 1
+        self.stats.succeeded(time.perf_counter() - started + input_s, input_s, result, rows)
         return result
 
 
@@ -194,6 +193,10 @@ class Registry:
         # folders without model.toml (a file dropped in must not take the server out)
         self._excused: set[str] = set()
         self._derived: set[str] = set()
+        # What `get(name)` answered, while nothing has changed since: every request that
+        # names no version asks, and the answer moves only with the methods below, each
+        # of which forgets it (`_moved`).
+        self._defaults: dict[str, ModelVersion] = {}
         self.changing = asyncio.Lock()  # one repository change (load, unload, reload) at a time
         # Called after a version is loaded or retired (app.py: the GC heap settler).
         self.on_change: Callable[[], None] | None = None
@@ -201,6 +204,10 @@ class Registry:
     # -- lookup -----------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
         """The version to serve; the default version when `version` is None."""
+        if version is None:
+            remembered = self._defaults.get(name)
+            if remembered is not None:
+                return remembered
         statuses = self._status.get(name)
         if statuses is None:
             raise ModelNotFound(f"unknown model '{name}'")
@@ -213,6 +220,8 @@ class Registry:
             number = parsed
         loaded = self._versions.get(name, {}).get(number)
         if loaded is not None:
+            if version is None:
+                self._defaults[name] = loaded
             return loaded
         status = statuses.get(number)
         if status is None:
@@ -230,6 +239,7 @@ class Registry:
             self._default_override.pop(name, None)
         else:
             self._default_override[name] = version
+        self._moved()
 
     def default_version(self, name: str) -> int:
         override = self._default_override.get(name)
@@ -294,6 +304,7 @@ class Registry:
         statuses = self._status.setdefault(name, {})
         for v in versions:
             statuses.setdefault(v, VersionStatus(VersionState.LOADING))
+        self._moved()
 
     async def load(
         self,
@@ -328,6 +339,7 @@ class Registry:
             log.error("model load failed model=%s version=%s reason=%r", name, version, str(exc))
             if version not in self._versions.get(name, {}):
                 self._status[name][version] = VersionStatus(VersionState.UNAVAILABLE, str(exc))
+                self._moved()
             return None
         if derive:
             log.info("model config derived model=%s version=%s %s", name, version, describe(config))
@@ -343,6 +355,7 @@ class Registry:
         old = self._versions.setdefault(name, {}).get(version)
         self._versions[name][version] = loaded
         self._status[name][version] = VersionStatus(VersionState.READY)
+        self._moved()
         log.info("model ready model=%s version=%s backend=%s", name, version, runtime.backend)
         if old is not None:
             await self._retire(old)
@@ -363,6 +376,7 @@ class Registry:
         self._status[name] = {
             v: VersionStatus(VersionState.UNAVAILABLE, UNLOADED) for v in self._status[name]
         }
+        self._moved()
         for version in old.values():
             await self._retire(version)
         if old:
@@ -375,6 +389,7 @@ class Registry:
         for version, status in list(statuses.items()):
             if status.reason == UNLOADED:
                 del statuses[version]
+        self._moved()
 
     def settle(self, name: str) -> None:
         """After an explicit load: `name` counts for readiness again once its default
@@ -389,6 +404,7 @@ class Registry:
     async def unload(self, name: str, version: int) -> None:
         old = self._versions.get(name, {}).pop(version, None)
         self._status.get(name, {}).pop(version, None)
+        self._moved()
         if old is not None:
             await self._retire(old)
             self._changed()
@@ -399,6 +415,11 @@ class Registry:
                 await v.scheduler.close()
                 v.runtime.close()
         self._versions.clear()
+        self._moved()
+
+    def _moved(self) -> None:
+        """The versions, their states or a default changed: `get` asks afresh."""
+        self._defaults.clear()
 
     def _changed(self) -> None:
         if self.on_change is not None:

@@ -59,6 +59,8 @@ def request_deadline(timeout_ms: object = None, timeout_us: object = None) -> fl
     `timeout_ms` comes from the X-Request-Timeout-Ms header (or a gRPC deadline),
     `timeout_us` from Triton's `timeout` request parameter (microseconds); the shorter wins.
     """
+    if timeout_ms is None and timeout_us is None:  # most requests: no deadline
+        return None
     budgets = []
     for raw, scale, where in (
         (timeout_ms, 1e-3, "X-Request-Timeout-Ms"),

@@ -7,7 +7,12 @@ request (`ModelVersion.infer`); documents.py turns them into the protocol's docu
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgeserve.serving.scheduler import RunResult
 
 
 @dataclass
@@ -46,3 +51,49 @@ class VersionStats:
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)  # runtime calls by batch size
     shed: int = 0  # refused with 429 before the endpoint ran (http/shedding.py)
+
+    def succeeded(self, total_s: float, input_s: float, result: RunResult, rows: int) -> None:
+        """One request the scheduler answered, counted as Triton does: a success of
+        `total_s`; unless the cache answered it, one count of each compute stage (the
+        caller's `input_s`, decoding, is compute_input's too), its `rows`, and its
+        runtime call's batch entry when the call is charged to it.
+
+        The counters are moved here, not with `Counter.add`: the same arithmetic, in one
+        call per request instead of up to eight (each request pays them on the event loop).
+        """
+        counter = self.success
+        counter.count += 1
+        counter.ns += int(total_s * 1e9)
+        self.last_inference_ms = int(time.time() * 1000)
+        if result.cached:
+            return
+        infer_ns = int(result.compute_s * 1e9)  # the batch entry's too
+        output_ns = int(result.output_s * 1e9)
+        counter = self.queue
+        counter.count += 1
+        counter.ns += int(result.queue_s * 1e9)
+        counter = self.compute_input
+        counter.count += 1
+        counter.ns += int((input_s + result.input_s) * 1e9)
+        counter = self.compute_infer
+        counter.count += 1
+        counter.ns += infer_ns
+        counter = self.compute_output
+        counter.count += 1
+        counter.ns += output_ns
+        self.inference_count += rows
+        executions = result.executions  # 0 when merged into another request's call
+        if executions:
+            self.execution_count += executions
+            batch = self.batches.get(result.batch_size)
+            if batch is None:
+                batch = self.batches[result.batch_size] = BatchStats()
+            counter = batch.compute_input
+            counter.count += 1
+            counter.ns += int(result.input_s * 1e9)
+            counter = batch.compute_infer
+            counter.count += 1
+            counter.ns += infer_ns
+            counter = batch.compute_output
+            counter.count += 1
+            counter.ns += output_ns
