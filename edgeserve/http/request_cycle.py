@@ -28,7 +28,10 @@ a read that cannot take the client's time: a small body arrives with its headers
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
+
+_COLON = b": "
 
 
 class _Capture:
@@ -159,7 +162,8 @@ def cycle_protocol(base: type) -> type:
             self.response_started = True
             self.waiting_for_100_continue = False
             status = answer.status
-            lines = [b"%s: %s" % header for header in (*self.default_headers, *answer.headers)]
+            # "name: value" per header, joined in C (a comprehension cost ~50 bytecodes)
+            lines = list(map(_COLON.join, chain(self.default_headers, answer.headers)))
             # uvicorn's value check, on all the lines at once: a control character in any
             # of them (names and ": " have none) is one in some value.
             joined = b"\t".join(lines)
