@@ -359,6 +359,9 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # thousands of connections in the timer heap.
         _read_deadline = 0.0  # the next bytes of a request must arrive by then
         _head_deadline = 0.0  # the request's line and headers must be complete by then
+        # An idle keep-alive connection is closed then: uvicorn's keep-alive timeout,
+        # which armed a timer after every response and cancelled it on the next bytes.
+        _idle_deadline = 0.0
         _deadline_timer: asyncio.TimerHandle | None = None
         _counted_as: str | None = None  # the client address this connection is counted under
 
@@ -392,8 +395,18 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self.transport.close()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._counted_as is not None and not self.transport.is_closing():
+            """Uvicorn's, with its keep-alive timer one of this connection's deadlines."""
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self.flow.resume_reading()
+            if self.pipeline:  # the next pipelined request starts
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._idle_deadline = self.loop.time() + self.timeout_keep_alive
+                self._check_by(self._idle_deadline)
+            if self._counted_as is not None:
                 idle[self] = None  # last in the eviction order: idle since now
 
         def _release(self) -> None:
@@ -426,13 +439,14 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._release()
-            self._read_deadline = self._head_deadline = 0.0
+            self._read_deadline = self._head_deadline = self._idle_deadline = 0.0
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
                 self._deadline_timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            self._idle_deadline = 0.0  # as uvicorn cancels its keep-alive timer
             if self._read_deadline:  # a request is arriving: the clock restarts
                 self._read_deadline = self.loop.time() + read_timeout_s
             super().data_received(data)
@@ -455,15 +469,20 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
-            super().on_url(url)
+            self.url += url  # uvicorn's on_url
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            # `_count` written out: this runs for every header of every request
+            # `_count` written out, and uvicorn's on_header after it rather than called:
+            # this runs for every header of every request
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > max_head_bytes:
                 self._too_large = True
                 raise _HeadersTooLarge  # httptools turns this into a parser error: 431
-            super().on_header(name, value)
+            name = name.lower()
+            value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 5.5)
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
 
         def on_message_complete(self) -> None:
             self._disarm()
@@ -511,8 +530,11 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 )
             elif self._read_deadline and now >= self._read_deadline:
                 self._cut_off("slow client disconnected after read_timeout_s=%s", read_timeout_s)
+            elif self._idle_deadline and now >= self._idle_deadline:
+                self.timeout_keep_alive_handler()  # uvicorn's: closed without a log line
             else:  # deadlines moved on (or ended) since the timer was set
-                pending = [d for d in (self._read_deadline, self._head_deadline) if d]
+                deadlines = (self._read_deadline, self._head_deadline, self._idle_deadline)
+                pending = [d for d in deadlines if d]
                 if pending:
                     self._check_by(min(pending))
 
