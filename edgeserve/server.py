@@ -333,7 +333,11 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     trickling a byte just inside the read timeout cannot hold a connection for long;
     and caps on open connections, per client address (503 and close) and in all (the
     longest-idle connection is closed for a newcomer; 503 when none is idle)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    import urllib.parse
+
+    import httptools
+    from uvicorn.protocols.http.flow_control import service_unavailable
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     from edgeserve.http.request_cycle import cycle_protocol
     from edgeserve.http.shedding import shedding_protocol
@@ -341,6 +345,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     max_head_bytes = settings.limits.max_header_bytes
     read_timeout_s = settings.server.read_timeout_s
     head_timeout_s = settings.server.request_head_timeout_s
+    first_timeout_s = min(read_timeout_s, head_timeout_s)  # the earlier of a request's two
     max_total = connection_cap(settings.server.max_connections)
     max_per_client = settings.server.max_connections_per_client
     log.info("connection caps total=%d per_client=%d", max_total, max_per_client)
@@ -364,6 +369,8 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         _idle_deadline = 0.0
         _deadline_timer: asyncio.TimerHandle | None = None
         _counted_as: str | None = None  # the client address this connection is counted under
+        # The class of the request cycles: uvicorn's, or edgeserve/http/request_cycle.py's.
+        cycle_class: type = RequestResponseCycle
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -452,17 +459,72 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             super().data_received(data)
 
         def on_message_begin(self) -> None:
-            super().on_message_begin()
+            # uvicorn's written in (as the other parser callbacks: a call less per request)
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
+            self.scope = {  # type: ignore[typeddict-item]
+                "type": "http",
+                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": "1.1",
+                "server": self.server,
+                "client": self.client,
+                "scheme": self.scheme,  # type: ignore[typeddict-item]
+                "root_path": self.root_path,
+                "headers": self.headers,
+                "state": self.app_state.copy(),
+            }
             self._head_bytes = 0
             now = self.loop.time()
             self._read_deadline = now + read_timeout_s
             self._head_deadline = now + head_timeout_s
-            self._check_by(min(self._read_deadline, self._head_deadline))
+            self._check_by(now + first_timeout_s)
 
         def on_headers_complete(self) -> None:
+            """Uvicorn's, written in, making a `cycle_class` cycle and starting its task."""
             idle.pop(self, None)  # a request is being served: not evicted for a newcomer
-            self._head_done()
-            super().on_headers_complete()
+            self._head_deadline = 0.0
+            parser = self.parser
+            http_version = parser.get_http_version()
+            scope = self.scope
+            scope["method"] = parser.get_method().decode("ascii")
+            if http_version != "1.1":
+                scope["http_version"] = http_version
+            if parser.should_upgrade() and self._should_upgrade():
+                return
+            parsed_url = httptools.parse_url(self.url)
+            raw_path = parsed_url.path
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            scope["path"] = self.root_path + path
+            scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+            scope["query_string"] = parsed_url.query or b""
+            limit = self.limit_concurrency
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+                app = service_unavailable
+                self.logger.warning("Exceeded concurrency limit.")
+            else:
+                app = self.app
+            existing = self.cycle
+            self.cycle = cycle = self.cycle_class(
+                scope=scope,
+                transport=self.transport,
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=asyncio.Event(),
+                expect_100_continue=self.expect_100_continue,
+                keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+                on_response=self.on_response_complete,
+            )
+            if existing is None or existing.response_complete:
+                self._start_asgi_task(cycle, app)
+            else:  # pipelined: queued until the answers before it are written
+                self.flow.pause_reading()
+                self.pipeline.appendleft((cycle, app))
 
         def _head_done(self) -> None:
             self._head_deadline = 0.0

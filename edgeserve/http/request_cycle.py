@@ -83,7 +83,8 @@ def _tokens(value: bytes) -> list[bytes]:
 
 
 def cycle_protocol(base: type) -> type:
-    """Uvicorn's httptools protocol `base`, whose request cycles are the ones above."""
+    """Uvicorn's httptools protocol `base`, whose request cycles are the ones above
+    (`base` makes its cycles of `cycle_class`, as edgeserve/server.py's guard does)."""
     from uvicorn.protocols.http.httptools_impl import (
         HEADER_VALUE_RE,
         STATUS_LINE,
@@ -199,9 +200,6 @@ def cycle_protocol(base: type) -> type:
             self.on_response()
 
     class CycleProtocol(base):  # type: ignore[misc, valid-type]
-        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-            if type(cycle) is RequestResponseCycle:
-                cycle.__class__ = Cycle  # every request, pipelined ones too
-            super()._start_asgi_task(cycle, app)
+        cycle_class = Cycle  # every request's, pipelined ones too (edgeserve/server.py)
 
     return CycleProtocol
