@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
+from operator import itemgetter, methodcaller
 from typing import Any
 
 import psutil
@@ -325,6 +326,11 @@ class _HeadersTooLarge(Exception):
     pass
 
 
+_name = itemgetter(0)
+_value = itemgetter(1)
+_rstrip_ows = methodcaller("rstrip", b" \t")
+
+
 def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
     bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
@@ -484,6 +490,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             """Uvicorn's, written in, making a `cycle_class` cycle and starting its task."""
             idle.pop(self, None)  # a request is being served: not evicted for a newcomer
             self._head_deadline = 0.0
+            self._headers_read()
             parser = self.parser
             http_version = parser.get_http_version()
             scope = self.scope
@@ -500,6 +507,8 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             scope["path"] = self.root_path + path
             scope["raw_path"] = self.root_path.encode("ascii") + raw_path
             scope["query_string"] = parsed_url.query or b""
+            if self._answered_in_parser():
+                return
             limit = self.limit_concurrency
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
                 app = service_unavailable
@@ -526,24 +535,37 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 self.flow.pause_reading()
                 self.pipeline.appendleft((cycle, app))
 
-        def _head_done(self) -> None:
-            self._head_deadline = 0.0
+        def _headers_read(self) -> None:
+            """What uvicorn's on_header does to each header, done for them all at once in
+            C: names lower-cased, trailing whitespace off values (llhttp keeps it; RFC 9110
+            5.5 excludes it), `Expect: 100-continue` noted."""
+            headers = self.headers
+            headers[:] = zip(
+                map(bytes.lower, map(_name, headers)),
+                map(_rstrip_ows, map(_value, headers)),
+                strict=True,
+            )
+            if b"expect" in map(_name, headers):
+                for name, value in headers:
+                    if name == b"expect" and value.lower() == b"100-continue":
+                        self.expect_100_continue = True
+
+        def _answered_in_parser(self) -> bool:
+            """Whether the request was answered from the parser (edgeserve/http/shedding.py
+            says so), so that no cycle is made for it."""
+            return False
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
             self.url += url  # uvicorn's on_url
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            # `_count` written out, and uvicorn's on_header after it rather than called:
-            # this runs for every header of every request
+            # `_count` written out: this runs for every header of every request. Uvicorn's
+            # own on_header is done for all headers at once by `_headers_read`.
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > max_head_bytes:
                 self._too_large = True
                 raise _HeadersTooLarge  # httptools turns this into a parser error: 431
-            name = name.lower()
-            value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 5.5)
-            if name == b"expect" and value.lower() == b"100-continue":
-                self.expect_100_continue = True
             self.headers.append((name, value))
 
         def on_message_complete(self) -> None:
