@@ -18,7 +18,7 @@ protocol writes without any ASGI when the request's body is all there
 
 from __future__ import annotations
 
-from operator import itemgetter, methodcaller
+from operator import methodcaller
 from typing import Any
 
 from starlette.applications import Starlette
@@ -113,8 +113,11 @@ class _AttributeState(State):
     read about eleven of the app's (`state.registry`, `.pipeline`, `.recorder`...) and
     its own principal."""
 
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_state", {} if state is None else state)
+
     def __setattr__(self, key: Any, value: Any) -> None:
-        super().__setattr__(key, value)
+        self._state[key] = value  # State's own, written in: the principal, per request
         object.__setattr__(self, key, value)
 
     def __delattr__(self, key: Any) -> None:
@@ -139,9 +142,9 @@ class _IndexedHeaders(Headers):
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._list = raw  # what Headers' other methods (items, getlist) read
-        names = map(_LATIN1, map(itemgetter(0), reversed(raw)))
-        values = map(_LATIN1, map(itemgetter(1), reversed(raw)))
-        index = dict(zip(names, values, strict=True))  # reversed: the first of a repeated name wins
+        names, values = zip(*reversed(raw), strict=True) if raw else ((), ())
+        # reversed: the first of a repeated name wins
+        index = dict(zip(map(_LATIN1, names), map(_LATIN1, values), strict=True))
         self._index = index
         self._repeated = len(index) != len(raw)  # getlist must then see them all
         self.get = index.get  # type: ignore[method-assign]
@@ -172,13 +175,14 @@ class _InferRequest(Request):
     client: Address | None = None
     state: State = None  # type: ignore[assignment]
     receive: Receive = None  # type: ignore[assignment]
+    # Request's own, as Request.__init__ sets them: methods that change them set their own
+    _send = staticmethod(empty_send)
+    _stream_consumed = _is_disconnected = False
+    _form = None
 
     def __init__(self, scope: Scope, receive: Receive, app: Any) -> None:
         self.scope = scope
         self._receive = self.receive = receive
-        self._send = empty_send
-        self._stream_consumed = self._is_disconnected = False
-        self._form = None
         self.app = app
         self.headers = _IndexedHeaders(scope["headers"])
         client = scope.get("client")
