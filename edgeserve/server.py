@@ -342,7 +342,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     import urllib.parse
 
     import httptools
-    from uvicorn.protocols.http.flow_control import service_unavailable
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     from edgeserve.http.request_cycle import cycle_protocol
@@ -376,6 +376,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         _deadline_timer: asyncio.TimerHandle | None = None
         _counted_as: str | None = None  # the client address this connection is counted under
         # The class of the request cycles: uvicorn's, or edgeserve/http/request_cycle.py's.
+        _parser_answer: bytes | None = None  # see `_answer_from_parser`
         cycle_class: type = RequestResponseCycle
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -507,7 +508,9 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             scope["path"] = self.root_path + path
             scope["raw_path"] = self.root_path.encode("ascii") + raw_path
             scope["query_string"] = parsed_url.query or b""
-            if self._answered_in_parser():
+            answer = self._answer_from_parser()
+            if answer is not None:  # written once the body is read; no cycle, no task
+                self._parser_answer = answer
                 return
             limit = self.limit_concurrency
             if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
@@ -550,10 +553,11 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                     if name == b"expect" and value.lower() == b"100-continue":
                         self.expect_100_continue = True
 
-        def _answered_in_parser(self) -> bool:
-            """Whether the request was answered from the parser (edgeserve/http/shedding.py
-            says so), so that no cycle is made for it."""
-            return False
+        def _answer_from_parser(self) -> bytes | None:
+            """A whole response for the request whose head was just read, to be written
+            from the parser once its body is read (edgeserve/http/shedding.py's 429s);
+            None to have the app answer it."""
+            return None
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
@@ -568,9 +572,39 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 raise _HeadersTooLarge  # httptools turns this into a parser error: 431
             self.headers.append((name, value))
 
+        def on_body(self, body: bytes) -> None:
+            # uvicorn's written in, with the body of a request answered from the parser
+            # dropped unread
+            if self._parser_answer is not None:
+                return
+            if (self.parser.should_upgrade() and self._should_upgrade()) or (
+                self.cycle.response_complete  # (no cycle is made for an upgrade)
+            ):
+                return
+            cycle = self.cycle
+            cycle.body += body
+            if len(cycle.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
+
         def on_message_complete(self) -> None:
-            self._disarm()
-            super().on_message_complete()
+            # uvicorn's written in, and the answer of a request answered from the parser
+            self._read_deadline = 0.0
+            answer = self._parser_answer
+            if answer is not None:
+                self._parser_answer = None
+                self.transport.write(answer)
+                if self.parser.should_keep_alive():
+                    self.on_response_complete()  # keep-alive, flow control, counters
+                else:
+                    self.transport.close()
+                return
+            if (self.parser.should_upgrade() and self._should_upgrade()) or (
+                self.cycle.response_complete
+            ):
+                return
+            self.cycle.more_body = False
+            self.cycle.message_event.set()
 
         def send_400_response(self, msg: str) -> None:
             if not self._too_large:
@@ -592,9 +626,6 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def _arm(self) -> None:
             self._read_deadline = self.loop.time() + read_timeout_s
             self._check_by(self._read_deadline)
-
-        def _disarm(self) -> None:
-            self._read_deadline = 0.0
 
         def _check_by(self, when: float) -> None:
             """Have the timer fire by `when`; an earlier one already pending is kept."""

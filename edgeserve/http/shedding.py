@@ -124,7 +124,7 @@ def leave(scope: Scope) -> None:
 
 def shedding_protocol(base: type) -> type:
     """Edgeserve's httptools protocol `base` (edgeserve/server.py's parser guard, which asks
-    `_answered_in_parser` once a head is read), answering the same 429s without any ASGI.
+    `_answer_from_parser` once a head is read), answering the same 429s without any ASGI.
 
     The middleware above still costs a request task, the Starlette call and the outer
     middlewares: about a third of serving the small model. Here the refusal is written
@@ -143,11 +143,9 @@ def shedding_protocol(base: type) -> type:
     }
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
-        _shedding: bytes | None = None  # the canned 429 of the request being shed
-
-        def _answered_in_parser(self) -> bool:
+        def _answer_from_parser(self) -> bytes | None:
             """Called by edgeserve/server.py's parser guard once the request's head is read
-            (method, path and headers in its scope): True when it is shed here."""
+            (method, path and headers in its scope): the canned 429 when it is shed."""
             scope = self.scope
             if (
                 scope["method"] == "POST"
@@ -158,28 +156,8 @@ def shedding_protocol(base: type) -> type:
             ):
                 body = shed(scope["path"], self.app, scope)  # the path the app will route
                 if body is not None:
-                    self._shedding = canned[body]
-                    return True
+                    return canned[body]
                 scope[SHED_TESTED] = True  # type: ignore[literal-required]
-            return False
-
-        def on_body(self, body: bytes) -> None:
-            if self._shedding is None:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            response = self._shedding
-            if response is None:
-                super().on_message_complete()
-                return
-            self._shedding = None
-            disarm = getattr(self, "_disarm", None)  # server.py's read-timeout guard
-            if disarm is not None:
-                disarm()
-            self.transport.write(response)
-            if self.parser.should_keep_alive():
-                self.on_response_complete()  # keep-alive timer, flow control, counters
-            else:
-                self.transport.close()
+            return None
 
     return SheddingProtocol
