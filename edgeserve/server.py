@@ -463,7 +463,17 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self._idle_deadline = 0.0  # as uvicorn cancels its keep-alive timer
             if self._read_deadline:  # a request is arriving: the clock restarts
                 self._read_deadline = self.loop.time() + read_timeout_s
-            super().data_received(data)
+            try:  # uvicorn's, written in
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
             # uvicorn's written in (as the other parser callbacks: a call less per request)
@@ -505,8 +515,9 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             path = raw_path.decode("ascii")
             if "%" in path:
                 path = urllib.parse.unquote(path)
-            scope["path"] = self.root_path + path
-            scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+            root = self.root_path
+            scope["path"] = root + path if root else path
+            scope["raw_path"] = root.encode("ascii") + raw_path if root else raw_path
             scope["query_string"] = parsed_url.query or b""
             answer = self._answer_from_parser()
             if answer is not None:  # written once the body is read; no cycle, no task
@@ -560,12 +571,15 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             return None
 
         def on_url(self, url: bytes) -> None:
-            self._count(len(url))
+            # the head-bytes cap, written out in both callbacks: they run for every request
+            self._head_bytes += len(url)
+            if self._head_bytes > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
             self.url += url  # uvicorn's on_url
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            # `_count` written out: this runs for every header of every request. Uvicorn's
-            # own on_header is done for all headers at once by `_headers_read`.
+            # Uvicorn's own on_header is done for all headers at once by `_headers_read`.
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > max_head_bytes:
                 self._too_large = True
@@ -616,12 +630,6 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
             self.transport.close()
-
-        def _count(self, n: int) -> None:
-            self._head_bytes += n
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431 above
 
         def _arm(self) -> None:
             self._read_deadline = self.loop.time() + read_timeout_s

@@ -75,7 +75,7 @@ class EdgeserveApp(Starlette):
             scope["headers"], self._max_headers, self._max_header_bytes
         ):
             return None
-        return match.group(1), match.group(2)
+        return match.groups()  # type: ignore[return-value]  # (model, version or None)
 
     async def answer_infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
