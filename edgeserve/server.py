@@ -375,9 +375,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         _idle_deadline = 0.0
         _deadline_timer: asyncio.TimerHandle | None = None
         _counted_as: str | None = None  # the client address this connection is counted under
-        # The class of the request cycles: uvicorn's, or edgeserve/http/request_cycle.py's.
         _parser_answer: bytes | None = None  # see `_answer_from_parser`
-        cycle_class: type = RequestResponseCycle
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -498,7 +496,7 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self._check_by(now + first_timeout_s)
 
         def on_headers_complete(self) -> None:
-            """Uvicorn's, written in, making a `cycle_class` cycle and starting its task."""
+            """Uvicorn's, written in, making a `_new_cycle` and starting its task."""
             idle.pop(self, None)  # a request is being served: not evicted for a newcomer
             self._head_deadline = 0.0
             self._headers_read()
@@ -530,19 +528,8 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             else:
                 app = self.app
             existing = self.cycle
-            self.cycle = cycle = self.cycle_class(
-                scope=scope,
-                transport=self.transport,
-                flow=self.flow,
-                logger=self.logger,
-                access_logger=self.access_logger,
-                access_log=self.access_log,
-                default_headers=self.server_state.default_headers,
-                message_event=asyncio.Event(),
-                expect_100_continue=self.expect_100_continue,
-                keep_alive=http_version != "1.0" and parser.should_keep_alive(),
-                on_response=self.on_response_complete,
-            )
+            keep_alive = http_version != "1.0" and parser.should_keep_alive()
+            self.cycle = cycle = self._new_cycle(scope, keep_alive)
             if existing is None or existing.response_complete:
                 self._start_asgi_task(cycle, app)
             else:  # pipelined: queued until the answers before it are written
@@ -563,6 +550,23 @@ def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 for name, value in headers:
                     if name == b"expect" and value.lower() == b"100-continue":
                         self.expect_100_continue = True
+
+        def _new_cycle(self, scope: Any, keep_alive: bool) -> Any:
+            """The request's cycle, as uvicorn makes it (edgeserve/http/request_cycle.py
+            makes its own)."""
+            return RequestResponseCycle(
+                scope=scope,
+                transport=self.transport,
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=asyncio.Event(),
+                expect_100_continue=self.expect_100_continue,
+                keep_alive=keep_alive,
+                on_response=self.on_response_complete,
+            )
 
         def _answer_from_parser(self) -> bytes | None:
             """A whole response for the request whose head was just read, to be written

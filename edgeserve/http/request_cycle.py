@@ -28,6 +28,7 @@ a read that cannot take the client's time: a small body arrives with its headers
 
 from __future__ import annotations
 
+import asyncio
 from itertools import chain
 from typing import Any
 
@@ -84,7 +85,7 @@ def _tokens(value: bytes) -> list[bytes]:
 
 def cycle_protocol(base: type) -> type:
     """Uvicorn's httptools protocol `base`, whose request cycles are the ones above
-    (`base` makes its cycles of `cycle_class`, as edgeserve/server.py's guard does)."""
+    (`base` makes each cycle with `_new_cycle`, as edgeserve/server.py's guard does)."""
     from uvicorn.protocols.http.httptools_impl import (
         HEADER_VALUE_RE,
         STATUS_LINE,
@@ -94,6 +95,29 @@ def cycle_protocol(base: type) -> type:
 
     class Cycle(RequestResponseCycle):
         _head = b""  # formatted by uvicorn, not yet written
+        # RequestResponseCycle's fields that start the same for every request: class
+        # defaults (uvicorn only ever assigns them), so that a cycle sets only its own
+        disconnected = False
+        more_body = True
+        response_started = False
+        response_complete = False
+        chunked_encoding: bool | None = None
+        expected_content_length = 0
+
+        def __init__(self, protocol: Any, scope: Any, keep_alive: bool) -> None:
+            """RequestResponseCycle's fields, read from the protocol that made it."""
+            self.scope = scope
+            self.transport = protocol.transport
+            self.flow = protocol.flow
+            self.logger = protocol.logger
+            self.access_logger = protocol.access_logger
+            self.access_log = protocol.access_log
+            self.default_headers = protocol.server_state.default_headers
+            self.message_event = asyncio.Event()
+            self.on_response = protocol.on_response_complete
+            self.keep_alive = keep_alive
+            self.waiting_for_100_continue = protocol.expect_100_continue
+            self.body = bytearray()
 
         def receive_would_wait(self) -> bool:
             """Whether `receive()` would wait for the client now."""
@@ -200,6 +224,7 @@ def cycle_protocol(base: type) -> type:
             self.on_response()
 
     class CycleProtocol(base):  # type: ignore[misc, valid-type]
-        cycle_class = Cycle  # every request's, pipelined ones too (edgeserve/server.py)
+        def _new_cycle(self, scope: Any, keep_alive: bool) -> Cycle:
+            return Cycle(self, scope, keep_alive)  # every request's, pipelined ones too
 
     return CycleProtocol
