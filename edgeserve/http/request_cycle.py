@@ -85,7 +85,7 @@ def _tokens(value: bytes) -> list[bytes]:
 
 def cycle_protocol(base: type) -> type:
     """Uvicorn's httptools protocol `base`, whose request cycles are the ones above
-    (`base` makes each cycle with `_new_cycle`, as edgeserve/server.py's guard does)."""
+    (`base` makes each cycle with `_new_cycle`, as edgeserve/http/protocol.py's guard does)."""
     from uvicorn.protocols.http.httptools_impl import (
         HEADER_VALUE_RE,
         STATUS_LINE,

@@ -123,7 +123,7 @@ def leave(scope: Scope) -> None:
 
 
 def shedding_protocol(base: type) -> type:
-    """Edgeserve's httptools protocol `base` (edgeserve/server.py's parser guard, which asks
+    """Edgeserve's httptools protocol `base` (edgeserve/http/protocol.py's parser guard, which asks
     `_answer_from_parser` once a head is read), answering the same 429s without any ASGI.
 
     The middleware above still costs a request task, the Starlette call and the outer
@@ -144,7 +144,7 @@ def shedding_protocol(base: type) -> type:
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
         def _answer_from_parser(self) -> bytes | None:
-            """Called by edgeserve/server.py's parser guard once the request's head is read
+            """Called by edgeserve/http/protocol.py's parser guard once the request's head is read
             (method, path and headers in its scope): the canned 429 when it is shed."""
             scope = self.scope
             if (
