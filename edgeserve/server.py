@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import signal
 import socket
 import ssl
@@ -25,22 +24,11 @@ from starlette.applications import Starlette
 from edgeserve.app import build_app
 from edgeserve.config.loader import ConfigError, Settings
 from edgeserve.http.body_deadline import BodyDeadline
-from edgeserve.http.bounds import CONNECTIONS, CONNECTIONS_PER_CLIENT, BoundsHit
+from edgeserve.http.bounds import BoundsHit
+from edgeserve.http.protocol import guarded_httptools
 from edgeserve.process import systemd_notify
 
 log = logging.getLogger(__name__)
-
-# Descriptors kept free of client connections for the process's own files (models,
-# SQLite, logs, gRPC): the connection cap stays this far below `ulimit -n`.
-FD_RESERVE = 64
-_BUSY_BODY = b'{"error": "too many open connections; retry later"}'
-REFUSED_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-    + str(len(_BUSY_BODY)).encode()
-    + b"\r\n\r\n"
-    + _BUSY_BODY
-)
 
 # TLS 1.2 suites: forward-secret key exchange and AEAD only (1.3's suites all are). ChaCha20
 # for ARM boxes without AES instructions.
@@ -210,14 +198,6 @@ def _log_ready(app: object, settings: Settings, host: str, port: int) -> None:
     )
 
 
-def connection_cap(requested: int) -> int:
-    """`requested`, lowered to keep FD_RESERVE descriptors below the open-file limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return requested
-    return max(1, min(requested, soft - FD_RESERVE))
-
-
 async def serve_uvicorn(
     app: object,
     settings: Settings,
@@ -228,7 +208,7 @@ async def serve_uvicorn(
     """Serve with Uvicorn + httptools (HTTP/1.1 only) until `stop` is set.
 
     Faster per request than Hypercorn on small models (see bench/RESULTS.md); Hypercorn's
-    header cap and slow-client timeout are added back by `_guarded_httptools`.
+    header cap and slow-client timeout are added back by edgeserve/http/protocol.py.
     """
     import uvicorn
 
@@ -237,7 +217,7 @@ async def serve_uvicorn(
         app,  # type: ignore[arg-type]
         host=s.host,
         port=s.port,
-        http=_guarded_httptools(settings, bounds or BoundsHit()),  # type: ignore[arg-type]
+        http=guarded_httptools(settings, bounds or BoundsHit()),  # type: ignore[arg-type]
         ws="wsproto",  # already installed for Hypercorn
         lifespan="on",
         access_log=False,
@@ -321,206 +301,4 @@ def _uvicorn_server_class() -> type:
     return Server
 
 
-class _HeadersTooLarge(Exception):
-    pass
-
-
-def _guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
-    """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
-    bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
-    first one) closes the connection; and one neither has: a request's line and headers
-    must be complete within `request_head_timeout_s` of its first byte, so a client
-    trickling a byte just inside the read timeout cannot hold a connection for long;
-    and caps on open connections, per client address (503 and close) and in all (the
-    longest-idle connection is closed for a newcomer; 503 when none is idle)."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    from edgeserve.http.request_cycle import cycle_protocol
-    from edgeserve.http.shedding import shedding_protocol
-
-    max_head_bytes = settings.limits.max_header_bytes
-    read_timeout_s = settings.server.read_timeout_s
-    head_timeout_s = settings.server.request_head_timeout_s
-    max_total = connection_cap(settings.server.max_connections)
-    max_per_client = settings.server.max_connections_per_client
-    log.info("connection caps total=%d per_client=%d", max_total, max_per_client)
-    open_by_client: dict[str, int] = {}  # client address -> open connections (no zeros)
-    open_total = [0]
-    # Connections between requests or still waiting for a request's head, oldest first:
-    # the ones a newcomer may displace when the total cap is reached.
-    idle: dict[Any, None] = {}
-
-    class GuardedHttpTools(HttpToolsProtocol):
-        _head_bytes = 0
-        _too_large = False
-        # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
-        # a deadline is a float store. A timer per deadline and request (call_later and
-        # cancel each time) took a quarter of the event loop at 4x overload, with
-        # thousands of connections in the timer heap.
-        _read_deadline = 0.0  # the next bytes of a request must arrive by then
-        _head_deadline = 0.0  # the request's line and headers must be complete by then
-        _deadline_timer: asyncio.TimerHandle | None = None
-        _counted_as: str | None = None  # the client address this connection is counted under
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            address = self.client[0] if self.client else ""
-            held = open_by_client.get(address, 0)
-            if held >= max_per_client:
-                self._refuse(CONNECTIONS_PER_CLIENT)
-                return
-            if open_total[0] >= max_total:
-                if not idle:
-                    self._refuse(CONNECTIONS)
-                    return
-                # As nginx reuses idle keep-alive connections: the one idle longest (or
-                # still waiting for its request head) makes room, so slow sockets cannot
-                # lock newcomers such as health checks out.
-                bounds.hit(CONNECTIONS)
-                victim = next(iter(idle))
-                victim._release()
-                victim.transport.close()
-            open_total[0] += 1
-            open_by_client[address] = held + 1
-            self._counted_as = address
-            idle[self] = None
-            self._arm()
-
-        def _refuse(self, bound: str) -> None:
-            bounds.hit(bound)
-            self.transport.write(REFUSED_BUSY)
-            self.transport.close()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._counted_as is not None and not self.transport.is_closing():
-                idle[self] = None  # last in the eviction order: idle since now
-
-        def _release(self) -> None:
-            address = self._counted_as
-            if address is None:
-                return
-            self._counted_as = None
-            idle.pop(self, None)
-            open_total[0] -= 1
-            left = open_by_client[address] - 1
-            if left:
-                open_by_client[address] = left
-            else:
-                del open_by_client[address]
-
-        def handle_websocket_upgrade(self) -> None:
-            """The WebSocket protocol takes the transport over (and gets its
-            `connection_lost`): the connection is released when it ends."""
-            idle.pop(self, None)
-            super().handle_websocket_upgrade()
-            upgraded = self.transport.get_protocol()
-            lost = upgraded.connection_lost
-            release = self._release
-
-            def connection_lost(exc: Exception | None) -> None:
-                release()
-                lost(exc)
-
-            upgraded.connection_lost = connection_lost  # type: ignore[method-assign]
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._release()
-            self._read_deadline = self._head_deadline = 0.0
-            if self._deadline_timer is not None:
-                self._deadline_timer.cancel()
-                self._deadline_timer = None
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._read_deadline:  # a request is arriving: the clock restarts
-                self._read_deadline = self.loop.time() + read_timeout_s
-            super().data_received(data)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._head_bytes = 0
-            now = self.loop.time()
-            self._read_deadline = now + read_timeout_s
-            self._head_deadline = now + head_timeout_s
-            self._check_by(min(self._read_deadline, self._head_deadline))
-
-        def on_headers_complete(self) -> None:
-            idle.pop(self, None)  # a request is being served: not evicted for a newcomer
-            self._head_done()
-            super().on_headers_complete()
-
-        def _head_done(self) -> None:
-            self._head_deadline = 0.0
-
-        def on_url(self, url: bytes) -> None:
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            # `_count` written out: this runs for every header of every request
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
-            super().on_header(name, value)
-
-        def on_message_complete(self) -> None:
-            self._disarm()
-            super().on_message_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            if not self._too_large:
-                return super().send_400_response(msg)
-            body = b'{"error": "request headers are too large"}'
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                b"content-type: application/json\r\nconnection: close\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
-            self.transport.close()
-
-        def _count(self, n: int) -> None:
-            self._head_bytes += n
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431 above
-
-        def _arm(self) -> None:
-            self._read_deadline = self.loop.time() + read_timeout_s
-            self._check_by(self._read_deadline)
-
-        def _disarm(self) -> None:
-            self._read_deadline = 0.0
-
-        def _check_by(self, when: float) -> None:
-            """Have the timer fire by `when`; an earlier one already pending is kept."""
-            timer = self._deadline_timer
-            if timer is not None:
-                if timer.when() <= when:
-                    return
-                timer.cancel()
-            self._deadline_timer = self.loop.call_at(when, self._check_deadlines)
-
-        def _check_deadlines(self) -> None:
-            self._deadline_timer = None
-            now = self.loop.time()
-            if self._head_deadline and now >= self._head_deadline:
-                self._cut_off(
-                    "request head not complete after %ss; connection closed", head_timeout_s
-                )
-            elif self._read_deadline and now >= self._read_deadline:
-                self._cut_off("slow client disconnected after read_timeout_s=%s", read_timeout_s)
-            else:  # deadlines moved on (or ended) since the timer was set
-                pending = [d for d in (self._read_deadline, self._head_deadline) if d]
-                if pending:
-                    self._check_by(min(pending))
-
-        def _cut_off(self, message: str, limit_s: float) -> None:
-            """Close a connection whose client took too long (either deadline)."""
-            if not self.transport.is_closing():
-                log.info(message, limit_s)
-                self.transport.close()
-
-    # A full model's 429s skip the ASGI stack; every other answer is one write.
-    return cycle_protocol(shedding_protocol(GuardedHttpTools))
+_guarded_httptools = guarded_httptools  # the name bench/loopops.py imports (any checkout)

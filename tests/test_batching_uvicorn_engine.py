@@ -51,6 +51,26 @@ def test_oversized_headers_get_431(server: RunningServer) -> None:
     assert reply.status_code == 431
 
 
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /v2/health/live?q=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"431"),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 5000 + b"\r\n\r\n", b"431"),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", b"400"),
+    ],
+    ids=["long url", "long header", "malformed header"],
+)
+def test_a_bad_request_head_is_refused_by_the_parser_and_the_connection_closed(
+    server: RunningServer, head: bytes, status: bytes
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        reply = b""
+        while chunk := sock.recv(65536):  # read until the server closes
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply[:80]
+
+
 def test_slow_client_is_disconnected(server: RunningServer) -> None:
     # The socket's timeout is a deadline for a hang (recv raises), not a speed bound.
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:

@@ -216,3 +216,27 @@ def test_an_http_1_0_client_gets_its_answer_and_the_connection_closes(
         status, _, body = reader.response()
         assert status == 200 and json.loads(body)["model_name"] == "digits"
         assert reader.closed()
+
+
+@pytest.mark.parametrize("send", [_body_with_head, _body_after_continue])
+def test_header_names_are_read_in_any_case_and_values_without_trailing_whitespace(
+    secured: tuple[RunningServer, Path], send: object
+) -> None:
+    """The parser's header handling (names lower-cased, trailing whitespace off values,
+    `Expect: 100-Continue` in any case) is uvicorn's, whichever way the answer is written."""
+    server, state_dir = secured
+    token = _token(state_dir, "infer")
+    head = _head("/v2/models/digits/infer", INFER, token, "X-REQUEST-ID: trailing-ws \t\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        if send is _body_after_continue:
+            head = head.replace(b"\r\n\r\n", b"\r\nExpect: 100-Continue\r\n\r\n")
+            conn.sendall(head)
+            reader = _Reader(conn)
+            assert reader.response()[0] == 100
+            conn.sendall(INFER)
+        else:
+            conn.sendall(head + INFER)
+            reader = _Reader(conn)
+        status, headers, _ = reader.response()
+    assert status == 200
+    assert headers["x-request-id"] == "trailing-ws"

@@ -18,11 +18,12 @@ protocol writes without any ASGI when the request's body is all there
 
 from __future__ import annotations
 
+from operator import methodcaller
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, State
-from starlette.requests import Request
+from starlette.datastructures import Address, Headers, State
+from starlette.requests import Request, empty_send
 from starlette.types import Receive, Scope, Send
 
 from edgeserve.audit.routes import audit_response
@@ -74,7 +75,7 @@ class EdgeserveApp(Starlette):
             scope["headers"], self._max_headers, self._max_header_bytes
         ):
             return None
-        return match.group(1), match.group(2)
+        return match.groups()  # type: ignore[return-value]  # (model, version or None)
 
     async def answer_infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -91,7 +92,7 @@ class EdgeserveApp(Starlette):
         scope["endpoint"] = infer
         params = {"model": model} if version is None else {"model": model, "version": version}
         scope["path_params"] = params
-        answer = await answer_infer(_InferRequest(scope, receive), model, version)
+        answer = await answer_infer(_InferRequest(scope, receive, self), model, version)
         answer.headers += SECURITY_HEADERS
         return answer
 
@@ -112,8 +113,11 @@ class _AttributeState(State):
     read about eleven of the app's (`state.registry`, `.pipeline`, `.recorder`...) and
     its own principal."""
 
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_state", {} if state is None else state)
+
     def __setattr__(self, key: Any, value: Any) -> None:
-        super().__setattr__(key, value)
+        self._state[key] = value  # State's own, written in: the principal, per request
         object.__setattr__(self, key, value)
 
     def __delattr__(self, key: Any) -> None:
@@ -127,31 +131,29 @@ class _AttributeState(State):
         self.__delattr__(key)
 
 
-class _IndexedHeaders(Headers):
-    """Request headers looked up in a dict built once. An inference asks for about eight
-    headers, and Starlette's Headers scans the whole list, lower-casing, for each."""
+_LATIN1 = methodcaller("decode", "latin-1")
 
-    def __init__(self, scope: Scope) -> None:
-        super().__init__(scope=scope)
-        index: dict[str, str] = {}
-        repeated = False
-        for name, value in self._list:  # ASGI header names are lower case
-            key = name.decode("latin-1")
-            if key in index:
-                repeated = True  # first wins here; getlist sees them all
-            else:
-                index[key] = value.decode("latin-1")
+
+class _IndexedHeaders(Headers):
+    """Request headers looked up in a dict built once, in C: an inference asks for about
+    eight headers, and Starlette's Headers scans the whole list, lower-casing, for each.
+    `get` is the dict's own, so a name is looked up as given: the readers of an
+    inference ask in lower case, as ASGI names are (`[]` and `in` still lower-case)."""
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._list = raw  # what Headers' other methods (items, getlist) read
+        names, values = zip(*reversed(raw), strict=True) if raw else ((), ())
+        # reversed: the first of a repeated name wins
+        index = dict(zip(map(_LATIN1, names), map(_LATIN1, values), strict=True))
         self._index = index
-        self._repeated = repeated
+        self._repeated = len(index) != len(raw)  # getlist must then see them all
+        self.get = index.get  # type: ignore[method-assign]
 
     def __getitem__(self, key: str) -> str:
         return self._index[key.lower()]
 
     def __contains__(self, key: Any) -> bool:
         return isinstance(key, str) and key.lower() in self._index
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._index.get(key.lower(), default)
 
     def getlist(self, key: str) -> list[str]:
         """Every value of `key` (the authenticator refuses two Authorization headers)."""
@@ -162,11 +164,28 @@ class _IndexedHeaders(Headers):
 
 
 class _InferRequest(Request):
-    """A Request whose headers are `_IndexedHeaders` and whose state (where the guard
-    leaves the principal) reads as plain attributes, both made up front: Starlette makes
-    them on first use, after a failed `hasattr` each."""
+    """A Request for `routes.answer_infer` whose parts are plain attributes made once:
+    Starlette makes each through a property on every read (`client` a new Address each
+    time) and `headers` and `state` after a failed `hasattr`. Its readers (auth, the
+    body reader, the data plane's meta, the error mapper) use `app`, `headers`,
+    `client`, `state` and `receive`; the rest is Starlette's, read from the scope."""
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
-        super().__init__(scope, receive)
-        self._headers = _IndexedHeaders(scope)
-        self._state = _AttributeState(scope.setdefault("state", {}))
+    app: Any = None
+    headers: Headers = None  # type: ignore[assignment]
+    client: Address | None = None
+    state: State = None  # type: ignore[assignment]
+    receive: Receive = None  # type: ignore[assignment]
+    # Request's own, as Request.__init__ sets them: methods that change them set their own
+    _send = staticmethod(empty_send)
+    _stream_consumed = _is_disconnected = False
+    _form = None
+
+    def __init__(self, scope: Scope, receive: Receive, app: Any) -> None:
+        self.scope = scope
+        self._receive = self.receive = receive
+        self.app = app
+        self.headers = _IndexedHeaders(scope["headers"])
+        client = scope.get("client")
+        self.client = None if client is None else Address(*client)
+        # where the guard leaves the principal, for the audit row
+        self.state = _AttributeState(scope.setdefault("state", {}))

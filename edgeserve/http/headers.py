@@ -3,6 +3,7 @@ way out, header count and size limits on the way in (431 before any routing)."""
 
 from __future__ import annotations
 
+from itertools import chain
 from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,8 +40,10 @@ def header_text(value: str) -> str:
 
 
 def headers_fit(headers: list[tuple[bytes, bytes]], max_headers: int, max_bytes: int) -> bool:
-    """Whether a request's headers are within the count and byte limits (else 431)."""
-    return len(headers) <= max_headers and sum(len(k) + len(v) for k, v in headers) <= max_bytes
+    """Whether a request's headers are within the count and byte limits (else 431).
+    The bytes are summed in C (every name and value's length): this runs for each
+    inference, and a generator over the pairs cost it ~70 bytecodes."""
+    return len(headers) <= max_headers and sum(map(len, chain.from_iterable(headers))) <= max_bytes
 
 
 class HeaderGuard:

@@ -123,7 +123,8 @@ def leave(scope: Scope) -> None:
 
 
 def shedding_protocol(base: type) -> type:
-    """Uvicorn's httptools protocol `base`, answering the same 429s without any ASGI work.
+    """Edgeserve's httptools protocol `base` (edgeserve/http/protocol.py's parser guard, which asks
+    `_answer_from_parser` once a head is read), answering the same 429s without any ASGI.
 
     The middleware above still costs a request task, the Starlette call and the outer
     middlewares: about a third of serving the small model. Here the refusal is written
@@ -142,45 +143,21 @@ def shedding_protocol(base: type) -> type:
     }
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
-        _shedding: bytes | None = None  # the canned 429 of the request being shed
-
-        def on_headers_complete(self) -> None:
+        def _answer_from_parser(self) -> bytes | None:
+            """Called by edgeserve/http/protocol.py's parser guard once the request's head is read
+            (method, path and headers in its scope): the canned 429 when it is shed."""
+            scope = self.scope
             if (
-                self.url.endswith(b"/infer")
+                scope["method"] == "POST"
+                and scope["path"].endswith("/infer")
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and not self.parser.should_upgrade()  # uvicorn may never call the app
-                and self.parser.get_method() == b"POST"
             ):
-                path = self.url.split(b"?", 1)[0].decode("latin-1")
-                body = shed(path, self.app, self.scope)  # the scope the app is called with
+                body = shed(scope["path"], self.app, scope)  # the path the app will route
                 if body is not None:
-                    self._shedding = canned[body]
-                    head_done = getattr(self, "_head_done", None)  # server.py's head deadline
-                    if head_done is not None:
-                        head_done()
-                    return
-                if b"%" not in self.url:  # the path tested is the one the app will route
-                    self.scope[SHED_TESTED] = True  # type: ignore[literal-required]
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if self._shedding is None:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            response = self._shedding
-            if response is None:
-                super().on_message_complete()
-                return
-            self._shedding = None
-            disarm = getattr(self, "_disarm", None)  # server.py's read-timeout guard
-            if disarm is not None:
-                disarm()
-            self.transport.write(response)
-            if self.parser.should_keep_alive():
-                self.on_response_complete()  # keep-alive timer, flow control, counters
-            else:
-                self.transport.close()
+                    return canned[body]
+                scope[SHED_TESTED] = True  # type: ignore[literal-required]
+            return None
 
     return SheddingProtocol
