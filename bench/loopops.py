@@ -4,6 +4,7 @@
     python -m bench.loopops --top 40         # + the functions that run the most of them
     python -m bench.loopops --tree /tmp/base      # another checkout's edgeserve (in-process)
     python -m bench.loopops --model-dir /tmp/edgeserve-models/minilm   # a model built elsewhere
+    python -m bench.loopops --variant auth-off    # a share: shipped minus this variant
 
 On a box shared with other sessions the loop's CPU per request (bench/loopcpu.py) moves
 by 20 % or more between rounds, more than most single changes to the request path. Here
@@ -15,7 +16,12 @@ counts Python work (C calls such as orjson, numpy and the socket are not in it, 
 of it is time), with the loop-lag gate stopped so that the slow traced loop sheds nothing;
 what varies from run to run is how requests fall into batches (and the few the batcher
 still refuses, which are counted). It also prints the main thread's CPU per request
-without the tracer, as noisy as ever. A benchmark, not a test: it asserts nothing.
+without the tracer, as noisy as ever, and the other threads' (the telemetry writer's, the
+rest: runtime and batcher) over those same untraced requests. `--variant` serves a
+departure as `edgeserve bench` does (bench/servers.py: `auth-off` sends no token), so
+that the cost of auth or of telemetry is a difference of two repeatable figures.
+`--packages` adds each edgeserve package's bytecodes. A benchmark, not a test: it
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,6 +42,12 @@ from typing import Any
 from bench import servers
 
 PATH = "/v2/models/{model}/infer"
+VARIANTS = {
+    "shipped": servers.SHIPPED,
+    "auth-off": servers.AUTH_OFF,
+    "telemetry-off": servers.TELEMETRY_OFF,
+}
+WRITER_THREAD = "telemetry-writer"  # edgeserve.telemetry.store's Python thread name
 
 
 class _Transport(asyncio.Transport):
@@ -102,13 +116,15 @@ async def _measure(args: argparse.Namespace) -> None:
     state = tmp / "state"
     init_keys(state)
     config_path = tmp / "edgeserve.toml"
-    config_path.write_text(
-        servers.edgeserve_config(0, "uvicorn", state, repo, variant=servers.SHIPPED)
-    )
-    token = create_token(state, ["infer"], 3600, "bench", "edgeserve-local", "edgeserve")
+    variant = VARIANTS[args.variant]
+    config_path.write_text(servers.edgeserve_config(0, "uvicorn", state, repo, variant=variant))
+    authorization = ""
+    if variant.auth:
+        token = create_token(state, ["infer"], 3600, "bench", "edgeserve-local", "edgeserve")
+        authorization = f"Authorization: Bearer {token}\r\n"
     request = (
         f"POST {PATH.format(model=folder.name)} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-        f"Content-Type: application/json\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\n{authorization}"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -159,9 +175,15 @@ async def _measure(args: argparse.Namespace) -> None:
         n = args.requests // len(connections)
         requests = n * len(connections)
         gc.collect()
-        cpu = time.thread_time()
+        writer = _writer_clock()
+        cpu, writer_cpu, process_cpu = time.thread_time(), _clock(writer), time.process_time()
         await rounds(n)
         cpu_us = 1e6 * (time.thread_time() - cpu) / requests
+        store = getattr(app.state.recorder, "store", None)
+        if store is not None:
+            store.flush(60)  # the writer's work for these requests, committed
+        writer_us = 1e6 * (_clock(writer) - writer_cpu) / requests
+        others_us = 1e6 * (time.process_time() - process_cpu) / requests - cpu_us - writer_us
         # Traced, the loop runs ~20x slower: its lag monitor would shed requests and
         # change the path measured. Stopped, every request takes the accepted path.
         gate = app.state.loop_gate
@@ -184,11 +206,42 @@ async def _measure(args: argparse.Namespace) -> None:
         f"edgeserve from {Path(edgeserve.__file__).parent.parent}: "
         f"{folder.name} v{args.version}, {args.connections} connections, {requests} requests: "
         f"{tracer.total / requests:.0f} bytecodes/req on the loop thread "
-        f"(main-thread CPU {cpu_us:.1f} µs/req untraced)"
+        f"({args.variant}; untraced CPU µs/req: main thread {cpu_us:.1f}, "
+        f"telemetry writer {writer_us:.1f}, other threads {others_us:.1f})"
     )
+    if args.packages:
+        for package, count in _by_package(tracer.by_code).most_common():
+            print(f"{count / requests:8.1f}  {package}")
     for code, count in tracer.by_code.most_common(args.top):
         where = f"{Path(code.co_filename).name}:{code.co_firstlineno}"
         print(f"{count / requests:8.1f}  {code.co_qualname}  ({where})")
+
+
+def _writer_clock() -> int | None:
+    """The CPU clock of the telemetry writer thread (None with telemetry off)."""
+    for thread in threading.enumerate():
+        if thread.name == WRITER_THREAD and thread.ident is not None:
+            return time.pthread_getcpuclockid(thread.ident)
+    return None
+
+
+def _clock(clock: int | None) -> float:
+    return 0.0 if clock is None else time.clock_gettime(clock)
+
+
+def _by_package(by_code: Counter) -> Counter:
+    """Bytecodes by edgeserve package (`edgeserve/auth`, ...); others by library."""
+    out: Counter = Counter()
+    for code, count in by_code.items():
+        parts = Path(code.co_filename).parts
+        if "edgeserve" in parts:
+            at = len(parts) - 1 - parts[::-1].index("edgeserve")
+            out[os.path.join(*parts[at : min(at + 2, len(parts) - 1)])] += count
+        elif "site-packages" in parts:
+            out[parts[parts.index("site-packages") + 1]] += count
+        else:
+            out[Path(code.co_filename).name] += count
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100, help="rounds before measuring")
     parser.add_argument("--top", type=int, default=0, help="print the N busiest functions")
     parser.add_argument("--tree", type=Path, help="import edgeserve from this checkout")
+    parser.add_argument(
+        "--variant",
+        choices=tuple(VARIANTS),
+        default="shipped",
+        help="the configuration served (auth-off: no token sent, as edgeserve bench does)",
+    )
+    parser.add_argument(
+        "--packages", action="store_true", help="print bytecodes by edgeserve package"
+    )
     args = parser.parse_args(argv)
     if args.tree is not None:
         sys.path.insert(0, str(args.tree.resolve()))

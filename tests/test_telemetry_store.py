@@ -312,6 +312,66 @@ def test_malformed_records_are_counted_and_their_batch_neighbours_kept(tmp_path:
         assert audit.verify(db) == audit.ChainReport(True, 2)
 
 
+def _served(i: int, **labels: object) -> InferenceRecord:
+    """An inference as most are: no experiment, subject, error or unit; not a shadow."""
+    return InferenceRecord(
+        f"s-{i}",
+        "digits",
+        "2",
+        200,
+        0.001,
+        0.0001,
+        0.0005,
+        4,
+        1.5 + i,
+        **labels,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        None,  # every record usual: the statement with NULL and 0 written in
+        {"experiment": "e", "variant": "b"},
+        {"subject_hash": "h" * 32, "unit_hash": "u" * 32},
+        {"shadow": True},
+        {"error": "timeout", "status": 504},
+    ],
+)
+def test_each_row_holds_its_record_whichever_statement_wrote_it(
+    tmp_path: Path, odd: dict[str, object] | None
+) -> None:
+    records = [
+        _served(i, top_score=0.5 if i % 2 else None, prediction="7", owner_hash="o" * 32)
+        for i in range(70)
+    ]
+    if odd is not None:
+        records[33] = records[33]._replace(**odd)
+    store = _store(tmp_path)
+    for record in records:
+        store.add(record)
+    assert store.flush(10)
+    store.stop()
+    names = ", ".join(InferenceRecord._fields).replace("time_unix", "time")
+    with sqlite3.connect(store.path) as db:
+        rows = db.execute(f"SELECT {names} FROM inferences ORDER BY seq").fetchall()
+    assert rows == [tuple(record) for record in records]
+
+
+def test_a_malformed_record_among_usual_ones_is_counted_and_its_neighbours_kept(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    for i in range(10):
+        store.add(_served(i))
+    store.add(_served(10)._replace(total_s=object()))
+    assert store.flush(10)
+    drops = store.submit(maintenance.drop_counts).result()
+    store.stop()
+    assert _count(store, "inferences") == 10
+    assert drops == {("inferences", "write_error"): 1}
+
+
 @pytest.mark.slow
 def test_size_cap_holds_through_a_long_outage_and_drops_in_the_stated_order(
     tmp_path: Path,

@@ -93,28 +93,26 @@ class JWTAuthenticator:
         return None
 
     def authenticate(self, request: Request) -> Principal:
-        client = client_address(request)
-        found = self._bearer(request, client)
+        found = self._bearer(request)
         if isinstance(found, Principal):
             return found
         key = self.cache.key(found)
-        if key in self.cache and self.keyset.refresh_due():  # changed keys empty the cache
+        if self.keyset.refresh_due() and key in self.cache:  # changed keys empty the cache
             self.keyset.refresh()
         principal = self.cache.get(key, self.keyset.generation)
         if principal is None:
-            header = self._header(client, found)
+            header = self._header(request, found)
             if self.keyset.refresh_due(header.kid):
                 self.keyset.refresh(header.kid)
-            principal = self._verify(client, found, header, key)
+            principal = self._verify(request, found, header, key)
         self.subjects.take(principal.subject)
         return principal
 
     async def authenticate_async(self, request: Request) -> Principal:
-        client = client_address(request)
-        found = self._bearer(request, client)
+        found = self._bearer(request)
         if isinstance(found, Principal):
             return found
-        principal = await self._verified(client, found)
+        principal = await self._verified(request, found)
         self.subjects.take(principal.subject)
         return principal
 
@@ -123,25 +121,26 @@ class JWTAuthenticator:
         an expired token or one whose key was rotated out is refused (401) as on a new
         request. A cache hit costs a digest; the per-subject rate limit is not taken
         again (the stream's messages pass the event loop's gate instead)."""
-        client = client_address(connection)
-        found = self._bearer(connection, client)
+        found = self._bearer(connection)
         if isinstance(found, Principal):
             return found
-        return await self._verified(client, found)
+        return await self._verified(connection, found)
 
-    async def _verified(self, client: str, found: str) -> Principal:
+    async def _verified(self, connection: HTTPConnection, found: str) -> Principal:
         # A hit costs a digest, dict lookups and the key set's freshness check (a stat of
-        # the JWKS file); pyjwt runs only on a miss. Only a cached token can make the key
-        # set refresh here: garbage goes on to the header checks first, as without a cache.
+        # the JWKS file at most once per interval); pyjwt runs only on a miss. Only a cached
+        # token can make the key set refresh here: garbage goes on to the header checks
+        # first, as without a cache. The freshness check comes first: it is almost always
+        # False, and then the cache is looked up once, not twice.
         key = self.cache.key(found)
-        if key in self.cache and self.keyset.refresh_due():  # changed keys empty the cache
+        if self.keyset.refresh_due() and key in self.cache:  # changed keys empty the cache
             await self._refresh(None)
         principal = self.cache.get(key, self.keyset.generation)
         if principal is None:
-            header = self._header(client, found)
+            header = self._header(connection, found)
             if self.keyset.refresh_due(header.kid):
                 await self._refresh(header.kid)
-            principal = self._verify(client, found, header, key)
+            principal = self._verify(connection, found, header, key)
         return principal
 
     async def _refresh(self, kid: str | None) -> None:
@@ -151,46 +150,53 @@ class JWTAuthenticator:
         else:
             self.keyset.refresh(kid)
 
-    def _bearer(self, request: HTTPConnection, client: str) -> Principal | str:
+    def _bearer(self, request: HTTPConnection) -> Principal | str:
         """The bearer token, unparsed, or a Principal for an opened endpoint."""
         values = request.headers.getlist("authorization")
         if not values:
-            if self.settings.metrics_open_on_loopback and is_loopback(client):
+            if self.settings.metrics_open_on_loopback and is_loopback(client_address(request)):
                 return LOOPBACK_METRICS_PRINCIPAL
-            self._refuse(client, "missing token", NO_TOKEN_CHALLENGE)
+            self._refuse(request, "missing token", NO_TOKEN_CHALLENGE)
         if len(values) > 1:
-            self._refuse(client, "more than one Authorization header")
+            self._refuse(request, "more than one Authorization header")
         value = values[0]
         # Size first: nothing longer than a token can be is split, decoded or parsed.
         if len(value) > self.settings.max_token_bytes + len("Bearer "):
-            self._refuse(client, "token too long")
+            self._refuse(request, "token too long")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token or " " in token:
-            self._refuse(client, "malformed Authorization header (want: Bearer <token>)")
+            self._refuse(request, "malformed Authorization header (want: Bearer <token>)")
         return token
 
-    def _header(self, client: str, token: str) -> TokenHeader:
+    def _header(self, request: HTTPConnection, token: str) -> TokenHeader:
         try:
             return self.verifier.read_header(token)
         except InvalidToken as exc:
-            self._refuse(client, exc.reason)
+            self._refuse(request, exc.reason)
 
-    def _verify(self, client: str, token: str, header: TokenHeader, key: bytes) -> Principal:
+    def _verify(
+        self, request: HTTPConnection, token: str, header: TokenHeader, key: bytes
+    ) -> Principal:
         """Check the token with pyjwt; remember it if valid, refuse it (uncached) if not."""
         generation = self.keyset.generation  # the keys this verification uses
         try:
             principal = self.verifier.verify(token, header)
         except InvalidToken as exc:
-            self._refuse(client, exc.reason)
+            self._refuse(request, exc.reason)
         self.cache.put(key, principal, generation)
         return principal
 
     def _refuse(
-        self, client: str, reason: str, headers: dict[str, str] = INVALID_TOKEN_CHALLENGE
+        self,
+        request: HTTPConnection,
+        reason: str,
+        headers: dict[str, str] = INVALID_TOKEN_CHALLENGE,
     ) -> NoReturn:
-        # The failure limiter is consulted here, on the failure path only: a flood from an
-        # address shared with honest clients (NAT, proxy, same host) is answered 429 without
+        # The peer's address is read here, on the failure path only (a valid token never
+        # needs it). The failure limiter is consulted here too: a flood from an address
+        # shared with honest clients (NAT, proxy, same host) is answered 429 without
         # logging or auditing each one, but a valid token from there is never refused.
+        client = client_address(request)
         self.failures.take(client)
         log.info("auth refused client=%s reason=%r", client, reason)
         if self.on_refused is not None:
@@ -203,7 +209,8 @@ class JWTAuthenticator:
 
 def client_address(request: HTTPConnection) -> str:
     """The peer's address as the server saw it (no forwarding headers are trusted)."""
-    return request.client.host if request.client else "unknown"
+    client = request.client  # a property that builds a new Address at every read
+    return client.host if client else "unknown"
 
 
 def check_auth_allowed(enabled: bool, host: str) -> None:

@@ -59,8 +59,9 @@ async def authorize(request: Request, scope: str, *alternatives: str) -> Princip
         # Only some endpoints are open without a token; this one needs one.
         raise Unauthorized("invalid token: missing token", headers=dict(NO_TOKEN_CHALLENGE))
     request.state.principal = principal
-    if not any(principal.holds(name) for name in alternatives):
-        principal.require(scope)
+    if alternatives and any(principal.holds(name) for name in alternatives):
+        return principal
+    principal.require(scope)
     return principal
 
 

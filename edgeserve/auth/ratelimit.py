@@ -39,12 +39,11 @@ class TokenBucketLimiter:
         self.what = what
         self.max_keys = max_keys
         self.clock = clock
+        # Read on every request a token passes: an attribute, not a property (burst is
+        # fixed for the limiter's life).
+        self.enabled = burst > 0
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
         self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.burst > 0
 
     def check(self, key: str) -> None:
         """Raise Overloaded (429, Retry-After) if `key` has no token left; spend nothing."""

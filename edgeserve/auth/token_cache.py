@@ -68,7 +68,8 @@ class VerifiedTokenCache:
         """The cached principal, or None if absent, out of its time window or stale."""
         now = self.clock()
         with self._lock:
-            self._follow(generation)
+            if generation != self._generation:
+                self._follow(generation)
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
