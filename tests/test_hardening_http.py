@@ -231,3 +231,32 @@ def test_idle_keep_alive_connection_is_closed(impatient: RunningServer, tmp_path
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"200" in sock.recv(4096)
         _closed_within(sock, 15.0)
+
+
+def _peak_rss(pid: int, reset: bool = False) -> int:
+    """The process's peak resident memory (VmHWM) in bytes; `reset` first sets the peak to
+    what it holds now (clear_refs 5), so that each measurement starts from there."""
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_one_long_string_among_numbers_is_refused_without_a_string_array(
+    secured: tuple[RunningServer, str], nested: bool
+) -> None:
+    """numpy reads a list holding one string among numbers as a string array as wide as
+    the longest string for every element: a 2 MB body of 64 elements would take 512 MB
+    before the "must be numbers" refusal (and a few hundred KB more, the unit's 2 GB)."""
+    server, token = secured
+    data: list = ["7" * (2 << 20), *ROW[1:]]
+    tensor = _body(data=[data] if nested else data)
+    before = _peak_rss(server.process.pid, reset=True)
+    reply = _infer(server, token, json=tensor)
+    assert reply.status_code == 400, reply.text
+    assert "must be numbers" in reply.json()["error"]
+    grown = _peak_rss(server.process.pid) - before
+    assert grown < 128 << 20, f"peak RSS grew by {grown >> 20} MiB for one 2 MB request"

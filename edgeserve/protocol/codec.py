@@ -8,6 +8,8 @@ numpy, and reads the binary extension (`Inference-Header-Content-Length`) with
 
 from __future__ import annotations
 
+import array
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,12 @@ _NUMBER_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float"}
 # Past this a body's two bracket scans (~0.6 ns a byte) cost more than walking a usual
 # request (~3.5 us): 25-40 % of orjson.loads on a flat tensor.
 _COUNTED_BYTES = 4096
+# numpy reads a list holding one string among numbers as a string array as wide as that
+# string for every element: elements x longest string x 4 bytes, which grows with the
+# square of the body (2 MB: 512 MB, before the "must be numbers" refusal). A body up to
+# this size holds at most 2 x 4096**2 = 32 MB of that, so only a larger one's numeric
+# data is first checked for anything but numbers (in C, a few ns an element).
+_UNCHECKED_BODY_BYTES = 4096
 
 
 def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits) -> InferRequest:
@@ -77,7 +85,7 @@ def decode_request(body: bytes, header_length: int | None, limits: DecodeLimits)
         outputs=None if outputs is None else _decode_outputs(outputs),
         parameters=parameters,
         binary_output=bool(parameters) and bool(flag(parameters, "binary_data_output", "request")),
-        decoder=decode_input_data,
+        decoder=decode_input_data if len(body) <= _UNCHECKED_BODY_BYTES else _decode_checked,
         limits=limits,
     )
 
@@ -128,8 +136,17 @@ def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[I
     return InferInput(name, datatype, shape, count, data), 0
 
 
-def decode_input_data(tensor: InferInput, limits: DecodeLimits) -> np.ndarray:
-    """The input's data as an array of its declared shape (JSON list or binary slice)."""
+def _decode_checked(tensor: InferInput, limits: DecodeLimits) -> np.ndarray:
+    """decode_input_data for a large body: numbers checked before numpy reads them."""
+    return decode_input_data(tensor, limits, check_numbers=True)
+
+
+def decode_input_data(
+    tensor: InferInput, limits: DecodeLimits, *, check_numbers: bool = False
+) -> np.ndarray:
+    """The input's data as an array of its declared shape (JSON list or binary slice);
+    `check_numbers` refuses non-numbers in numeric JSON data before numpy reads it (see
+    _UNCHECKED_BODY_BYTES)."""
     dtype = V2_TO_NUMPY[tensor.datatype]
     raw = tensor.raw
     if isinstance(raw, memoryview):
@@ -138,7 +155,7 @@ def decode_input_data(tensor: InferInput, limits: DecodeLimits) -> np.ndarray:
         else:
             array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
         return array.reshape(tensor.shape)
-    array = _array_from_json(raw, tensor.datatype, dtype, tensor.name, limits)
+    array = _array_from_json(raw, tensor.datatype, dtype, tensor.name, limits, check_numbers)
     if array.size != tensor.count:
         raise InvalidInput(
             f"input '{tensor.name}': {array.size} elements do not match shape "
@@ -148,7 +165,12 @@ def decode_input_data(tensor: InferInput, limits: DecodeLimits) -> np.ndarray:
 
 
 def _array_from_json(
-    data: list, datatype: str, dtype: np.dtype, name: str, limits: DecodeLimits
+    data: list,
+    datatype: str,
+    dtype: np.dtype,
+    name: str,
+    limits: DecodeLimits,
+    check_numbers: bool = False,
 ) -> np.ndarray:
     if datatype == "BYTES":
         flat = _flatten(data, name, limits)
@@ -164,12 +186,16 @@ def _array_from_json(
             out[i] = encoded
         return out
     nested = bool(data) and isinstance(data[0], list)
-    parsed = _regular_array(data, limits) if nested else None
+    parsed = _regular_array(data, limits, check_numbers) if nested else None
     if parsed is None:
         if nested:
             data = _flatten(data, name, limits)
         if len(data) > limits.max_tensor_elements:
             raise InvalidInput(f"input '{name}': more elements than the limit")
+        if check_numbers and not _all_numbers(data):
+            if any(isinstance(item, list) for item in data):
+                raise InvalidInput(f"input '{name}': data must be a flat or nested list of numbers")
+            raise InvalidInput(f"input '{name}': data for {datatype} must be numbers")
         try:
             parsed = np.asarray(data)
         except (ValueError, OverflowError):
@@ -195,10 +221,18 @@ def _array_from_json(
     return parsed.astype(dtype, copy=False)
 
 
-def _regular_array(data: list, limits: DecodeLimits) -> np.ndarray | None:
+def _regular_array(data: list, limits: DecodeLimits, check_numbers: bool) -> np.ndarray | None:
     """Nested lists of numbers as one flat array, read by numpy in C (flattening them in
     Python costs ~0.1 us an element); None for anything else (ragged rows, nesting past
-    the rank limit, too many elements, objects), which `_flatten` then reads or refuses."""
+    the rank limit, too many elements, objects, non-numbers when `check_numbers`), which
+    `_flatten` then reads or refuses."""
+    if check_numbers:
+        try:
+            cells = np.asarray(data, dtype=object)  # references: no string is copied
+        except ValueError:
+            return None
+        if cells.size > limits.max_tensor_elements or not _all_numbers(cells.ravel().tolist()):
+            return None
     try:
         parsed = np.asarray(data)
     except (ValueError, OverflowError):
@@ -210,6 +244,16 @@ def _regular_array(data: list, limits: DecodeLimits) -> np.ndarray | None:
     ):
         return None
     return parsed.reshape(-1)
+
+
+def _all_numbers(values: Iterable[Any]) -> bool:
+    """Whether every value is an int, float or bool that fits a double (array.array reads
+    them in C and refuses a str, None, list or dict without copying it)."""
+    try:
+        array.array("d", values)
+    except (TypeError, OverflowError):
+        return False
+    return True
 
 
 def _flatten(data: list, name: str, limits: DecodeLimits) -> list:
