@@ -61,9 +61,11 @@ UNKNOWN_MODEL_COUNTER = "edgeserve_unknown_model_requests"
 Source = InferRequest | Callable[[], Awaitable[InferRequest]]
 
 
-@dataclass(slots=True)
 class Served:
-    """One inference as it went: what the transport encodes, and what telemetry records."""
+    """One inference as it went: what the transport encodes, and what telemetry records.
+
+    A plain class, its fields class defaults: a request starts with all but `model`
+    untouched, and a dataclass __init__ would assign the twelve of them each time."""
 
     model: ModelVersion
     request: InferRequest | None = None
@@ -77,6 +79,9 @@ class Served:
     seq: int = 0  # the telemetry record's sequence number, 0 when none was kept
     classified: dict[str, np.ndarray] | None = None  # outputs as top-k classes, if asked
     seq_id: str = ""  # "<boot>-<seq>": what the client can check (x-telemetry-seq)
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.model = model
 
     @property
     def outputs(self) -> dict[str, np.ndarray]:
@@ -244,12 +249,13 @@ class DataPlane:
             served.result = result
             finishing = time.perf_counter()
             served.prediction, served.top_score = prediction_of(result.outputs)
-            served.classified = classified(
-                result.outputs,
-                request.outputs,
-                model.config.labels,
-                model.config.max_batch_size > 0,
-            )
+            if request.outputs:  # only a requested output can ask for its top-k classes
+                served.classified = classified(
+                    result.outputs,
+                    request.outputs,
+                    model.config.labels,
+                    model.config.max_batch_size > 0,
+                )
             # Triton's compute_output time (its count moved with the other two in infer)
             if not result.cached:
                 model.stats.compute_output.add(time.perf_counter() - finishing, n=0)
