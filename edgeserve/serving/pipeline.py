@@ -258,7 +258,7 @@ class DataPlane:
                 )
             # Triton's compute_output time (its count moved with the other two in infer)
             if not result.cached:
-                model.stats.compute_output.add(time.perf_counter() - finishing, n=0)
+                model.stats.output_took(time.perf_counter() - finishing)
             status = 200
             if routing is not None and routing.shadow is not None:
                 self._launch_shadow(served, routing, routing.shadow, feed, requested, meta)
