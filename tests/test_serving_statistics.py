@@ -52,3 +52,14 @@ def test_a_merged_request_has_no_batch_entry_and_a_cached_one_no_compute(
     assert stats.execution_count == 0
     assert stats.compute_infer.count == stats.queue.count == int(computed)
     assert stats.inference_count == (2 if computed else 0)
+
+
+def test_output_time_after_the_request_moves_compute_output_ns_but_no_count() -> None:
+    stats = VersionStats()
+    result = RunResult(OUTPUTS, 0.001, 0.002, 1, output_s=0.00002)
+    stats.succeeded(0.004, 0.0, result, 1)
+    stats.output_took(0.00003)
+    expected = _counted(0.00002)
+    expected.add(0.00003, n=0)
+    assert stats.compute_output == expected
+    assert stats.compute_output.count == stats.compute_infer.count == stats.queue.count == 1

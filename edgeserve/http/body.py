@@ -29,19 +29,11 @@ async def read_body(request: Request, max_bytes: int, accept_compressed: bool = 
     Reads the request's stream once, as Starlette's `Request.body()` would."""
     headers = request.headers
     encoding = headers.get("content-encoding", "identity")
-    if encoding != "identity":  # the usual case, without the header
-        encoding = encoding.strip().lower()
     inflate = None
-    if encoding not in ("identity", ""):
-        if not accept_compressed:
-            raise UnsupportedMediaType(
-                f"compressed request bodies ({encoding[:20]}) are not accepted"
-            )
-        if encoding not in _WBITS:
-            raise UnsupportedMediaType(
-                f"Content-Encoding {encoding[:20]} is not supported (gzip or deflate)"
-            )
-        inflate = zlib.decompressobj(_WBITS[encoding])
+    if encoding != "identity":  # the usual case is without the header: nothing to test
+        encoding = encoding.strip().lower()
+        if encoding not in ("identity", ""):
+            inflate = _inflater(encoding, accept_compressed)
     declared = headers.get("content-length")
     if declared is not None:
         length = parse_uint(declared)
@@ -96,6 +88,18 @@ async def read_json_object(
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     return doc
+
+
+def _inflater(encoding: str, accept_compressed: bool) -> Any:
+    """The decompressor of a body sent with Content-Encoding `encoding` (normalised),
+    or UnsupportedMediaType (415) when it is not accepted."""
+    if not accept_compressed:
+        raise UnsupportedMediaType(f"compressed request bodies ({encoding[:20]}) are not accepted")
+    if encoding not in _WBITS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:20]} is not supported (gzip or deflate)"
+        )
+    return zlib.decompressobj(_WBITS[encoding])
 
 
 def _inflated(

@@ -4,7 +4,9 @@ unchanged."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -111,15 +113,22 @@ async def answer_infer(request: Request, model: str, version: str | None) -> Res
         return answer_error(request, exc)
 
 
+_NO_OUTPUTS: Mapping[str, bool] = MappingProxyType({})  # no output asked for its form
+
+
 def _encoded(served: Served) -> RestAnswer:
     """A served inference as the V2 response (JSON, or the binary tensor extension)."""
     decoded = served.request
     assert decoded is not None
     model = served.model
-    binary = {o.name: o.binary for o in decoded.outputs or () if o.binary is not None}
-    outputs = [
-        InferOutput(n, a, binary.get(n, decoded.binary_output)) for n, a in served.outputs.items()
-    ]
+    default = decoded.binary_output
+    # an output named in the request may ask for binary data itself (most name none)
+    binary = (
+        {o.name: o.binary for o in decoded.outputs if o.binary is not None}
+        if decoded.outputs
+        else _NO_OUTPUTS
+    )
+    outputs = [InferOutput(n, a, binary.get(n, default)) for n, a in served.outputs.items()]
     body, header_length = encode_response(
         InferResponse(model.name, str(model.version), decoded.id, outputs)
     )

@@ -361,10 +361,8 @@ async def with_features(
     named: Mapping[str, tuple[str, np.ndarray]],
     parameters: Mapping[str, Any],
 ) -> Mapping[str, tuple[str, np.ndarray]]:
-    """`named` with the store-fed inputs filled in when the model declares [features];
-    the SQLite read runs off the event loop."""
-    if not config.table:
-        return named
+    """`named` with the store-fed inputs filled in, for a model that declares [features]
+    (`config.table`; the data plane asks only then); the SQLite read runs off the event loop."""
     import asyncio
 
     return await asyncio.to_thread(

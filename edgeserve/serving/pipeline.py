@@ -61,9 +61,11 @@ UNKNOWN_MODEL_COUNTER = "edgeserve_unknown_model_requests"
 Source = InferRequest | Callable[[], Awaitable[InferRequest]]
 
 
-@dataclass(slots=True)
 class Served:
-    """One inference as it went: what the transport encodes, and what telemetry records."""
+    """One inference as it went: what the transport encodes, and what telemetry records.
+
+    A plain class, its fields class defaults: a request starts with all but `model`
+    untouched, and a dataclass __init__ would assign the twelve of them each time."""
 
     model: ModelVersion
     request: InferRequest | None = None
@@ -77,6 +79,9 @@ class Served:
     seq: int = 0  # the telemetry record's sequence number, 0 when none was kept
     classified: dict[str, np.ndarray] | None = None  # outputs as top-k classes, if asked
     seq_id: str = ""  # "<boot>-<seq>": what the client can check (x-telemetry-seq)
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.model = model
 
     @property
     def outputs(self) -> dict[str, np.ndarray]:
@@ -226,15 +231,17 @@ class DataPlane:
                 raise Overloaded("the model's queue is full; retry later", headers=RETRY_AFTER)
             checking = True
             check_declared(model, request.inputs)
-            decoding = time.perf_counter()
+            decoding = time.perf_counter()  # Triton's compute_input: decoding and the check
             named = request.data()
-            input_s = time.perf_counter() - decoding  # Triton's compute_input, with the check
-            named = await with_features(  # inputs a model.toml [features] table fills in
-                state, model.config.features, model.inputs, named, request.parameters
-            )
-            checked = time.perf_counter()
+            features = model.config.features
+            if features.table:  # inputs a model.toml [features] table fills in
+                looking_up = time.perf_counter()
+                named = await with_features(
+                    state, features, model.inputs, named, request.parameters
+                )
+                decoding += time.perf_counter() - looking_up  # the lookup is not compute_input
             feed = model.check_inputs(named)
-            input_s += time.perf_counter() - checked
+            input_s = time.perf_counter() - decoding
             requested = request.requested()
             model.check_outputs(requested)
             if deadline is not None and time.monotonic() >= deadline:
@@ -244,15 +251,16 @@ class DataPlane:
             served.result = result
             finishing = time.perf_counter()
             served.prediction, served.top_score = prediction_of(result.outputs)
-            served.classified = classified(
-                result.outputs,
-                request.outputs,
-                model.config.labels,
-                model.config.max_batch_size > 0,
-            )
+            if request.outputs:  # only a requested output can ask for its top-k classes
+                served.classified = classified(
+                    result.outputs,
+                    request.outputs,
+                    model.config.labels,
+                    model.config.max_batch_size > 0,
+                )
             # Triton's compute_output time (its count moved with the other two in infer)
             if not result.cached:
-                model.stats.compute_output.add(time.perf_counter() - finishing, n=0)
+                model.stats.output_took(time.perf_counter() - finishing)
             status = 200
             if routing is not None and routing.shadow is not None:
                 self._launch_shadow(served, routing, routing.shadow, feed, requested, meta)

@@ -27,30 +27,65 @@ class Counter:
 
 @dataclass
 class BatchStats:
-    """One batch size's runtime calls: Triton's `batch_stats` entry."""
+    """One batch size's runtime calls: Triton's `batch_stats` entry. Its three counters
+    share one count (`calls`), so a call moves one count and three sums of ns."""
 
-    compute_input: Counter = field(default_factory=Counter)
-    compute_infer: Counter = field(default_factory=Counter)
-    compute_output: Counter = field(default_factory=Counter)
+    calls: int = 0  # the count of compute_input, compute_infer and compute_output
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+
+    @property
+    def compute_input(self) -> Counter:
+        return Counter(self.calls, self.compute_input_ns)
+
+    @property
+    def compute_infer(self) -> Counter:
+        return Counter(self.calls, self.compute_infer_ns)
+
+    @property
+    def compute_output(self) -> Counter:
+        return Counter(self.calls, self.compute_output_ns)
 
 
 @dataclass
 class VersionStats:
-    """Per-version statistics in the shape Triton's statistics extension reports."""
+    """Per-version statistics in the shape Triton's statistics extension reports.
+
+    The queue and the three compute counters move together (perf_analyzer refuses
+    compute counts that differ): one count per computed request, `computed`, which the
+    four share; cache hits are in none of them. They are read as `Counter`s (copies):
+    an answered request then moves one count and four sums instead of four of each.
+    """
 
     success: Counter = field(default_factory=Counter)
     fail: Counter = field(default_factory=Counter)
-    queue: Counter = field(default_factory=Counter)
-    # The three compute counters move together (perf_analyzer refuses counts that differ):
-    # one count per computed request; cache hits are in none of them.
-    compute_input: Counter = field(default_factory=Counter)
-    compute_infer: Counter = field(default_factory=Counter)
-    compute_output: Counter = field(default_factory=Counter)
+    computed: int = 0  # the count of queue, compute_input, compute_infer and compute_output
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
     inference_count: int = 0  # rows computed (cache hits excluded, as in Triton)
     execution_count: int = 0  # runtime calls
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)  # runtime calls by batch size
     shed: int = 0  # refused with 429 before the endpoint ran (http/shedding.py)
+
+    @property
+    def queue(self) -> Counter:
+        return Counter(self.computed, self.queue_ns)
+
+    @property
+    def compute_input(self) -> Counter:
+        return Counter(self.computed, self.compute_input_ns)
+
+    @property
+    def compute_infer(self) -> Counter:
+        return Counter(self.computed, self.compute_infer_ns)
+
+    @property
+    def compute_output(self) -> Counter:
+        return Counter(self.computed, self.compute_output_ns)
 
     def succeeded(self, total_s: float, input_s: float, result: RunResult, rows: int) -> None:
         """One request the scheduler answered, counted as Triton does: a success of
@@ -58,8 +93,8 @@ class VersionStats:
         caller's `input_s`, decoding, is compute_input's too), its `rows`, and its
         runtime call's batch entry when the call is charged to it.
 
-        The counters are moved here, not with `Counter.add`: the same arithmetic, in one
-        call per request instead of up to eight (each request pays them on the event loop).
+        The same arithmetic as `Counter.add` (each time converted to whole ns, then
+        summed), written out: each request pays it on the event loop.
         """
         counter = self.success
         counter.count += 1
@@ -69,18 +104,11 @@ class VersionStats:
             return
         infer_ns = int(result.compute_s * 1e9)  # the batch entry's too
         output_ns = int(result.output_s * 1e9)
-        counter = self.queue
-        counter.count += 1
-        counter.ns += int(result.queue_s * 1e9)
-        counter = self.compute_input
-        counter.count += 1
-        counter.ns += int((input_s + result.input_s) * 1e9)
-        counter = self.compute_infer
-        counter.count += 1
-        counter.ns += infer_ns
-        counter = self.compute_output
-        counter.count += 1
-        counter.ns += output_ns
+        self.computed += 1
+        self.queue_ns += int(result.queue_s * 1e9)
+        self.compute_input_ns += int((input_s + result.input_s) * 1e9)
+        self.compute_infer_ns += infer_ns
+        self.compute_output_ns += output_ns
         self.inference_count += rows
         executions = result.executions  # 0 when merged into another request's call
         if executions:
@@ -88,12 +116,12 @@ class VersionStats:
             batch = self.batches.get(result.batch_size)
             if batch is None:
                 batch = self.batches[result.batch_size] = BatchStats()
-            counter = batch.compute_input
-            counter.count += 1
-            counter.ns += int(result.input_s * 1e9)
-            counter = batch.compute_infer
-            counter.count += 1
-            counter.ns += infer_ns
-            counter = batch.compute_output
-            counter.count += 1
-            counter.ns += output_ns
+            batch.calls += 1
+            batch.compute_input_ns += int(result.input_s * 1e9)
+            batch.compute_infer_ns += infer_ns
+            batch.compute_output_ns += output_ns
+
+    def output_took(self, seconds: float) -> None:
+        """Taking a computed request's answer apart after `succeeded` (its prediction,
+        its classes): compute_output's time, its count already moved."""
+        self.compute_output_ns += int(seconds * 1e9)
