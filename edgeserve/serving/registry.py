@@ -25,7 +25,7 @@ from edgeserve.serving.autocomplete import completed, describe
 from edgeserve.serving.batcher import BatchPolicy, build_scheduler
 from edgeserve.serving.cache import CachedScheduler, ResponseCache
 from edgeserve.serving.repository import ModelConfig
-from edgeserve.serving.scheduler import RunResult, Scheduler
+from edgeserve.serving.scheduler import RunResult, Scheduler, rows_of
 from edgeserve.serving.statistics import VersionStats
 from edgeserve.serving.verdicts import Passed
 
@@ -155,8 +155,8 @@ class ModelVersion:
         except Exception:
             self.stats.fail.add(time.perf_counter() - started + input_s)
             raise
-        rows = next(iter(feed.values())).shape[0] if feed else 1
-        self.stats.succeeded(time.perf_counter() - started + input_s, input_s, result, rows)
+        took = time.perf_counter() - started + input_s
+        self.stats.succeeded(took, input_s, result, rows_of(feed))
         return result
 
 
