@@ -141,7 +141,7 @@ class BundlePoller:
                 seen = await asyncio.to_thread(self._versions_seen, entry.model)
                 if entry.version > seen and (entry.model, entry.version) not in self.refused:
                     due.append(entry)
-            self._forget_parts({self._part_path(e) for e in due})
+            await asyncio.to_thread(self._forget_parts, {self._part_path(e) for e in due})
             installed = []
             for entry in due:
                 path = await self._download(client, entry)
