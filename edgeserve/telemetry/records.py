@@ -102,29 +102,34 @@ class InferenceRecord(NamedTuple):
         return _new_tuple(
             cls,
             (
-                request_id[:REQUEST_ID_CHARS],
-                model[:LABEL_CHARS],
-                version[:LABEL_CHARS],
+                request_id[_ID_CUT],
+                model[_LABEL_CUT],
+                version[_LABEL_CUT],
                 status,
                 total_s,
                 queue_s,
                 compute_s,
                 batch_size,
                 time.time(),
-                experiment and experiment[:LABEL_CHARS],
-                variant and variant[:LABEL_CHARS],
+                experiment and experiment[_LABEL_CUT],
+                variant and variant[_LABEL_CUT],
                 top_score,
-                subject_hash and subject_hash[:SUBJECT_HASH_CHARS],
+                subject_hash and subject_hash[_HASH_CUT],
                 shadow,
-                error and error[:ERROR_CHARS],
-                prediction and prediction[:LABEL_CHARS],
-                owner_hash and owner_hash[:SUBJECT_HASH_CHARS],
-                unit_hash and unit_hash[:SUBJECT_HASH_CHARS],
+                error and error[_ERROR_CUT],
+                prediction and prediction[_LABEL_CUT],
+                owner_hash and owner_hash[_HASH_CUT],
+                unit_hash and unit_hash[_HASH_CUT],
             ),
         )
 
 
 _new_tuple = tuple.__new__
+# The cuts `ended` makes, as slice objects made once (`text[_ID_CUT]` is `text[:128]`).
+_ID_CUT = slice(REQUEST_ID_CHARS)
+_LABEL_CUT = slice(LABEL_CHARS)
+_HASH_CUT = slice(SUBJECT_HASH_CHARS)
+_ERROR_CUT = slice(ERROR_CHARS)
 
 # (field index, most characters) of each text field of an InferenceRecord.
 _TEXT_BOUNDS = (
