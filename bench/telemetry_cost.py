@@ -1,5 +1,5 @@
 """What one telemetry record costs: on the request path (`InferenceRecord.ended` and
-`record_inference`) and in all (the writer thread, SQLite, metrics), in CPU µs.
+`record_ended`) and in all (the writer thread, SQLite, metrics), in CPU µs.
 
     python -m bench.telemetry_cost [--records 50000] [--repeat 5]
     python -m bench.telemetry_cost --ids server --rows-before 200000   # as a served box writes
@@ -46,7 +46,7 @@ def _record(
     telemetry: Telemetry, request_id: str, owner: str | None, variant: str | None = "a"
 ) -> None:
     started = time.perf_counter()
-    telemetry.record_inference(
+    telemetry.record_ended(
         InferenceRecord.ended(
             request_id, "digits", "2", 200, started, _RUN, variant=variant, owner_hash=owner
         )
@@ -107,7 +107,7 @@ def main() -> None:
         paths.append(path_us)
         totals.append(total_us)
     print(
-        f"record_inference: {statistics.median(paths):.2f} us of CPU on the request path, "
+        f"record_ended: {statistics.median(paths):.2f} us of CPU on the request path, "
         f"{statistics.median(totals):.2f} us in all (writer, SQLite, metrics); "
         f"median of {args.repeat} x {args.records} records ({args.ids} ids, "
         f"{args.rows_before} rows before, variant {variant})"

@@ -396,8 +396,9 @@ def test_put_ignores_a_verification_made_under_an_older_key_set(
 
 def test_digests_are_keyed_per_process() -> None:
     one, two = VerifiedTokenCache(4, leeway_s=0), VerifiedTokenCache(4, leeway_s=0)
-    assert one.key("token") == one.key("token")
+    assert one.key("token") == one.key("token")  # the keyed state is copied, never consumed
     assert one.key("token") != two.key("token")
+    assert one.key("token") != one.key("token2") and len(one.key("token")) == 32
 
 
 # --- a real server: HTTP, gRPC and WebSocket share the cache ---------------------------------

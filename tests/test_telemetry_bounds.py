@@ -140,6 +140,55 @@ def test_each_text_field_is_cut_to_its_bound(field: str, limit: int) -> None:
     assert cut._replace(**{field: None}) == long._replace(**{field: None})  # the rest kept
 
 
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [
+        ("experiment", LABEL_CHARS),
+        ("variant", LABEL_CHARS),
+        ("prediction", LABEL_CHARS),
+        ("subject_hash", SUBJECT_HASH_CHARS),
+        ("error", ERROR_CHARS),
+        ("owner_hash", SUBJECT_HASH_CHARS),
+        ("unit_hash", SUBJECT_HASH_CHARS),
+    ],
+)
+def test_ended_cuts_each_text_field_to_its_bound_as_it_makes_the_record(
+    field: str, limit: int
+) -> None:
+    started = time.perf_counter()
+    long = "é" * (limit + 1000)
+    record = InferenceRecord.ended(
+        "r" * 1000, "m" * 1000, "v" * 1000, 200, started, None, **{field: long}
+    )
+    assert getattr(record, field) == "é" * limit
+    assert (record.request_id, record.model, record.version) == (
+        "r" * REQUEST_ID_CHARS,
+        "m" * LABEL_CHARS,
+        "v" * LABEL_CHARS,
+    )
+    assert bounded(record) is record  # nothing left for the recorder to cut
+
+
+def test_ended_keeps_text_within_its_bound_and_absent_labels_as_they_are() -> None:
+    request_id = "id-" + "x" * (REQUEST_ID_CHARS - 3)
+    record = InferenceRecord.ended(request_id, "digits", "2", 200, time.perf_counter(), None)
+    assert record.request_id is request_id
+    assert (record.experiment, record.variant, record.error, record.owner_hash) == (None,) * 4
+
+
+def test_a_record_from_ended_is_stored_cut_to_its_bounds(tmp_path: Path) -> None:
+    telemetry = build_telemetry(TelemetrySettings(), tmp_path)
+    telemetry.store.start()
+    long = "x" * ONE_MB
+    record = InferenceRecord.ended(long, "digits", "2", 200, time.perf_counter(), None, error=long)
+    seq = telemetry.record_ended(record)
+    assert seq and telemetry.store.flush(10)
+    telemetry.store.stop()
+    with sqlite3.connect(telemetry.store.path) as db:
+        row = db.execute("SELECT length(request_id), length(error) FROM inferences").fetchone()
+    assert row == (REQUEST_ID_CHARS, ERROR_CHARS)
+
+
 def test_a_record_within_bounds_is_queued_as_it_is() -> None:
     record = _record(experiment="exp", variant="a", subject_hash="0" * 32, prediction="7")
     assert bounded(record) is record

@@ -44,3 +44,9 @@ def test_the_new_upstream_keys_take_good_values(tmp_path: Path) -> None:
     upstream = load_settings(path).telemetry.upstream
     assert (upstream.catch_up_records_per_s, upstream.catch_up_bytes_per_s) == (50.0, 65536.0)
     assert (upstream.retry_after_max_s, upstream.dead_letter_max_records) == (7200.0, 100)
+
+
+def test_the_subject_header_is_read_in_any_case_and_kept_lower_cased(tmp_path: Path) -> None:
+    path = tmp_path / "edgeserve.toml"
+    path.write_text('[telemetry]\nsubject_header = "X-Tenant-User"\n')
+    assert load_settings(path).telemetry.subject_header == "x-tenant-user"

@@ -79,6 +79,8 @@ class JWTAuthenticator:
         )
         # Called as on_refused(client_address, reason) for each 401: the audit log's seam.
         self.on_refused = on_refused
+        # The longest Authorization value worth parsing: "Bearer " and the longest token.
+        self._max_header_chars = settings.max_token_bytes + len("Bearer ")
 
     def unusable_reason(self) -> str | None:
         """Why no token could pass now (for readiness), else None. A file key set is
@@ -108,12 +110,35 @@ class JWTAuthenticator:
         self.subjects.take(principal.subject)
         return principal
 
-    async def authenticate_async(self, request: Request) -> Principal:
+    async def authenticate_async(
+        self, request: HTTPConnection, *, limited: bool = True
+    ) -> Principal:
+        """The caller, with the remote JWKS fetched off the event loop. One method for the
+        whole of a cache hit (the bearer token, then the digest, the key set's freshness,
+        the cache and the per-subject limit, in that order); `limited=False` skips the
+        per-subject limit (`still_valid_async`).
+
+        A hit costs a digest, dict lookups and the key set's freshness check (a stat of
+        the JWKS file at most once per interval); pyjwt runs only on a miss. Only a cached
+        token can make the key set refresh here: garbage goes on to the header checks
+        first, as without a cache. The freshness check comes first: it is almost always
+        False, and then the cache is looked up once, not twice."""
         found = self._bearer(request)
         if isinstance(found, Principal):
             return found
-        principal = await self._verified(request, found)
-        self.subjects.take(principal.subject)
+        cache = self.cache
+        keyset = self.keyset
+        key = cache.key(found)
+        if keyset.refresh_due() and key in cache:  # changed keys empty the cache
+            await self._refresh(None)
+        principal = cache.get(key, keyset.generation)
+        if principal is None:
+            header = self._header(request, found)
+            if keyset.refresh_due(header.kid):
+                await self._refresh(header.kid)
+            principal = self._verify(request, found, header, key)
+        if limited and self.subjects.enabled:
+            self.subjects.take(principal.subject)
         return principal
 
     async def still_valid_async(self, connection: HTTPConnection) -> Principal:
@@ -121,27 +146,7 @@ class JWTAuthenticator:
         an expired token or one whose key was rotated out is refused (401) as on a new
         request. A cache hit costs a digest; the per-subject rate limit is not taken
         again (the stream's messages pass the event loop's gate instead)."""
-        found = self._bearer(connection)
-        if isinstance(found, Principal):
-            return found
-        return await self._verified(connection, found)
-
-    async def _verified(self, connection: HTTPConnection, found: str) -> Principal:
-        # A hit costs a digest, dict lookups and the key set's freshness check (a stat of
-        # the JWKS file at most once per interval); pyjwt runs only on a miss. Only a cached
-        # token can make the key set refresh here: garbage goes on to the header checks
-        # first, as without a cache. The freshness check comes first: it is almost always
-        # False, and then the cache is looked up once, not twice.
-        key = self.cache.key(found)
-        if self.keyset.refresh_due() and key in self.cache:  # changed keys empty the cache
-            await self._refresh(None)
-        principal = self.cache.get(key, self.keyset.generation)
-        if principal is None:
-            header = self._header(connection, found)
-            if self.keyset.refresh_due(header.kid):
-                await self._refresh(header.kid)
-            principal = self._verify(connection, found, header, key)
-        return principal
+        return await self.authenticate_async(connection, limited=False)
 
     async def _refresh(self, kid: str | None) -> None:
         """Re-read the key set; a remote one in a worker thread, off the event loop."""
@@ -153,18 +158,20 @@ class JWTAuthenticator:
     def _bearer(self, request: HTTPConnection) -> Principal | str:
         """The bearer token, unparsed, or a Principal for an opened endpoint."""
         values = request.headers.getlist("authorization")
-        if not values:
-            if self.settings.metrics_open_on_loopback and is_loopback(client_address(request)):
-                return LOOPBACK_METRICS_PRINCIPAL
-            self._refuse(request, "missing token", NO_TOKEN_CHALLENGE)
-        if len(values) > 1:
+        if len(values) != 1:
+            if not values:
+                if self.settings.metrics_open_on_loopback and is_loopback(client_address(request)):
+                    return LOOPBACK_METRICS_PRINCIPAL
+                self._refuse(request, "missing token", NO_TOKEN_CHALLENGE)
             self._refuse(request, "more than one Authorization header")
         value = values[0]
         # Size first: nothing longer than a token can be is split, decoded or parsed.
-        if len(value) > self.settings.max_token_bytes + len("Bearer "):
+        if len(value) > self._max_header_chars:
             self._refuse(request, "token too long")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token or " " in token:
+        # The scheme is what comes before the first space, in any case (RFC 7235 §2.1):
+        # "bearer " as the first seven characters, lower-cased, says just that.
+        token = value[7:]
+        if value[:7].lower() != "bearer " or not token or " " in token:
             self._refuse(request, "malformed Authorization header (want: Bearer <token>)")
         return token
 

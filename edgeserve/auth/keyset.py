@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import ssl
@@ -240,7 +241,7 @@ class KeySet:
         self._seen_version: object = _NEVER
         self._last_attempt: float | None = None
         self._last_success: float | None = None
-        self._checked_at: float | None = None  # last stat of a file source
+        self._next_stat_at = -math.inf  # when a file source is due its next stat
         self._changed = False  # that stat saw a new file, not read yet
         self._lock = threading.Lock()
 
@@ -256,28 +257,26 @@ class KeySet:
         return self._keys.get(kid)
 
     def refresh_due(self, kid: str | None = None) -> bool:
-        """Whether `get(kid)` would read the source now (cheap; no I/O for URLs)."""
+        """Whether `get(kid)` would read the source now (cheap; no I/O for URLs).
+
+        A file's stat signature is looked at most once per interval: a stat releases the
+        GIL, and under load getting it back costs the event loop tens of microseconds,
+        which the token cache would otherwise pay on every request (it asks on each)."""
         if not self.source.remote:
-            return self._file_changed()
+            if self._changed:
+                return True
+            now = self.clock()
+            if now < self._next_stat_at:
+                return False
+            self._next_stat_at = now + self.file_check_interval_s
+            self._changed = self.source.version() != self._seen_version
+            return self._changed
         now = self.clock()
         if self._last_attempt is not None and now - self._last_attempt < self.cooldown_s:
             return False
         if self._last_success is None or now - self._last_success >= self.max_age_s:
             return True
         return kid is not None and kid not in self._keys
-
-    def _file_changed(self) -> bool:
-        """Whether the file's stat signature moved, looking at most once per interval: a
-        stat releases the GIL, and under load getting it back costs the event loop tens of
-        microseconds, which the token cache would otherwise pay on every request."""
-        if self._changed:
-            return True
-        now = self.clock()
-        if self._checked_at is not None and now - self._checked_at < self.file_check_interval_s:
-            return False
-        self._checked_at = now
-        self._changed = self.source.version() != self._seen_version
-        return self._changed
 
     def refresh(self, kid: str | None = None) -> None:
         """Read the source if still due; on any failure keep the keys we had."""

@@ -44,6 +44,9 @@ class VerifiedTokenCache:
         self.hits = 0
         self.misses = 0
         self._salt = secrets.token_bytes(16)
+        # The keyed state, made once: each token's digest starts from a copy of it, so the
+        # key block is not hashed again per request (a fifth of the digest's time).
+        self._keyed = hashlib.blake2b(digest_size=DIGEST_BYTES, key=self._salt)
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._generation = -1  # KeySet generations start at 0 and only grow
         # Starlette endpoints share one loop, but the sync `authenticate` may run in threads.
@@ -61,8 +64,10 @@ class VerifiedTokenCache:
         return key in self._entries
 
     def key(self, token: str) -> bytes:
-        """The digest a token is stored under."""
-        return hashlib.blake2b(token.encode(), digest_size=DIGEST_BYTES, key=self._salt).digest()
+        """The digest a token is stored under: keyed BLAKE2b of the token."""
+        digest = self._keyed.copy()
+        digest.update(token.encode())
+        return digest.digest()
 
     def get(self, key: bytes, generation: int) -> Principal | None:
         """The cached principal, or None if absent, out of its time window or stale."""

@@ -2,10 +2,11 @@
 
 The seam the server uses:
 
-- `records.InferenceRecord` (a tuple; build it with `InferenceRecord.ended(...)`) and
-  `Recorder.record_inference(record) -> seq` (never blocks, never raises; cuts every
-  text field to its bound, `records.bounded`; `seq` is durable once
-  `Telemetry.durable_seq >= seq`);
+- `records.InferenceRecord` (a tuple; build it with `InferenceRecord.ended(...)`, which
+  cuts every text field to its bound) and `Recorder.record_ended(record) -> seq` (never
+  blocks, never raises; `seq` is durable once `Telemetry.durable_seq >= seq`), or
+  `Recorder.record_inference(record)` for a record made any other way (it cuts it first,
+  `records.bounded`);
 - `service.build_telemetry(settings, state_dir, queue_fill)` -> `Telemetry` with
   `await start()` / `await stop()`, `record_feedback/event/alert/audit`, `forget`,
   `render_metrics()`, `set_update_state`, `note_rollback`, `record_payload` (opt-in,

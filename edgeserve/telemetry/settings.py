@@ -119,6 +119,9 @@ class TelemetrySettings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
+        # Header names are case-insensitive and arrive lower-cased (ASGI, gRPC metadata):
+        # the name is lower-cased once here, not looked up lower-cased per request.
+        object.__setattr__(self, "subject_header", self.subject_header.lower())
         hook = self.alerts.webhook_url
         if hook:
             host = urllib.parse.urlsplit(hook).hostname

@@ -539,14 +539,16 @@ class TelemetryStore:
         """Queue a record; its sequence number, or 0 when the queue is full (dropped).
 
         Never blocks beyond a short lock, never raises: this is on the request path.
-        Inference records come cut to their bounds (`Telemetry.record_inference`): the
-        writer sizes its chunks by those bounds (`_take_chunk`).
+        Inference records come cut to their bounds (`InferenceRecord.ended`, else
+        `Telemetry.record_inference`): the writer sizes its chunks by them (`_take_chunk`).
         """
         with self._lock:
-            if len(self._pending) + self._in_hand < self.capacity:
-                self._seq += 1
-                self._pending.append((self._seq, record))
-                return self._seq
+            pending = self._pending
+            if len(pending) + self._in_hand < self.capacity:
+                seq = self._seq + 1
+                self._seq = seq
+                pending.append((seq, record))
+                return seq
             self.dropped += 1
         self._on_drop(RECORD_TABLE.get(type(record), "other"), "queue_full", 1)
         return 0
