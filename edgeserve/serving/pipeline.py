@@ -323,7 +323,7 @@ class DataPlane:
         if not served.request_id:
             served.request_id = new_request_id()
         model = served.model
-        seq = recorder.record_inference(
+        seq = recorder.record_ended(
             InferenceRecord.ended(
                 served.request_id,
                 model.name,
@@ -346,7 +346,7 @@ class DataPlane:
     def _subject_hash(self, recorder: Any, meta: Mapping[str, str]) -> str | None:
         """The keyed hash of the subject header's value (what `forget` looks for)."""
         header = self._state.subject_header
-        subject = meta.get(header.lower()) if header else None
+        subject = meta.get(header) if header else None
         return recorder.subject_hash(subject) if subject else None
 
     # -- shadow copies -------------------------------------------------------------
@@ -413,7 +413,7 @@ class DataPlane:
             state.experiments.shadow_in_flight -= 1
         recorder = state.recorder
         if recorder is not None:
-            recorder.record_inference(
+            recorder.record_ended(
                 InferenceRecord.ended(
                     request_id,
                     name,
