@@ -118,21 +118,23 @@ def _record(**fields: object) -> InferenceRecord:
     return base._replace(**fields)
 
 
-@pytest.mark.parametrize(
-    ("field", "limit"),
-    [
-        ("request_id", REQUEST_ID_CHARS),
-        ("model", LABEL_CHARS),
-        ("version", LABEL_CHARS),
-        ("experiment", LABEL_CHARS),
-        ("variant", LABEL_CHARS),
-        ("prediction", LABEL_CHARS),
-        ("subject_hash", SUBJECT_HASH_CHARS),
-        ("error", ERROR_CHARS),
-        ("owner_hash", SUBJECT_HASH_CHARS),
-        ("unit_hash", SUBJECT_HASH_CHARS),
-    ],
-)
+TEXT_FIELD_BOUNDS = [
+    ("request_id", REQUEST_ID_CHARS),
+    ("model", LABEL_CHARS),
+    ("version", LABEL_CHARS),
+    ("experiment", LABEL_CHARS),
+    ("variant", LABEL_CHARS),
+    ("prediction", LABEL_CHARS),
+    ("subject_hash", SUBJECT_HASH_CHARS),
+    ("error", ERROR_CHARS),
+    ("owner_hash", SUBJECT_HASH_CHARS),
+    ("unit_hash", SUBJECT_HASH_CHARS),
+]
+# what `ended` takes as keywords (request id, model and version come first, positionally)
+KEYWORD_FIELD_BOUNDS = TEXT_FIELD_BOUNDS[3:]
+
+
+@pytest.mark.parametrize(("field", "limit"), TEXT_FIELD_BOUNDS)
 def test_each_text_field_is_cut_to_its_bound(field: str, limit: int) -> None:
     long = _record(**{field: "é" * (limit + 1000)})
     cut = bounded(long)
@@ -140,18 +142,7 @@ def test_each_text_field_is_cut_to_its_bound(field: str, limit: int) -> None:
     assert cut._replace(**{field: None}) == long._replace(**{field: None})  # the rest kept
 
 
-@pytest.mark.parametrize(
-    ("field", "limit"),
-    [
-        ("experiment", LABEL_CHARS),
-        ("variant", LABEL_CHARS),
-        ("prediction", LABEL_CHARS),
-        ("subject_hash", SUBJECT_HASH_CHARS),
-        ("error", ERROR_CHARS),
-        ("owner_hash", SUBJECT_HASH_CHARS),
-        ("unit_hash", SUBJECT_HASH_CHARS),
-    ],
-)
+@pytest.mark.parametrize(("field", "limit"), KEYWORD_FIELD_BOUNDS)
 def test_ended_cuts_each_text_field_to_its_bound_as_it_makes_the_record(
     field: str, limit: int
 ) -> None:
