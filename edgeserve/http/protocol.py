@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from itertools import chain
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -51,6 +52,13 @@ _value = itemgetter(1)
 _rstrip_ows = methodcaller("rstrip", b" \t")
 
 
+def _head_bytes(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes a request head counts against `max_header_bytes`: its URL, and each
+    header's name and value plus 4 (": " and CRLF). Summed in C, once per head: counted
+    in `on_header` it cost ~33 bytecodes a header."""
+    return len(url) + sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)
+
+
 def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
     bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
@@ -82,8 +90,10 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     idle: dict[Any, None] = {}
 
     class GuardedHttpTools(HttpToolsProtocol):
-        _head_bytes = 0
         _too_large = False
+        # A head still arriving after a read: the headers list counted so far (its
+        # count, their bytes), so that a head trickled in is summed once, not per read
+        _counted: tuple[list, int, int] = ([], 0, 0)
         # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
         # a deadline is a float store. A timer per deadline and request (call_later and
         # cancel each time) took a quarter of the event loop at 4x overload, with
@@ -183,7 +193,9 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 self._read_deadline = self.loop.time() + read_timeout_s
             try:  # uvicorn's, written in
                 self.parser.feed_data(data)
-            except httptools.HttpParserError:
+                if self._head_deadline:  # a head is still arriving: within the cap so far?
+                    self._partial_head_fits()
+            except (httptools.HttpParserError, _HeadersTooLarge):
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
                 self.send_400_response(msg)
@@ -209,7 +221,6 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 "headers": self.headers,
                 "state": self.app_state.copy(),
             }
-            self._head_bytes = 0
             now = self.loop.time()
             self._read_deadline = now + read_timeout_s
             self._head_deadline = now + head_timeout_s
@@ -217,9 +228,9 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def on_headers_complete(self) -> None:
             """Uvicorn's, written in, making a `_new_cycle` and starting its task."""
+            self._headers_read()
             idle.pop(self, None)  # a request is being served: not evicted for a newcomer
             self._head_deadline = 0.0
-            self._headers_read()
             parser = self.parser
             http_version = parser.get_http_version()
             scope = self.scope
@@ -259,8 +270,11 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def _headers_read(self) -> None:
             """What uvicorn's on_header does to each header, done for them all at once in
             C: names lower-cased, trailing whitespace off values (llhttp keeps it; RFC 9110
-            5.5 excludes it), `Expect: 100-continue` noted."""
+            5.5 excludes it), `Expect: 100-continue` noted; and the head-bytes cap."""
             headers = self.headers
+            if _head_bytes(self.url, headers) > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
             headers[:] = zip(
                 map(bytes.lower, map(_name, headers)),
                 map(_rstrip_ows, map(_value, headers)),
@@ -294,21 +308,24 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             None to have the app answer it."""
             return None
 
-        def on_url(self, url: bytes) -> None:
-            # the head-bytes cap, written out in both callbacks: they run for every request
-            self._head_bytes += len(url)
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
-            self.url += url  # uvicorn's on_url
-
         def on_header(self, name: bytes, value: bytes) -> None:
-            # Uvicorn's own on_header is done for all headers at once by `_headers_read`.
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
+            # Uvicorn's own on_header is done for all headers at once by `_headers_read`,
+            # and the head-bytes cap there (a whole head) or by `_partial_head_fits`.
             self.headers.append((name, value))
+
+        def _partial_head_fits(self) -> None:
+            """Refuse a head still arriving once what has arrived of it is over the cap
+            (a complete head is held to it by `_headers_read`). A head nearly always comes
+            in one read; a trickled one has only its new headers summed each time."""
+            headers = self.headers
+            counted, n, total = self._counted
+            if counted is not headers:  # the first read that ends inside this head
+                n = total = 0
+            total += _head_bytes(b"", headers[n:])
+            self._counted = (headers, len(headers), total)
+            if len(self.url) + total > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # answered 431 by `data_received`
 
         def on_body(self, body: bytes) -> None:
             # uvicorn's written in, with the body of a request answered from the parser
