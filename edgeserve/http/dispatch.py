@@ -26,11 +26,15 @@ from starlette.datastructures import Address, Headers, State
 from starlette.requests import Request, empty_send
 from starlette.types import Receive, Scope, Send
 
-from edgeserve.audit.routes import audit_response
+from edgeserve.audit.routes import audit_response, audits_every_status
 from edgeserve.http.answers import RestAnswer, to_response
 from edgeserve.http.headers import SECURITY_HEADERS, headers_fit
 from edgeserve.http.routes import answer_infer, infer
 from edgeserve.http.shedding import INFER_PATH, SHED_TESTED, headers_for, leave, shed
+
+FORBIDDEN = 403
+# Whether an inference may leave an audit row whatever its status (no: only a 403 can)
+_INFER_AUDITED_ALWAYS = audits_every_status(infer, "POST")
 
 
 class EdgeserveApp(Starlette):
@@ -101,7 +105,7 @@ class EdgeserveApp(Starlette):
         403, and the loop gate that admitted the request (edgeserve/http/shedding.py) is
         told it is answered."""
         try:
-            if status is not None:
+            if status is not None and (status == FORBIDDEN or _INFER_AUDITED_ALWAYS):
                 audit_response(scope, status)
         finally:
             leave(scope)  # admitted by the HTTP parser's gate, answered whichever way
