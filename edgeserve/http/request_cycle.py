@@ -103,6 +103,7 @@ def cycle_protocol(base: type) -> type:
         response_complete = False
         chunked_encoding: bool | None = None
         expected_content_length = 0
+        _body_taken = False  # see `_whole_body`
 
         def __init__(self, protocol: Any, scope: Any, keep_alive: bool) -> None:
             """RequestResponseCycle's fields, read from the protocol that made it."""
@@ -152,21 +153,24 @@ def cycle_protocol(base: type) -> type:
                     prefixed.flush()  # no body bytes were written (HEAD, an error)
 
         async def run_asgi(self, app: Any) -> None:
+            """An inference whose body is all here is answered without ASGI: the app's
+            `answer_infer` gives status, headers and body, written here in one go (one
+            coroutine for both ways, not a second one for the direct answer)."""
             answerer = getattr(app, "infer_answerer", None)
-            if answerer is not None and not self.more_body and not self.disconnected:
-                target = answerer.infer_target(self.scope)
-                if target is not None:
-                    await self._answer_infer(answerer, target)
-                    return
-            await super().run_asgi(app)
-
-        async def _answer_infer(self, answerer: Any, target: tuple[str, str | None]) -> None:
-            """An inference whose body is all here, answered without ASGI: the app's
-            `answer_infer` gives status, headers and body, written here in one go."""
+            if answerer is None or self.more_body or self.disconnected:
+                await super().run_asgi(app)
+                return
             scope = self.scope
+            target = answerer.infer_target(scope)
+            if target is None:
+                await super().run_asgi(app)
+                return
             status = None
             try:
-                answer = await answerer.answer_infer(scope, self.receive, *target)
+                # the body is here: handed over without the event, unless uvicorn's
+                # `receive` has a 100 Continue to write first
+                receive = self.receive if self.waiting_for_100_continue else self._whole_body
+                answer = await answerer.answer_infer(scope, receive, *target)
                 if self.flow.write_paused and not self.disconnected:
                     await self.flow.drain()
                 if not self.disconnected:  # gone: nothing to write, as uvicorn's send
@@ -181,6 +185,20 @@ def cycle_protocol(base: type) -> type:
             finally:
                 self.on_response = _nothing
                 answerer.infer_answered(scope, status)
+
+        async def _whole_body(self) -> Any:
+            """`receive` for a body that has all arrived (the parser said so): its one
+            message, without waiting on and clearing the event as uvicorn's `receive`
+            does; any later call is uvicorn's (which waits for the disconnect)."""
+            if self._body_taken or self.disconnected or self.response_complete:
+                return await self.receive()
+            self._body_taken = True
+            self.message_event.clear()
+            if self.flow.read_paused:  # a large body paused reading: as uvicorn's receive
+                self.flow.resume_reading()
+            body = bytes(self.body)
+            self.body = bytearray()
+            return {"type": "http.request", "body": body, "more_body": False}
 
         def _write(self, answer: Any) -> None:
             """Head and body in one write, framed as uvicorn's `send` frames them."""
