@@ -105,21 +105,6 @@ def cycle_protocol(base: type) -> type:
         expected_content_length = 0
         _body_taken = False  # see `_whole_body`
 
-        def __init__(self, protocol: Any, scope: Any, keep_alive: bool) -> None:
-            """RequestResponseCycle's fields, read from the protocol that made it."""
-            self.scope = scope
-            self.transport = protocol.transport
-            self.flow = protocol.flow
-            self.logger = protocol.logger
-            self.access_logger = protocol.access_logger
-            self.access_log = protocol.access_log
-            self.default_headers = protocol.server_state.default_headers
-            self.message_event = asyncio.Event()
-            self.on_response = protocol.on_response_complete
-            self.keep_alive = keep_alive
-            self.waiting_for_100_continue = protocol.expect_100_continue
-            self.body = bytearray()
-
         def receive_would_wait(self) -> bool:
             """Whether `receive()` would wait for the client now."""
             return not (self.message_event.is_set() or self.disconnected or self.response_complete)
@@ -241,8 +226,39 @@ def cycle_protocol(base: type) -> type:
                 self.transport.close()
             self.on_response()
 
+    new_cycle = object.__new__
+
     class CycleProtocol(base):  # type: ignore[misc, valid-type]
+        # RequestResponseCycle's fields that are the connection's, the same for each of
+        # its requests: made once (see `_new_cycle`)
+        _cycle_fields: dict[str, Any]
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._cycle_fields = {
+                "transport": self.transport,
+                "flow": self.flow,
+                "logger": self.logger,
+                "access_logger": self.access_logger,
+                "access_log": self.access_log,
+                "default_headers": self.server_state.default_headers,
+                "on_response": self.on_response_complete,
+            }
+
         def _new_cycle(self, scope: Any, keep_alive: bool) -> Cycle:
-            return Cycle(self, scope, keep_alive)  # every request's, pipelined ones too
+            """Every request's cycle (pipelined ones too), with RequestResponseCycle's
+            fields: the connection's copied in C, the request's own set; those every
+            request starts with are Cycle's class defaults. (Set one by one in an
+            `__init__` they cost ~50 bytecodes a request.)"""
+            cycle = new_cycle(Cycle)
+            cycle.__dict__ = {
+                **self._cycle_fields,
+                "scope": scope,
+                "keep_alive": keep_alive,
+                "waiting_for_100_continue": self.expect_100_continue,
+                "message_event": asyncio.Event(),
+                "body": bytearray(),
+            }
+            return cycle
 
     return CycleProtocol
