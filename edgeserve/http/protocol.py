@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 from itertools import chain
 from operator import itemgetter, methodcaller
@@ -104,11 +105,22 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # which armed a timer after every response and cancelled it on the next bytes.
         _idle_deadline = 0.0
         _deadline_timer: asyncio.TimerHandle | None = None
+        _timer_at = math.inf  # when the timer fires (inf: none pending); see `_check_by`
         _counted_as: str | None = None  # the client address this connection is counted under
         _parser_answer: bytes | None = None  # see `_answer_from_parser`
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # what each request's scope starts with on this connection (on_message_begin)
+            self._scope_base = {
+                "type": "http",
+                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": "1.1",
+                "server": self.server,
+                "client": self.client,
+                "scheme": self.scheme,
+                "root_path": self.root_path,
+            }
             address = self.client[0] if self.client else ""
             held = open_by_client.get(address, 0)
             if held >= max_per_client:
@@ -146,8 +158,9 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
             else:
-                self._idle_deadline = self.loop.time() + self.timeout_keep_alive
-                self._check_by(self._idle_deadline)
+                self._idle_deadline = when = self.loop.time() + self.timeout_keep_alive
+                if when < self._timer_at:
+                    self._check_by(when)
             if self._counted_as is not None:
                 idle[self] = None  # last in the eviction order: idle since now
 
@@ -185,6 +198,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
                 self._deadline_timer = None
+                self._timer_at = math.inf
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -206,25 +220,21 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                     self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
-            # uvicorn's written in (as the other parser callbacks: a call less per request)
+            # uvicorn's written in (as the other parser callbacks: a call less per request),
+            # the scope's fields that are the connection's copied in C
             self.url = b""
             self.expect_100_continue = False
             self.headers = []
-            self.scope = {  # type: ignore[typeddict-item]
-                "type": "http",
-                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
-                "http_version": "1.1",
-                "server": self.server,
-                "client": self.client,
-                "scheme": self.scheme,  # type: ignore[typeddict-item]
-                "root_path": self.root_path,
+            self.scope = {
+                **self._scope_base,  # type: ignore[typeddict-item]
                 "headers": self.headers,
                 "state": self.app_state.copy(),
             }
             now = self.loop.time()
             self._read_deadline = now + read_timeout_s
             self._head_deadline = now + head_timeout_s
-            self._check_by(now + first_timeout_s)
+            if now + first_timeout_s < self._timer_at:
+                self._check_by(now + first_timeout_s)
 
         def on_headers_complete(self) -> None:
             """Uvicorn's, written in, making a `_new_cycle` and starting its task."""
@@ -374,19 +384,21 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def _arm(self) -> None:
             self._read_deadline = self.loop.time() + read_timeout_s
-            self._check_by(self._read_deadline)
+            if self._read_deadline < self._timer_at:
+                self._check_by(self._read_deadline)
 
         def _check_by(self, when: float) -> None:
-            """Have the timer fire by `when`; an earlier one already pending is kept."""
-            timer = self._deadline_timer
-            if timer is not None:
-                if timer.when() <= when:
-                    return
-                timer.cancel()
+            """Have the timer fire at `when`, earlier than the one pending (if any): the
+            callers compare with `_timer_at` first, as each request arms two deadlines
+            that an earlier timer already covers."""
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
             self._deadline_timer = self.loop.call_at(when, self._check_deadlines)
+            self._timer_at = when
 
         def _check_deadlines(self) -> None:
             self._deadline_timer = None
+            self._timer_at = math.inf
             now = self.loop.time()
             if self._head_deadline and now >= self._head_deadline:
                 self._cut_off(
@@ -400,7 +412,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 deadlines = (self._read_deadline, self._head_deadline, self._idle_deadline)
                 pending = [d for d in deadlines if d]
                 if pending:
-                    self._check_by(min(pending))
+                    self._check_by(min(pending))  # none is pending: the timer just fired
 
         def _cut_off(self, message: str, limit_s: float) -> None:
             """Close a connection whose client took too long (either deadline)."""
