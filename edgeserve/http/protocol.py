@@ -153,7 +153,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
-            self.flow.resume_reading()
+            if self.flow.read_paused:  # uvicorn's resume_reading, its test written out
+                self.flow.resume_reading()
             if self.pipeline:  # the next pipelined request starts
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)

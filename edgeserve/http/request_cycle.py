@@ -32,6 +32,8 @@ import asyncio
 from itertools import chain
 from typing import Any
 
+from edgeserve.http.headers import SECURITY_HEADERS
+
 _COLON = b": "
 
 
@@ -186,12 +188,15 @@ def cycle_protocol(base: type) -> type:
             return {"type": "http.request", "body": body, "more_body": False}
 
         def _write(self, answer: Any) -> None:
-            """Head and body in one write, framed as uvicorn's `send` frames them."""
+            """Head and body in one write, framed as uvicorn's `send` frames them, with
+            the security headers every answer carries (edgeserve/http/answers.py)."""
             self.response_started = True
             self.waiting_for_100_continue = False
             status = answer.status
             # "name: value" per header, joined in C (a comprehension cost ~50 bytecodes)
-            lines = list(map(_COLON.join, chain(self.default_headers, answer.headers)))
+            lines = list(
+                map(_COLON.join, chain(self.default_headers, answer.headers, SECURITY_HEADERS))
+            )
             # uvicorn's value check, on all the lines at once: a control character in any
             # of them (names and ": " have none) is one in some value.
             joined = b"\t".join(lines)
