@@ -74,14 +74,17 @@ class EdgeserveApp(Starlette):
         """The model and version of an inference request this app answers past the stack:
         a POST .../infer within the header limits (else the stack's HeaderGuard answers
         431)."""
-        if scope["method"] != "POST":
+        target = scope.get(SHED_TESTED)  # the parser's shed test matched the path
+        if target is None:
+            if scope["method"] != "POST":
+                return None
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is None:
+                return None
+            target = match.groups()  # (model, version or None)
+        if not headers_fit(scope["headers"], self._max_headers, self._max_header_bytes):
             return None
-        match = INFER_PATH.fullmatch(scope["path"])
-        if match is None or not headers_fit(
-            scope["headers"], self._max_headers, self._max_header_bytes
-        ):
-            return None
-        return match.groups()  # type: ignore[return-value]  # (model, version or None)
+        return target  # type: ignore[return-value]
 
     def answer_infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -90,8 +93,8 @@ class EdgeserveApp(Starlette):
         made it), then the endpoint's rules (`routes.answer_infer`), whose coroutine is
         returned to be awaited (a coroutine of its own here cost every inference ~15
         bytecodes). The writer adds the security headers the stack's HeaderGuard would."""
-        if not scope.get(SHED_TESTED):
-            refusal = shed(scope["path"], self, scope)
+        if SHED_TESTED not in scope:
+            refusal = shed(model, version, self, scope)
             if refusal is not None:
                 return _answered(RestAnswer(429, _shed_headers(refusal), refusal))
         scope["app"] = self
