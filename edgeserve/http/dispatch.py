@@ -23,7 +23,7 @@ from operator import methodcaller
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Address, Headers, State
+from starlette.datastructures import Headers, State
 from starlette.requests import Request, empty_send
 from starlette.types import Receive, Scope, Send
 
@@ -181,14 +181,13 @@ class _IndexedHeaders(Headers):
 
 class _InferRequest(Request):
     """A Request for `routes.answer_infer` whose parts are plain attributes made once:
-    Starlette makes each through a property on every read (`client` a new Address each
-    time) and `headers` and `state` after a failed `hasattr`. Its readers (auth, the
-    body reader, the data plane's meta, the error mapper) use `app`, `headers`,
-    `client`, `state` and `receive`; the rest is Starlette's, read from the scope."""
+    Starlette makes each through a property on every read, `headers` and `state` after
+    a failed `hasattr`. Its readers (auth, the body reader, the data plane's meta, the
+    error mapper) use `app`, `headers`, `state` and `receive`; the rest is Starlette's,
+    read from the scope: `client` too, which only a refusal reads (auth's log line)."""
 
     app: Any = None
     headers: Headers = None  # type: ignore[assignment]
-    client: Address | None = None
     state: State = None  # type: ignore[assignment]
     receive: Receive = None  # type: ignore[assignment]
     # Request's own, as Request.__init__ sets them: methods that change them set their own
@@ -201,7 +200,5 @@ class _InferRequest(Request):
         self._receive = self.receive = receive
         self.app = app
         self.headers = _IndexedHeaders(scope["headers"])
-        client = scope.get("client")
-        self.client = None if client is None else Address(*client)
         # where the guard leaves the principal, for the audit row
         self.state = _AttributeState(scope.setdefault("state", {}))
