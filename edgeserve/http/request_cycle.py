@@ -175,12 +175,14 @@ def cycle_protocol(base: type) -> type:
 
         async def _whole_body(self) -> Any:
             """`receive` for a body that has all arrived (the parser said so): its one
-            message, without waiting on and clearing the event as uvicorn's `receive`
-            does; any later call is uvicorn's (which waits for the disconnect)."""
+            message, without waiting on the event as uvicorn's `receive` does; any later
+            call is uvicorn's (which waits for the disconnect, the event cleared then:
+            only the disconnect or the response can set it again)."""
             if self._body_taken or self.disconnected or self.response_complete:
+                if self._body_taken:
+                    self.message_event.clear()  # as uvicorn's receive left it
                 return await self.receive()
             self._body_taken = True
-            self.message_event.clear()
             if self.flow.read_paused:  # a large body paused reading: as uvicorn's receive
                 self.flow.resume_reading()
             body = bytes(self.body)
