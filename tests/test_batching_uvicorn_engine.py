@@ -71,6 +71,22 @@ def test_a_bad_request_head_is_refused_by_the_parser_and_the_connection_closed(
     assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply[:80]
 
 
+def test_a_head_still_arriving_is_refused_once_over_the_cap(server: RunningServer) -> None:
+    # Headers sent in several writes and never ended by the blank line: the cap holds
+    # for what has arrived of a head, not only for a complete one. Only the fourth write
+    # takes the head over the cap (4,096 bytes), so the server has read all that was
+    # sent when it answers and closes.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        for i in range(4):  # ~1,050 bytes each
+            pad = b"".join(b"x-pad-%d-%d: %s\r\n" % (i, j, b"a" * 90) for j in range(10))
+            sock.sendall(pad + b"x")  # the parser passes a header on once the next begins
+        reply = b""
+        while chunk := sock.recv(65536):  # read until the server closes
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+
+
 def test_slow_client_is_disconnected(server: RunningServer) -> None:
     # The socket's timeout is a deadline for a hang (recv raises), not a speed bound.
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:

@@ -102,13 +102,22 @@ class AuditMiddleware:
                 audit_response(scope, status)
 
 
+def audits_every_status(endpoint: object, method: str) -> bool:
+    """Whether a `method` request to `endpoint` may leave a row whatever its status (an
+    admin change); else only a 403 can. Asked once by a caller that answers a single
+    endpoint (edgeserve/http/dispatch.py's inference), so that it calls
+    `audit_response` only for a status that can need a row."""
+    return getattr(endpoint, "required_scope", None) == "admin" and method not in READ_METHODS
+
+
 def audit_response(scope: Scope, status: int) -> None:
     """The audit row an answered request leaves, if any (see the module doc)."""
-    required = getattr(scope.get("endpoint"), "required_scope", None)
+    endpoint = scope.get("endpoint")
+    required = getattr(endpoint, "required_scope", None)
     if required is None:
         return
     method = scope.get("method", "")
-    if status != 403 and (required != "admin" or method in READ_METHODS):
+    if status != 403 and not audits_every_status(endpoint, method):
         return
     app = scope.get("app")
     audit = getattr(getattr(app, "state", None), "audit", None)

@@ -18,19 +18,24 @@ protocol writes without any ASGI when the request's body is all there
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from operator import methodcaller
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Address, Headers, State
+from starlette.datastructures import Headers, State
 from starlette.requests import Request, empty_send
 from starlette.types import Receive, Scope, Send
 
-from edgeserve.audit.routes import audit_response
+from edgeserve.audit.routes import audit_response, audits_every_status
 from edgeserve.http.answers import RestAnswer, to_response
 from edgeserve.http.headers import SECURITY_HEADERS, headers_fit
 from edgeserve.http.routes import answer_infer, infer
 from edgeserve.http.shedding import INFER_PATH, SHED_TESTED, headers_for, leave, shed
+
+FORBIDDEN = 403
+# Whether an inference may leave an audit row whatever its status (no: only a 403 can)
+_INFER_AUDITED_ALWAYS = audits_every_status(infer, "POST")
 
 
 class EdgeserveApp(Starlette):
@@ -57,6 +62,7 @@ class EdgeserveApp(Starlette):
             )
             if target is not None:
                 answer = await self.answer_infer(scope, receive, *target)
+                answer.headers += SECURITY_HEADERS  # as uvicorn's cycle writes them
                 await to_response(answer)(scope, receive, send)
                 status = answer.status
                 return
@@ -68,43 +74,53 @@ class EdgeserveApp(Starlette):
         """The model and version of an inference request this app answers past the stack:
         a POST .../infer within the header limits (else the stack's HeaderGuard answers
         431)."""
-        if scope["method"] != "POST":
+        target = scope.get(SHED_TESTED)  # the parser's shed test matched the path
+        if target is None:
+            if scope["method"] != "POST":
+                return None
+            match = INFER_PATH.fullmatch(scope["path"])
+            if match is None:
+                return None
+            target = match.groups()  # (model, version or None)
+        if not headers_fit(scope["headers"], self._max_headers, self._max_header_bytes):
             return None
-        match = INFER_PATH.fullmatch(scope["path"])
-        if match is None or not headers_fit(
-            scope["headers"], self._max_headers, self._max_header_bytes
-        ):
-            return None
-        return match.groups()  # type: ignore[return-value]  # (model, version or None)
+        return target  # type: ignore[return-value]
 
-    async def answer_infer(
+    def answer_infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
-    ) -> RestAnswer:
+    ) -> Awaitable[RestAnswer]:
         """The answer to an `infer_target` request: the shed test (unless the HTTP parser
-        made it), then the endpoint's rules (`routes.answer_infer`), with the security
-        headers the stack's HeaderGuard would add."""
-        if not scope.get(SHED_TESTED):
-            refusal = shed(scope["path"], self, scope)
+        made it), then the endpoint's rules (`routes.answer_infer`), whose coroutine is
+        returned to be awaited (a coroutine of its own here cost every inference ~15
+        bytecodes). The writer adds the security headers the stack's HeaderGuard would."""
+        if SHED_TESTED not in scope:
+            refusal = shed(model, version, self, scope)
             if refusal is not None:
-                headers = [h for h in headers_for(refusal) if h[0] != b"content-length"]
-                return RestAnswer(429, headers, refusal)
+                return _answered(RestAnswer(429, _shed_headers(refusal), refusal))
         scope["app"] = self
         scope["endpoint"] = infer
         params = {"model": model} if version is None else {"model": model, "version": version}
         scope["path_params"] = params
-        answer = await answer_infer(_InferRequest(scope, receive, self), model, version)
-        answer.headers += SECURITY_HEADERS
-        return answer
+        return answer_infer(_InferRequest(scope, receive, self), model, version)
 
     def infer_answered(self, scope: Scope, status: int | None) -> None:
         """After the answer is written (`status`; None when none was): the audit row of a
         403, and the loop gate that admitted the request (edgeserve/http/shedding.py) is
         told it is answered."""
         try:
-            if status is not None:
+            if status is not None and (status == FORBIDDEN or _INFER_AUDITED_ALWAYS):
                 audit_response(scope, status)
         finally:
             leave(scope)  # admitted by the HTTP parser's gate, answered whichever way
+
+
+def _shed_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    """A shed 429's headers as an answer holds them: no length, no security headers."""
+    return [h for h in headers_for(body) if h[0] != b"content-length" and h not in SECURITY_HEADERS]
+
+
+async def _answered(answer: RestAnswer) -> RestAnswer:
+    return answer
 
 
 class _AttributeState(State):
@@ -165,14 +181,13 @@ class _IndexedHeaders(Headers):
 
 class _InferRequest(Request):
     """A Request for `routes.answer_infer` whose parts are plain attributes made once:
-    Starlette makes each through a property on every read (`client` a new Address each
-    time) and `headers` and `state` after a failed `hasattr`. Its readers (auth, the
-    body reader, the data plane's meta, the error mapper) use `app`, `headers`,
-    `client`, `state` and `receive`; the rest is Starlette's, read from the scope."""
+    Starlette makes each through a property on every read, `headers` and `state` after
+    a failed `hasattr`. Its readers (auth, the body reader, the data plane's meta, the
+    error mapper) use `app`, `headers`, `state` and `receive`; the rest is Starlette's,
+    read from the scope: `client` too, which only a refusal reads (auth's log line)."""
 
     app: Any = None
     headers: Headers = None  # type: ignore[assignment]
-    client: Address | None = None
     state: State = None  # type: ignore[assignment]
     receive: Receive = None  # type: ignore[assignment]
     # Request's own, as Request.__init__ sets them: methods that change them set their own
@@ -185,7 +200,5 @@ class _InferRequest(Request):
         self._receive = self.receive = receive
         self.app = app
         self.headers = _IndexedHeaders(scope["headers"])
-        client = scope.get("client")
-        self.client = None if client is None else Address(*client)
         # where the guard leaves the principal, for the audit row
         self.state = _AttributeState(scope.setdefault("state", {}))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
+from itertools import chain
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -51,6 +53,13 @@ _value = itemgetter(1)
 _rstrip_ows = methodcaller("rstrip", b" \t")
 
 
+def _head_bytes(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes a request head counts against `max_header_bytes`: its URL, and each
+    header's name and value plus 4 (": " and CRLF). Summed in C, once per head: counted
+    in `on_header` it cost ~33 bytecodes a header."""
+    return len(url) + sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)
+
+
 def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     """Uvicorn's httptools protocol plus Hypercorn's two defences: a cap on request-head
     bytes (431) and `read_timeout_s` of silence while a request is arriving (or before the
@@ -82,8 +91,10 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
     idle: dict[Any, None] = {}
 
     class GuardedHttpTools(HttpToolsProtocol):
-        _head_bytes = 0
         _too_large = False
+        # A head still arriving after a read: the headers list counted so far (its
+        # count, their bytes), so that a head trickled in is summed once, not per read
+        _counted: tuple[list, int, int] = ([], 0, 0)
         # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
         # a deadline is a float store. A timer per deadline and request (call_later and
         # cancel each time) took a quarter of the event loop at 4x overload, with
@@ -94,11 +105,22 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # which armed a timer after every response and cancelled it on the next bytes.
         _idle_deadline = 0.0
         _deadline_timer: asyncio.TimerHandle | None = None
+        _timer_at = math.inf  # when the timer fires (inf: none pending); see `_check_by`
         _counted_as: str | None = None  # the client address this connection is counted under
         _parser_answer: bytes | None = None  # see `_answer_from_parser`
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # what each request's scope starts with on this connection (on_message_begin)
+            self._scope_base = {
+                "type": "http",
+                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": "1.1",
+                "server": self.server,
+                "client": self.client,
+                "scheme": self.scheme,
+                "root_path": self.root_path,
+            }
             address = self.client[0] if self.client else ""
             held = open_by_client.get(address, 0)
             if held >= max_per_client:
@@ -131,13 +153,15 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self.server_state.total_requests += 1
             if self.transport.is_closing():
                 return
-            self.flow.resume_reading()
+            if self.flow.read_paused:  # uvicorn's resume_reading, its test written out
+                self.flow.resume_reading()
             if self.pipeline:  # the next pipelined request starts
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
             else:
-                self._idle_deadline = self.loop.time() + self.timeout_keep_alive
-                self._check_by(self._idle_deadline)
+                self._idle_deadline = when = self.loop.time() + self.timeout_keep_alive
+                if when < self._timer_at:
+                    self._check_by(when)
             if self._counted_as is not None:
                 idle[self] = None  # last in the eviction order: idle since now
 
@@ -175,6 +199,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
                 self._deadline_timer = None
+                self._timer_at = math.inf
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -183,7 +208,9 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 self._read_deadline = self.loop.time() + read_timeout_s
             try:  # uvicorn's, written in
                 self.parser.feed_data(data)
-            except httptools.HttpParserError:
+                if self._head_deadline:  # a head is still arriving: within the cap so far?
+                    self._partial_head_fits()
+            except (httptools.HttpParserError, _HeadersTooLarge):
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
                 self.send_400_response(msg)
@@ -194,32 +221,27 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                     self._unsupported_upgrade_warning()
 
         def on_message_begin(self) -> None:
-            # uvicorn's written in (as the other parser callbacks: a call less per request)
+            # uvicorn's written in (as the other parser callbacks: a call less per request),
+            # the scope's fields that are the connection's copied in C
             self.url = b""
             self.expect_100_continue = False
             self.headers = []
-            self.scope = {  # type: ignore[typeddict-item]
-                "type": "http",
-                "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
-                "http_version": "1.1",
-                "server": self.server,
-                "client": self.client,
-                "scheme": self.scheme,  # type: ignore[typeddict-item]
-                "root_path": self.root_path,
+            self.scope = {
+                **self._scope_base,  # type: ignore[typeddict-item]
                 "headers": self.headers,
                 "state": self.app_state.copy(),
             }
-            self._head_bytes = 0
             now = self.loop.time()
             self._read_deadline = now + read_timeout_s
             self._head_deadline = now + head_timeout_s
-            self._check_by(now + first_timeout_s)
+            if now + first_timeout_s < self._timer_at:
+                self._check_by(now + first_timeout_s)
 
         def on_headers_complete(self) -> None:
             """Uvicorn's, written in, making a `_new_cycle` and starting its task."""
+            self._headers_read()
             idle.pop(self, None)  # a request is being served: not evicted for a newcomer
             self._head_deadline = 0.0
-            self._headers_read()
             parser = self.parser
             http_version = parser.get_http_version()
             scope = self.scope
@@ -259,8 +281,11 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def _headers_read(self) -> None:
             """What uvicorn's on_header does to each header, done for them all at once in
             C: names lower-cased, trailing whitespace off values (llhttp keeps it; RFC 9110
-            5.5 excludes it), `Expect: 100-continue` noted."""
+            5.5 excludes it), `Expect: 100-continue` noted; and the head-bytes cap."""
             headers = self.headers
+            if _head_bytes(self.url, headers) > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
             headers[:] = zip(
                 map(bytes.lower, map(_name, headers)),
                 map(_rstrip_ows, map(_value, headers)),
@@ -294,21 +319,24 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             None to have the app answer it."""
             return None
 
-        def on_url(self, url: bytes) -> None:
-            # the head-bytes cap, written out in both callbacks: they run for every request
-            self._head_bytes += len(url)
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
-            self.url += url  # uvicorn's on_url
-
         def on_header(self, name: bytes, value: bytes) -> None:
-            # Uvicorn's own on_header is done for all headers at once by `_headers_read`.
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
+            # Uvicorn's own on_header is done for all headers at once by `_headers_read`,
+            # and the head-bytes cap there (a whole head) or by `_partial_head_fits`.
             self.headers.append((name, value))
+
+        def _partial_head_fits(self) -> None:
+            """Refuse a head still arriving once what has arrived of it is over the cap
+            (a complete head is held to it by `_headers_read`). A head nearly always comes
+            in one read; a trickled one has only its new headers summed each time."""
+            headers = self.headers
+            counted, n, total = self._counted
+            if counted is not headers:  # the first read that ends inside this head
+                n = total = 0
+            total += _head_bytes(b"", headers[n:])
+            self._counted = (headers, len(headers), total)
+            if len(self.url) + total > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge  # answered 431 by `data_received`
 
         def on_body(self, body: bytes) -> None:
             # uvicorn's written in, with the body of a request answered from the parser
@@ -357,19 +385,21 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def _arm(self) -> None:
             self._read_deadline = self.loop.time() + read_timeout_s
-            self._check_by(self._read_deadline)
+            if self._read_deadline < self._timer_at:
+                self._check_by(self._read_deadline)
 
         def _check_by(self, when: float) -> None:
-            """Have the timer fire by `when`; an earlier one already pending is kept."""
-            timer = self._deadline_timer
-            if timer is not None:
-                if timer.when() <= when:
-                    return
-                timer.cancel()
+            """Have the timer fire at `when`, earlier than the one pending (if any): the
+            callers compare with `_timer_at` first, as each request arms two deadlines
+            that an earlier timer already covers."""
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
             self._deadline_timer = self.loop.call_at(when, self._check_deadlines)
+            self._timer_at = when
 
         def _check_deadlines(self) -> None:
             self._deadline_timer = None
+            self._timer_at = math.inf
             now = self.loop.time()
             if self._head_deadline and now >= self._head_deadline:
                 self._cut_off(
@@ -383,7 +413,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 deadlines = (self._read_deadline, self._head_deadline, self._idle_deadline)
                 pending = [d for d in deadlines if d]
                 if pending:
-                    self._check_by(min(pending))
+                    self._check_by(min(pending))  # none is pending: the timer just fired
 
         def _cut_off(self, message: str, limit_s: float) -> None:
             """Close a connection whose client took too long (either deadline)."""

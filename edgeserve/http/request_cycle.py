@@ -32,6 +32,8 @@ import asyncio
 from itertools import chain
 from typing import Any
 
+from edgeserve.http.headers import SECURITY_HEADERS
+
 _COLON = b": "
 
 
@@ -103,21 +105,7 @@ def cycle_protocol(base: type) -> type:
         response_complete = False
         chunked_encoding: bool | None = None
         expected_content_length = 0
-
-        def __init__(self, protocol: Any, scope: Any, keep_alive: bool) -> None:
-            """RequestResponseCycle's fields, read from the protocol that made it."""
-            self.scope = scope
-            self.transport = protocol.transport
-            self.flow = protocol.flow
-            self.logger = protocol.logger
-            self.access_logger = protocol.access_logger
-            self.access_log = protocol.access_log
-            self.default_headers = protocol.server_state.default_headers
-            self.message_event = asyncio.Event()
-            self.on_response = protocol.on_response_complete
-            self.keep_alive = keep_alive
-            self.waiting_for_100_continue = protocol.expect_100_continue
-            self.body = bytearray()
+        _body_taken = False  # see `_whole_body`
 
         def receive_would_wait(self) -> bool:
             """Whether `receive()` would wait for the client now."""
@@ -152,21 +140,24 @@ def cycle_protocol(base: type) -> type:
                     prefixed.flush()  # no body bytes were written (HEAD, an error)
 
         async def run_asgi(self, app: Any) -> None:
+            """An inference whose body is all here is answered without ASGI: the app's
+            `answer_infer` gives status, headers and body, written here in one go (one
+            coroutine for both ways, not a second one for the direct answer)."""
             answerer = getattr(app, "infer_answerer", None)
-            if answerer is not None and not self.more_body and not self.disconnected:
-                target = answerer.infer_target(self.scope)
-                if target is not None:
-                    await self._answer_infer(answerer, target)
-                    return
-            await super().run_asgi(app)
-
-        async def _answer_infer(self, answerer: Any, target: tuple[str, str | None]) -> None:
-            """An inference whose body is all here, answered without ASGI: the app's
-            `answer_infer` gives status, headers and body, written here in one go."""
+            if answerer is None or self.more_body or self.disconnected:
+                await super().run_asgi(app)
+                return
             scope = self.scope
+            target = answerer.infer_target(scope)
+            if target is None:
+                await super().run_asgi(app)
+                return
             status = None
             try:
-                answer = await answerer.answer_infer(scope, self.receive, *target)
+                # the body is here: handed over without the event, unless uvicorn's
+                # `receive` has a 100 Continue to write first
+                receive = self.receive if self.waiting_for_100_continue else self._whole_body
+                answer = await answerer.answer_infer(scope, receive, *target)
                 if self.flow.write_paused and not self.disconnected:
                     await self.flow.drain()
                 if not self.disconnected:  # gone: nothing to write, as uvicorn's send
@@ -182,13 +173,32 @@ def cycle_protocol(base: type) -> type:
                 self.on_response = _nothing
                 answerer.infer_answered(scope, status)
 
+        async def _whole_body(self) -> Any:
+            """`receive` for a body that has all arrived (the parser said so): its one
+            message, without waiting on the event as uvicorn's `receive` does; any later
+            call is uvicorn's (which waits for the disconnect, the event cleared then:
+            only the disconnect or the response can set it again)."""
+            if self._body_taken or self.disconnected or self.response_complete:
+                if self._body_taken:
+                    self.message_event.clear()  # as uvicorn's receive left it
+                return await self.receive()
+            self._body_taken = True
+            if self.flow.read_paused:  # a large body paused reading: as uvicorn's receive
+                self.flow.resume_reading()
+            body = bytes(self.body)
+            self.body = bytearray()
+            return {"type": "http.request", "body": body, "more_body": False}
+
         def _write(self, answer: Any) -> None:
-            """Head and body in one write, framed as uvicorn's `send` frames them."""
+            """Head and body in one write, framed as uvicorn's `send` frames them, with
+            the security headers every answer carries (edgeserve/http/answers.py)."""
             self.response_started = True
             self.waiting_for_100_continue = False
             status = answer.status
             # "name: value" per header, joined in C (a comprehension cost ~50 bytecodes)
-            lines = list(map(_COLON.join, chain(self.default_headers, answer.headers)))
+            lines = list(
+                map(_COLON.join, chain(self.default_headers, answer.headers, SECURITY_HEADERS))
+            )
             # uvicorn's value check, on all the lines at once: a control character in any
             # of them (names and ": " have none) is one in some value.
             joined = b"\t".join(lines)
@@ -223,8 +233,39 @@ def cycle_protocol(base: type) -> type:
                 self.transport.close()
             self.on_response()
 
+    new_cycle = object.__new__
+
     class CycleProtocol(base):  # type: ignore[misc, valid-type]
+        # RequestResponseCycle's fields that are the connection's, the same for each of
+        # its requests: made once (see `_new_cycle`)
+        _cycle_fields: dict[str, Any]
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._cycle_fields = {
+                "transport": self.transport,
+                "flow": self.flow,
+                "logger": self.logger,
+                "access_logger": self.access_logger,
+                "access_log": self.access_log,
+                "default_headers": self.server_state.default_headers,
+                "on_response": self.on_response_complete,
+            }
+
         def _new_cycle(self, scope: Any, keep_alive: bool) -> Cycle:
-            return Cycle(self, scope, keep_alive)  # every request's, pipelined ones too
+            """Every request's cycle (pipelined ones too), with RequestResponseCycle's
+            fields: the connection's copied in C, the request's own set; those every
+            request starts with are Cycle's class defaults. (Set one by one in an
+            `__init__` they cost ~50 bytecodes a request.)"""
+            cycle = new_cycle(Cycle)
+            cycle.__dict__ = {
+                **self._cycle_fields,
+                "scope": scope,
+                "keep_alive": keep_alive,
+                "waiting_for_100_continue": self.expect_100_continue,
+                "message_event": asyncio.Event(),
+                "body": bytearray(),
+            }
+            return cycle
 
     return CycleProtocol

@@ -27,7 +27,8 @@ from edgeserve.protocol.integers import parse_uint
 from edgeserve.serving.admission import SERVER_BUSY_MESSAGE
 
 # Set in an infer request's ASGI scope once the parser has made the shed test, so that
-# edgeserve/http/dispatch.py does not make it again a few microseconds later.
+# edgeserve/http/dispatch.py does not make it again a few microseconds later: the
+# (model, version or None) its path names, which dispatch then need not match again.
 SHED_TESTED = "edgeserve.shed_tested"
 # The loop gate that admitted the request, kept in its scope until `leave` says it is
 # answered (the gate keeps a few requests in flight whatever the loop's lateness).
@@ -61,7 +62,11 @@ class ShedMiddleware:
             and scope.get("method") == "POST"
             and not scope.get(SHED_TESTED)
         ):
-            body = shed(scope["path"], scope.get("app"), scope)
+            match = INFER_PATH.fullmatch(scope["path"])
+            body = None
+            if match is not None:
+                name, version = match.groups()
+                body = shed(name, version, scope.get("app"), scope)
             if body is not None:
                 await send_shed(send, body)
                 return
@@ -77,8 +82,9 @@ async def send_shed(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def shed(path: str, app: object, scope: Scope) -> bytes | None:
-    """The body of the 429 that refuses a POST to `path` now, or None to let it in.
+def shed(name: str, version: str | None, app: object, scope: Scope) -> bytes | None:
+    """The body of the 429 that refuses a POST .../infer for model `name` (and `version`,
+    as INFER_PATH reads them from the path) now, or None to let it in.
 
     Only requests for a loaded model version are refused here (anything else gets the
     endpoint's proper answer), and each refusal is counted in that version's stats,
@@ -87,15 +93,13 @@ def shed(path: str, app: object, scope: Scope) -> bytes | None:
     `scope` for `leave` once answered.
     """
     state = getattr(app, "state", None)
-    match = INFER_PATH.fullmatch(path)
     registry = getattr(state, "registry", None)
-    if match is None or registry is None or ADMITTED_BY in scope:
+    if registry is None or ADMITTED_BY in scope:
         return None
-    version = match.group(2)
     if version is not None and parse_uint(version) is None:
         return None  # not a version number: the endpoint answers 404
     try:
-        model = registry.get(match.group(1), version)
+        model = registry.get(name, version)
     except EdgeserveError:  # unknown or loading: the endpoint gives the proper answer
         return None
     if getattr(model.scheduler, "full", False):
@@ -149,15 +153,16 @@ def shedding_protocol(base: type) -> type:
             scope = self.scope
             if (
                 scope["method"] == "POST"
-                and scope["path"].endswith("/infer")
+                and (match := INFER_PATH.fullmatch(scope["path"])) is not None
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and not self.parser.should_upgrade()  # uvicorn may never call the app
             ):
-                body = shed(scope["path"], self.app, scope)  # the path the app will route
+                name, version = target = match.groups()  # from the path the app will route
+                body = shed(name, version, self.app, scope)
                 if body is not None:
                     return canned[body]
-                scope[SHED_TESTED] = True  # type: ignore[literal-required]
+                scope[SHED_TESTED] = target  # type: ignore[literal-required]
             return None
 
     return SheddingProtocol
