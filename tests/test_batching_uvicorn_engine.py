@@ -87,6 +87,31 @@ def test_a_head_still_arriving_is_refused_once_over_the_cap(server: RunningServe
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
 
 
+def test_trailers_of_a_chunked_body_count_against_the_header_cap(
+    server: RunningServer,
+) -> None:
+    # Trailer fields come after the body, through the parser's header callback, and are
+    # held with the request's headers: the same cap bounds them (431). `Expect:
+    # 100-continue` makes the server start the request (and pass its head checks) before
+    # the body and trailers are sent, as a slow client's would arrive.
+    rows = np.zeros((1, WIDTH), dtype=np.float32)
+    payload = httpx.Request("POST", "/", json=body(rows)).content
+    trailers = b"".join(b"x-trailer-%d: %s\r\n" % (i, b"a" * 500) for i in range(20))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim[:80]
+        sock.sendall(b"%x\r\n%s\r\n0\r\n" % (len(payload), payload) + trailers + b"\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):  # read until the server closes
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+
+
 def test_slow_client_is_disconnected(server: RunningServer) -> None:
     # The socket's timeout is a deadline for a hang (recv raises), not a speed bound.
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:

@@ -95,6 +95,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # A head still arriving after a read: the headers list counted so far (its
         # count, their bytes), so that a head trickled in is summed once, not per read
         _counted: tuple[list, int, int] = ([], 0, 0)
+        _head_count = 0  # headers of the request's complete head (trailers come after)
+        _head_total = 0  # and the bytes they, and any trailers so far, count to the cap
         # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
         # a deadline is a float store. A timer per deadline and request (call_later and
         # cancel each time) took a quarter of the event loop at 4x overload, with
@@ -210,6 +212,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 self.parser.feed_data(data)
                 if self._head_deadline:  # a head is still arriving: within the cap so far?
                     self._partial_head_fits()
+                elif len(self.headers) > self._head_count:  # trailers still arriving
+                    self._trailers_fit()
             except (httptools.HttpParserError, _HeadersTooLarge):
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
@@ -226,6 +230,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self.url = b""
             self.expect_100_continue = False
             self.headers = []
+            self._idle_deadline = 0.0  # a request is arriving (one pipelined after a shed 429)
             self.scope = {
                 **self._scope_base,  # type: ignore[typeddict-item]
                 "headers": self.headers,
@@ -283,9 +288,11 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             C: names lower-cased, trailing whitespace off values (llhttp keeps it; RFC 9110
             5.5 excludes it), `Expect: 100-continue` noted; and the head-bytes cap."""
             headers = self.headers
-            if _head_bytes(self.url, headers) > max_head_bytes:
+            self._head_total = _head_bytes(self.url, headers)
+            if self._head_total > max_head_bytes:
                 self._too_large = True
                 raise _HeadersTooLarge  # httptools turns this into a parser error: 431
+            self._head_count = len(headers)
             headers[:] = zip(
                 map(bytes.lower, map(_name, headers)),
                 map(_rstrip_ows, map(_value, headers)),
@@ -295,6 +302,19 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                 for name, value in headers:
                     if name == b"expect" and value.lower() == b"100-continue":
                         self.expect_100_continue = True
+
+        def _trailers_fit(self) -> None:
+            """Trailer fields of a chunked body, which the parser passes on as headers
+            after the head (into the same list): normalised as the head's are, and held
+            to the same cap together with it (431)."""
+            headers = self.headers
+            n = self._head_count
+            self._head_total += _head_bytes(b"", headers[n:])
+            if self._head_total > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge
+            headers[n:] = [(name.lower(), _rstrip_ows(value)) for name, value in headers[n:]]
+            self._head_count = len(headers)
 
         def _new_cycle(self, scope: Any, keep_alive: bool) -> Any:
             """The request's cycle, as uvicorn makes it (edgeserve/http/request_cycle.py
@@ -356,6 +376,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def on_message_complete(self) -> None:
             # uvicorn's written in, and the answer of a request answered from the parser
             self._read_deadline = 0.0
+            if len(self.headers) > self._head_count:  # trailers came with the body's end
+                self._trailers_fit()
             answer = self._parser_answer
             if answer is not None:
                 self._parser_answer = None
