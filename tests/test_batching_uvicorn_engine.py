@@ -158,3 +158,18 @@ def test_tls_serves_inference_on_either_engine(tmp_path: Path, engine: str) -> N
         assert reply.status_code == 200, reply.text
         with pytest.raises(httpx.TransportError):  # plaintext is not served on a TLS port
             httpx.get(f"{running.url}/v2/health/live", timeout=5)
+
+
+def test_the_date_header_moves_on_a_kept_alive_connection(server: RunningServer) -> None:
+    # uvicorn renews its Date header each second; every answer on one connection (the
+    # direct inference's and the ASGI way's alike) must carry the current one.
+    rows = np.zeros((1, WIDTH), dtype=np.float32)
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # one kept-alive connection
+        first = client.post("/v2/models/linear/infer", json=body(rows)).headers["date"]
+
+        def moved() -> bool:
+            infer = client.post("/v2/models/linear/infer", json=body(rows)).headers["date"]
+            live = client.get("/v2/health/live").headers["date"]
+            return infer != first and live != first
+
+        wait_until(moved, 30, "a Date header newer than the connection's first answer")

@@ -248,7 +248,6 @@ def cycle_protocol(base: type) -> type:
                 "logger": self.logger,
                 "access_logger": self.access_logger,
                 "access_log": self.access_log,
-                "default_headers": self.server_state.default_headers,
                 "on_response": self.on_response_complete,
             }
 
@@ -260,6 +259,8 @@ def cycle_protocol(base: type) -> type:
             cycle = new_cycle(Cycle)
             cycle.__dict__ = {
                 **self._cycle_fields,
+                # uvicorn's server makes a new list each second (the Date header)
+                "default_headers": self.server_state.default_headers,
                 "scope": scope,
                 "keep_alive": keep_alive,
                 "waiting_for_100_continue": self.expect_100_continue,
