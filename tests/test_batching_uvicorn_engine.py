@@ -15,6 +15,7 @@ import pytest
 
 from tests.serving import RunningServer, run_server
 from tests.test_batching_server import WEIGHTS, WIDTH, body, write_repository
+from tests.test_exhaustion_http import bounds_hit
 from tests.waiting import wait_until
 
 
@@ -85,6 +86,25 @@ def test_a_head_still_arriving_is_refused_once_over_the_cap(server: RunningServe
         while chunk := sock.recv(65536):  # read until the server closes
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+
+
+def test_one_header_value_trickled_past_the_cap_is_refused(server: RunningServer) -> None:
+    # The parser passes a header on only when the next one begins, and holds the value
+    # it is reading meanwhile: one endless value must still be held to the cap (4,096
+    # bytes here), or a client could grow the server's memory for the head timeout. The
+    # 431 may not reach a client still sending (the server's close resets the
+    # connection), so what is checked is the refusal's count.
+    refused = bounds_hit(server, "header_bytes")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        try:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nx-pad: ")
+            for _ in range(256):  # 256 x 8 KiB, each write past the cap by itself
+                sock.sendall(b"a" * 8192)
+            while sock.recv(65536):  # read until the server closes
+                pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed while we were still sending
+    wait_until(lambda: bounds_hit(server, "header_bytes") == refused + 1, 30, "the refusal")
 
 
 def test_trailers_of_a_chunked_body_count_against_the_header_cap(

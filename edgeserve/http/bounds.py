@@ -7,6 +7,7 @@ BODY_DEADLINE = "body_deadline"
 CONNECTIONS = "connections"
 CONNECTIONS_PER_CLIENT = "connections_per_client"
 DECOMPRESSED_BODY = "decompressed_body"
+HEADER_BYTES = "header_bytes"  # a request head (or its trailers) over max_header_bytes: 431
 JOBS_ACTIVE = "jobs_active"
 JOBS_DISK = "jobs_disk"
 

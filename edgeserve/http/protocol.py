@@ -19,7 +19,7 @@ from operator import itemgetter, methodcaller
 from typing import Any
 
 from edgeserve.config.loader import Settings
-from edgeserve.http.bounds import CONNECTIONS, CONNECTIONS_PER_CLIENT, BoundsHit
+from edgeserve.http.bounds import CONNECTIONS, CONNECTIONS_PER_CLIENT, HEADER_BYTES, BoundsHit
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # count, their bytes), so that a head trickled in is summed once, not per read
         _counted: tuple[list, int, int] = ([], 0, 0)
         _head_count = 0  # headers of the request's complete head (trailers come after)
+        _head_raw = 0  # bytes of the reads after the first of a head still arriving
         _head_total = 0  # and the bytes they, and any trailers so far, count to the cap
         # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
         # a deadline is a float store. A timer per deadline and request (call_later and
@@ -208,9 +209,12 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self._idle_deadline = 0.0  # as uvicorn cancels its keep-alive timer
             if self._read_deadline:  # a request is arriving: the clock restarts
                 self._read_deadline = self.loop.time() + read_timeout_s
+            arriving = self.headers if self._head_deadline else None  # an unfinished head
             try:  # uvicorn's, written in
                 self.parser.feed_data(data)
                 if self._head_deadline:  # a head is still arriving: within the cap so far?
+                    if self.headers is arriving:  # the same head: all this read was its
+                        self._head_raw += len(data)
                     self._partial_head_fits()
                 elif len(self.headers) > self._head_count:  # trailers still arriving
                     self._trailers_fit()
@@ -231,6 +235,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             self.expect_100_continue = False
             self.headers = []
             self._idle_deadline = 0.0  # a request is arriving (one pipelined after a shed 429)
+            self._head_raw = 0
             self.scope = {
                 **self._scope_base,  # type: ignore[typeddict-item]
                 "headers": self.headers,
@@ -347,7 +352,12 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def _partial_head_fits(self) -> None:
             """Refuse a head still arriving once what has arrived of it is over the cap
             (a complete head is held to it by `_headers_read`). A head nearly always comes
-            in one read; a trickled one has only its new headers summed each time."""
+            in one read; a trickled one has only its new headers summed each time, and the
+            reads after its first are counted whole: the parser holds the header it is
+            reading until the next begins, so one endless value is in no header yet."""
+            if self._head_raw > max_head_bytes:
+                self._too_large = True
+                raise _HeadersTooLarge
             headers = self.headers
             counted, n, total = self._counted
             if counted is not headers:  # the first read that ends inside this head
@@ -397,6 +407,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         def send_400_response(self, msg: str) -> None:
             if not self._too_large:
                 return super().send_400_response(msg)
+            bounds.hit(HEADER_BYTES)
             body = b'{"error": "request headers are too large"}'
             self.transport.write(
                 b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
