@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 
 from edgeserve.telemetry.records import (
     ERROR_CHARS,
+    INFERENCE_TEXT_FIELDS,
     LABEL_CHARS,
     MAX_INFERENCE_RECORD_BYTES,
     REQUEST_ID_CHARS,
@@ -132,6 +133,13 @@ TEXT_FIELD_BOUNDS = [
 ]
 # what `ended` takes as keywords (request id, model and version come first, positionally)
 KEYWORD_FIELD_BOUNDS = TEXT_FIELD_BOUNDS[3:]
+
+
+def test_the_bounds_tested_here_are_every_text_field_of_a_record() -> None:
+    # a text field added to InferenceRecord and _TEXT_BOUNDS must be added here too, so
+    # that `ended` (whose records skip `bounded`) is tested to cut it
+    fields = sorted(InferenceRecord._fields.index(name) for name, _ in TEXT_FIELD_BOUNDS)
+    assert fields == sorted(INFERENCE_TEXT_FIELDS)
 
 
 @pytest.mark.parametrize(("field", "limit"), TEXT_FIELD_BOUNDS)

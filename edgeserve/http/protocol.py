@@ -114,7 +114,9 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            # what each request's scope starts with on this connection (on_message_begin)
+            # what each request's scope starts with on this connection (on_message_begin);
+            # its "asgi" dict is shared by the connection's scopes (uvicorn makes one per
+            # request; nothing writes to it)
             self._scope_base = {
                 "type": "http",
                 "asgi": {"version": self.asgi_version, "spec_version": "2.3"},

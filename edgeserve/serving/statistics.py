@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from edgeserve.serving.scheduler import RunResult
+
+
+class Reading(NamedTuple):
+    """A counter read from counts kept together (VersionStats.queue, ...): a value with
+    no `add`, so that a stray update fails rather than changing a copy."""
+
+    count: int
+    ns: int
 
 
 @dataclass
@@ -36,16 +44,16 @@ class BatchStats:
     compute_output_ns: int = 0
 
     @property
-    def compute_input(self) -> Counter:
-        return Counter(self.calls, self.compute_input_ns)
+    def compute_input(self) -> Reading:
+        return Reading(self.calls, self.compute_input_ns)
 
     @property
-    def compute_infer(self) -> Counter:
-        return Counter(self.calls, self.compute_infer_ns)
+    def compute_infer(self) -> Reading:
+        return Reading(self.calls, self.compute_infer_ns)
 
     @property
-    def compute_output(self) -> Counter:
-        return Counter(self.calls, self.compute_output_ns)
+    def compute_output(self) -> Reading:
+        return Reading(self.calls, self.compute_output_ns)
 
 
 @dataclass
@@ -72,20 +80,20 @@ class VersionStats:
     shed: int = 0  # refused with 429 before the endpoint ran (http/shedding.py)
 
     @property
-    def queue(self) -> Counter:
-        return Counter(self.computed, self.queue_ns)
+    def queue(self) -> Reading:
+        return Reading(self.computed, self.queue_ns)
 
     @property
-    def compute_input(self) -> Counter:
-        return Counter(self.computed, self.compute_input_ns)
+    def compute_input(self) -> Reading:
+        return Reading(self.computed, self.compute_input_ns)
 
     @property
-    def compute_infer(self) -> Counter:
-        return Counter(self.computed, self.compute_infer_ns)
+    def compute_infer(self) -> Reading:
+        return Reading(self.computed, self.compute_infer_ns)
 
     @property
-    def compute_output(self) -> Counter:
-        return Counter(self.computed, self.compute_output_ns)
+    def compute_output(self) -> Reading:
+        return Reading(self.computed, self.compute_output_ns)
 
     def succeeded(self, total_s: float, input_s: float, result: RunResult, rows: int) -> None:
         """One request the scheduler answered, counted as Triton does: a success of

@@ -82,8 +82,6 @@ class Telemetry:
             on_commit=self._keep_under_cap,
             wal_budget_bytes=maintenance.wal_budget(settings.max_db_bytes),
         )
-        # The store's own method, not a Python call around it: one less per inference.
-        self.record_id = self.store.record_id  # type: ignore[method-assign]
         self.metrics.expect_drops(sorted(set(RECORD_TABLE.values())))
         self._subject_key = secret_key(state_dir / "keys" / "subject.key")
         self._subject_memo: dict[str, str] = {}
