@@ -289,7 +289,7 @@ class Registry:
     def queue_depth(self) -> int:
         return sum(v.scheduler.depth for vs in self._versions.values() for v in vs.values())
 
-    def shed_counts(self) -> dict[tuple[str], int]:
+    def shed_counts(self) -> dict[tuple[str, ...], float]:
         """Per model: requests refused because its queue was full, before any endpoint ran
         (every loaded model is listed, so a rate over it exists before the first refusal)."""
         return {
