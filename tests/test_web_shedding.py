@@ -176,6 +176,25 @@ def _identity_model() -> bytes:
     return model.SerializeToString()
 
 
+def _answers_until_closed(sock: socket.socket, wanted: int) -> list[bytes]:
+    """Up to `wanted` answers (head + Content-Length body) read from `sock`, fewer if the
+    server closes the connection first."""
+    data, answers = b"", []
+    while len(answers) < wanted:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if found:
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            if len(rest) >= length:
+                answers.append(head + found + rest[:length])
+                data = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return answers
+
+
 def _raw_exchange(sock: socket.socket, request: bytes) -> bytes:
     """Send one request, read one response (head + Content-Length body)."""
     sock.sendall(request)
@@ -229,6 +248,63 @@ def test_uvicorn_refuses_a_full_model_and_keeps_the_connection(tmp_path: Path) -
             r'^edgeserve_requests_shed_total\{model="held"\} ([0-9.e+]+)$', metrics, re.M
         )
         assert shed is not None and float(shed.group(1)) >= 1  # shed requests are counted
+
+
+def test_a_request_pipelined_behind_a_parser_429_is_not_cut_off_by_the_keep_alive_timeout(
+    tmp_path: Path,
+) -> None:
+    """The parser writes a shed 429 and arms the connection's keep-alive deadline, as
+    after any answer; a request pipelined in the same packet is then being served, and
+    its answer (a lone row waiting 1 s for a batch, longer than the 0.1 s keep-alive
+    timeout here) must still arrive."""
+    repo = tmp_path / "repo"
+    for name, queue in (("held", 2), ("slow", 8)):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.onnx").write_bytes(_identity_model())
+        (repo / name / "model.toml").write_text(
+            'backend = "onnxruntime"\nmax_batch_size = 4\n[batching]\n'
+            f"max_queue_delay_ms = 1000\nmax_queue_size = {queue}\nwait_when_idle = true\n"
+        )
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}'
+
+    def request(model: bytes, extra: bytes = b"") -> bytes:
+        return (
+            b"POST /v2/models/" + model + b"/infer HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\n"
+            + extra
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    probe = request(b"held", b"X-Request-Timeout-Ms: 100\r\n")  # if queued, it leaves at once
+    config = (
+        '[server]\nhost = "127.0.0.1"\nport = {port}\nkeep_alive_timeout_s = 0.1\n'
+        f'state_dir = "{tmp_path / "state"}"\n[models]\nrepository = "{repo}"\n'
+        "[auth]\nenabled = false\n"
+    )
+    with run_server(tmp_path, config_text=config) as server, ThreadPoolExecutor(2) as pool:
+        url = f"{server.url}/v2/models/held/infer"
+
+        def pipelined_behind_a_429() -> bytes | None:
+            """The pipelined request's answer (b"closed" if the connection was closed
+            first), once the probe in front of it was shed; None to try again."""
+            for _ in range(2):  # fill held's queue (its rows wait 1 s for a batch)
+                pool.submit(httpx.post, url, content=body, timeout=30)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                for _ in range(200):  # until the queue is full (as the test above)
+                    if _raw_exchange(sock, probe).startswith(b"HTTP/1.1 429"):
+                        break
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(probe + request(b"slow"))
+                answers = _answers_until_closed(sock, 2)
+            if not answers[0].startswith(b"HTTP/1.1 429"):
+                return None
+            return answers[1] if len(answers) > 1 else b"closed"
+
+        served = wait_until(pipelined_behind_a_429, 60, "a probe shed by the parser")
+        assert served.startswith(b"HTTP/1.1 200"), served[:200]
 
 
 async def _flood(
