@@ -31,7 +31,7 @@ from edgeserve.audit.routes import audit_response, audits_every_status
 from edgeserve.http.answers import RestAnswer, to_response
 from edgeserve.http.headers import SECURITY_HEADERS, headers_fit
 from edgeserve.http.routes import answer_infer, infer
-from edgeserve.http.shedding import INFER_PATH, SHED_TESTED, headers_for, leave, shed
+from edgeserve.http.shedding import SHED_TESTED, headers_for, infer_path_target, leave, shed
 
 FORBIDDEN = 403
 # Whether an inference may leave an audit row whatever its status (no: only a 403 can)
@@ -74,17 +74,13 @@ class EdgeserveApp(Starlette):
         """The model and version of an inference request this app answers past the stack:
         a POST .../infer within the header limits (else the stack's HeaderGuard answers
         431)."""
-        target = scope.get(SHED_TESTED)  # the parser's shed test matched the path
-        if target is None:
-            if scope["method"] != "POST":
-                return None
-            match = INFER_PATH.fullmatch(scope["path"])
-            if match is None:
-                return None
-            target = match.groups()  # (model, version or None)
-        if not headers_fit(scope["headers"], self._max_headers, self._max_header_bytes):
+        # the parser's shed test matched the path already, else it is matched here
+        target = scope.get(SHED_TESTED) or infer_path_target(scope)
+        if target is None or not headers_fit(
+            scope["headers"], self._max_headers, self._max_header_bytes
+        ):
             return None
-        return target  # type: ignore[return-value]
+        return target
 
     def answer_infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None

@@ -34,6 +34,17 @@ SHED_TESTED = "edgeserve.shed_tested"
 # answered (the gate keeps a few requests in flight whatever the loop's lateness).
 ADMITTED_BY = "edgeserve.admitted_by"
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+def infer_path_target(scope: Scope) -> tuple[str, str | None] | None:
+    """The (model, version or None) a POST .../infer names in its routed path, else None:
+    what the parser's shed test, the shed middleware and the direct dispatch each ask."""
+    if scope["method"] != "POST":
+        return None
+    match = INFER_PATH.fullmatch(scope["path"])
+    return None if match is None else match.groups()  # type: ignore[return-value]
+
+
 MODEL_FULL = b'{"error": "the model\'s queue is full; retry later"}'
 SERVER_BUSY = json.dumps({"error": SERVER_BUSY_MESSAGE}).encode()
 
@@ -56,17 +67,9 @@ class ShedMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"].endswith("/infer")
-            and scope.get("method") == "POST"
-            and not scope.get(SHED_TESTED)
-        ):
-            match = INFER_PATH.fullmatch(scope["path"])
-            body = None
-            if match is not None:
-                name, version = match.groups()
-                body = shed(name, version, scope.get("app"), scope)
+        if scope["type"] == "http" and not scope.get(SHED_TESTED):
+            target = infer_path_target(scope)
+            body = None if target is None else shed(*target, scope.get("app"), scope)
             if body is not None:
                 await send_shed(send, body)
                 return
@@ -152,14 +155,12 @@ def shedding_protocol(base: type) -> type:
             (method, path and headers in its scope): the canned 429 when it is shed."""
             scope = self.scope
             if (
-                scope["method"] == "POST"
-                and (match := INFER_PATH.fullmatch(scope["path"])) is not None
+                (target := infer_path_target(scope)) is not None  # the path the app will route
                 and (self.cycle is None or self.cycle.response_complete)
                 and not self.expect_100_continue
                 and not self.parser.should_upgrade()  # uvicorn may never call the app
             ):
-                name, version = target = match.groups()  # from the path the app will route
-                body = shed(name, version, self.app, scope)
+                body = shed(*target, self.app, scope)
                 if body is not None:
                     return canned[body]
                 scope[SHED_TESTED] = target  # type: ignore[literal-required]

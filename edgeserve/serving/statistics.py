@@ -23,6 +23,18 @@ class Reading(NamedTuple):
     ns: int
 
 
+class _SharedCount:
+    """An attribute read as a `Reading` of one ns sum and the count it shares with
+    others (`BatchStats.compute_input` is `Reading(calls, compute_input_ns)`)."""
+
+    def __init__(self, count: str, ns: str) -> None:
+        self._count = count
+        self._ns = ns
+
+    def __get__(self, stats: object, owner: type | None = None) -> Reading:
+        return Reading(getattr(stats, self._count), getattr(stats, self._ns))
+
+
 @dataclass
 class Counter:
     count: int = 0
@@ -43,17 +55,9 @@ class BatchStats:
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
 
-    @property
-    def compute_input(self) -> Reading:
-        return Reading(self.calls, self.compute_input_ns)
-
-    @property
-    def compute_infer(self) -> Reading:
-        return Reading(self.calls, self.compute_infer_ns)
-
-    @property
-    def compute_output(self) -> Reading:
-        return Reading(self.calls, self.compute_output_ns)
+    compute_input = _SharedCount("calls", "compute_input_ns")
+    compute_infer = _SharedCount("calls", "compute_infer_ns")
+    compute_output = _SharedCount("calls", "compute_output_ns")
 
 
 @dataclass
@@ -62,8 +66,8 @@ class VersionStats:
 
     The queue and the three compute counters move together (perf_analyzer refuses
     compute counts that differ): one count per computed request, `computed`, which the
-    four share; cache hits are in none of them. They are read as `Counter`s (copies):
-    an answered request then moves one count and four sums instead of four of each.
+    four share; cache hits are in none of them. They are read as `Reading`s (values,
+    with no `add`): an answered request moves one count and four sums, not four of each.
     """
 
     success: Counter = field(default_factory=Counter)
@@ -79,21 +83,10 @@ class VersionStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)  # runtime calls by batch size
     shed: int = 0  # refused with 429 before the endpoint ran (http/shedding.py)
 
-    @property
-    def queue(self) -> Reading:
-        return Reading(self.computed, self.queue_ns)
-
-    @property
-    def compute_input(self) -> Reading:
-        return Reading(self.computed, self.compute_input_ns)
-
-    @property
-    def compute_infer(self) -> Reading:
-        return Reading(self.computed, self.compute_infer_ns)
-
-    @property
-    def compute_output(self) -> Reading:
-        return Reading(self.computed, self.compute_output_ns)
+    queue = _SharedCount("computed", "queue_ns")
+    compute_input = _SharedCount("computed", "compute_input_ns")
+    compute_infer = _SharedCount("computed", "compute_infer_ns")
+    compute_output = _SharedCount("computed", "compute_output_ns")
 
     def succeeded(self, total_s: float, input_s: float, result: RunResult, rows: int) -> None:
         """One request the scheduler answered, counted as Triton does: a success of
