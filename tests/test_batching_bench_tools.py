@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench import servers
+from bench import loadgen, servers, workload
 from bench.headline import figures
 from bench.loadgen import parse_wrk, wrk_lua
 from bench.openloop import summarise
@@ -310,6 +310,29 @@ def test_the_bench_server_is_shipped_and_answers_its_own_token(tmp_path: Path) -
             check_answers(srv.url, path, body, {})
     script = wrk_lua(path, [body], {"Content-Type": "application/json", **srv.headers})
     assert f'wrk.headers["Authorization"] = "{srv.headers["Authorization"]}"' in script
+
+
+@pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed (apt install wrk)")
+def test_wrk_sends_binary_tensor_bodies_byte_for_byte(tmp_path: Path) -> None:
+    """Binary-extension bodies (raw tensor bytes after the JSON header, as tritonclient
+    sends) reach the server intact through wrk's script: every answer is a 200."""
+    folder = MODELS / "digits"
+    specs = workload.signature(folder, 2, "onnxruntime")
+    bodies, header_length = workload.binary_bodies(
+        specs, workload.sample_rows(folder, specs, n=8), ["probabilities"]
+    )
+    assert any(any(c > 0x7E for c in body) for body in bodies)  # not text
+    repo = write_repository(tmp_path / "repo", folder, 2, "onnxruntime")
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+    with servers.edgeserve(tmp_path / "es", repo, "uvicorn") as srv:
+        result = loadgen.run_wrk(
+            srv.url, "/v2/models/digits/infer", bodies, 2, 1.0, {**headers, **srv.headers}
+        )
+    assert result.ok > 0
+    assert (result.errors, result.refused) == (0, 0)
 
 
 def test_a_thread_stat_line_gives_its_name_and_cpu_seconds() -> None:
