@@ -78,6 +78,7 @@ class Setup:
     lab: str = ""  # e.g. "asyncio loop"; "" = the model's shipped settings
     model_extra: str = ""  # model.toml tables the lab change adds
     server_keys: str = ""  # [server] keys the lab change adds
+    binary: bool = False  # tensors as raw bytes (tritonclient's default), not JSON numbers
 
     @property
     def name(self) -> str:
@@ -98,15 +99,20 @@ def setups(target: Target, cores: int, headline: bool = False) -> list[Setup]:
     17's figures need."""
     engine = main_engine(target.engines)
     light = not target.heavy
+    # The compute-bound model also as tritonclient sends it by default: JSON is the
+    # headline (the bound is read on it), binary tensors what most clients get.
+    binary = Setup(servers.SHIPPED, engine, "binary tensors", binary=True)
     if headline:
         departures = [servers.AUTH_OFF, servers.TELEMETRY_OFF] if light else []
-        return [Setup(v, engine) for v in [servers.SHIPPED, *departures]]
+        shipped = [Setup(v, engine) for v in [servers.SHIPPED, *departures]]
+        return shipped if light else [*shipped, binary]
     out = [Setup(servers.SHIPPED, e) for e in target.engines]
     if light:
         out += [Setup(servers.AUTH_OFF, engine), Setup(servers.TELEMETRY_OFF, engine)]
     else:
         plan = ONE_BATCH_ALL_CORES.format(cores=cores)
         out.append(Setup(servers.SHIPPED, engine, f"1 batch x {cores} threads", plan))
+        out.append(binary)
     if light or target.peer:  # the default loop (uvloop) against the stdlib's
         out.append(Setup(servers.SHIPPED, engine, "asyncio loop", "", 'event_loop = "asyncio"\n'))
     return out
@@ -270,7 +276,13 @@ def measure_target(target: Target, work: Path, duration_s: float, headline: bool
             server_keys=setup.server_keys,
             variant=setup.variant,
         ) as srv:
-            runs = _drive(setup.name, target, srv, path, bodies, duration_s, bracket)
+            if setup.binary:
+                sent, headers = workload.binary_workload(
+                    folder, target.version, target.backend, specs, rows
+                )
+            else:
+                sent, headers = bodies, {}
+            runs = _drive(setup.name, target, srv, path, sent, duration_s, bracket, headers)
         for run in runs:
             run.update(variant=setup.variant.name, engine=setup.engine, lab=setup.lab)
         target.results["servers"][setup.name] = runs
@@ -326,22 +338,25 @@ def _drive(
     bodies: list[bytes],
     duration_s: float,
     bracket: Callable[[], float | None] | None = None,
+    headers: dict[str, str] | None = None,
     per_thread: bool = True,
 ) -> list[dict]:
     """wrk at each concurrency, with the server's headers (its token). With `bracket`,
     the busiest run is measured between two runs of the raw reference point (the server
     idle meanwhile): this box's speed drifts by several per cent within minutes, more
     than the gaps the ratio is read for, and the sweep ran minutes before. With
-    `per_thread`, the busiest run also reads the server's per-thread CPU (bench/threadcpu.py)."""
+    `per_thread`, the busiest run also reads the server's per-thread CPU (bench/threadcpu.py).
+    `headers` go with the server's own (a binary body's content type and header length)."""
+    headers = {**srv.headers, **(headers or {})}
     busiest = max(target.concurrencies)
-    check_answers(srv.url, path, bodies[0], srv.headers)
-    loadgen.run_wrk(srv.url, path, bodies, busiest, 3, srv.headers)  # warm-up, discarded
+    check_answers(srv.url, path, bodies[0], headers)
+    loadgen.run_wrk(srv.url, path, bodies, busiest, 3, headers)  # warm-up, discarded
     pid = srv.process.pid
     runs = []
     for c in target.concurrencies:
         before = bracket() if bracket is not None and c == busiest else None
         cpu_before = threadcpu.sample(pid) if per_thread and c == busiest else None
-        r = loadgen.run_wrk(srv.url, path, bodies, c, duration_s, srv.headers)
+        r = loadgen.run_wrk(srv.url, path, bodies, c, duration_s, headers)
         run: dict[str, Any] = asdict(r)
         cpu = ""
         if cpu_before is not None:

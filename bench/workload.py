@@ -116,3 +116,22 @@ def binary_bodies(
     if len(lengths) != 1:
         raise ValueError("binary bodies need the same JSON header length for every row")
     return docs, lengths.pop()
+
+
+def binary_workload(
+    model_dir: Path,
+    version: int,
+    backend: str,
+    specs: list[TensorSpec],
+    rows: dict[str, np.ndarray],
+) -> tuple[list[bytes], dict[str, str]]:
+    """`binary_bodies` for every output of the model, and the headers they go with."""
+    runtime = create_runtime(backend, read_model(model_dir).read_files(version), ThreadPlan(1, 1))
+    outputs = [spec.name for spec in runtime.outputs]
+    runtime.close()
+    bodies, header_length = binary_bodies(specs, rows, outputs)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+    return bodies, headers

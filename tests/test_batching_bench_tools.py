@@ -253,6 +253,7 @@ def test_the_shipped_configuration_comes_first_and_departures_are_named() -> Non
     heavy = [s.name for s in setups(_target("minilm", heavy=True), cores=2)]
     assert heavy[:2] == ["edgeserve shipped (hypercorn)", "edgeserve shipped (uvicorn)"]
     assert "edgeserve shipped (uvicorn, 1 batch x 2 threads)" in heavy
+    assert "edgeserve shipped (uvicorn, binary tensors)" in heavy
     assert not any("auth off" in name for name in heavy)
 
 
@@ -264,7 +265,12 @@ def test_only_shipped_runs_the_headline_points() -> None:
         "edgeserve telemetry off (uvicorn)",
     ]
     heavy = setups(_target("minilm", heavy=True), cores=2, headline=True)
-    assert [s.name for s in heavy] == ["edgeserve shipped (uvicorn)"]
+    # JSON first (issue 17's bound is read on it), then tritonclient's binary tensors
+    assert [s.name for s in heavy] == [
+        "edgeserve shipped (uvicorn)",
+        "edgeserve shipped (uvicorn, binary tensors)",
+    ]
+    assert [s.binary for s in heavy] == [False, True]
     digits, text, minilm_fp32, minilm_int8 = (
         _target("digits v2", heavy=False),
         _target("text v1", heavy=False),
@@ -318,15 +324,10 @@ def test_wrk_sends_binary_tensor_bodies_byte_for_byte(tmp_path: Path) -> None:
     sends) reach the server intact through wrk's script: every answer is a 200."""
     folder = MODELS / "digits"
     specs = workload.signature(folder, 2, "onnxruntime")
-    bodies, header_length = workload.binary_bodies(
-        specs, workload.sample_rows(folder, specs, n=8), ["probabilities"]
-    )
+    rows = workload.sample_rows(folder, specs, n=8)
+    bodies, headers = workload.binary_workload(folder, 2, "onnxruntime", specs, rows)
     assert any(any(c > 0x7E for c in body) for body in bodies)  # not text
     repo = write_repository(tmp_path / "repo", folder, 2, "onnxruntime")
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(header_length),
-    }
     with servers.edgeserve(tmp_path / "es", repo, "uvicorn") as srv:
         result = loadgen.run_wrk(
             srv.url, "/v2/models/digits/infer", bodies, 2, 1.0, {**headers, **srv.headers}
