@@ -354,8 +354,14 @@ def test_each_row_holds_its_record_whichever_statement_wrote_it(
     store.stop()
     names = ", ".join(InferenceRecord._fields).replace("time_unix", "time")
     with sqlite3.connect(store.path) as db:
-        rows = db.execute(f"SELECT {names} FROM inferences ORDER BY seq").fetchall()
-    assert rows == [tuple(record) for record in records]
+        rows = db.execute(
+            f"SELECT record_id, typeof(record_id), {names}, data_region FROM inferences "
+            "ORDER BY seq"
+        ).fetchall()
+    assert rows == [
+        (f"{store.boot_id}-{seq}", "text", *record, "ae")
+        for seq, record in enumerate(records, start=1)
+    ]
 
 
 def test_a_malformed_record_among_usual_ones_is_counted_and_its_neighbours_kept(

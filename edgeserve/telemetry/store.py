@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import fields
 from pathlib import Path
@@ -420,35 +420,61 @@ _USUAL_BOUND = operator.itemgetter(
 )
 
 
-def _all_usual(chunk: list[tuple[int, Any]]) -> bool:
-    """Whether every record of `chunk` is an inference holding `_USUAL_VALUES`."""
+def _usual_records(chunk: list[tuple[int, Any]]) -> list[InferenceRecord] | None:
+    """The records of `chunk` when it is the usual one: inferences holding `_USUAL_VALUES`
+    with consecutive sequence numbers (as every chunk of the in-order queue has), so that
+    `_insert_usual` can write their rows; else None."""
+    if chunk[-1][0] - chunk[0][0] != len(chunk) - 1:
+        return None
     records = list(map(_RECORD, chunk))
-    return set(map(type, records)) == {InferenceRecord} and all(
+    if set(map(type, records)) == {InferenceRecord} and all(
         map(_USUAL_VALUES.__eq__, map(_USUAL_HELD, records))
-    )
+    ):
+        return records
+    return None
+
+
+def _parts(count: int) -> Iterator[tuple[int, int]]:
+    """(start, rows) of the multi-row statements that insert `count` rows: as many of
+    ROWS_PER_INSERT as fit, then powers of two, so a handful of statements are cached."""
+    done, size = 0, ROWS_PER_INSERT
+    while done < count:
+        while count - done < size:
+            size //= 2
+        yield done, size
+        done += size
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, rows: int = 1, usual: bool = False) -> str:
-    """The INSERT of `rows` rows; `usual` (inferences only): with `_USUAL`'s literals."""
+def _insert_sql(table: str, rows: int = 1) -> str:
+    """The INSERT of `rows` rows, every value bound."""
     names = ["record_id", *_COLUMNS[table], "data_region", *_EXTRA.get(table, {})]
-    values = [_USUAL[name][1] if usual and name in _USUAL else "?" for name in names]
-    one = f"({', '.join(values)})"
+    one = f"({', '.join('?' * len(names))})"
     return f"INSERT INTO {table} ({', '.join(names)}) VALUES {', '.join([one] * rows)}"
 
 
-def _insert_rows(
-    conn: sqlite3.Connection, table: str, values: list[tuple], usual: bool = False
-) -> None:
+@functools.lru_cache(maxsize=16)
+def _usual_sql(rows: int) -> str:
+    """The INSERT of `rows` usual inference rows of consecutive records: `_USUAL`'s
+    literals written in, and each record_id built by SQLite from `?1` (the "<boot>-"
+    prefix) and `?2` (the first row's sequence number), the same text as `f"{boot}-{seq}"`;
+    `?3` is the data region; the fields `_USUAL_BOUND` reads follow, row by row."""
+    names = ["record_id", *_COLUMNS["inferences"], "data_region"]
+    numbers = itertools.count(4)
+    groups = []
+    for row in range(rows):
+        fixed = {"record_id": f"?1 || (?2 + {row})", "data_region": "?3"}
+        fixed.update((name, literal) for name, (_, literal) in _USUAL.items())
+        values = [fixed.get(name) or f"?{next(numbers)}" for name in names]
+        groups.append(f"({', '.join(values)})")
+    return f"INSERT INTO inferences ({', '.join(names)}) VALUES {', '.join(groups)}"
+
+
+def _insert_rows(conn: sqlite3.Connection, table: str, values: list[tuple]) -> None:
     """Insert `values` in a few multi-row statements (see ROWS_PER_INSERT)."""
-    done, size = 0, ROWS_PER_INSERT
-    while done < len(values):
-        while len(values) - done < size:
-            size //= 2
-        part = values[done : done + size]
-        sql = _insert_sql(table, size, usual)
-        conn.execute(sql, tuple(itertools.chain.from_iterable(part)))
-        done += size
+    for start, rows in _parts(len(values)):
+        part = values[start : start + rows]
+        conn.execute(_insert_sql(table, rows), tuple(itertools.chain.from_iterable(part)))
 
 
 class TelemetryStore:
@@ -744,17 +770,32 @@ class TelemetryStore:
             if type(record) is InferenceRecord
         ]
 
-    def _insert_usual(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> None:
-        """Insert a chunk of usual inference records (`_all_usual`): the same rows, with
-        the six values that cost sqlite3 the most to bind written into the statement."""
-        boot, region = self.boot_id, self.data_region
-        rows = [(f"{boot}-{seq}", *_USUAL_BOUND(record), region) for seq, record in chunk]
-        _insert_rows(conn, "inferences", rows, usual=True)
+    def _insert_usual(
+        self, conn: sqlite3.Connection, first_seq: int, records: list[InferenceRecord]
+    ) -> None:
+        """Insert usual inference records numbered from `first_seq` (`_usual_records`):
+        the same rows, with the six values that cost sqlite3 the most to bind written into
+        the statement, and the record id and region made by SQLite. No Python row per
+        record: the writer holds the GIL the event loop waits for only to read each
+        record's bound fields (`_USUAL_BOUND`) into the parameters."""
+        prefix, region = f"{self.boot_id}-", self.data_region
+        fields = list(map(_USUAL_BOUND, records))
+        for start, rows in _parts(len(fields)):
+            conn.execute(
+                _usual_sql(rows),
+                (
+                    prefix,
+                    first_seq + start,
+                    region,
+                    *itertools.chain.from_iterable(fields[start : start + rows]),
+                ),
+            )
 
     def _insert_all(self, conn: sqlite3.Connection, chunk: list[tuple[int, Any]]) -> str:
         head = self._audit_head or audit.GENESIS
-        if _all_usual(chunk):  # the usual chunk: no audit row, so the chain head stays
-            self._insert_usual(conn, chunk)
+        usual = _usual_records(chunk)
+        if usual is not None:  # the usual chunk: no audit row, so the chain head stays
+            self._insert_usual(conn, chunk[0][0], usual)
             return head
         rows: dict[str, list[tuple]] = {"inferences": self._inference_rows(chunk)}
         if len(rows["inferences"]) < len(chunk):
