@@ -112,8 +112,7 @@ def _decode_input(raw: Any, binary: memoryview, limits: DecodeLimits) -> tuple[I
     if not isinstance(name, str) or not name or len(name) > 256:
         raise InvalidInput("each input needs a 'name' string")
     datatype = raw.get("datatype")
-    dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
+    if not isinstance(datatype, str) or (dtype := V2_TO_NUMPY.get(datatype)) is None:
         raise InvalidInput(f"input '{name}': unknown datatype {str(datatype)[:32]!r}")
     shape, count = checked_shape(raw.get("shape"), name, limits)
     params = raw.get("parameters")

@@ -232,7 +232,7 @@ class DataPlane:
             checking = True
             check_declared(model, request.inputs)
             decoding = time.perf_counter()  # Triton's compute_input: decoding and the check
-            named = request.data()
+            named: Mapping[str, tuple[str, np.ndarray]] = request.data()
             features = model.config.features
             if features.table:  # inputs a model.toml [features] table fills in
                 looking_up = time.perf_counter()

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from edgeserve.serving.scheduler import RunResult
 
 
-class Reading(NamedTuple):
+@dataclass(frozen=True)
+class Reading:
     """A counter read from counts kept together (VersionStats.queue, ...): a value with
-    no `add`, so that a stray update fails rather than changing a copy."""
+    no `add`, so that a stray update fails rather than changing a copy. A frozen
+    dataclass, not a NamedTuple: a field named `count` would shadow `tuple.count`."""
 
     count: int
     ns: int
