@@ -22,19 +22,24 @@ class Figure:
     met: bool | None  # None: no bound, or not measured
 
 
+BINARY_LAB = "binary tensors"  # bench/run.py's label for tritonclient's default encoding
+
+
 def _run(runs: list[dict] | None, connections: int) -> dict | None:
     return next((r for r in runs or [] if r["connections"] == connections), None)
 
 
-def edgeserve_run(target: dict, variant: str, engine: str, connections: int) -> dict | None:
+def edgeserve_run(
+    target: dict, variant: str, engine: str, connections: int, lab: str = ""
+) -> dict | None:
     """The run of an edgeserve variant on `engine` without a lab change (a lab change, such
-    as another event loop, is not the shipped configuration)."""
+    as another event loop, is not the shipped configuration), or with the `lab` named."""
     for runs in target.get("servers", {}).values():
         run = _run(runs, connections)
         if run and (run.get("variant"), run.get("engine"), run.get("lab")) == (
             variant,
             engine,
-            "",
+            lab,
         ):
             return run
     return None
@@ -150,24 +155,29 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     heavy = heavy_target(results)
     if heavy:
         c = HEAVY_CONNECTIONS
-        shipped = edgeserve_run(heavy, "shipped", engine, c)
         floor = _run(heavy.get("servers", {}).get(FLOOR), c)
-        raw = alongside_mean(shipped)
-        value = _ratio(answered_per_s(shipped), raw)
         floor_ratio = _ratio(answered_per_s(floor), alongside_mean(floor))
-        measured = f"{_rps(shipped)} vs {raw:,.0f} rows/s" if raw else f"{_rps(shipped)} vs –"
-        if floor_ratio is not None:
-            measured += f" (the floor: {floor_ratio:.2f}×)"
-        out.append(
-            Figure(
-                f"{heavy['label']}, {c} connections: shipped ÷ raw best batch measured alongside",
-                measured,
-                value,
-                "×",
-                "≥ 0.92×",
-                _at_least(value, 0.92),
+        # JSON as every figure here; then binary tensors, as tritonclient sends by default
+        for lab, sent in (("", ""), (BINARY_LAB, f", {BINARY_LAB}")):
+            shipped = edgeserve_run(heavy, "shipped", engine, c, lab)
+            if shipped is None and lab:
+                continue  # a run from before binary tensors were measured
+            raw = alongside_mean(shipped)
+            value = _ratio(answered_per_s(shipped), raw)
+            measured = f"{_rps(shipped)} vs {raw:,.0f} rows/s" if raw else f"{_rps(shipped)} vs –"
+            if floor_ratio is not None and not lab:
+                measured += f" (the floor: {floor_ratio:.2f}×)"
+            out.append(
+                Figure(
+                    f"{heavy['label']}, {c} connections{sent}: shipped ÷ raw best batch "
+                    "measured alongside",
+                    measured,
+                    value,
+                    "×",
+                    "≥ 0.92×",
+                    _at_least(value, 0.92),
+                )
             )
-        )
     for target, c in ((small, SMALL_CONNECTIONS), (heavy, HEAVY_CONNECTIONS)):
         if not target:
             continue

@@ -35,7 +35,7 @@ import numpy as np
 import psutil
 
 from bench import loadgen, openloop, servers, synthetic, threadcpu, workload
-from bench.headline import FLOOR, HEAVY_CONNECTIONS, SMALL_CONNECTIONS
+from bench.headline import BINARY_LAB, FLOOR, HEAVY_CONNECTIONS, SMALL_CONNECTIONS
 from bench.report import render
 from edgeserve.serving.repository import read_model
 
@@ -101,7 +101,7 @@ def setups(target: Target, cores: int, headline: bool = False) -> list[Setup]:
     light = not target.heavy
     # The compute-bound model also as tritonclient sends it by default: JSON is the
     # headline (the bound is read on it), binary tensors what most clients get.
-    binary = Setup(servers.SHIPPED, engine, "binary tensors", binary=True)
+    binary = Setup(servers.SHIPPED, engine, BINARY_LAB, binary=True)
     if headline:
         departures = [servers.AUTH_OFF, servers.TELEMETRY_OFF] if light else []
         shipped = [Setup(v, engine) for v in [servers.SHIPPED, *departures]]
