@@ -132,6 +132,57 @@ def test_trailers_of_a_chunked_body_count_against_the_header_cap(
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
 
 
+def test_one_trailer_value_sent_without_end_is_refused_past_the_cap(
+    server: RunningServer,
+) -> None:
+    # After a chunked body's last chunk, the parser holds the trailer field it is reading
+    # (as a head's header) until the field's CRLF: an endless value is in no field yet,
+    # and must still be held to the cap (4,096 bytes here), or a client could grow the
+    # server's memory for as long as it keeps sending. As for the head, the 431 may not
+    # reach a client still sending, so the refusal's count is what is checked.
+    rows = np.zeros((1, WIDTH), dtype=np.float32)
+    payload = httpx.Request("POST", "/", json=body(rows)).content
+    refused = bounds_hit(server, "header_bytes")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        try:
+            sock.sendall(
+                b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\nx-t: " % (len(payload), payload)
+            )
+            for _ in range(256):  # 256 x 8 KiB, each write past the cap by itself
+                sock.sendall(b"a" * 8192)
+            while sock.recv(65536):  # read until the server closes
+                pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed while we were still sending
+    wait_until(lambda: bounds_hit(server, "header_bytes") == refused + 1, 30, "the refusal")
+
+
+def test_a_chunk_whose_size_ends_a_read_is_body_not_trailers(server: RunningServer) -> None:
+    # The parser reports a chunk's size line without its size, so after a read that ends
+    # with one, the server cannot yet tell the last chunk (trailers follow) from one with
+    # data. Here the size line comes in the head's read (the 100 interim answer shows
+    # that read is done) and its 1 MB of data in later reads (a read takes 256 KiB at
+    # most): body, not trailer bytes past the header cap. The trailer comes after it.
+    rows = np.random.default_rng(6).normal(size=(1, WIDTH)).astype(np.float32)
+    payload = httpx.Request("POST", "/", json=body(rows)).content + b" " * 1_000_000
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Expect: 100-continue\r\n\r\n%x\r\n" % len(payload)
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim[:80]
+        sock.sendall(payload + b"\r\n0\r\n")
+        sock.sendall(b"x-t: 1\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply and (chunk := sock.recv(65536)):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+
+
 def test_slow_client_is_disconnected(server: RunningServer) -> None:
     # The socket's timeout is a deadline for a hang (recv raises), not a speed bound.
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:

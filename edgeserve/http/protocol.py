@@ -48,6 +48,14 @@ class _HeadersTooLarge(Exception):
     pass
 
 
+# Where a chunked body is, for its trailers (`GuardedHttpTools._trailing`): in no chunk or
+# in a chunk's data; a chunk's size line read in this read and none of its data yet (the
+# last chunk's, if trailers follow); and no data in the reads since, so it was the last
+# chunk and every read now, to the body's end, is trailer bytes.
+_NO_TRAILERS = 0
+_CHUNK_SIZE_READ = 1
+_TRAILERS = 2
+
 _name = itemgetter(0)
 _value = itemgetter(1)
 _rstrip_ows = methodcaller("rstrip", b" \t")
@@ -96,8 +104,11 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
         # count, their bytes), so that a head trickled in is summed once, not per read
         _counted: tuple[list, int, int] = ([], 0, 0)
         _head_count = 0  # headers of the request's complete head (trailers come after)
-        _head_raw = 0  # bytes of the reads after the first of a head still arriving
-        _head_total = 0  # and the bytes they, and any trailers so far, count to the cap
+        # bytes of the reads after the first of a head still arriving; once the last chunk
+        # of a body is read, the head's and trailers' bytes and the trailer reads after it
+        _head_raw = 0
+        _head_total = 0  # the bytes a head, and any trailers so far, count to the cap
+        _trailing = _NO_TRAILERS  # where a chunked body is, for its trailers (see above)
         # Deadlines (loop time, 0 = off) checked by one lazy timer per connection: arming
         # a deadline is a float store. A timer per deadline and request (call_later and
         # cancel each time) took a quarter of the event loop at 4x overload, with
@@ -218,8 +229,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
                     if self.headers is arriving:  # the same head: all this read was its
                         self._head_raw += len(data)
                     self._partial_head_fits()
-                elif len(self.headers) > self._head_count:  # trailers still arriving
-                    self._trailers_fit()
+                elif self._trailing:  # the body's last chunk may have been read
+                    self._trailers_arriving(len(data))
             except (httptools.HttpParserError, _HeadersTooLarge):
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
@@ -323,6 +334,31 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             headers[n:] = [(name.lower(), _rstrip_ows(value)) for name, value in headers[n:]]
             self._head_count = len(headers)
 
+        def _trailers_arriving(self, read_bytes: int) -> None:
+            """Refuse trailers still arriving once over the cap with the head (431): the
+            fields complete so far, and the reads after the last chunk's counted whole, as
+            the parser holds the field it is reading until its CRLF, so one endless value
+            is in no field yet."""
+            if self._trailing == _TRAILERS:  # all this read was trailer bytes
+                self._head_raw += read_bytes
+                if self._head_raw > max_head_bytes:
+                    self._too_large = True
+                    raise _HeadersTooLarge  # answered 431 by `data_received`
+            if len(self.headers) > self._head_count:
+                self._trailers_fit()
+            if self._trailing == _CHUNK_SIZE_READ:  # the next read tells: data or trailers
+                self._trailing = _TRAILERS
+                self._head_raw = self._head_total
+
+        def on_chunk_header(self) -> None:
+            # A chunk's size line, read: httptools does not pass the size on, so whether it
+            # was the last chunk (0, trailers next) shows only in what the next read brings.
+            self._trailing = _CHUNK_SIZE_READ
+
+        def on_chunk_complete(self) -> None:
+            # a chunk's data ended, or the last chunk's trailers (the message ends next)
+            self._trailing = _NO_TRAILERS
+
         def _new_cycle(self, scope: Any, keep_alive: bool) -> Any:
             """The request's cycle, as uvicorn makes it (edgeserve/http/request_cycle.py
             makes its own)."""
@@ -372,7 +408,8 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
 
         def on_body(self, body: bytes) -> None:
             # uvicorn's written in, with the body of a request answered from the parser
-            # dropped unread
+            # dropped unread; data of a chunk: not the last one, no trailers yet
+            self._trailing = _NO_TRAILERS
             if self._parser_answer is not None:
                 return
             if (self.parser.should_upgrade() and self._should_upgrade()) or (
