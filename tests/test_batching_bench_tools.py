@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench import loadgen, servers, workload
+from bench import heavyratio, loadgen, servers, workload
 from bench.headline import figures
 from bench.loadgen import parse_wrk, wrk_lua
 from bench.openloop import summarise
@@ -334,6 +334,19 @@ def test_wrk_sends_binary_tensor_bodies_byte_for_byte(tmp_path: Path) -> None:
         )
     assert result.ok > 0
     assert (result.errors, result.refused) == (0, 0)
+
+
+@pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed (apt install wrk)")
+def test_the_interleaved_ratio_tool_runs_the_server_floor_and_raw_point_in_turn(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.heavyratio end to end on the small model: one round of each segment, the
+    ratios printed from neighbouring segments (their values are not the test's)."""
+    args = ["--model-dir", str(MODELS / "digits"), "--rounds", "1", "--duration", "0.5"]
+    assert heavyratio.main([*args, "--connections", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: shipped " in out and " raw " in out and " floor " in out
+    assert "shipped ÷ raw, median of the rounds' ratios" in out
 
 
 def test_a_thread_stat_line_gives_its_name_and_cpu_seconds() -> None:
