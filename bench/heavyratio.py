@@ -24,11 +24,9 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from bench import loadgen, servers, workload
 from bench.headline import answered_per_s
-from bench.run import check_answers, raw_point
+from bench.run import check_answers, raw_point, raw_spec
 
 RAW = "raw"
 SHIPPED = "shipped"
@@ -55,16 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, list[float]] = {SHIPPED: [], FLOOR: []}
     with tempfile.TemporaryDirectory(prefix="heavyratio-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        inputs = work / "inputs.npz"
-        np.savez(inputs, **rows)
-        spec = {
-            "model_dir": str(folder),
-            "version": args.version,
-            "backend": args.backend,
-            "inputs": str(inputs),
-            "duration_s": args.duration,
-            "point": {"plan": args.plan, "batch": args.batch},
-        }
+        spec = raw_spec(
+            folder, args.version, args.backend, rows, work / "inputs.npz", args.duration
+        )
+        spec["point"] = {"plan": args.plan, "batch": args.batch}
         point_path = work / "raw-point.json"
         point_path.write_text(json.dumps(spec))
         repo = servers.write_repository(work / "repo", folder, args.version, args.backend)

@@ -231,6 +231,27 @@ def discover(
     return targets
 
 
+def raw_spec(
+    folder: Path,
+    version: int,
+    backend: str,
+    rows: dict[str, np.ndarray],
+    inputs: Path,
+    duration_s: float,
+) -> dict[str, Any]:
+    """What `bench.raw` reads: the model version, the sample rows (saved to `inputs`, so
+    the raw runtime computes what the servers are sent) and the seconds per measurement."""
+    np.savez(inputs, **rows)
+    return {
+        "model_dir": str(folder),
+        "version": version,
+        "backend": backend,
+        "inputs": str(inputs),
+        "cores": psutil.cpu_count(logical=False) or 1,
+        "duration_s": duration_s,
+    }
+
+
 def measure_target(target: Target, work: Path, duration_s: float, headline: bool = False) -> None:
     folder = target.folder
     specs = workload.signature(folder, target.version, target.backend)
@@ -238,15 +259,7 @@ def measure_target(target: Target, work: Path, duration_s: float, headline: bool
     bodies = workload.bodies(specs, rows)
     path = f"/v2/models/{target.model}/infer"
     inputs = work / f"{target.label.replace(' ', '_')}.npz"
-    np.savez(inputs, **rows)
-    spec = {
-        "model_dir": str(folder),
-        "version": target.version,
-        "backend": target.backend,
-        "inputs": str(inputs),
-        "cores": psutil.cpu_count(logical=False) or 1,
-        "duration_s": min(3.0, duration_s / 3),
-    }
+    spec = raw_spec(folder, target.version, target.backend, rows, inputs, min(3.0, duration_s / 3))
     spec_path = work / "raw-spec.json"
     spec_path.write_text(json.dumps(spec))
     raw = None
