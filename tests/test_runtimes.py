@@ -172,3 +172,12 @@ def test_openvino_usage_telemetry_is_switched_off() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]
+
+
+def test_onnx_runtime_sessions_run_without_the_cpu_memory_arena() -> None:
+    """The arena put long-running processes on a slow level for tens of seconds at a time
+    (bench/RESULTS.md); a session made by edgeserve must have it off."""
+    runtime = create_runtime("onnxruntime", DIGITS.read_files(2), ThreadPlan())
+    options = runtime._session.get_session_options()  # type: ignore[attr-defined]
+    assert options.enable_cpu_mem_arena is False
+    runtime.close()

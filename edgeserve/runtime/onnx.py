@@ -27,6 +27,11 @@ class OnnxRuntime(Runtime):
         # every core that spinning only steals time from the other calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
+        # No CPU memory arena: with it, a long-running process computed the same MiniLM
+        # batch at one of two speeds (~22.5 or 24.5-27 ms) for tens of seconds at a time,
+        # and served 490 instead of 610 rows/s in those stretches; without it every
+        # stretch ran at the fast one (bench/RESULTS.md, "ONNX Runtime's memory arena").
+        options.enable_cpu_mem_arena = False
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.inputs = [_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_spec(o) for o in self._session.get_outputs()]
