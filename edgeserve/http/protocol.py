@@ -16,7 +16,7 @@ import math
 import resource
 from itertools import chain
 from operator import itemgetter, methodcaller
-from typing import Any
+from typing import Any, NoReturn
 
 from edgeserve.config.loader import Settings
 from edgeserve.http.bounds import CONNECTIONS, CONNECTIONS_PER_CLIENT, HEADER_BYTES, BoundsHit
@@ -308,8 +308,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             headers = self.headers
             self._head_total = _head_bytes(self.url, headers)
             if self._head_total > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # httptools turns this into a parser error: 431
+                self._refuse_head()  # httptools turns this into a parser error: 431
             self._head_count = len(headers)
             headers[:] = zip(
                 map(bytes.lower, map(_name, headers)),
@@ -329,8 +328,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             n = self._head_count
             self._head_total += _head_bytes(b"", headers[n:])
             if self._head_total > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge
+                self._refuse_head()
             headers[n:] = [(name.lower(), _rstrip_ows(value)) for name, value in headers[n:]]
             self._head_count = len(headers)
 
@@ -342,8 +340,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             if self._trailing == _TRAILERS:  # all this read was trailer bytes
                 self._head_raw += read_bytes
                 if self._head_raw > max_head_bytes:
-                    self._too_large = True
-                    raise _HeadersTooLarge  # answered 431 by `data_received`
+                    self._refuse_head()  # answered 431 by `data_received`
             if len(self.headers) > self._head_count:
                 self._trailers_fit()
             if self._trailing == _CHUNK_SIZE_READ:  # the next read tells: data or trailers
@@ -387,6 +384,11 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             # and the head-bytes cap there (a whole head) or by `_partial_head_fits`.
             self.headers.append((name, value))
 
+        def _refuse_head(self) -> NoReturn:
+            """A head (or its trailers) past the cap: 431, not the parser error's 400."""
+            self._too_large = True
+            raise _HeadersTooLarge
+
         def _partial_head_fits(self) -> None:
             """Refuse a head still arriving once what has arrived of it is over the cap
             (a complete head is held to it by `_headers_read`). A head nearly always comes
@@ -394,8 +396,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             reads after its first are counted whole: the parser holds the header it is
             reading until the next begins, so one endless value is in no header yet."""
             if self._head_raw > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge
+                self._refuse_head()
             headers = self.headers
             counted, n, total = self._counted
             if counted is not headers:  # the first read that ends inside this head
@@ -403,8 +404,7 @@ def guarded_httptools(settings: Settings, bounds: BoundsHit) -> type:
             total += _head_bytes(b"", headers[n:])
             self._counted = (headers, len(headers), total)
             if len(self.url) + total > max_head_bytes:
-                self._too_large = True
-                raise _HeadersTooLarge  # answered 431 by `data_received`
+                self._refuse_head()  # answered 431 by `data_received`
 
         def on_body(self, body: bytes) -> None:
             # uvicorn's written in, with the body of a request answered from the parser
